@@ -1,0 +1,183 @@
+//! The control socket: a Unix stream socket speaking JSON, one request object per line and
+//! one response object per line (documented in docs/api.md).
+//!
+//! ```text
+//! -> {"cmd":"status"}
+//! <- {"ok":true,"state":"running","vcpus":["running","running"],"memory":536870912}
+//! -> {"cmd":"pause"}     <- {"ok":true,"state":"paused"}
+//! -> {"cmd":"resume"}    <- {"ok":true,"state":"running"}
+//! -> {"cmd":"stop"}      <- {"ok":true,"state":"stopped"}   (ferry then exits 0)
+//! -> anything else       <- {"ok":false,"error":"..."}
+//! ```
+//! Each connection is served on its own thread; requests on the VM are serialized by the VM.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::vm::Vm;
+
+/// Longest request line accepted.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("api socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("api socket {path} is in use by a running process")]
+    InUse { path: PathBuf },
+    #[error("api socket {path}: cannot connect: {source}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("api socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("api socket {path}: bad response {line:?}")]
+    BadResponse { path: PathBuf, line: String },
+}
+
+/// The control socket server.
+#[derive(Debug)]
+pub struct ApiServer {
+    path: PathBuf,
+}
+
+impl ApiServer {
+    /// Binds `path` (replacing a stale socket file nobody listens on) and serves `vm` on a
+    /// background thread.
+    pub fn start(path: &Path, vm: Arc<Vm>) -> Result<ApiServer, Error> {
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(Error::InUse {
+                    path: path.to_path_buf(),
+                });
+            }
+            std::fs::remove_file(path).map_err(|source| Error::Bind {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+        let listener = UnixListener::bind(path).map_err(|source| Error::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    match conn {
+                        Ok(stream) => {
+                            let vm = vm.clone();
+                            let _ = std::thread::Builder::new()
+                                .name("api-conn".into())
+                                .spawn(move || serve(stream, &vm));
+                        }
+                        Err(e) => log::warn!("api: accept failed: {e}"),
+                    }
+                }
+            })
+            .map_err(|source| Error::Bind {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(ApiServer {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(stream: UnixStream, vm: &Vm) {
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = std::io::Read::take(BufReader::new(stream), u64::MAX);
+    loop {
+        let mut line = Vec::new();
+        reader.set_limit(MAX_REQUEST as u64 + 1);
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let response = if line.len() > MAX_REQUEST {
+            json!({"ok": false, "error": format!("request longer than {MAX_REQUEST} bytes")})
+        } else {
+            handle(&line, vm)
+        };
+        if writeln!(out, "{response}").is_err() || line.len() > MAX_REQUEST {
+            return;
+        }
+    }
+}
+
+fn state_str(vm: &Vm) -> Value {
+    serde_json::to_value(vm.state()).unwrap_or(Value::Null)
+}
+
+/// Answers one request line.
+pub fn handle(line: &[u8], vm: &Vm) -> Value {
+    let req: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => return json!({"ok": false, "error": format!("request is not JSON: {e}")}),
+    };
+    let Some(cmd) = req.get("cmd").and_then(Value::as_str) else {
+        return json!({"ok": false, "error": "request has no \"cmd\" string"});
+    };
+    let done = |r: Result<(), crate::vm::Error>| match r {
+        Ok(()) => json!({"ok": true, "state": state_str(vm)}),
+        Err(e) => json!({"ok": false, "error": e.to_string()}),
+    };
+    match cmd {
+        "status" => json!({
+            "ok": true,
+            "state": state_str(vm),
+            "vcpus": vm.vcpu_states(),
+            "memory": vm.memory_size(),
+        }),
+        "pause" => done(vm.pause()),
+        "resume" => done(vm.resume()),
+        "stop" => {
+            vm.request_stop("control socket");
+            json!({"ok": true, "state": "stopped"})
+        }
+        other => {
+            json!({"ok": false, "error": format!("unknown command {other:?} (expected status, pause, resume or stop)")})
+        }
+    }
+}
+
+/// Sends one request and returns the response object.
+pub fn request(path: &Path, req: &Value, timeout: Duration) -> Result<Value, Error> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut s = UnixStream::connect(path).map_err(|source| Error::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    s.set_read_timeout(Some(timeout)).map_err(io)?;
+    writeln!(s, "{req}").map_err(io)?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).map_err(io)?;
+    serde_json::from_str(&line).map_err(|_| Error::BadResponse {
+        path: path.to_path_buf(),
+        line,
+    })
+}

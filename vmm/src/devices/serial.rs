@@ -1,0 +1,83 @@
+//! COM1: a 16550A UART (vm-superio) whose interrupt line is an eventfd wired to the
+//! in-kernel irqchip (irqfd, GSI 4). Output goes to any writer (stdout for `ferry run`).
+
+use std::io::Write;
+
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::BusDevice;
+
+/// COM1's first port.
+pub const COM1_BASE: u64 = 0x3f8;
+/// COM1's interrupt line.
+pub const COM1_IRQ: u32 = 4;
+
+/// Raises an interrupt by writing to an eventfd that KVM turns into an IRQ.
+#[derive(Debug)]
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// A writer that flushes after every write, so console lines appear as the guest prints.
+#[derive(Debug)]
+pub struct FlushingWriter<W: Write>(pub W);
+
+impl<W: Write> Write for FlushingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(buf)?;
+        self.0.flush()?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// The console UART.
+pub struct SerialDevice {
+    uart: Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>,
+}
+
+impl std::fmt::Debug for SerialDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SerialDevice")
+    }
+}
+
+impl SerialDevice {
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+        SerialDevice {
+            uart: Serial::new(IrqTrigger(irq), out),
+        }
+    }
+
+    /// Queues bytes for the guest to read (console input). Returns how many fit.
+    pub fn input(&mut self, bytes: &[u8]) -> usize {
+        self.uart.enqueue_raw_bytes(bytes).unwrap_or_else(|e| {
+            log::warn!("serial input dropped: {e:?}");
+            0
+        })
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if let Some(b) = data.first_mut() {
+            *b = self.uart.read(offset as u8);
+        }
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some(b) = data.first() {
+            if let Err(e) = self.uart.write(offset as u8, *b) {
+                log::warn!("serial output failed: {e:?}");
+            }
+        }
+    }
+}

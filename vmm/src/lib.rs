@@ -1,0 +1,24 @@
+//! ferry's virtual machine monitor: everything that touches KVM, threads, signals and sockets.
+//!
+//! ```text
+//! cli (main.rs) -> VmConfig::validate -> vm::build
+//!     Kvm + caps -> memory (mmap, memslots) -> boot (kernel, initrd, cmdline, e820, MP table)
+//!     -> cpu (CPUID, LAPIC, registers) -> vcpu threads (paused) -> devices on the buses
+//! vcpu thread i: loop { KVM_RUN -> one match on the exit -> bus }, commands via channel + kick
+//! main thread:   waits for VM events (reset, poweroff, stop, guest failure); api thread
+//!                serves the control socket
+//! ```
+//! This is the only crate of the workspace with `unsafe`; each block says why it is sound.
+
+pub mod api;
+pub mod boot;
+pub mod config;
+pub mod cpu;
+pub mod devices;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::VmConfig;
+pub use vcpu::{RunState, VmEvent};
+pub use vm::Vm;

@@ -1,0 +1,193 @@
+//! `ferry`: the command line. Prints for people; errors are one line on stderr and a
+//! non-zero exit status.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use vmm::config::{parse_size, VmConfig, DEFAULT_CMDLINE};
+use vmm::devices::serial::FlushingWriter;
+use vmm::{api, vm, VmEvent};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferry",
+    version,
+    about = "A KVM virtual machine monitor that live-migrates guests across CPU vendors"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Boot a Linux guest; its console is this terminal (stdout, stdin).
+    Run(RunArgs),
+    /// Send a command to a running ferry's control socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(Parser, Debug)]
+struct RunArgs {
+    /// The kernel: an ELF vmlinux with a PVH entry note, or a bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// An initramfs.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// The kernel command line.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Guest RAM, like 512M or 1G.
+    #[arg(long, default_value = "512M")]
+    memory: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Serve the control socket at this path.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+}
+
+#[derive(Parser, Debug)]
+struct CtlArgs {
+    /// The control socket of the ferry to talk to.
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// Print the response as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: CtlCmd,
+}
+
+#[derive(Subcommand, Debug, Clone, Copy)]
+enum CtlCmd {
+    /// The VM's state.
+    Status,
+    /// Pause every vCPU.
+    Pause,
+    /// Resume every vCPU.
+    Resume,
+    /// End the VM; that ferry exits with status 0.
+    Stop,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run(a) => run(a),
+        Cmd::Ctl(a) => ctl(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let cfg = VmConfig {
+        memory: parse_size(&a.memory).context("--memory")?,
+        vcpus: a.vcpus,
+        kernel: a.kernel,
+        initrd: a.initrd,
+        cmdline: a.cmdline,
+    };
+    let vm = Arc::new(vm::build(
+        &cfg,
+        Box::new(FlushingWriter(std::io::stdout())),
+    )?);
+    let _api = match &a.api_socket {
+        Some(p) => Some(api::ApiServer::start(p, vm.clone())?),
+        None => None,
+    };
+    let input = vm.clone();
+    std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            let mut stdin = std::io::stdin();
+            while let Ok(n @ 1..) = stdin.read(&mut buf) {
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    let took = input.serial_input(rest);
+                    rest = &rest[took..];
+                    if took == 0 {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        })
+        .context("starting the console input thread")?;
+    vm.start()?;
+    let event = loop {
+        if let Some(e) = vm.next_event(Duration::from_secs(1)) {
+            break e;
+        }
+    };
+    vm.shutdown();
+    match event {
+        VmEvent::Reset { source } => {
+            eprintln!("ferry: guest reset ({source}); VM ended");
+            Ok(ExitCode::SUCCESS)
+        }
+        VmEvent::Poweroff => {
+            eprintln!("ferry: guest powered off; VM ended");
+            Ok(ExitCode::SUCCESS)
+        }
+        VmEvent::StopRequested { by } => {
+            eprintln!("ferry: stopped by {by}; VM ended");
+            Ok(ExitCode::SUCCESS)
+        }
+        VmEvent::GuestFailure { vcpu, reason, rip } => {
+            anyhow::bail!("guest failed: vcpu{vcpu}: {reason} at rip {rip:#x}")
+        }
+    }
+}
+
+fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
+    let cmd = match a.cmd {
+        CtlCmd::Status => "status",
+        CtlCmd::Pause => "pause",
+        CtlCmd::Resume => "resume",
+        CtlCmd::Stop => "stop",
+    };
+    let resp = api::request(
+        &a.api_socket,
+        &json!({ "cmd": cmd }),
+        Duration::from_secs(10),
+    )?;
+    let ok = resp.get("ok").and_then(|v| v.as_bool()) == Some(true);
+    if a.json {
+        println!("{resp}");
+    } else if ok {
+        let state = resp.get("state").and_then(|v| v.as_str()).unwrap_or("?");
+        match resp.get("vcpus").and_then(|v| v.as_array()) {
+            Some(v) => println!(
+                "state: {state}, vcpus: {}, memory: {} MiB",
+                v.len(),
+                resp["memory"].as_u64().unwrap_or(0) >> 20
+            ),
+            None => println!("state: {state}"),
+        }
+    }
+    if ok {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        let err = resp
+            .get("error")
+            .and_then(|v| v.as_str())
+            .unwrap_or("unknown error");
+        anyhow::bail!("{cmd}: {err}")
+    }
+}

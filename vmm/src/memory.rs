@@ -1,0 +1,185 @@
+//! Guest RAM: anonymous mmap regions (vm-memory) with a dirty bitmap per region for the
+//! pages ferry itself writes, registered as KVM memslots whose dirty logging can be switched
+//! on and off while the VM exists.
+//!
+//! ```text
+//! guest physical
+//! 0 ............................ low_end                        4 GiB ........ high_end
+//! [ slot 0: RAM                 ][ MMIO gap: IOAPIC, LAPIC, ... ][ slot 1: RAM ]
+//! ```
+//! Invariant: every slot is page aligned and backed by exactly one vm-memory region at the
+//! same guest address; slot i is region i.
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+/// Guest memory with a dirty bitmap for writes made by the VMM.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+/// Start of the hole below 4 GiB for MMIO (IOAPIC, LAPIC, devices).
+pub const MMIO_GAP_START: u64 = 0xC000_0000;
+/// End of the MMIO hole: RAM continues here.
+pub const MMIO_GAP_END: u64 = 1 << 32;
+/// Guest page size for dirty tracking.
+pub const PAGE_SIZE: u64 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot allocate {size} bytes of guest memory: {source}")]
+    Allocate {
+        size: u64,
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("cannot register guest memory slot {slot} with KVM: {source}")]
+    SetUserMemoryRegion {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot read the dirty log of slot {slot}: {source}")]
+    GetDirtyLog {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// The RAM ranges (guest address, size) for `size` bytes of guest memory.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
+    let low = size.min(MMIO_GAP_START);
+    let mut ranges = vec![(GuestAddress(0), low)];
+    if size > low {
+        ranges.push((GuestAddress(MMIO_GAP_END), size - low));
+    }
+    ranges
+}
+
+/// Guest RAM and the KVM memslots over it.
+#[derive(Debug)]
+pub struct GuestRam {
+    mem: GuestMemoryMmap,
+    dirty_logging: bool,
+}
+
+impl GuestRam {
+    /// Allocates `size` bytes of guest RAM (not yet registered with KVM).
+    pub fn new(size: u64) -> Result<Self, Error> {
+        let regions = ram_ranges(size)
+            .into_iter()
+            .map(|(addr, len)| GuestRegionMmap::from_range(addr, len as usize, None))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| Error::Allocate { size, source })?;
+        let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Allocate {
+            size,
+            source: e.into(),
+        })?;
+        Ok(GuestRam {
+            mem,
+            dirty_logging: false,
+        })
+    }
+
+    /// The memory, for loaders and devices.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Total RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.mem.iter().map(|r| r.len()).sum()
+    }
+
+    /// Whether KVM is logging dirty pages.
+    pub fn dirty_logging(&self) -> bool {
+        self.dirty_logging
+    }
+
+    /// Registers (or re-registers) every slot with KVM, with dirty logging as currently set.
+    pub fn register(&self, vm: &VmFd) -> Result<(), Error> {
+        let flags = if self.dirty_logging {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+        for (slot, region) in self.mem.iter().enumerate() {
+            let slot = slot as u32;
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .expect("a region contains its own first byte");
+            let desc = kvm_userspace_memory_region {
+                slot,
+                flags,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the host range [host, host + len) is an mmap owned by `self.mem`, which
+            // lives as long as the VM that uses it (the Vm owns both and drops the VmFd first).
+            unsafe { vm.set_user_memory_region(desc) }
+                .map_err(|source| Error::SetUserMemoryRegion { slot, source })?;
+        }
+        Ok(())
+    }
+
+    /// Switches KVM's dirty page logging on or off for every slot, keeping the memory.
+    pub fn set_dirty_logging(&mut self, vm: &VmFd, on: bool) -> Result<(), Error> {
+        let before = self.dirty_logging;
+        self.dirty_logging = on;
+        self.register(vm)
+            .inspect_err(|_| self.dirty_logging = before)
+    }
+
+    /// Fetches and clears KVM's dirty bitmap of every slot: one bit per page, bit i of
+    /// word w is page 64 * w + i of the slot.
+    pub fn take_dirty_log(&self, vm: &VmFd) -> Result<Vec<Vec<u64>>, Error> {
+        self.mem
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                let slot = slot as u32;
+                vm.get_dirty_log(slot, region.len() as usize)
+                    .map_err(|source| Error::GetDirtyLog { slot, source })
+            })
+            .collect()
+    }
+
+    /// Fetches and clears the bitmap of pages the VMM wrote through `memory()`.
+    pub fn take_vmm_dirty(&self) -> Vec<Vec<u64>> {
+        self.mem
+            .iter()
+            .map(|region| {
+                let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
+                mapping.bitmap().get_and_reset()
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn layout_splits_around_the_mmio_gap() {
+        assert_eq!(ram_ranges(512 << 20), vec![(GuestAddress(0), 512 << 20)]);
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START));
+        assert_eq!(
+            r[1],
+            (GuestAddress(MMIO_GAP_END), (4 << 30) - MMIO_GAP_START)
+        );
+    }
+
+    #[test]
+    fn vmm_writes_are_tracked() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        ram.take_vmm_dirty();
+        ram.memory()
+            .write_obj(7u64, GuestAddress(3 * PAGE_SIZE + 8))
+            .unwrap();
+        let bits = ram.take_vmm_dirty();
+        assert_eq!(bits[0][0], 1 << 3);
+        assert_eq!(ram.take_vmm_dirty()[0][0], 0);
+    }
+}

@@ -1,0 +1,385 @@
+//! A running virtual machine: KVM, guest RAM, devices and vCPU threads.
+//!
+//! ```text
+//! Vm::new(memory, vcpus, console)   KVM fd, irqchip + PIT, RAM as memslots, COM1, i8042,
+//!                                   vCPU fds (not yet running)
+//!   .boot_linux(cfg) | .boot_raw()  load the guest, set up every vCPU, spawn threads (paused)
+//!   .start()                        resume every vCPU
+//!   .pause() / .resume()            all vCPUs, bounded in time
+//!   .next_event(timeout)            reset, poweroff, stop request, guest failure
+//! ```
+//! Invariant: vCPU threads exist only after a successful boot_*; `pause` returns only once
+//! every vCPU thread is out of KVM_RUN (or an error names those that are not).
+
+use std::io::Write;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::{self, layout, EntryPoint};
+use crate::config::{self, VmConfig};
+use crate::cpu;
+use crate::devices::{i8042::I8042, serial, Bus, IoBuses, Sink};
+use crate::memory::{self, GuestMemoryMmap, GuestRam};
+use crate::vcpu::{
+    self, ExitCounts, RunState, Vcpu, VcpuCmd, VcpuHandle, VcpuRegs, VcpuShared, VmEvent,
+};
+
+/// How long pause waits for every vCPU to leave the guest.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM API version {0} is not the supported version 12")]
+    KvmApiVersion(i32),
+    #[error("this host's KVM lacks a required capability: {0}")]
+    MissingCap(&'static str),
+    #[error("{op} failed: {source}")]
+    Kvm {
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    #[error(transparent)]
+    Cpu(#[from] cpu::Error),
+    #[error("device setup failed: {0}")]
+    Device(String),
+    #[error("cannot start a vCPU thread: {0}")]
+    SpawnVcpu(std::io::Error),
+    #[error("the VM is already booted")]
+    AlreadyBooted,
+    #[error("the VM has not been booted")]
+    NotBooted,
+    #[error("vCPU(s) {0:?} did not leave the guest within {PAUSE_TIMEOUT:?}")]
+    PauseTimeout(Vec<u32>),
+    #[error("vcpu{0} does not exist or did not answer")]
+    NoSuchVcpu(u32),
+}
+
+fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { op, source }
+}
+
+/// A virtual machine.
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    ram: GuestRam,
+    io: Arc<IoBuses>,
+    serial: Arc<Mutex<serial::SerialDevice>>,
+    cpuid: CpuId,
+    num_vcpus: u32,
+    unstarted: Vec<VcpuFd>,
+    vcpus: Vec<VcpuHandle>,
+    events_tx: Sender<VmEvent>,
+    events_rx: Mutex<Receiver<VmEvent>>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("memory", &self.ram.size())
+            .field("vcpus", &self.num_vcpus)
+            .finish()
+    }
+}
+
+/// The largest vCPU count this host's KVM allows.
+pub fn max_vcpus(kvm: &Kvm) -> u32 {
+    (kvm.get_max_vcpus() as u32).min(boot::mptable::MAX_CPUS)
+}
+
+/// Opens /dev/kvm with a clear error.
+pub fn open_kvm() -> Result<Kvm, Error> {
+    let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+    let v = kvm.get_api_version();
+    if v != 12 {
+        return Err(Error::KvmApiVersion(v));
+    }
+    Ok(kvm)
+}
+
+impl Vm {
+    /// Creates the machine: `memory` bytes of RAM, `vcpus` vCPUs, console output to `console`.
+    pub fn new(memory: u64, vcpus: u32, console: Box<dyn Write + Send>) -> Result<Vm, Error> {
+        config::validate_memory(memory)?;
+        let kvm = open_kvm()?;
+        config::validate_vcpus(vcpus, max_vcpus(&kvm))?;
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::Pit2, "KVM_CAP_PIT2"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(Error::MissingCap(name));
+            }
+        }
+        vcpu::install_kick_handler()
+            .map_err(|e| Error::Device(format!("kick signal handler: {e}")))?;
+        let fd = kvm.create_vm().map_err(kvm_op("KVM_CREATE_VM"))?;
+        fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_op("KVM_SET_TSS_ADDR"))?;
+        if kvm.check_extension(Cap::SetIdentityMapAddr) {
+            fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+                .map_err(kvm_op("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        }
+        fd.create_irq_chip().map_err(kvm_op("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_op("KVM_CREATE_PIT2"))?;
+
+        let ram = GuestRam::new(memory)?;
+        ram.register(&fd)?;
+
+        let (events_tx, events_rx) = channel();
+        let io = Arc::new(IoBuses::default());
+        let irq = EventFd::new(EFD_NONBLOCK)
+            .map_err(|e| Error::Device(format!("serial eventfd: {e}")))?;
+        fd.register_irqfd(&irq, serial::COM1_IRQ)
+            .map_err(kvm_op("KVM_IRQFD"))?;
+        let serial = Arc::new(Mutex::new(serial::SerialDevice::new(irq, console)));
+        let dev_err = |e: crate::devices::Error| Error::Device(e.to_string());
+        io.pio
+            .insert(serial::COM1_BASE, 8, serial.clone())
+            .map_err(dev_err)?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(events_tx.clone())));
+        io.pio
+            .insert(crate::devices::i8042::I8042_BASE, 5, i8042)
+            .map_err(dev_err)?;
+        io.pio
+            .insert(0x80, 1, Arc::new(Mutex::new(Sink)))
+            .map_err(dev_err)?;
+
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
+        let unstarted = (0..vcpus)
+            .map(|id| {
+                fd.create_vcpu(u64::from(id))
+                    .map_err(kvm_op("KVM_CREATE_VCPU"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Vm {
+            kvm,
+            fd,
+            ram,
+            io,
+            serial,
+            cpuid,
+            num_vcpus: vcpus,
+            unstarted,
+            vcpus: Vec::new(),
+            events_tx,
+            events_rx: Mutex::new(events_rx),
+        })
+    }
+
+    /// Loads a Linux kernel as `cfg` describes and readies every vCPU (paused).
+    pub fn boot_linux(&mut self, cfg: &VmConfig) -> Result<(), Error> {
+        if self.unstarted.is_empty() {
+            return Err(Error::AlreadyBooted);
+        }
+        let entry = boot::load_linux(self.ram.memory(), cfg)?;
+        self.ready_vcpus(&entry)
+    }
+
+    /// Copies a raw image to `addr` and readies every vCPU to start at `entry` (paused).
+    pub fn boot_raw(&mut self, image: &[u8], addr: u64, entry: EntryPoint) -> Result<(), Error> {
+        if self.unstarted.is_empty() {
+            return Err(Error::AlreadyBooted);
+        }
+        boot::load_raw(self.ram.memory(), image, addr)?;
+        self.ready_vcpus(&entry)
+    }
+
+    fn ready_vcpus(&mut self, entry: &EntryPoint) -> Result<(), Error> {
+        for (id, fd) in self.unstarted.iter().enumerate() {
+            cpu::setup_vcpu(fd, id as u32, &self.cpuid, entry, self.ram.memory())?;
+        }
+        for (id, fd) in std::mem::take(&mut self.unstarted).into_iter().enumerate() {
+            let (tx, rx) = channel();
+            let vcpu = Vcpu {
+                id: id as u32,
+                fd,
+                io: self.io.clone(),
+                events: self.events_tx.clone(),
+                cmds: rx,
+                shared: Arc::new(VcpuShared::new()),
+            };
+            self.vcpus
+                .push(VcpuHandle::spawn(vcpu, tx).map_err(Error::SpawnVcpu)?);
+        }
+        Ok(())
+    }
+
+    /// Lets every vCPU run.
+    pub fn start(&self) -> Result<(), Error> {
+        self.resume()
+    }
+
+    /// Stops every vCPU at its next exit and returns once all of them are out of the guest.
+    pub fn pause(&self) -> Result<(), Error> {
+        if self.vcpus.is_empty() {
+            return Err(Error::NotBooted);
+        }
+        for v in &self.vcpus {
+            v.send(VcpuCmd::Pause);
+        }
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let stuck: Vec<u32> = self
+            .vcpus
+            .iter()
+            .filter(|v| v.wait_out_of_guest(deadline) == RunState::Running)
+            .map(|v| v.id)
+            .collect();
+        if stuck.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::PauseTimeout(stuck))
+        }
+    }
+
+    /// Lets every paused vCPU run again.
+    pub fn resume(&self) -> Result<(), Error> {
+        if self.vcpus.is_empty() {
+            return Err(Error::NotBooted);
+        }
+        for v in &self.vcpus {
+            v.send(VcpuCmd::Resume);
+        }
+        Ok(())
+    }
+
+    /// The VM's state: Running if any vCPU runs, Stopped if all have stopped, else Paused.
+    pub fn state(&self) -> RunState {
+        let states: Vec<RunState> = self.vcpus.iter().map(|v| v.state()).collect();
+        if states.contains(&RunState::Running) {
+            RunState::Running
+        } else if !states.is_empty() && states.iter().all(|s| *s == RunState::Stopped) {
+            RunState::Stopped
+        } else {
+            RunState::Paused
+        }
+    }
+
+    /// Each vCPU's state.
+    pub fn vcpu_states(&self) -> Vec<RunState> {
+        self.vcpus.iter().map(|v| v.state()).collect()
+    }
+
+    /// Asks the main loop to end the VM (as the control socket's `stop` does).
+    pub fn request_stop(&self, by: &'static str) {
+        let _ = self.events_tx.send(VmEvent::StopRequested { by });
+    }
+
+    /// Waits up to `timeout` for the next VM event.
+    pub fn next_event(&self, timeout: Duration) -> Option<VmEvent> {
+        let rx = self.events_rx.lock().unwrap_or_else(|e| e.into_inner());
+        match rx.recv_timeout(timeout) {
+            Ok(e) => Some(e),
+            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// Stops every vCPU thread and waits for them.
+    pub fn shutdown(&self) {
+        for v in &self.vcpus {
+            v.join();
+        }
+    }
+
+    /// Registers and MP state of a paused vCPU.
+    pub fn vcpu_regs(&self, id: u32) -> Result<VcpuRegs, Error> {
+        let v = self.vcpus.get(id as usize).ok_or(Error::NoSuchVcpu(id))?;
+        match v.regs(PAUSE_TIMEOUT) {
+            Some(Ok(r)) => Ok(r),
+            Some(Err(source)) => Err(Error::Kvm {
+                op: "reading vCPU registers",
+                source,
+            }),
+            None => Err(Error::NoSuchVcpu(id)),
+        }
+    }
+
+    /// Exit counts of vCPU `id`.
+    pub fn exit_counts(&self, id: u32) -> Option<ExitCounts> {
+        self.vcpus
+            .get(id as usize)
+            .map(|v| v.shared.exits.snapshot())
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        self.ram.memory()
+    }
+
+    /// Guest RAM with its memslots (dirty logging).
+    pub fn ram_mut(&mut self) -> (&mut GuestRam, &VmFd) {
+        (&mut self.ram, &self.fd)
+    }
+
+    /// The port I/O bus, to attach extra devices before `start`.
+    pub fn pio_bus(&self) -> &Bus {
+        &self.io.pio
+    }
+
+    /// The MMIO bus.
+    pub fn mmio_bus(&self) -> &Bus {
+        &self.io.mmio
+    }
+
+    /// Feeds console input to the guest's COM1.
+    pub fn serial_input(&self, bytes: &[u8]) -> usize {
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .input(bytes)
+    }
+
+    /// Number of vCPUs.
+    pub fn num_vcpus(&self) -> u32 {
+        self.num_vcpus
+    }
+
+    /// Guest RAM size in bytes.
+    pub fn memory_size(&self) -> u64 {
+        self.ram.size()
+    }
+
+    /// The KVM system fd.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Builds a VM for `cfg` and boots its kernel: the `ferry run` path.
+pub fn build(cfg: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vm, Error> {
+    let kvm = open_kvm()?;
+    cfg.validate(max_vcpus(&kvm))?;
+    drop(kvm);
+    let mut vm = Vm::new(cfg.memory, cfg.vcpus, console)?;
+    vm.boot_linux(cfg)?;
+    Ok(vm)
+}
