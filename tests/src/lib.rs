@@ -1,1 +1,22 @@
+//! Support for ferry's integration tests (tests/tests/*.rs) and benchmarks: KVM checks,
+//! tiny machine-code guests, the Linux test guest, and driving `ferry` processes.
+//!
+//! Every test that needs /dev/kvm calls [`require_kvm`] first, which fails the test with a
+//! clear message when KVM is missing: these tests never pass silently without it.
 
+pub mod guest;
+pub mod process;
+pub mod tiny;
+
+use std::path::Path;
+
+/// Fails the calling test unless /dev/kvm can be opened for reading and writing.
+pub fn require_kvm() {
+    let dev = Path::new("/dev/kvm");
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(dev) {
+        panic!(
+            "this test needs a usable /dev/kvm ({e}); run it on a Linux host with KVM enabled \
+             and access to /dev/kvm (root or the kvm group)"
+        );
+    }
+}

@@ -6,7 +6,8 @@
 //! 0x6000  PVH hvm_start_info, memory map at 0x6040, module list at 0x6800
 //! 0x7000  Linux zero page (struct boot_params)
 //! 0x8ff0  initial stack top for raw long-mode guests
-//! 0x9000  PML4, 0xa000 PDPT, 0xb000 PD: identity map of the first 1 GiB with 2 MiB pages
+//! 0x9000  PML4, 0xa000 PDPT, 0xb000-0xefff four PDs: identity map of the first 4 GiB
+//!         with 2 MiB pages
 //! 0x20000 kernel command line (up to 64 KiB)
 //! 0x9fc00 MP table (start of the EBDA; Linux scans the last KiB of base memory)
 //! 0x100000 kernel (bzImage protected-mode part; an ELF loads at its own physical address)
@@ -22,6 +23,8 @@ pub const BOOT_STACK_TOP: u64 = 0x8ff0;
 pub const PML4_START: u64 = 0x9000;
 pub const PDPT_START: u64 = 0xa000;
 pub const PD_START: u64 = 0xb000;
+/// Page directories after PD_START, one per GiB mapped.
+pub const PD_COUNT: u64 = 4;
 pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX: usize = 0x10000;
 pub const EBDA_START: u64 = 0x9fc00;

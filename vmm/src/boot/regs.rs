@@ -51,7 +51,8 @@ fn segment(sel: u16, entry: u64) -> kvm_segment {
 }
 
 /// Writes the GDT, an empty IDT and (for 64-bit entries) identity page tables covering the
-/// first GiB with 2 MiB pages, user-accessible so that ring-3 test code can run on them.
+/// first 4 GiB (RAM below the gap and the MMIO gap) with 2 MiB pages, user-accessible so that
+/// ring-3 test code can run on them.
 pub fn write_tables<M: GuestMemoryBackend>(
     mem: &M,
     entry: &EntryPoint,
@@ -67,12 +68,13 @@ pub fn write_tables<M: GuestMemoryBackend>(
         const PRESENT_RW_USER: u64 = 0x7;
         const HUGE: u64 = 0x80;
         mem.write_obj(PDPT_START | PRESENT_RW_USER, GuestAddress(PML4_START))?;
-        mem.write_obj(PD_START | PRESENT_RW_USER, GuestAddress(PDPT_START))?;
-        for i in 0..512u64 {
-            mem.write_obj(
-                (i << 21) | PRESENT_RW_USER | HUGE,
-                GuestAddress(PD_START + 8 * i),
-            )?;
+        for gib in 0..PD_COUNT {
+            let pd = PD_START + gib * 0x1000;
+            mem.write_obj(pd | PRESENT_RW_USER, GuestAddress(PDPT_START + 8 * gib))?;
+            for i in 0..512u64 {
+                let addr = (gib << 30) | (i << 21);
+                mem.write_obj(addr | PRESENT_RW_USER | HUGE, GuestAddress(pd + 8 * i))?;
+            }
         }
     }
     Ok(())
@@ -105,7 +107,7 @@ pub fn setup_sregs(sregs: &mut kvm_sregs, entry: &EntryPoint) {
             protected_mode_segments(sregs, SEL_CODE64, GDT[1]);
             sregs.cr3 = PML4_START;
             sregs.cr4 |= X86_CR4_PAE;
-            sregs.cr0 |= X86_CR0_PE | X86_CR0_PG | X86_CR0_ET;
+            sregs.cr0 = X86_CR0_PE | X86_CR0_PG | X86_CR0_ET;
             sregs.efer |= EFER_LME | EFER_LMA;
         }
     }

@@ -1,0 +1,192 @@
+//! Driving real `ferry` processes: spawn, read the guest console line by line, talk to the
+//! control socket, and wait for the exit status. Every wait has a limit that guards against
+//! hangs; none of them is a timing assertion.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The `ferry` binary of this build (built on first use if cargo has not built it yet).
+pub fn ferry_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test binary path");
+        // target/<profile>/deps/<test> -> target/<profile>/ferry
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir layout");
+        let release = profile_dir.ends_with("release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "ferry-vmm", "--bin", "ferry"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build for the ferry binary");
+        assert!(status.success(), "cargo build of the ferry binary failed");
+        let bin = profile_dir.join("ferry");
+        assert!(bin.exists(), "{} missing after cargo build", bin.display());
+        bin
+    })
+}
+
+/// A line of output from a ferry process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Line {
+    Out(String),
+    Err(String),
+}
+
+/// A running ferry process whose output is collected line by line.
+#[derive(Debug)]
+pub struct Ferry {
+    child: Child,
+    lines: Receiver<Line>,
+    /// Every line seen so far, stdout and stderr.
+    pub seen: Vec<Line>,
+    pub api_socket: Option<PathBuf>,
+}
+
+fn pump(
+    r: impl std::io::Read + Send + 'static,
+    tx: std::sync::mpsc::Sender<Line>,
+    wrap: fn(String) -> Line,
+) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(wrap(line)).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+impl Ferry {
+    /// Starts `ferry` with `args`, stdin closed.
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Ferry {
+        let mut child = Command::new(ferry_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferry");
+        let (tx, rx) = channel();
+        pump(child.stdout.take().unwrap(), tx.clone(), Line::Out);
+        pump(child.stderr.take().unwrap(), tx, Line::Err);
+        let api_socket = args
+            .iter()
+            .position(|a| a.as_ref() == "--api-socket")
+            .and_then(|i| args.get(i + 1))
+            .map(|p| PathBuf::from(p.as_ref()));
+        Ferry {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+            api_socket,
+        }
+    }
+
+    /// Returns the next stdout line satisfying `pred`, or panics after `limit` with the output.
+    pub fn wait_line(&mut self, limit: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if let Line::Out(s) = line {
+                        if pred(&s) {
+                            return s;
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "no matching line within {limit:?}; output:\n{}",
+                    self.transcript()
+                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("ferry closed its output; output:\n{}", self.transcript())
+                }
+            }
+        }
+    }
+
+    /// Waits for the process to exit; drains its output.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for ferry") {
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(line);
+                }
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "ferry did not exit within {limit:?}; output:\n{}",
+                    self.transcript()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Runs `ferry ctl --api-socket <socket> <args>` and returns (success, stdout).
+    pub fn ctl(&self, args: &[&str]) -> (bool, String) {
+        let socket = self.api_socket.as_ref().expect("started with --api-socket");
+        let out = Command::new(ferry_bin())
+            .arg("ctl")
+            .arg("--api-socket")
+            .arg(socket)
+            .args(args)
+            .output()
+            .expect("run ferry ctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    /// Everything seen so far, for failure messages.
+    pub fn transcript(&self) -> String {
+        self.seen
+            .iter()
+            .map(|l| match l {
+                Line::Out(s) => format!("  | {s}\n"),
+                Line::Err(s) => format!("  ! {s}\n"),
+            })
+            .collect()
+    }
+
+    /// Lines written to stderr.
+    pub fn stderr_lines(&self) -> Vec<&str> {
+        self.seen
+            .iter()
+            .filter_map(|l| match l {
+                Line::Err(s) => Some(s.as_str()),
+                Line::Out(_) => None,
+            })
+            .collect()
+    }
+}
+
+impl Drop for Ferry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh path for a socket in a per-process temporary directory.
+pub fn temp_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ferry-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir.join(name)
+}
