@@ -26,13 +26,25 @@ fn ioctl(vcpu: u32, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error
     move |source| Error::Ioctl { vcpu, op, source }
 }
 
-/// Leaf 1 EBX[31:24]: initial APIC ID. Leaf 0xB/0x1F EDX: x2APIC ID.
+/// KVM's paravirtual feature leaf (EAX: feature bits).
+pub const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+/// KVM paravirtual features that work by hypercall (VMCALL/VMMCALL): PV_UNHALT (bit 7,
+/// kick a halted vCPU), PV_SEND_IPI (bit 11) and PV_SCHED_YIELD (bit 13). ferry hides them:
+/// on KVM hosts that emulate guest ring 0 the hypercall never completes (a guest with two
+/// vCPUs hangs in its first PV IPI), and the guest falls back to plain APIC IPIs and HLT,
+/// which every host runs. The hypercall instruction is also vendor-specific, one more thing
+/// that a guest moved to the other vendor would depend on.
+pub const KVM_PV_HYPERCALL_FEATURES: u32 = (1 << 7) | (1 << 11) | (1 << 13);
+
+/// Leaf 1 EBX[31:24]: initial APIC ID. Leaf 0xB/0x1F EDX: x2APIC ID. Leaf 0x40000001:
+/// without the hypercall-based PV features.
 pub fn cpuid_for_vcpu(base: &CpuId, id: u32) -> CpuId {
     let mut cpuid = base.clone();
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24),
             0xb | 0x1f => e.edx = id,
+            KVM_CPUID_FEATURES => e.eax &= !KVM_PV_HYPERCALL_FEATURES,
             _ => {}
         }
     }
@@ -125,6 +137,15 @@ mod tests {
         let c = cpuid_for_vcpu(&base, 3);
         assert_eq!(c.as_slice()[0].ebx, 0x0312_3456);
         assert_eq!(c.as_slice()[1].edx, 3);
+        let pv = CpuId::from_entries(&[kvm_cpuid_entry2 {
+            function: KVM_CPUID_FEATURES,
+            eax: 0xffff_ffff,
+            ..Default::default()
+        }])
+        .unwrap();
+        let eax = cpuid_for_vcpu(&pv, 0).as_slice()[0].eax;
+        assert_eq!(eax & KVM_PV_HYPERCALL_FEATURES, 0);
+        assert_eq!(eax | KVM_PV_HYPERCALL_FEATURES, 0xffff_ffff);
     }
 
     #[test]
