@@ -1,1 +1,263 @@
-fn main() {}
+//! Boot benchmark: time from process start to the guest's first kernel line and to
+//! GUEST-READY, for ferry and for QEMU (`-M microvm`) booting the same test guest kernel,
+//! initramfs and command line, interleaved in one run. Prints a Markdown table and, with
+//! `--write`, replaces the boot section of BENCHMARKS.md.
+//!
+//!     cargo build --release --workspace
+//!     target/release/boot-bench --runs 5 --write BENCHMARKS.md
+//!
+//! Needs /dev/kvm and `qemu-system-x86_64` (Debian: qemu-system-x86). Run by hand, never in CI.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+const BEGIN: &str = "<!-- boot-bench begin -->";
+const END: &str = "<!-- boot-bench end -->";
+
+struct Args {
+    runs: usize,
+    memory: String,
+    write: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        runs: 5,
+        memory: "256M".into(),
+        write: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--runs" => a.runs = val()?.parse().context("--runs")?,
+            "--memory" => a.memory = val()?,
+            "--write" => a.write = Some(PathBuf::from(val()?)),
+            other => {
+                bail!("unknown argument {other:?} (expected --runs N, --memory SIZE, --write FILE)")
+            }
+        }
+    }
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    Ok(a)
+}
+
+/// Seconds from spawn to the first kernel line and to GUEST-READY.
+fn time_boot(cmd: &mut Command) -> Result<(f64, f64)> {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("spawn {cmd:?}"))?;
+    let out = child.stdout.take().context("stdout")?;
+    let mut first = None;
+    let mut ready = None;
+    for line in BufReader::new(out).lines() {
+        let line = line?;
+        if first.is_none() && line.contains("Linux version") {
+            first = Some(start.elapsed().as_secs_f64());
+        }
+        if line.contains("GUEST-READY") {
+            ready = Some(start.elapsed().as_secs_f64());
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(900) {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    match (first, ready) {
+        (Some(f), Some(r)) => Ok((f, r)),
+        _ => bail!("{cmd:?}: no GUEST-READY"),
+    }
+}
+
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    (s[0], s[s.len() / 2], s[s.len() - 1])
+}
+
+fn host_facts(qemu: &str) -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let family = |k: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split(':').nth(1))
+            .unwrap_or("?")
+            .trim()
+            .to_string()
+    };
+    let cores = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let kvm = if Path::new("/sys/module/kvm_pvm").exists() {
+        let native = std::fs::read_to_string("/sys/module/kvm_pvm/parameters/pvm_native")
+            .unwrap_or_default();
+        format!(
+            "kvm_pvm (pvm_native={}): guest ring 0 is emulated",
+            native.trim()
+        )
+    } else if Path::new("/sys/module/kvm_intel").exists() {
+        "kvm_intel (VMX)".into()
+    } else if Path::new("/sys/module/kvm_amd").exists() {
+        "kvm_amd (SVM)".into()
+    } else {
+        "unknown".into()
+    };
+    format!(
+        "- CPU: {model} ({}, family {} model {}), {cores} cores\n- Host kernel: {kernel}\n- KVM: {kvm}\n- QEMU: {qemu}\n",
+        family("vendor_id"),
+        family("cpu family"),
+        family("model\t"),
+    )
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    ferry_tests::require_kvm();
+    let guest = ferry_tests::guest::guest();
+    let ferry = std::env::current_exe()?.with_file_name("ferry");
+    if !ferry.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release --workspace`",
+            ferry.display()
+        );
+    }
+    let qemu_version = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .context("qemu-system-x86_64 not found: apt-get install qemu-system-x86")?;
+    let qemu_version = String::from_utf8_lossy(&qemu_version.stdout)
+        .lines()
+        .next()
+        .unwrap_or("?")
+        .to_string();
+    let cmdline = guest.cmdline_with("workload=idle hb_ms=1000");
+
+    let ferry_cmd = || {
+        let mut c = Command::new(&ferry);
+        c.arg("run")
+            .arg("--kernel")
+            .arg(&guest.vmlinux)
+            .arg("--initrd")
+            .arg(&guest.initramfs);
+        c.args([
+            "--memory",
+            &args.memory,
+            "--vcpus",
+            "1",
+            "--cmdline",
+            &cmdline,
+        ]);
+        c
+    };
+    let qemu_cmd = || {
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args([
+            "-M",
+            "microvm,acpi=off",
+            "-enable-kvm",
+            "-cpu",
+            "host",
+            "-m",
+            &args.memory,
+            "-smp",
+            "1",
+        ]);
+        c.args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+        ]);
+        c.arg("-kernel")
+            .arg(&guest.vmlinux)
+            .arg("-initrd")
+            .arg(&guest.initramfs)
+            .arg("-append")
+            .arg(&cmdline);
+        c
+    };
+
+    let (mut f_first, mut f_ready, mut q_first, mut q_ready) = (vec![], vec![], vec![], vec![]);
+    for run in 1..=args.runs {
+        let (a, b) = time_boot(&mut ferry_cmd())?;
+        eprintln!(
+            "run {run}/{}: ferry first line {a:.3} s, GUEST-READY {b:.3} s",
+            args.runs
+        );
+        f_first.push(a);
+        f_ready.push(b);
+        let (a, b) = time_boot(&mut qemu_cmd())?;
+        eprintln!(
+            "run {run}/{}: qemu  first line {a:.3} s, GUEST-READY {b:.3} s",
+            args.runs
+        );
+        q_first.push(a);
+        q_ready.push(b);
+    }
+    let row = |name: &str, v: &[f64]| {
+        let (lo, med, hi) = stats(v);
+        format!("| {name} | {lo:.3} | {med:.3} | {hi:.3} |\n")
+    };
+    let ratio = |f: &[f64], q: &[f64]| stats(f).1 / stats(q).1;
+    let mut md = format!("{BEGIN}\n## Boot: process start to guest milestones\n\n");
+    md += &format!(
+        "Test guest (tests/guest: Linux 6.1, PVH ELF vmlinux, {} initramfs bytes), 1 vCPU, {} RAM, \
+         `workload=idle`; {} runs each, ferry and QEMU interleaved. Seconds.\n\n",
+        std::fs::metadata(&guest.initramfs).map(|m| m.len()).unwrap_or(0),
+        args.memory,
+        args.runs
+    );
+    md += "| VMM, milestone | min | median | max |\n|---|---|---|---|\n";
+    md += &row("ferry, first kernel line", &f_first);
+    md += &row("QEMU `-M microvm,acpi=off`, first kernel line", &q_first);
+    md += &row("ferry, GUEST-READY", &f_ready);
+    md += &row("QEMU `-M microvm,acpi=off`, GUEST-READY", &q_ready);
+    md += &format!(
+        "\nRatio of medians ferry/QEMU: first kernel line {:.2}, GUEST-READY {:.2}.\n\n",
+        ratio(&f_first, &q_first),
+        ratio(&f_ready, &q_ready)
+    );
+    md += &format!("Host:\n\n{}\n", host_facts(&qemu_version));
+    md += &format!(
+        "Reproduce: `cargo build --release --workspace && target/release/boot-bench --runs {} --memory {} --write BENCHMARKS.md`\n{END}\n",
+        args.runs, args.memory
+    );
+    print!("{md}");
+    if let Some(path) = &args.write {
+        let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
+        let new = match (old.find(BEGIN), old.find(END)) {
+            (Some(b), Some(e)) if b < e => {
+                format!("{}{}{}", &old[..b], md.trim_end(), &old[e + END.len()..])
+            }
+            _ => format!("{}\n{}", old.trim_end(), md),
+        };
+        std::fs::write(path, new).with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(())
+}

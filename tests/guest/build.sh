@@ -11,7 +11,8 @@
 # new guest and an unchanged tree reuses the old one.
 #
 # Inputs: linux-source-6.1 (apt-get download + dpkg -x), kernel.config (fragment over
-# tinyconfig), patches/*.patch, ferry_workload.c, init.S. Build tools come from apt-get.
+# tinyconfig), patches/*.patch, ferry_workload.c, init.S. Build tools come from apt-get
+# (make, gcc, flex, bison, bc, libelf-dev, libssl-dev, xz-utils, cpio, lz4).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -27,7 +28,7 @@ fi
 log() { echo "guest: $*" >&2; }
 
 need_pkgs=()
-for tool in make:make flex:flex bison:bison bc:bc gcc:gcc xz:xz-utils perl:perl cpio:cpio; do
+for tool in make:make flex:flex bison:bison bc:bc gcc:gcc xz:xz-utils perl:perl cpio:cpio lz4:lz4; do
 	command -v "${tool%%:*}" >/dev/null || need_pkgs+=("${tool#*:}")
 done
 dpkg -s libelf-dev >/dev/null 2>&1 || need_pkgs+=(libelf-dev)

@@ -51,7 +51,12 @@ fn boot_and_check(vcpus: u32, kernel: &std::path::Path, name: &str) {
     for _ in 0..10 {
         let line = f.wait_line(HB_LIMIT, |l| heartbeat(l).is_some());
         let n = heartbeat(&line).unwrap();
-        assert_eq!(n, prev + 1, "heartbeats must increase by exactly one:\n{}", f.transcript());
+        assert_eq!(
+            n,
+            prev + 1,
+            "heartbeats must increase by exactly one:\n{}",
+            f.transcript()
+        );
         assert_eq!(field(&line, "cpus"), Some(u64::from(vcpus)), "{line}");
         prev = n;
     }
@@ -61,8 +66,16 @@ fn boot_and_check(vcpus: u32, kernel: &std::path::Path, name: &str) {
     let (ok, out) = f.ctl(&["stop"]);
     assert!(ok, "{out}");
     let status = f.wait_exit(HB_LIMIT);
-    assert!(status.success(), "ferry exited with {status}:\n{}", f.transcript());
-    let ready_lines = f.seen.iter().filter(|l| matches!(l, ferry_tests::process::Line::Out(s) if s.contains("GUEST-READY"))).count();
+    assert!(
+        status.success(),
+        "ferry exited with {status}:\n{}",
+        f.transcript()
+    );
+    let ready_lines = f
+        .seen
+        .iter()
+        .filter(|l| matches!(l, ferry_tests::process::Line::Out(s) if s.contains("GUEST-READY")))
+        .count();
     assert_eq!(ready_lines, 1);
     assert!(!f.transcript().contains("HB-CORRUPT"));
 }

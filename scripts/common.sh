@@ -1,0 +1,36 @@
+# Shared by scripts/test and scripts/demo: checks and installs what ferry's build and tests
+# need on a Debian host, then builds (or reuses) the Linux test guest.
+
+die() {
+	echo "error: $*" >&2
+	exit 1
+}
+
+require_kvm() {
+	[ -e /dev/kvm ] || die "/dev/kvm does not exist: ferry needs KVM (load kvm_intel or kvm_amd, or run on a host that exposes KVM)"
+	[ -r /dev/kvm ] && [ -w /dev/kvm ] || die "/dev/kvm is not readable and writable by $(id -un): run as root or join the kvm group"
+	# Opening it is the real test (a device node can exist without a driver behind it).
+	{ exec 3<>/dev/kvm; } 2>/dev/null || die "/dev/kvm cannot be opened: is the KVM module loaded?"
+	exec 3>&-
+}
+
+require_rust() {
+	command -v cargo >/dev/null || die "cargo not found: install Rust 1.85 or newer (rustup.rs), then run this again"
+}
+
+apt_install() {
+	local sudo_cmd=()
+	[ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+	echo "installing $*" >&2
+	"${sudo_cmd[@]}" apt-get update -qq >&2
+	DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "$@" >/dev/null
+}
+
+require_binutils() {
+	command -v as >/dev/null && command -v ld >/dev/null || apt_install binutils
+}
+
+# Prints the test guest's directory, building it first if needed (minutes, once).
+test_guest() {
+	bash "$repo/tests/guest/build.sh"
+}
