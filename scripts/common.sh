@@ -8,6 +8,7 @@ die() {
 
 require_kvm() {
 	[ -e /dev/kvm ] || die "/dev/kvm does not exist: ferry needs KVM (load kvm_intel or kvm_amd, or run on a host that exposes KVM)"
+	[ -c /dev/kvm ] || die "/dev/kvm is not a character device: ferry needs the KVM device"
 	[ -r /dev/kvm ] && [ -w /dev/kvm ] || die "/dev/kvm is not readable and writable by $(id -un): run as root or join the kvm group"
 	# Opening it is the real test (a device node can exist without a driver behind it).
 	{ exec 3<>/dev/kvm; } 2>/dev/null || die "/dev/kvm cannot be opened: is the KVM module loaded?"

@@ -12,7 +12,14 @@ use std::path::Path;
 
 /// Fails the calling test unless /dev/kvm can be opened for reading and writing.
 pub fn require_kvm() {
+    use std::os::unix::fs::FileTypeExt;
     let dev = Path::new("/dev/kvm");
+    let is_device = std::fs::metadata(dev).map(|m| m.file_type().is_char_device());
+    assert!(
+        matches!(is_device, Ok(true)),
+        "this test needs /dev/kvm, the KVM character device ({is_device:?}); run it on a Linux \
+         host with KVM enabled"
+    );
     if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(dev) {
         panic!(
             "this test needs a usable /dev/kvm ({e}); run it on a Linux host with KVM enabled \

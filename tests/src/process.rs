@@ -138,7 +138,7 @@ impl Ferry {
         }
     }
 
-    /// Runs `ferry ctl --api-socket <socket> <args>` and returns (success, stdout).
+    /// Runs `ferry ctl --api-socket <socket> <args>` and returns (success, stdout + stderr).
     pub fn ctl(&self, args: &[&str]) -> (bool, String) {
         let socket = self.api_socket.as_ref().expect("started with --api-socket");
         let out = Command::new(ferry_bin())
@@ -148,10 +148,9 @@ impl Ferry {
             .args(args)
             .output()
             .expect("run ferry ctl");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
     }
 
     /// Everything seen so far, for failure messages.

@@ -61,7 +61,13 @@ fn boot_and_check(vcpus: u32, kernel: &std::path::Path, name: &str) {
         prev = n;
     }
     let (ok, status) = f.ctl(&["status"]);
-    assert!(ok && status.contains("state: running"), "{status}");
+    if !(ok && status.contains("state: running")) {
+        let exit = f.wait_exit(HB_LIMIT);
+        panic!(
+            "status: {status}\nferry exited with {exit}:\n{}",
+            f.transcript()
+        );
+    }
     assert!(status.contains(&format!("vcpus: {vcpus}")), "{status}");
     let (ok, out) = f.ctl(&["stop"]);
     assert!(ok, "{out}");

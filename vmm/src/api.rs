@@ -79,9 +79,12 @@ impl ApiServer {
                     match conn {
                         Ok(stream) => {
                             let vm = vm.clone();
-                            let _ = std::thread::Builder::new()
+                            if let Err(e) = std::thread::Builder::new()
                                 .name("api-conn".into())
-                                .spawn(move || serve(stream, &vm));
+                                .spawn(move || serve(stream, &vm))
+                            {
+                                log::warn!("api: cannot start a connection thread: {e}");
+                            }
                         }
                         Err(e) => log::warn!("api: accept failed: {e}"),
                     }
@@ -104,24 +107,40 @@ impl Drop for ApiServer {
 }
 
 fn serve(stream: UnixStream, vm: &Vm) {
-    let Ok(mut out) = stream.try_clone() else {
-        return;
+    let mut out = match stream.try_clone() {
+        Ok(out) => out,
+        Err(e) => {
+            log::warn!("api: cannot use a connection: {e}");
+            return;
+        }
     };
     let mut reader = std::io::Read::take(BufReader::new(stream), u64::MAX);
     loop {
         let mut line = Vec::new();
         reader.set_limit(MAX_REQUEST as u64 + 1);
         match reader.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return,
+            Err(e) => {
+                log::warn!("api: reading a request failed: {e}");
+                return;
+            }
             Ok(_) => {}
         }
-        let response = if line.len() > MAX_REQUEST {
-            json!({"ok": false, "error": format!("request longer than {MAX_REQUEST} bytes")})
+        let (response, after) = if line.len() > MAX_REQUEST {
+            let e = format!("request longer than {MAX_REQUEST} bytes");
+            (json!({"ok": false, "error": e}), After::Close)
         } else {
             handle(&line, vm)
         };
-        if writeln!(out, "{response}").is_err() || line.len() > MAX_REQUEST {
-            return;
+        let written = writeln!(out, "{response}");
+        // Act only once the answer is written: a stop ends the process.
+        match after {
+            After::Nothing if written.is_ok() => {}
+            After::Nothing | After::Close => return,
+            After::Stop => {
+                vm.request_stop("control socket");
+                return;
+            }
         }
     }
 }
@@ -131,34 +150,48 @@ fn state_str(vm: &Vm) -> Value {
 }
 
 /// Answers one request line.
-pub fn handle(line: &[u8], vm: &Vm) -> Value {
+/// What the connection does after writing an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    /// Read the next request.
+    Nothing,
+    /// Close the connection.
+    Close,
+    /// End the VM (and so the process).
+    Stop,
+}
+
+/// Answers one request line; the caller writes the answer, then does what [`After`] says.
+pub fn handle(line: &[u8], vm: &Vm) -> (Value, After) {
+    let fail = |e: String| (json!({"ok": false, "error": e}), After::Nothing);
     let req: Value = match serde_json::from_slice(line) {
         Ok(v) => v,
-        Err(e) => return json!({"ok": false, "error": format!("request is not JSON: {e}")}),
+        Err(e) => return fail(format!("request is not JSON: {e}")),
     };
     let Some(cmd) = req.get("cmd").and_then(Value::as_str) else {
-        return json!({"ok": false, "error": "request has no \"cmd\" string"});
+        return fail("request has no \"cmd\" string".into());
     };
     let done = |r: Result<(), crate::vm::Error>| match r {
-        Ok(()) => json!({"ok": true, "state": state_str(vm)}),
-        Err(e) => json!({"ok": false, "error": e.to_string()}),
+        Ok(()) => (json!({"ok": true, "state": state_str(vm)}), After::Nothing),
+        Err(e) => fail(e.to_string()),
     };
     match cmd {
-        "status" => json!({
-            "ok": true,
-            "state": state_str(vm),
-            "vcpus": vm.vcpu_states(),
-            "memory": vm.memory_size(),
-        }),
+        "status" => (
+            json!({
+                "ok": true,
+                "state": state_str(vm),
+                "vcpus": vm.vcpu_states(),
+                "memory": vm.memory_size(),
+            }),
+            After::Nothing,
+        ),
         "pause" => done(vm.pause()),
         "resume" => done(vm.resume()),
-        "stop" => {
-            vm.request_stop("control socket");
-            json!({"ok": true, "state": "stopped"})
-        }
-        other => {
-            json!({"ok": false, "error": format!("unknown command {other:?} (expected status, pause, resume or stop)")})
-        }
+        // The VM ends once this answer is written (see `serve`).
+        "stop" => (json!({"ok": true, "state": "stopped"}), After::Stop),
+        other => fail(format!(
+            "unknown command {other:?} (expected status, pause, resume or stop)"
+        )),
     }
 }
 

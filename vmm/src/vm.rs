@@ -63,6 +63,8 @@ pub enum Error {
     NotBooted,
     #[error("vCPU(s) {0:?} did not leave the guest within {PAUSE_TIMEOUT:?}")]
     PauseTimeout(Vec<u32>),
+    #[error("vCPU(s) {0:?} did not resume within {PAUSE_TIMEOUT:?}")]
+    ResumeTimeout(Vec<u32>),
     #[error("vcpu{0} does not exist or did not answer")]
     NoSuchVcpu(u32),
 }
@@ -255,7 +257,7 @@ impl Vm {
         }
     }
 
-    /// Lets every paused vCPU run again.
+    /// Lets every paused vCPU run again; returns once all of them have left Paused.
     pub fn resume(&self) -> Result<(), Error> {
         if self.vcpus.is_empty() {
             return Err(Error::NotBooted);
@@ -263,7 +265,20 @@ impl Vm {
         for v in &self.vcpus {
             v.send(VcpuCmd::Resume);
         }
-        Ok(())
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let stuck: Vec<u32> = self
+            .vcpus
+            .iter()
+            .filter(|v| {
+                v.shared.wait_until(deadline, |s| s != RunState::Paused) == RunState::Paused
+            })
+            .map(|v| v.id)
+            .collect();
+        if stuck.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::ResumeTimeout(stuck))
+        }
     }
 
     /// The VM's state: Running if any vCPU runs, Stopped if all have stopped, else Paused.

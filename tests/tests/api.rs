@@ -1,0 +1,72 @@
+//! The control socket protocol (docs/api.md) against a tiny guest in this process.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_tests::process::temp_path;
+use ferry_tests::tiny::*;
+use serde_json::{json, Value};
+use vmm::api::{request, ApiServer, MAX_REQUEST};
+use vmm::VmEvent;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+#[test]
+fn status_pause_resume_stop_and_bad_requests() {
+    let t = TinyVm::new(&LONG_RING3, 2);
+    let vm = Arc::new(t.vm);
+    let path = temp_path("api.sock");
+    let _server = ApiServer::start(&path, vm.clone()).expect("start the API server");
+    assert!(
+        ApiServer::start(&path, vm.clone()).is_err(),
+        "a second server on a live socket must be refused"
+    );
+    vm.start().unwrap();
+
+    let ask = |cmd: &str| request(&path, &json!({ "cmd": cmd }), LIMIT).unwrap();
+    let status = ask("status");
+    assert_eq!(status["ok"], true);
+    assert_eq!(status["state"], "running");
+    assert_eq!(status["vcpus"], json!(["running", "running"]));
+    assert_eq!(status["memory"], 64 << 20);
+
+    assert_eq!(ask("pause"), json!({"ok": true, "state": "paused"}));
+    assert_eq!(ask("status")["vcpus"], json!(["paused", "paused"]));
+    assert_eq!(ask("resume"), json!({"ok": true, "state": "running"}));
+
+    let unknown = ask("reboot");
+    assert_eq!(unknown["ok"], false);
+    assert!(
+        unknown["error"].as_str().unwrap().contains("\"reboot\""),
+        "{unknown}"
+    );
+
+    // Several requests on one connection, then malformed ones.
+    let mut conn = UnixStream::connect(&path).unwrap();
+    conn.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut lines = BufReader::new(conn.try_clone().unwrap()).lines();
+    let mut send = |raw: &[u8]| -> Value {
+        conn.write_all(raw).unwrap();
+        serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap()
+    };
+    assert_eq!(send(b"{\"cmd\":\"status\"}\n")["ok"], true);
+    let r = send(b"not json\n");
+    assert!(r["error"].as_str().unwrap().contains("not JSON"), "{r}");
+    let r = send(b"{\"command\":\"status\"}\n");
+    assert!(r["error"].as_str().unwrap().contains("\"cmd\""), "{r}");
+    let mut huge = vec![b' '; MAX_REQUEST + 10];
+    huge.push(b'\n');
+    let r = send(&huge);
+    assert!(r["error"].as_str().unwrap().contains("longer than"), "{r}");
+
+    // stop is answered, then the VM gets its stop request.
+    assert_eq!(ask("stop"), json!({"ok": true, "state": "stopped"}));
+    assert_eq!(
+        vm.next_event(LIMIT),
+        Some(VmEvent::StopRequested {
+            by: "control socket"
+        })
+    );
+}
