@@ -155,7 +155,12 @@ fn main() -> Result<()> {
         .next()
         .unwrap_or("?")
         .to_string();
-    let cmdline = guest.cmdline_with("workload=idle hb_ms=1000");
+    // Without `quiet` and with the early serial console, so that the first kernel line
+    // ("Linux version ...") is printed as soon as the kernel runs, not when the 8250 driver
+    // registers late in boot.
+    let cmdline = guest
+        .cmdline_with("workload=idle hb_ms=1000 earlyprintk=serial,ttyS0,115200")
+        .replace(" quiet", "");
 
     let ferry_cmd = || {
         let mut c = Command::new(&ferry);
@@ -228,7 +233,8 @@ fn main() -> Result<()> {
     let mut md = format!("{BEGIN}\n## Boot: process start to guest milestones\n\n");
     md += &format!(
         "Test guest (tests/guest: Linux 6.1, PVH ELF vmlinux, {} initramfs bytes), 1 vCPU, {} RAM, \
-         `workload=idle`; {} runs each, ferry and QEMU interleaved. Seconds.\n\n",
+         `workload=idle`, the test guest's command line without `quiet` and with `earlyprintk=serial,ttyS0,115200`; {} runs each, ferry and \
+         QEMU interleaved. Seconds.\n\n",
         std::fs::metadata(&guest.initramfs).map(|m| m.len()).unwrap_or(0),
         args.memory,
         args.runs
