@@ -261,7 +261,7 @@ fn main() -> Result<()> {
             (Some(b), Some(e)) if b < e => {
                 format!("{}{}{}", &old[..b], md.trim_end(), &old[e + END.len()..])
             }
-            _ => format!("{}\n{}", old.trim_end(), md),
+            _ => format!("{}\n\n{}", old.trim_end(), md),
         };
         std::fs::write(path, new).with_context(|| format!("write {}", path.display()))?;
     }
