@@ -1,7 +1,17 @@
 //! The guest CPU model: CPUID leaves and named feature bits as data, parsers for CPU dumps,
 //! CPU profiles, baselines across hosts and vendors, and the guest CPUID table.
 //!
+//! ```text
+//! dump files / live host --parse--> CpuidDump (leaves) --features--> named feature set
+//! CpuidDump x N --baseline--> CpuProfile (identity + features + policies) --check(host)--> ok | missing
+//! CpuProfile + host + vCPU count --guest_table--> the CPUID table KVM gets
+//! ```
 //! Pure: no /dev/kvm and no I/O besides reading dump files. The vmm crate applies what this
-//! crate computes. (The model arrives with the CPU profile work; today ferry passes the
-//! host's supported CPUID with per-vCPU identity, see vmm/src/cpu.rs.)
+//! crate computes.
 #![forbid(unsafe_code)]
+
+pub mod dump;
+pub mod features;
+pub mod leaf;
+
+pub use leaf::{CpuidDump, Leaf, Reg, Vendor};

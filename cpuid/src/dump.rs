@@ -1,0 +1,1 @@
+//! Parsers for CPUID dumps (filled in by the dump-parser work).

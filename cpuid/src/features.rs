@@ -1,0 +1,1 @@
+//! The feature catalogue (filled in by the catalogue work).
