@@ -4,7 +4,9 @@ use serde::{Deserialize, Serialize};
 
 /// One CPUID answer: inputs (function = EAX in, index = ECX in) and the four outputs.
 /// For functions without subleaves the index is 0.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct Leaf {
     pub function: u32,
     pub index: u32,
@@ -88,7 +90,10 @@ impl CpuidDump {
         leaves.reverse();
         leaves.sort_by_key(|l| (l.function, l.index));
         leaves.dedup_by_key(|l| (l.function, l.index));
-        CpuidDump { source: source.into(), leaves }
+        CpuidDump {
+            source: source.into(),
+            leaves,
+        }
     }
 
     /// The leaf for (function, index), if present.
@@ -101,7 +106,9 @@ impl CpuidDump {
 
     /// The leaf-0 vendor string.
     pub fn vendor_string(&self) -> String {
-        let Some(l) = self.get(0, 0) else { return String::new() };
+        let Some(l) = self.get(0, 0) else {
+            return String::new();
+        };
         let mut b = Vec::with_capacity(12);
         for r in [l.ebx, l.edx, l.ecx] {
             b.extend_from_slice(&r.to_le_bytes());
@@ -128,7 +135,11 @@ pub fn decode_signature(eax: u32) -> (u32, u32, u32) {
     let base_family = (eax >> 8) & 0xf;
     let ext_model = (eax >> 16) & 0xf;
     let ext_family = (eax >> 20) & 0xff;
-    let family = if base_family == 0xf { base_family + ext_family } else { base_family };
+    let family = if base_family == 0xf {
+        base_family + ext_family
+    } else {
+        base_family
+    };
     let model = if base_family == 0x6 || base_family == 0xf {
         (ext_model << 4) | base_model
     } else {
@@ -153,8 +164,19 @@ mod tests {
         let d = CpuidDump::new(
             "t",
             vec![
-                Leaf { function: 1, eax: 0x10676, ..Default::default() },
-                Leaf { function: 0, eax: 0xa, ebx: 0x756e_6547, ecx: 0x6c65_746e, edx: 0x4965_6e69, ..Default::default() },
+                Leaf {
+                    function: 1,
+                    eax: 0x10676,
+                    ..Default::default()
+                },
+                Leaf {
+                    function: 0,
+                    eax: 0xa,
+                    ebx: 0x756e_6547,
+                    ecx: 0x6c65_746e,
+                    edx: 0x4965_6e69,
+                    ..Default::default()
+                },
             ],
         );
         assert_eq!(d.vendor(), Some(Vendor::Intel));

@@ -10,8 +10,12 @@
 //! crate computes.
 #![forbid(unsafe_code)]
 
+pub mod builtin;
+pub mod docs;
 pub mod dump;
 pub mod features;
 pub mod leaf;
+pub mod profile;
+pub mod table;
 
 pub use leaf::{CpuidDump, Leaf, Reg, Vendor};

@@ -12,8 +12,10 @@
  *   hb_ms=N                heartbeat interval in milliseconds (default 1000, minimum 1)
  *   hb_max=N               after heartbeat N, reboot (ends the VMM with status 0)
  *   ferry.park             PID 1 sleeps in the kernel instead of executing /init
+ *   ferry.cpuid            before GUEST-READY, print every CPUID leaf as read in ring 0
  *
  * Output on the console, one line each, nothing else from this file:
+ *   CPUID <function> <subleaf>: <eax> <ebx> <ecx> <edx>   (hex; with ferry.cpuid)
  *   GUEST-READY cpus=<online cpus> vendor=<id> family=<f> model=<m> stepping=<s> workload=<w>
  *   HB <n> cpus=<online cpus> pass=<dirty passes done>      n = 1, 2, 3 ... without gaps
  *   HB-CORRUPT pass=<p> page=<i> word=<w> want=<x> got=<y>
@@ -34,6 +36,7 @@ static unsigned long ferry_dirty_mb;
 static unsigned int ferry_hb_ms = 1000;
 static unsigned long ferry_hb_max;
 static bool ferry_park;
+static bool ferry_cpuid;
 static atomic64_t ferry_passes = ATOMIC64_INIT(0);
 
 static int __init ferry_workload_setup(char *s)
@@ -70,6 +73,77 @@ static int __init ferry_park_setup(char *s)
 	return 1;
 }
 __setup("ferry.park", ferry_park_setup);
+
+static int __init ferry_cpuid_setup(char *s)
+{
+	ferry_cpuid = true;
+	return 1;
+}
+__setup("ferry.cpuid", ferry_cpuid_setup);
+
+static void __init ferry_print_leaf(u32 fn, u32 idx, u32 *eax_out)
+{
+	u32 a, b, c, d;
+
+	cpuid_count(fn, idx, &a, &b, &c, &d);
+	pr_err("CPUID %08x %02x: %08x %08x %08x %08x\n", fn, idx, a, b, c, d);
+	if (eax_out)
+		*eax_out = a;
+}
+
+/* Every leaf and subleaf the CPU reports, read in ring 0 (where KVM intercepts CPUID). */
+static void __init ferry_print_cpuid(void)
+{
+	static const u32 bases[] = { 0, 0x80000000 };
+	u32 base, fn, max, i, r, a, b, c, d;
+
+	for (r = 0; r < ARRAY_SIZE(bases); r++) {
+		base = bases[r];
+		cpuid_count(base, 0, &max, &b, &c, &d);
+		if (max < base || max > base + 0xff)
+			max = base;
+		for (fn = base; fn <= max; fn++) {
+			switch (fn) {
+			case 4:
+			case 0x8000001d:
+				for (i = 0; i < 16; i++) {
+					ferry_print_leaf(fn, i, &a);
+					if (!(a & 0x1f))
+						break;
+				}
+				break;
+			case 7:
+				ferry_print_leaf(fn, 0, &a);
+				for (i = 1; i <= a && i < 8; i++)
+					ferry_print_leaf(fn, i, NULL);
+				break;
+			case 0xb:
+			case 0x1f:
+				for (i = 0; i < 8; i++) {
+					cpuid_count(fn, i, &a, &b, &c, &d);
+					ferry_print_leaf(fn, i, NULL);
+					if (!((c >> 8) & 0xff))
+						break;
+				}
+				break;
+			case 0xd:
+				cpuid_count(fn, 0, &a, &b, &c, &d);
+				ferry_print_leaf(fn, 0, NULL);
+				ferry_print_leaf(fn, 1, NULL);
+				for (i = 2; i < 32; i++)
+					if (a & (1u << i))
+						ferry_print_leaf(fn, i, NULL);
+				break;
+			default:
+				ferry_print_leaf(fn, 0, NULL);
+			}
+		}
+		if (base == 0) {
+			ferry_print_leaf(0x40000000, 0, NULL);
+			ferry_print_leaf(0x40000001, 0, NULL);
+		}
+	}
+}
 
 /* Called by kernel_init() just before it would execute /init (see the init-park patch). */
 void ferry_park_init(void)
@@ -155,6 +229,8 @@ static int __init ferry_workload_init(void)
 {
 	struct task_struct *t;
 
+	if (ferry_cpuid)
+		ferry_print_cpuid();
 	pr_err("GUEST-READY cpus=%u vendor=%s family=%u model=%u stepping=%u workload=%s%lu\n",
 	       num_online_cpus(), boot_cpu_data.x86_vendor_id, boot_cpu_data.x86,
 	       boot_cpu_data.x86_model, boot_cpu_data.x86_stepping,

@@ -41,16 +41,18 @@ pub struct Access {
     pub data: Vec<u8>,
 }
 
-/// A device that records every access and answers reads with `reply` (little-endian).
+/// A device that records every access and answers reads with the next value of `script`,
+/// or `reply` once the script is used up (little-endian).
 #[derive(Debug, Default)]
 pub struct Recorder {
     pub accesses: Vec<Access>,
     pub reply: u64,
+    pub script: std::collections::VecDeque<u64>,
 }
 
 impl BusDevice for Recorder {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let bytes = self.reply.to_le_bytes();
+        let bytes = self.script.pop_front().unwrap_or(self.reply).to_le_bytes();
         for (i, b) in data.iter_mut().enumerate() {
             *b = bytes.get(i).copied().unwrap_or(0);
         }
@@ -101,9 +103,21 @@ pub struct TinyVm {
 impl TinyVm {
     /// Creates a 64 MiB VM with `vcpus` vCPUs running `image` (paused until `start`).
     pub fn new(image: &TinyImage, vcpus: u32) -> TinyVm {
+        Self::with_cpu(image, vcpus, None)
+    }
+
+    /// As `new`, with a CPU profile instead of the default one.
+    pub fn with_cpu(
+        image: &TinyImage,
+        vcpus: u32,
+        cpu: Option<cpuid::profile::CpuProfile>,
+    ) -> TinyVm {
         crate::require_kvm();
         let console = Console::default();
         let mut vm = Vm::new(64 << 20, vcpus, Box::new(console.clone())).expect("create VM");
+        if let Some(p) = cpu {
+            vm.set_cpu_profile(p).expect("this host runs the profile");
+        }
         let ports = Arc::new(Mutex::new(Recorder::default()));
         let mmio = Arc::new(Mutex::new(Recorder::default()));
         vm.pio_bus()

@@ -185,12 +185,28 @@ pub fn handle(line: &[u8], vm: &Vm) -> (Value, After) {
             }),
             After::Nothing,
         ),
+        "cpuid" => {
+            let (forced, other) = vm.cpuid_forced();
+            let other: Vec<String> = other
+                .iter()
+                .map(|(f, i, r)| format!("{f:#x}.{i}.{r:?}"))
+                .collect();
+            let answer = json!({
+                "ok": true,
+                "profile": vm.cpu_profile(),
+                "requested": vm.cpuid_requested(),
+                "effective": vm.cpuid_effective(),
+                "forced": forced,
+                "forced_registers": other,
+            });
+            (answer, After::Nothing)
+        }
         "pause" => done(vm.pause()),
         "resume" => done(vm.resume()),
         // The VM ends once this answer is written (see `serve`).
         "stop" => (json!({"ok": true, "state": "stopped"}), After::Stop),
         other => fail(format!(
-            "unknown command {other:?} (expected status, pause, resume or stop)"
+            "unknown command {other:?} (expected status, cpuid, pause, resume or stop)"
         )),
     }
 }

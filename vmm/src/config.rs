@@ -54,6 +54,8 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     /// The kernel command line.
     pub cmdline: String,
+    /// The guest CPU profile: a built-in name or a profile file (None: the default).
+    pub cpu: Option<String>,
 }
 
 impl VmConfig {
@@ -65,6 +67,7 @@ impl VmConfig {
             kernel: kernel.into(),
             initrd: None,
             cmdline: DEFAULT_CMDLINE.to_string(),
+            cpu: None,
         }
     }
 

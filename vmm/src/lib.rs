@@ -14,6 +14,7 @@ pub mod api;
 pub mod boot;
 pub mod config;
 pub mod cpu;
+pub mod cpu_model;
 pub mod devices;
 pub mod memory;
 pub mod vcpu;

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+
+mod cpu_cmd;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use vmm::config::{parse_size, VmConfig, DEFAULT_CMDLINE};
@@ -31,6 +33,9 @@ enum Cmd {
     Run(RunArgs),
     /// Send a command to a running ferry's control socket.
     Ctl(CtlArgs),
+    /// The guest CPU model: dump this host, baseline hosts, check and show profiles.
+    #[command(subcommand)]
+    Cpu(cpu_cmd::CpuCmd),
 }
 
 #[derive(Parser, Debug)]
@@ -53,6 +58,9 @@ struct RunArgs {
     /// Serve the control socket at this path.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// The guest CPU profile: a built-in name (see `ferry cpu show`) or a profile file.
+    #[arg(long)]
+    cpu: Option<String>,
 }
 
 #[derive(Parser, Debug)]
@@ -85,6 +93,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Ctl(a) => ctl(a),
+        Cmd::Cpu(c) => cpu_cmd::run(c),
     };
     match result {
         Ok(code) => code,
@@ -102,6 +111,7 @@ fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         kernel: a.kernel,
         initrd: a.initrd,
         cmdline: a.cmdline,
+        cpu: a.cpu,
     };
     let vm = Arc::new(vm::build(
         &cfg,

@@ -16,13 +16,16 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use cpuid::profile::CpuProfile;
+use cpuid::{CpuidDump, Leaf};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, layout, EntryPoint};
 use crate::config::{self, VmConfig};
 use crate::cpu;
+use crate::cpu_model;
 use crate::devices::{i8042::I8042, serial, Bus, IoBuses, Sink};
 use crate::memory::{self, GuestMemoryMmap, GuestRam};
 use crate::vcpu::{
@@ -53,6 +56,8 @@ pub enum Error {
     Boot(#[from] boot::Error),
     #[error(transparent)]
     Cpu(#[from] cpu::Error),
+    #[error(transparent)]
+    CpuModel(#[from] cpu_model::Error),
     #[error("device setup failed: {0}")]
     Device(String),
     #[error("cannot start a vCPU thread: {0}")]
@@ -80,7 +85,11 @@ pub struct Vm {
     ram: GuestRam,
     io: Arc<IoBuses>,
     serial: Arc<Mutex<serial::SerialDevice>>,
-    cpuid: CpuId,
+    host_cpu: CpuidDump,
+    profile: CpuProfile,
+    /// The profile's guest table (APIC IDs 0) as requested, and as KVM holds it for vCPU 0.
+    table: Vec<Leaf>,
+    effective: Vec<Leaf>,
     num_vcpus: u32,
     unstarted: Vec<VcpuFd>,
     vcpus: Vec<VcpuHandle>,
@@ -168,9 +177,9 @@ impl Vm {
             .insert(0x80, 1, Arc::new(Mutex::new(Sink)))
             .map_err(dev_err)?;
 
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_op("KVM_GET_SUPPORTED_CPUID"))?;
+        let host_cpu = cpu_model::host_dump(&kvm)?;
+        let profile = cpu_model::default_profile(&host_cpu)?;
+        let table = cpuid::table::guest_table(&profile, vcpus);
         let unstarted = (0..vcpus)
             .map(|id| {
                 fd.create_vcpu(u64::from(id))
@@ -183,7 +192,10 @@ impl Vm {
             ram,
             io,
             serial,
-            cpuid,
+            host_cpu,
+            profile,
+            table,
+            effective: Vec::new(),
             num_vcpus: vcpus,
             unstarted,
             vcpus: Vec::new(),
@@ -210,9 +222,28 @@ impl Vm {
         self.ready_vcpus(&entry)
     }
 
+    /// Sets the guest CPU model (before boot), refusing one this host cannot run.
+    pub fn set_cpu_profile(&mut self, profile: CpuProfile) -> Result<(), Error> {
+        if self.unstarted.is_empty() {
+            return Err(Error::AlreadyBooted);
+        }
+        cpu_model::check_host(&profile, &self.host_cpu)?;
+        self.table = cpuid::table::guest_table(&profile, self.num_vcpus);
+        self.profile = profile;
+        Ok(())
+    }
+
     fn ready_vcpus(&mut self, entry: &EntryPoint) -> Result<(), Error> {
         for (id, fd) in self.unstarted.iter().enumerate() {
-            cpu::setup_vcpu(fd, id as u32, &self.cpuid, entry, self.ram.memory())?;
+            let id = id as u32;
+            let table = cpu_model::to_kvm(&cpuid::table::for_vcpu(&self.table, id))?;
+            cpu::setup_vcpu(fd, id, &table, entry, self.ram.memory())?;
+            if id == 0 {
+                let back = fd
+                    .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                    .map_err(kvm_op("KVM_GET_CPUID2"))?;
+                self.effective = cpu_model::from_kvm("KVM_GET_CPUID2", &back).leaves;
+            }
         }
         for (id, fd) in std::mem::take(&mut self.unstarted).into_iter().enumerate() {
             let (tx, rx) = channel();
@@ -381,6 +412,33 @@ impl Vm {
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
     }
+
+    /// The guest CPU profile.
+    pub fn cpu_profile(&self) -> &CpuProfile {
+        &self.profile
+    }
+
+    /// This host's CPUID as KVM offers it.
+    pub fn host_cpu(&self) -> &CpuidDump {
+        &self.host_cpu
+    }
+
+    /// vCPU 0's CPUID table as requested from KVM.
+    pub fn cpuid_requested(&self) -> Vec<Leaf> {
+        cpuid::table::for_vcpu(&self.table, 0)
+    }
+
+    /// vCPU 0's CPUID table as KVM holds it (KVM_GET_CPUID2 after KVM_SET_CPUID2); empty
+    /// before boot. Checks and migration use this one.
+    pub fn cpuid_effective(&self) -> &[Leaf] {
+        &self.effective
+    }
+
+    /// Feature bits KVM changed from the requested table (`+name` forced on, `-name` off),
+    /// and registers it changed outside the catalogue.
+    pub fn cpuid_forced(&self) -> (Vec<String>, Vec<(u32, u32, cpuid::Reg)>) {
+        cpuid::table::diff(&self.cpuid_requested(), &self.effective)
+    }
 }
 
 impl Drop for Vm {
@@ -395,6 +453,18 @@ pub fn build(cfg: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vm, Error
     cfg.validate(max_vcpus(&kvm))?;
     drop(kvm);
     let mut vm = Vm::new(cfg.memory, cfg.vcpus, console)?;
+    if let Some(spec) = &cfg.cpu {
+        let p = cpu_model::load_profile(spec, vm.host_cpu())?;
+        vm.set_cpu_profile(p)?;
+    }
     vm.boot_linux(cfg)?;
+    let (forced, other) = vm.cpuid_forced();
+    if !forced.is_empty() || !other.is_empty() {
+        log::warn!(
+            "this host's KVM changed the guest CPUID after KVM_SET_CPUID2: features {}; other registers {:?}",
+            forced.join(" "),
+            other
+        );
+    }
     Ok(vm)
 }

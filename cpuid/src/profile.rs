@@ -1,0 +1,482 @@
+//! CPU profiles: the CPU a guest sees, as a JSON file. A profile is an identity (vendor
+//! string, family/model/stepping, brand), an exact feature set, the highest leaves, address
+//! sizes, the XSAVE components the guest may enable (with their sizes and offsets, which
+//! every host must match), and policies (KVM paravirtual features, invariant TSC; never a
+//! vPMU).
+//!
+//! [`baseline`] computes the profile every given host can run; [`check`] tells whether a
+//! host can run a profile and names every missing feature.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::features::{self, Vendors};
+use crate::leaf::{decode_signature, CpuidDump, Vendor};
+
+/// The format tag of profile files.
+pub const FORMAT: &str = "ferry-cpu-profile";
+/// The profile format version this code reads and writes.
+pub const VERSION: u32 = 1;
+
+/// Features never passed to a guest, whatever the hosts have, and why.
+pub const HIDDEN: &[(&str, &str)] = &[
+    ("hypervisor", "synthesized: always set for a guest"),
+    ("ht", "synthesized from the vCPU count"),
+    (
+        "osxsave",
+        "reflects the guest OS's CR4.OSXSAVE; KVM sets it",
+    ),
+    ("ospke", "reflects the guest OS's CR4.PKE; KVM sets it"),
+    (
+        "monitor",
+        "MONITOR/MWAIT would let a guest idle a host CPU; not migratable",
+    ),
+    ("mwaitx", "MONITORX/MWAITX, as monitor"),
+    ("vmx", "no nested virtualization"),
+    ("svm", "no nested virtualization"),
+    ("smx", "no trusted execution in a guest"),
+    ("skinit", "no trusted execution in a guest"),
+    ("est", "host power management"),
+    ("tm2", "host thermal management"),
+    ("ds_cpl", "debug store: host PMU facility"),
+    ("dtes64", "debug store: host PMU facility"),
+    ("pdcm", "perfmon capabilities MSR: no vPMU"),
+    ("perfctr_core", "no vPMU"),
+    ("perfctr_nb", "no vPMU"),
+    ("perfctr_llc", "no vPMU"),
+    ("ibs", "no vPMU"),
+    ("lwp", "lightweight profiling: no vPMU"),
+    ("bpext", "breakpoint extensions tied to host debug MSRs"),
+    ("ptsc", "no vPMU"),
+    ("dca", "direct cache access: host chipset"),
+    ("xtpr", "host interrupt routing"),
+    ("wdt", "host watchdog"),
+    ("osvw", "AMD errata MSRs of one host model"),
+    ("nodeid_msr", "host topology MSR"),
+    (
+        "topoext",
+        "topology is synthesized (leaves 0xB, 0x80000008)",
+    ),
+    ("cmp_legacy", "topology is synthesized"),
+    ("extapic", "extended APIC space is not emulated"),
+    (
+        "hle",
+        "TSX: disabled by microcode on many hosts, differs per host",
+    ),
+    (
+        "rtm",
+        "TSX: disabled by microcode on many hosts, differs per host",
+    ),
+    (
+        "arch_capabilities",
+        "IA32_ARCH_CAPABILITIES differs per host model (and cannot be set on some KVM hosts)",
+    ),
+    ("core_capabilities", "host model specific MSR"),
+    ("sgx", "enclaves cannot migrate"),
+    ("waitpkg", "UMWAIT/TPAUSE idle a host CPU"),
+    (
+        "invtsc",
+        "policy: only when every host has it (see `invtsc`)",
+    ),
+    ("acpi", "thermal monitor and clock control MSRs of the host"),
+    ("dts", "debug store: host PMU facility"),
+    ("tm", "host thermal monitor"),
+    ("pbe", "pending break enable: host power management"),
+    ("cqm", "cache QoS monitoring: a host resource"),
+    ("rdt_a", "cache allocation: a host resource"),
+    ("intel_pt", "processor trace: not virtualized"),
+    ("sdbg", "silicon debug interface"),
+    (
+        "mpx",
+        "MPX is deprecated and its state differs across hosts",
+    ),
+    ("tme", "memory encryption: a host facility"),
+    ("pconfig", "memory encryption keys: a host facility"),
+    ("uintr", "user interrupts are not virtualized"),
+];
+
+/// Features that a KVM emulating guest ring 0 (as on PVM hosts) cannot execute there: a
+/// guest kernel using them stops with an emulation failure (GUEST.md).
+pub const EMULATOR_UNSAFE: &[&str] = &["cx16", "popcnt", "xsave", "smap", "fsgsbase"];
+
+/// The guest's CPU identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub vendor: Vendor,
+    pub family: u32,
+    pub model: u32,
+    pub stepping: u32,
+    pub brand: String,
+}
+
+/// One XSAVE state component the guest may enable: its index (bit in XCR0) and its
+/// standard-format size and offset, which every host running the profile must share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct XsaveComponent {
+    pub index: u32,
+    pub size: u32,
+    pub offset: u32,
+}
+
+/// A guest CPU model.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuProfile {
+    pub format: String,
+    pub version: u32,
+    pub name: String,
+    pub identity: Identity,
+    /// Feature names from the catalogue, exactly the set the guest sees.
+    pub features: BTreeSet<String>,
+    /// Highest basic and extended leaf.
+    pub max_leaf: u32,
+    pub max_ext_leaf: u32,
+    /// Physical and linear address bits.
+    pub phys_bits: u32,
+    pub virt_bits: u32,
+    /// XSAVE components beyond x87 and SSE (indices >= 2), empty without `xsave`.
+    pub xsave: Vec<XsaveComponent>,
+    /// KVM paravirtual features (names in [`KVM_PV_FEATURES`]).
+    pub kvm_pv: BTreeSet<String>,
+    /// Whether the invariant TSC is advertised (only if every host has it).
+    pub invtsc: bool,
+    /// False for a profile that only describes one host (`host`): never migrated to
+    /// another vendor.
+    pub migratable: bool,
+}
+
+/// KVM paravirtual feature bits of leaf 0x40000001 EAX that a profile may name. The
+/// hypercall-based ones (pv_unhalt, pv_send_ipi, pv_sched_yield) are not offered.
+pub const KVM_PV_FEATURES: &[(&str, u32)] = &[
+    ("clocksource", 0),
+    ("nopiodelay", 1),
+    ("clocksource2", 3),
+    ("async_pf", 4),
+    ("steal_time", 5),
+    ("pv_eoi", 6),
+    ("pv_tlb_flush", 9),
+    ("async_pf_vmexit", 10),
+    ("msi_ext_dest_id", 15),
+    ("clocksource_stable_bit", 24),
+];
+
+/// The KVM paravirtual features ferry's baselines offer.
+pub fn default_kvm_pv() -> BTreeSet<String> {
+    [
+        "clocksource",
+        "nopiodelay",
+        "clocksource2",
+        "steal_time",
+        "pv_eoi",
+        "pv_tlb_flush",
+        "clocksource_stable_bit",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}: not a ferry CPU profile: {1}")]
+    Parse(String, String),
+    #[error("{0}: profile format {1:?} version {2} is not {FORMAT:?} version {VERSION}")]
+    Version(String, String, u32),
+    #[error("{0}: unknown feature {1:?} (not in the catalogue; see docs/cpuid.md)")]
+    UnknownFeature(String, String),
+    #[error("{0}: unknown KVM paravirtual feature {1:?}")]
+    UnknownPv(String, String),
+    #[error("baseline of no hosts")]
+    NoHosts,
+    #[error("host {0} is neither Intel nor AMD (vendor {1:?})")]
+    UnknownVendor(String, String),
+    #[error("no host of vendor {0:?} among the inputs")]
+    NoHostOfVendor(Vendor),
+}
+
+impl CpuProfile {
+    /// Parses and validates a profile file's text.
+    pub fn from_json(source: &str, text: &str) -> Result<CpuProfile, Error> {
+        let p: CpuProfile =
+            serde_json::from_str(text).map_err(|e| Error::Parse(source.into(), e.to_string()))?;
+        if p.format != FORMAT || p.version != VERSION {
+            return Err(Error::Version(source.into(), p.format, p.version));
+        }
+        if let Some(f) = p.features.iter().find(|f| features::by_name(f).is_none()) {
+            return Err(Error::UnknownFeature(source.into(), f.clone()));
+        }
+        if let Some(f) = p
+            .kvm_pv
+            .iter()
+            .find(|f| !KVM_PV_FEATURES.iter().any(|(n, _)| n == f))
+        {
+            return Err(Error::UnknownPv(source.into(), f.clone()));
+        }
+        Ok(p)
+    }
+
+    /// The profile as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a profile always serializes")
+    }
+
+    /// Whether the profile advertises `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.features.contains(name)
+    }
+}
+
+/// Max basic and extended leaf of a dump.
+fn max_leaves(d: &CpuidDump) -> (u32, u32) {
+    (
+        d.get(0, 0).map(|l| l.eax).unwrap_or(0),
+        d.get(0x8000_0000, 0).map(|l| l.eax).unwrap_or(0x8000_0000),
+    )
+}
+
+/// The brand string of leaves 0x80000002..4, trimmed.
+pub fn brand_string(d: &CpuidDump) -> String {
+    let mut b = Vec::new();
+    for f in 0x8000_0002..=0x8000_0004u32 {
+        if let Some(l) = d.get(f, 0) {
+            for r in [l.eax, l.ebx, l.ecx, l.edx] {
+                b.extend_from_slice(&r.to_le_bytes());
+            }
+        }
+    }
+    let s = String::from_utf8_lossy(&b).replace('\0', "");
+    s.trim().to_string()
+}
+
+/// A host's XSAVE components (index >= 2) with their standard-format size and offset.
+pub fn xsave_components(d: &CpuidDump) -> Vec<XsaveComponent> {
+    let Some(l0) = d.get(0xd, 0) else {
+        return vec![];
+    };
+    let mask = u64::from(l0.eax) | (u64::from(l0.edx) << 32);
+    (2..64)
+        .filter(|i| mask & (1 << i) != 0)
+        .filter_map(|i| {
+            let l = d.get(0xd, i)?;
+            Some(XsaveComponent {
+                index: i,
+                size: l.eax,
+                offset: l.ebx,
+            })
+        })
+        .collect()
+}
+
+/// Physical and linear address bits of a host (36/48 when leaf 0x80000008 is missing).
+fn address_bits(d: &CpuidDump) -> (u32, u32) {
+    match d.get(0x8000_0008, 0) {
+        Some(l) if l.eax & 0xff != 0 => (l.eax & 0xff, (l.eax >> 8) & 0xff),
+        _ => (36, 48),
+    }
+}
+
+fn invtsc(d: &CpuidDump) -> bool {
+    d.get(0x8000_0007, 0).is_some_and(|l| l.edx & (1 << 8) != 0)
+}
+
+fn vendor_of(d: &CpuidDump) -> Result<Vendor, Error> {
+    d.vendor()
+        .ok_or_else(|| Error::UnknownVendor(d.source.clone(), d.vendor_string()))
+}
+
+/// The common profile of `hosts`: a feature is kept only if every host has it and it means
+/// the same on every host's vendor and on the identity's vendor; the smallest address sizes;
+/// the XSAVE components every host lays out identically; topology and caches are left to the
+/// guest table (synthesized). The identity is the first host's, or the first host of
+/// `vendor` when given.
+pub fn baseline(
+    name: &str,
+    hosts: &[CpuidDump],
+    vendor: Option<Vendor>,
+) -> Result<CpuProfile, Error> {
+    let first = hosts.first().ok_or(Error::NoHosts)?;
+    let mut vendors = BTreeSet::new();
+    for h in hosts {
+        vendors.insert(vendor_of(h)?);
+    }
+    let id_host = match vendor {
+        None => first,
+        Some(v) => hosts
+            .iter()
+            .find(|h| h.vendor() == Some(v))
+            .ok_or(Error::NoHostOfVendor(v))?,
+    };
+    let id_vendor = vendor_of(id_host)?;
+    vendors.insert(id_vendor);
+    let (family, model, stepping) = decode_signature(id_host.get(1, 0).map(|l| l.eax).unwrap_or(0));
+
+    let mut common: Option<BTreeSet<&'static str>> = None;
+    for h in hosts {
+        let p = features::present(h);
+        common = Some(match common {
+            None => p,
+            Some(c) => c.intersection(&p).copied().collect(),
+        });
+    }
+    let mut features: BTreeSet<String> = common
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| !HIDDEN.iter().any(|(h, _)| h == n))
+        .filter(|n| {
+            let f = features::by_name(n).expect("present() yields catalogue names");
+            vendors.iter().all(|v| match f.vendors {
+                Vendors::Both => true,
+                Vendors::Intel => *v == Vendor::Intel,
+                Vendors::Amd => *v == Vendor::Amd,
+            })
+        })
+        .map(str::to_string)
+        .collect();
+
+    let mut xsave: Vec<XsaveComponent> = Vec::new();
+    if features.contains("xsave") {
+        let first_x = xsave_components(first);
+        xsave = first_x
+            .into_iter()
+            .filter(|c| hosts.iter().all(|h| xsave_components(h).contains(c)))
+            .collect();
+    }
+    drop_features_without_state(&mut features, &xsave);
+
+    let max_leaf = hosts.iter().map(|h| max_leaves(h).0).min().unwrap_or(0);
+    let max_ext_leaf = hosts
+        .iter()
+        .map(|h| max_leaves(h).1)
+        .min()
+        .unwrap_or(0x8000_0000);
+    let phys_bits = hosts.iter().map(|h| address_bits(h).0).min().unwrap_or(36);
+    let virt_bits = hosts.iter().map(|h| address_bits(h).1).min().unwrap_or(48);
+    Ok(CpuProfile {
+        format: FORMAT.into(),
+        version: VERSION,
+        name: name.into(),
+        identity: Identity {
+            vendor: id_vendor,
+            family,
+            model,
+            stepping,
+            brand: brand_string(id_host),
+        },
+        features,
+        // Leaves the guest table synthesizes must exist: Intel-style topology (0xB) and
+        // cache (4) leaves, and 0xD when there is XSAVE state.
+        max_leaf: needed_max_leaf(max_leaf, id_vendor, !xsave.is_empty()),
+        max_ext_leaf: max_ext_leaf.max(0x8000_0008),
+        phys_bits,
+        virt_bits,
+        xsave,
+        kvm_pv: default_kvm_pv(),
+        invtsc: hosts.iter().all(invtsc),
+        migratable: true,
+    })
+}
+
+/// The max basic leaf a profile needs for the leaves the guest table synthesizes.
+pub fn needed_max_leaf(common: u32, vendor: Vendor, xsave: bool) -> u32 {
+    let mut m = common;
+    if vendor == Vendor::Intel {
+        m = m.max(0xb);
+    }
+    if xsave {
+        m = m.max(0xd);
+    }
+    m
+}
+
+/// Features whose register state lives in an XSAVE component the profile does not allow.
+pub fn drop_features_without_state(features: &mut BTreeSet<String>, xsave: &[XsaveComponent]) {
+    let has = |i: u32| xsave.iter().any(|c| c.index == i);
+    let needs: &[(&str, &[u32])] = &[
+        ("avx", &[2]),
+        ("avx2", &[2]),
+        ("fma", &[2]),
+        ("f16c", &[2]),
+        ("vaes", &[2]),
+        ("vpclmulqdq", &[2]),
+        ("avx_vnni", &[2]),
+        ("avx512f", &[5, 6, 7]),
+        ("pku", &[9]),
+    ];
+    for (f, comps) in needs {
+        if !comps.iter().all(|c| has(*c)) {
+            features.remove(*f);
+        }
+    }
+    if !features.contains("avx512f") {
+        features.retain(|f| !f.starts_with("avx512"));
+    }
+    if !features.contains("xsave") {
+        for f in ["xsaveopt", "xsavec", "xgetbv1", "xsaves"] {
+            features.remove(f);
+        }
+    }
+}
+
+/// Why a host cannot run a profile.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Missing {
+    /// Features the profile has and the host lacks, by name.
+    pub features: Vec<String>,
+    /// Anything else (address sizes, XSAVE layout), one sentence each.
+    pub other: Vec<String>,
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if !self.features.is_empty() {
+            parts.push(format!("missing features: {}", self.features.join(" ")));
+        }
+        parts.extend(self.other.iter().cloned());
+        f.write_str(&parts.join("; "))
+    }
+}
+
+/// Can `host` run `profile`? Ok, or everything it lacks.
+pub fn check(profile: &CpuProfile, host: &CpuidDump) -> Result<(), Missing> {
+    let present = features::present(host);
+    let mut m = Missing::default();
+    for f in &profile.features {
+        if !present.contains(f.as_str()) {
+            m.features.push(f.clone());
+        }
+    }
+    let (phys, virt) = address_bits(host);
+    if profile.phys_bits > phys {
+        m.other.push(format!(
+            "{} physical address bits needed, the host has {phys}",
+            profile.phys_bits
+        ));
+    }
+    if profile.virt_bits > virt {
+        m.other.push(format!(
+            "{} linear address bits needed, the host has {virt}",
+            profile.virt_bits
+        ));
+    }
+    let host_x = xsave_components(host);
+    for c in &profile.xsave {
+        match host_x.iter().find(|h| h.index == c.index) {
+            None => m.other.push(format!("XSAVE component {} is not supported by the host", c.index)),
+            Some(h) if h != c => m.other.push(format!(
+                "XSAVE component {} is laid out differently (size {} offset {} here, {} {} in the profile)",
+                c.index, h.size, h.offset, c.size, c.offset
+            )),
+            Some(_) => {}
+        }
+    }
+    if profile.invtsc && !invtsc(host) {
+        m.other
+            .push("the profile advertises an invariant TSC and the host has none".into());
+    }
+    if m.features.is_empty() && m.other.is_empty() {
+        Ok(())
+    } else {
+        Err(m)
+    }
+}
