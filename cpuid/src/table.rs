@@ -247,9 +247,22 @@ pub fn for_vcpu(table: &[Leaf], id: u32) -> Vec<Leaf> {
     t
 }
 
-/// Feature names whose bits differ between two tables (as `+name` set only in `b`, `-name`
-/// set only in `a`), and the (function, index, register) of every other differing register.
-pub fn diff(a: &[Leaf], b: &[Leaf]) -> (Vec<String>, Vec<(u32, u32, Reg)>) {
+/// How two tables differ: feature names (`+name` set only in the second, `-name` only in the
+/// first) and the (function, index, register) of every other differing register.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableDiff {
+    pub features: Vec<String>,
+    pub registers: Vec<(u32, u32, Reg)>,
+}
+
+impl TableDiff {
+    pub fn is_empty(&self) -> bool {
+        self.features.is_empty() && self.registers.is_empty()
+    }
+}
+
+/// How table `b` differs from table `a`.
+pub fn diff(a: &[Leaf], b: &[Leaf]) -> TableDiff {
     let get = |t: &[Leaf], f: u32, i: u32| {
         t.iter()
             .find(|l| l.function == f && l.index == i)
@@ -288,5 +301,8 @@ pub fn diff(a: &[Leaf], b: &[Leaf]) -> (Vec<String>, Vec<(u32, u32, Reg)>) {
             }
         }
     }
-    (names, regs)
+    TableDiff {
+        features: names,
+        registers: regs,
+    }
 }

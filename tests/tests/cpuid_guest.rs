@@ -54,7 +54,10 @@ fn run_table(profile: Option<cpuid::profile::CpuProfile>) {
         );
     }
 
-    let (forced, other) = t.vm.cpuid_forced();
+    let cpuid::table::TableDiff {
+        features: forced,
+        registers: other,
+    } = t.vm.cpuid_forced();
     let get =
         |t: &[Leaf], f: u32, i: u32| t.iter().find(|l| l.function == f && l.index == i).copied();
     let mut keys: Vec<(u32, u32)> = requested

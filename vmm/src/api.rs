@@ -186,7 +186,10 @@ pub fn handle(line: &[u8], vm: &Vm) -> (Value, After) {
             After::Nothing,
         ),
         "cpuid" => {
-            let (forced, other) = vm.cpuid_forced();
+            let cpuid::table::TableDiff {
+                features: forced,
+                registers: other,
+            } = vm.cpuid_forced();
             let other: Vec<String> = other
                 .iter()
                 .map(|(f, i, r)| format!("{f:#x}.{i}.{r:?}"))

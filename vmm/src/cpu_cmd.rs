@@ -110,7 +110,10 @@ pub fn run(cmd: CpuCmd) -> anyhow::Result<ExitCode> {
             if !recorded {
                 let kvm = vmm::vm::open_kvm()?;
                 let table = cpuid::table::guest_table(&p, 1);
-                let (forced, other) = cpu_model::probe_forced(&kvm, &table)?;
+                let cpuid::table::TableDiff {
+                    features: forced,
+                    registers: other,
+                } = cpu_model::probe_forced(&kvm, &table)?;
                 if !forced.is_empty() || !other.is_empty() {
                     println!(
                         "note: this host's KVM changes the table after KVM_SET_CPUID2; the guest \

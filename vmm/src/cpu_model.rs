@@ -243,10 +243,7 @@ pub fn check_host(p: &CpuProfile, host: &CpuidDump) -> Result<(), Error> {
 
 /// Sets `table` on a scratch vCPU of a scratch VM and reads it back: the bits this host's
 /// KVM changes (as [`cpuid::table::diff`] names them), before any guest runs.
-pub fn probe_forced(
-    kvm: &Kvm,
-    table: &[Leaf],
-) -> Result<(Vec<String>, Vec<(u32, u32, cpuid::Reg)>), ProbeError> {
+pub fn probe_forced(kvm: &Kvm, table: &[Leaf]) -> Result<cpuid::table::TableDiff, ProbeError> {
     let vm = kvm
         .create_vm()
         .map_err(|e| ProbeError("KVM_CREATE_VM", e))?;

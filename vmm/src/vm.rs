@@ -434,9 +434,8 @@ impl Vm {
         &self.effective
     }
 
-    /// Feature bits KVM changed from the requested table (`+name` forced on, `-name` off),
-    /// and registers it changed outside the catalogue.
-    pub fn cpuid_forced(&self) -> (Vec<String>, Vec<(u32, u32, cpuid::Reg)>) {
+    /// How KVM changed vCPU 0's table from the request (`+name`: a feature forced on).
+    pub fn cpuid_forced(&self) -> cpuid::table::TableDiff {
         cpuid::table::diff(&self.cpuid_requested(), &self.effective)
     }
 }
@@ -458,7 +457,10 @@ pub fn build(cfg: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vm, Error
         vm.set_cpu_profile(p)?;
     }
     vm.boot_linux(cfg)?;
-    let (forced, other) = vm.cpuid_forced();
+    let cpuid::table::TableDiff {
+        features: forced,
+        registers: other,
+    } = vm.cpuid_forced();
     if !forced.is_empty() || !other.is_empty() {
         log::warn!(
             "this host's KVM changed the guest CPUID after KVM_SET_CPUID2: features {}; other registers {:?}",
