@@ -83,6 +83,8 @@ enum CtlCmd {
     Pause,
     /// Resume every vCPU.
     Resume,
+    /// The guest CPU: profile, and the CPUID table requested and as KVM holds it.
+    Cpuid,
     /// End the VM; that ferry exits with status 0.
     Stop,
 }
@@ -171,6 +173,7 @@ fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCmd::Pause => "pause",
         CtlCmd::Resume => "resume",
         CtlCmd::Stop => "stop",
+        CtlCmd::Cpuid => "cpuid",
     };
     let resp = api::request(
         &a.api_socket,
@@ -180,6 +183,28 @@ fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
     let ok = resp.get("ok").and_then(|v| v.as_bool()) == Some(true);
     if a.json {
         println!("{resp}");
+    } else if ok && cmd == "cpuid" {
+        let p = &resp["profile"];
+        let id = &p["identity"];
+        println!(
+            "profile: {} ({} family {} model {} stepping {}, {} features)",
+            p["name"].as_str().unwrap_or("?"),
+            id["vendor"].as_str().unwrap_or("?"),
+            id["family"],
+            id["model"],
+            id["stepping"],
+            p["features"].as_array().map_or(0, |f| f.len())
+        );
+        let forced: Vec<&str> = resp["forced"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str())
+            .collect();
+        if !forced.is_empty() {
+            println!("changed by this host's KVM: {}", forced.join(" "));
+        }
+        println!("(--json prints both tables)");
     } else if ok {
         let state = resp.get("state").and_then(|v| v.as_str()).unwrap_or("?");
         match resp.get("vcpus").and_then(|v| v.as_array()) {

@@ -1,0 +1,120 @@
+//! The Linux test guest with the `harpertown-shanghai` profile: an Intel identity (the 2008
+//! demo's Xeon E5420, family 6 model 0x17) whatever this host's vendor. The guest prints the
+//! CPUID it reads in ring 0 (`ferry.cpuid`), which must equal the table KVM holds, and it
+//! keeps heartbeating.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ferry_tests::guest::guest;
+use ferry_tests::process::{temp_path, Ferry};
+use ferry_tests::require_kvm;
+use serde_json::Value;
+
+const BOOT_LIMIT: Duration = Duration::from_secs(600);
+
+/// `CPUID 00000001 00: 00010676 00020800 ...` after the printk timestamp.
+fn parse_cpuid(line: &str) -> Option<((u32, u32), [u32; 4])> {
+    let rest = &line[line.find("] CPUID ")? + 8..];
+    let mut w = rest.split_whitespace();
+    let f = u32::from_str_radix(w.next()?, 16).ok()?;
+    let i = u32::from_str_radix(w.next()?.trim_end_matches(':'), 16).ok()?;
+    let mut r = [0u32; 4];
+    for x in &mut r {
+        *x = u32::from_str_radix(w.next()?, 16).ok()?;
+    }
+    Some(((f, i), r))
+}
+
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+#[test]
+fn harpertown_shanghai_guest_is_an_intel_e5420_and_sees_the_effective_table() {
+    require_kvm();
+    let g = guest();
+    let socket = temp_path("cpu.sock");
+    let mut f = Ferry::spawn(&[
+        "run".as_ref(),
+        "--kernel".as_ref(),
+        g.vmlinux.as_os_str(),
+        "--initrd".as_ref(),
+        g.initramfs.as_os_str(),
+        "--memory".as_ref(),
+        "256M".as_ref(),
+        "--cpu".as_ref(),
+        "harpertown-shanghai".as_ref(),
+        "--cmdline".as_ref(),
+        g.cmdline_with("workload=idle hb_ms=50 ferry.cpuid")
+            .as_ref(),
+        "--api-socket".as_ref(),
+        socket.as_os_str(),
+    ]);
+    let ready = f.wait_line(BOOT_LIMIT, |l| l.contains("GUEST-READY"));
+    assert_eq!(field(&ready, "vendor"), Some("GenuineIntel"), "{ready}");
+    assert_eq!(field(&ready, "family"), Some("6"), "{ready}");
+    assert_eq!(field(&ready, "model"), Some("23"), "{ready}"); // 0x17
+    assert_eq!(field(&ready, "stepping"), Some("6"), "{ready}");
+
+    let seen: BTreeMap<(u32, u32), [u32; 4]> = f
+        .seen
+        .iter()
+        .filter_map(|l| match l {
+            ferry_tests::process::Line::Out(s) => parse_cpuid(s),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        seen.len() >= 20,
+        "the guest printed {} CPUID leaves:\n{}",
+        seen.len(),
+        f.transcript()
+    );
+
+    let (ok, out) = f.ctl(&["--json", "cpuid"]);
+    assert!(ok, "{out}");
+    let resp: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(resp["profile"]["name"], "harpertown-shanghai");
+    let effective: BTreeMap<(u32, u32), [u32; 4]> = resp["effective"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let g = |k: &str| l[k].as_u64().unwrap() as u32;
+            (
+                (g("function"), g("index")),
+                [g("eax"), g("ebx"), g("ecx"), g("edx")],
+            )
+        })
+        .collect();
+    for ((func, idx), regs) in &seen {
+        let mut want = *effective
+            .get(&(*func, *idx))
+            .unwrap_or_else(|| panic!("the guest read {func:#x}.{idx}, which is not in the table"));
+        let mut got = *regs;
+        // The effective table is vCPU 0's; the guest may have read it on another vCPU,
+        // whose APIC IDs (leaf 1 EBX[31:24], leaf 0xB EDX) differ.
+        if *func == 1 {
+            want[1] &= 0x00ff_ffff;
+            got[1] &= 0x00ff_ffff;
+        }
+        if *func == 0xb {
+            want[3] = 0;
+            got[3] = 0;
+        }
+        assert_eq!(
+            got, want,
+            "leaf {func:#x}.{idx}: guest ring 0 vs KVM_GET_CPUID2"
+        );
+    }
+
+    // And it keeps running.
+    let hb = |l: &str| l.contains("] HB ");
+    for _ in 0..5 {
+        f.wait_line(Duration::from_secs(120), hb);
+    }
+    assert!(f.ctl(&["stop"]).0);
+    assert!(f.wait_exit(Duration::from_secs(120)).success());
+}
