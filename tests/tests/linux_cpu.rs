@@ -90,9 +90,9 @@ fn harpertown_shanghai_guest_is_an_intel_e5420_and_sees_the_effective_table() {
         })
         .collect();
     for ((func, idx), regs) in &seen {
-        let mut want = *effective
-            .get(&(*func, *idx))
-            .unwrap_or_else(|| panic!("the guest read {func:#x}.{idx}, which is not in the table"));
+        // KVM answers zeros for a subleaf of an in-range function that has no entry (here:
+        // 7.1 after this host's KVM raised 7.0 EAX, the max subleaf, to the host's value).
+        let mut want = effective.get(&(*func, *idx)).copied().unwrap_or([0; 4]);
         let mut got = *regs;
         // The effective table is vCPU 0's; the guest may have read it on another vCPU,
         // whose APIC IDs (leaf 1 EBX[31:24], leaf 0xB EDX) differ.
