@@ -120,3 +120,80 @@ fn ctl_without_a_server() {
         err[0]
     );
 }
+
+/// A copy of x86-64-v2 plus the first catalogue feature this host lacks.
+fn profile_this_host_cannot_run() -> (std::path::PathBuf, &'static str) {
+    ferry_tests::require_kvm();
+    let kvm = vmm::vm::open_kvm().unwrap();
+    let host = vmm::cpu_model::host_dump(&kvm).unwrap();
+    let present = cpuid::features::present(&host);
+    let lacking = cpuid::features::CATALOGUE
+        .iter()
+        .map(|f| f.name)
+        .find(|n| !present.contains(n) && !cpuid::profile::HIDDEN.iter().any(|(h, _)| h == n))
+        .expect("some catalogue feature is missing on any real host");
+    let mut p = cpuid::builtin::builtin("x86-64-v2", &host)
+        .unwrap()
+        .unwrap();
+    p.name = "too-much".into();
+    p.features.insert(lacking.to_string());
+    let path = temp_path("too-much.json");
+    std::fs::write(&path, p.to_json()).unwrap();
+    (path, lacking)
+}
+
+#[test]
+fn run_refuses_a_cpu_profile_this_host_cannot_run() {
+    let g = guest();
+    let (profile, lacking) = profile_this_host_cannot_run();
+    expect_error(
+        &["run", "--kernel", p(&g.vmlinux), "--cpu", p(&profile)],
+        &["too-much", "cannot run it", lacking],
+    );
+    expect_error(
+        &["run", "--kernel", p(&g.vmlinux), "--cpu", "no-such-profile"],
+        &["no-such-profile", "harpertown-shanghai"],
+    );
+}
+
+#[test]
+fn cpu_check_exits_1_listing_every_missing_feature() {
+    let opteron = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../cpuid/testdata/amd-opteron-2378-shanghai-instlatx64.txt");
+    let e5420 = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../cpuid/testdata/intel-xeon-e5420-harpertown-libcpuid.txt");
+    // E5420 alone keeps ss, ssse3 and sse4_1, which the Opteron lacks.
+    let profile = temp_path("e5420.json");
+    let mut f = Ferry::spawn(&["cpu", "baseline", p(&e5420), "-o", p(&profile)]);
+    assert!(
+        f.wait_exit(Duration::from_secs(30)).success(),
+        "{}",
+        f.transcript()
+    );
+    let mut f = Ferry::spawn(&["cpu", "check", p(&profile), "--host", p(&opteron)]);
+    assert_eq!(
+        f.wait_exit(Duration::from_secs(30)).code(),
+        Some(1),
+        "{}",
+        f.transcript()
+    );
+    let out = f.transcript();
+    let line = out
+        .lines()
+        .find(|l| l.contains("missing features:"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let names: Vec<&str> = line
+        .split("missing features:")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // Sorted by name: self-snoop (Intel only), SSE4.1, SSSE3.
+    assert_eq!(names, vec!["ss", "sse4_1", "ssse3"], "{out}");
+    let mut f = Ferry::spawn(&["cpu", "check", "harpertown-shanghai", "--host", p(&opteron)]);
+    assert!(
+        f.wait_exit(Duration::from_secs(30)).success(),
+        "{}",
+        f.transcript()
+    );
+}
