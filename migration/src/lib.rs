@@ -2,5 +2,10 @@
 //! framing, the vendor-neutral VM, vCPU and device state, the receiver as a state machine
 //! without I/O, and the convergence policy as a pure function of measured numbers.
 //!
-//! Pure: `std::io::{Read, Write}` only. (The format arrives with the snapshot work.)
+//! Pure: `std::io::{Read, Write}` only. The byte format is written by hand and documented in
+//! docs/migration-format.md; no serializer defines it.
 #![forbid(unsafe_code)]
+
+pub mod state;
+
+pub use state::*;
