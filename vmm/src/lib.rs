@@ -17,7 +17,9 @@ pub mod cpu;
 pub mod cpu_model;
 pub mod devices;
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;
 
 pub use config::VmConfig;

@@ -49,6 +49,16 @@ pub enum VcpuCmd {
     Stop,
     /// Reply with the registers and MP state (the vCPU must be paused).
     GetRegs(Sender<Result<VcpuRegs, kvm_ioctls::Error>>),
+    /// Save the whole vCPU state on its own thread (the vCPU must be paused).
+    Save(SaveRequest),
+}
+
+/// What a vCPU needs to save its state, and where to send it.
+#[derive(Debug)]
+pub struct SaveRequest {
+    pub host: std::sync::Arc<cpuid::CpuidDump>,
+    pub msrs: std::sync::Arc<Vec<u32>>,
+    pub reply: Sender<Result<migration::VcpuState, crate::vcpu_state::Error>>,
 }
 
 /// A paused vCPU's registers, for tests and diagnostics.
@@ -242,6 +252,12 @@ impl Vcpu {
             VcpuCmd::Stop => RunState::Stopped,
             VcpuCmd::GetRegs(reply) => {
                 let _ = reply.send(self.regs());
+                state
+            }
+            VcpuCmd::Save(req) => {
+                let _ = req.reply.send(crate::vcpu_state::save(
+                    &self.fd, self.id, &req.host, &req.msrs,
+                ));
                 state
             }
         };

@@ -80,19 +80,19 @@ fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
 
 /// A virtual machine.
 pub struct Vm {
-    kvm: Kvm,
-    fd: VmFd,
-    ram: GuestRam,
+    pub(crate) kvm: Kvm,
+    pub(crate) fd: VmFd,
+    pub(crate) ram: GuestRam,
     io: Arc<IoBuses>,
-    serial: Arc<Mutex<serial::SerialDevice>>,
-    host_cpu: CpuidDump,
-    profile: CpuProfile,
+    pub(crate) serial: Arc<Mutex<serial::SerialDevice>>,
+    pub(crate) host_cpu: CpuidDump,
+    pub(crate) profile: CpuProfile,
     /// The profile's guest table (APIC IDs 0) as requested, and as KVM holds it for vCPU 0.
-    table: Vec<Leaf>,
+    pub(crate) table: Vec<Leaf>,
     effective: Vec<Leaf>,
-    num_vcpus: u32,
-    unstarted: Vec<VcpuFd>,
-    vcpus: Vec<VcpuHandle>,
+    pub(crate) num_vcpus: u32,
+    pub(crate) unstarted: Vec<VcpuFd>,
+    pub(crate) vcpus: Vec<VcpuHandle>,
     events_tx: Sender<VmEvent>,
     events_rx: Mutex<Receiver<VmEvent>>,
 }
@@ -164,7 +164,9 @@ impl Vm {
             .map_err(|e| Error::Device(format!("serial eventfd: {e}")))?;
         fd.register_irqfd(&irq, serial::COM1_IRQ)
             .map_err(kvm_op("KVM_IRQFD"))?;
-        let serial = Arc::new(Mutex::new(serial::SerialDevice::new(irq, console)));
+        let serial = serial::SerialDevice::new(irq, console)
+            .map_err(|e| Error::Device(format!("serial: {e}")))?;
+        let serial = Arc::new(Mutex::new(serial));
         let dev_err = |e: crate::devices::Error| Error::Device(e.to_string());
         io.pio
             .insert(serial::COM1_BASE, 8, serial.clone())
@@ -233,18 +235,18 @@ impl Vm {
         Ok(())
     }
 
-    fn ready_vcpus(&mut self, entry: &EntryPoint) -> Result<(), Error> {
-        for (id, fd) in self.unstarted.iter().enumerate() {
-            let id = id as u32;
-            let table = cpu_model::to_kvm(&cpuid::table::for_vcpu(&self.table, id))?;
-            cpu::setup_vcpu(fd, id, &table, entry, self.ram.memory())?;
-            if id == 0 {
-                let back = fd
-                    .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-                    .map_err(kvm_op("KVM_GET_CPUID2"))?;
-                self.effective = cpu_model::from_kvm("KVM_GET_CPUID2", &back).leaves;
-            }
+    /// Spawns the threads of vCPUs whose state was restored (paused).
+    pub(crate) fn spawn_restored(&mut self) -> Result<(), Error> {
+        if let Some(fd) = self.unstarted.first() {
+            let back = fd
+                .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .map_err(kvm_op("KVM_GET_CPUID2"))?;
+            self.effective = cpu_model::from_kvm("KVM_GET_CPUID2", &back).leaves;
         }
+        self.spawn_vcpus()
+    }
+
+    fn spawn_vcpus(&mut self) -> Result<(), Error> {
         for (id, fd) in std::mem::take(&mut self.unstarted).into_iter().enumerate() {
             let (tx, rx) = channel();
             let vcpu = Vcpu {
@@ -259,6 +261,21 @@ impl Vm {
                 .push(VcpuHandle::spawn(vcpu, tx).map_err(Error::SpawnVcpu)?);
         }
         Ok(())
+    }
+
+    pub(crate) fn ready_vcpus(&mut self, entry: &EntryPoint) -> Result<(), Error> {
+        for (id, fd) in self.unstarted.iter().enumerate() {
+            let id = id as u32;
+            let table = cpu_model::to_kvm(&cpuid::table::for_vcpu(&self.table, id))?;
+            cpu::setup_vcpu(fd, id, &table, entry, self.ram.memory())?;
+            if id == 0 {
+                let back = fd
+                    .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                    .map_err(kvm_op("KVM_GET_CPUID2"))?;
+                self.effective = cpu_model::from_kvm("KVM_GET_CPUID2", &back).leaves;
+            }
+        }
+        self.spawn_vcpus()
     }
 
     /// Lets every vCPU run.

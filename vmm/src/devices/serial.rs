@@ -40,9 +40,30 @@ impl<W: Write> Write for FlushingWriter<W> {
     }
 }
 
+/// A console writer shared between the live UART and one rebuilt from a saved state.
+#[derive(Clone)]
+pub struct SharedWriter(std::sync::Arc<std::sync::Mutex<Box<dyn Write + Send>>>);
+
+impl std::fmt::Debug for SharedWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedWriter")
+    }
+}
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+}
+
 /// The console UART.
 pub struct SerialDevice {
-    uart: Serial<IrqTrigger, NoEvents, Box<dyn Write + Send>>,
+    uart: Serial<IrqTrigger, NoEvents, SharedWriter>,
+    irq: EventFd,
+    out: SharedWriter,
 }
 
 impl std::fmt::Debug for SerialDevice {
@@ -52,10 +73,48 @@ impl std::fmt::Debug for SerialDevice {
 }
 
 impl SerialDevice {
-    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
-        SerialDevice {
-            uart: Serial::new(IrqTrigger(irq), out),
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> std::io::Result<Self> {
+        let out = SharedWriter(std::sync::Arc::new(std::sync::Mutex::new(out)));
+        let uart = Serial::new(IrqTrigger(irq.try_clone()?), out.clone());
+        Ok(SerialDevice { uart, irq, out })
+    }
+
+    /// The UART's registers and unread input.
+    pub fn state(&self) -> migration::SerialState {
+        let s = self.uart.state();
+        migration::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
+    }
+
+    /// Replaces the UART's registers and input with a saved state.
+    pub fn restore(&mut self, s: &migration::SerialState) -> Result<(), String> {
+        let state = vm_superio::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        let irq = self.irq.try_clone().map_err(|e| e.to_string())?;
+        let out = self.out.clone();
+        self.uart = Serial::from_state(&state, IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(())
     }
 
     /// Queues bytes for the guest to read (console input). Returns how many fit.

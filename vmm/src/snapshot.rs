@@ -1,0 +1,229 @@
+//! Saving a paused VM into the vendor-neutral [`VmState`] and building a new VM from one.
+//!
+//! Restore order (why): the machine (memory slots, irqchip, PIT) exists first; the CPU
+//! profile is checked against this host and every vCPU's CPUID is set before any other vCPU
+//! state (KVM validates XSAVE, MSRs and more against it); memory is written before vCPUs can
+//! run; vCPU state in the order of [`vcpu_state::restore`]; then PIC, IOAPIC and PIT; then the
+//! kvmclock (before any vCPU runs; KVM's flags are not echoed back); then devices. vCPU
+//! threads start paused.
+
+use std::sync::mpsc::channel;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cpuid::profile::CpuProfile;
+use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
+use migration::{IrqchipState, MachineConfig, MemoryRange, VmState};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::cpu_model;
+use crate::memory::PAGE_SIZE;
+use crate::vcpu::{RunState, SaveRequest, VcpuCmd};
+use crate::vcpu_state;
+use crate::vm::{Error as VmError, Vm};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the VM must be paused to save it (it is {0:?})")]
+    NotPaused(RunState),
+    #[error("vcpu{0} did not answer the save request")]
+    NoAnswer(u32),
+    #[error(transparent)]
+    Vcpu(#[from] vcpu_state::Error),
+    #[error("{op} failed: {source}")]
+    Kvm {
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("the saved CPU profile is invalid: {0}")]
+    Profile(#[from] cpuid::profile::Error),
+    #[error("memory range at {gpa:#x} ({len} bytes) is outside guest RAM")]
+    MemoryRange { gpa: u64, len: usize },
+    #[error("the saved VM has {found} vCPU states for {want} vCPUs")]
+    VcpuCount { found: usize, want: u32 },
+    #[error("saved {what} is {len} bytes, KVM's is {want}")]
+    Size {
+        what: &'static str,
+        len: usize,
+        want: usize,
+    },
+    #[error("serial state: {0}")]
+    Serial(String),
+}
+
+fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { op, source }
+}
+
+fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
+    // SAFETY: T is one of KVM's plain C structs (integers and arrays, no padding that matters
+    // and no pointers); reading its bytes is reading initialized memory of its exact size.
+    unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
+        .to_vec()
+}
+
+fn from_bytes<T: Copy + Default>(what: &'static str, b: &[u8]) -> Result<T, Error> {
+    let want = std::mem::size_of::<T>();
+    if b.len() != want {
+        return Err(Error::Size {
+            what,
+            len: b.len(),
+            want,
+        });
+    }
+    let mut v = T::default();
+    // SAFETY: `b` has exactly size_of::<T>() bytes and T is a plain C struct for which every
+    // bit pattern is a valid value (KVM validates the contents when it is set).
+    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), &mut v as *mut T as *mut u8, want) };
+    Ok(v)
+}
+
+fn chip_bytes(c: &kvm_irqchip) -> Vec<u8> {
+    bytes_of(&c.chip)
+}
+
+/// Every page of guest RAM that is not zero, as ranges of consecutive pages.
+pub fn save_memory(vm: &Vm) -> Vec<MemoryRange> {
+    let mem = vm.memory();
+    let mut out: Vec<MemoryRange> = Vec::new();
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for region in mem.iter() {
+        let start = region.start_addr().0;
+        let mut off = 0;
+        while off < region.len() {
+            let gpa = start + off;
+            off += PAGE_SIZE;
+            if mem.read_slice(&mut page, GuestAddress(gpa)).is_err() || page.iter().all(|b| *b == 0)
+            {
+                continue;
+            }
+            match out.last_mut() {
+                Some(r) if r.gpa + r.data.len() as u64 == gpa => r.data.extend_from_slice(&page),
+                _ => out.push(MemoryRange {
+                    gpa,
+                    data: page.clone(),
+                }),
+            }
+        }
+    }
+    out
+}
+
+impl Vm {
+    /// The whole VM's state; every vCPU must be paused.
+    pub fn save_state(&self) -> Result<VmState, Error> {
+        let state = self.state();
+        if state != RunState::Paused {
+            return Err(Error::NotPaused(state));
+        }
+        let host = Arc::new(self.host_cpu.clone());
+        let msrs = Arc::new(vcpu_state::msr_allowlist(&self.profile));
+        let mut vcpus = Vec::new();
+        for v in &self.vcpus {
+            let (tx, rx) = channel();
+            v.send(VcpuCmd::Save(SaveRequest {
+                host: host.clone(),
+                msrs: msrs.clone(),
+                reply: tx,
+            }));
+            vcpus.push(
+                rx.recv_timeout(Duration::from_secs(10))
+                    .map_err(|_| Error::NoAnswer(v.id))??,
+            );
+        }
+        let mut chips = Vec::new();
+        for chip_id in 0..3 {
+            let mut c = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map_err(kvm("KVM_GET_IRQCHIP"))?;
+            chips.push(chip_bytes(&c));
+        }
+        let pit = self.fd.get_pit2().map_err(kvm("KVM_GET_PIT2"))?;
+        let clock = self.fd.get_clock().map_err(kvm("KVM_GET_CLOCK"))?;
+        let serial = self
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state();
+        Ok(VmState {
+            config: MachineConfig {
+                memory: self.memory_size(),
+                vcpus: self.num_vcpus,
+                cmdline: String::new(),
+            },
+            cpu_profile: self.profile.to_json(),
+            vcpus,
+            irqchip: IrqchipState {
+                ioapic: chips.pop().unwrap_or_default(),
+                pic_slave: chips.pop().unwrap_or_default(),
+                pic_master: chips.pop().unwrap_or_default(),
+                pit: bytes_of(&pit),
+                clock_ns: clock.clock,
+                clock_flags: clock.flags,
+            },
+            serial,
+            memory: save_memory(self),
+        })
+    }
+
+    /// Builds a new VM from a saved state, paused: `start` continues the guest.
+    pub fn restore(state: &VmState, console: Box<dyn std::io::Write + Send>) -> Result<Vm, Error> {
+        let cfg = &state.config;
+        if state.vcpus.len() != cfg.vcpus as usize {
+            return Err(Error::VcpuCount {
+                found: state.vcpus.len(),
+                want: cfg.vcpus,
+            });
+        }
+        let mut vm = Vm::new(cfg.memory, cfg.vcpus, console)?;
+        let profile = CpuProfile::from_json("the saved VM", &state.cpu_profile)?;
+        vm.set_cpu_profile(profile)?;
+        for r in &state.memory {
+            vm.memory()
+                .write_slice(&r.data, GuestAddress(r.gpa))
+                .map_err(|_| Error::MemoryRange {
+                    gpa: r.gpa,
+                    len: r.data.len(),
+                })?;
+        }
+        for (id, fd) in vm.unstarted.iter().enumerate() {
+            let table = cpu_model::to_kvm(&cpuid::table::for_vcpu(&vm.table, id as u32))
+                .map_err(VmError::from)?;
+            fd.set_cpuid2(&table).map_err(kvm("KVM_SET_CPUID2"))?;
+            vcpu_state::restore(fd, &state.vcpus[id], &vm.host_cpu)?;
+        }
+        let irq = &state.irqchip;
+        for (chip_id, bytes) in [
+            (0u32, &irq.pic_master),
+            (1, &irq.pic_slave),
+            (2, &irq.ioapic),
+        ] {
+            let mut c = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            c.chip = from_bytes("irqchip", bytes)?;
+            vm.fd.set_irqchip(&c).map_err(kvm("KVM_SET_IRQCHIP"))?;
+        }
+        let pit: kvm_pit_state2 = from_bytes("PIT state", &irq.pit)?;
+        vm.fd.set_pit2(&pit).map_err(kvm("KVM_SET_PIT2"))?;
+        let clock = kvm_clock_data {
+            clock: irq.clock_ns,
+            ..Default::default()
+        };
+        vm.fd.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
+        vm.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&state.serial)
+            .map_err(Error::Serial)?;
+        vm.spawn_restored()?;
+        Ok(vm)
+    }
+}

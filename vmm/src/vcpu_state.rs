@@ -1,0 +1,499 @@
+//! One vCPU's state between KVM and the vendor-neutral form of the migration crate.
+//!
+//! XSAVE travels as components: 0 = bytes 0..160 of the legacy area (x87 control, MXCSR,
+//! ST0-7), 1 = bytes 160..416 (XMM0-15), and for every other component the bytes at the
+//! offset and size this host's CPUID leaf 0xD gives; restore lays them out at the
+//! destination host's offsets, which may differ (AVX-512 and PKRU differ between vendors).
+//! MSRs travel as (index, value) from [`msr_allowlist`], derived from the CPU profile.
+
+use cpuid::profile::CpuProfile;
+use cpuid::CpuidDump;
+use kvm_bindings::{
+    kvm_debugregs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events,
+    kvm_xcr, kvm_xcrs, kvm_xsave, Msrs,
+};
+use kvm_ioctls::VcpuFd;
+use migration::{
+    DebugRegs, DescriptorTable, Regs, Segment, Sregs, VcpuEvents, VcpuState, Xsave, XsaveComponent,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("vcpu{vcpu}: {op} failed: {source}")]
+    Ioctl {
+        vcpu: u32,
+        op: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vcpu{vcpu}: KVM_{op}_MSRS stopped at MSR {msr:#x} ({done} of {total} done)")]
+    MsrCount {
+        vcpu: u32,
+        op: &'static str,
+        msr: u32,
+        done: usize,
+        total: usize,
+    },
+    #[error(
+        "vcpu{vcpu}: XSAVE component {index} ({len} bytes) does not fit this host's layout: {why}"
+    )]
+    Xsave {
+        vcpu: u32,
+        index: u32,
+        len: usize,
+        why: String,
+    },
+    #[error("vcpu{vcpu}: {what}")]
+    Invalid { vcpu: u32, what: String },
+}
+
+const MSR_TSC: u32 = 0x10;
+const MSR_TSC_DEADLINE: u32 = 0x6e0;
+
+/// The MSRs a guest of `profile` can observe, in restore order (IA32_TSC before
+/// TSC_DEADLINE). Vendor-only MSRs never enter the list.
+pub fn msr_allowlist(profile: &CpuProfile) -> Vec<u32> {
+    let mut l = vec![MSR_TSC, 0x174, 0x175, 0x176, 0x277, 0x1a0, 0x2ff];
+    l.extend(0x200..0x210); // variable MTRRs
+    l.extend([0x250, 0x258, 0x259]);
+    l.extend(0x268..0x270); // fixed MTRRs
+    if profile.has("lm") || profile.has("syscall") {
+        l.extend([
+            0xc000_0081,
+            0xc000_0082,
+            0xc000_0083,
+            0xc000_0084,
+            0xc000_0102,
+        ]);
+    }
+    if profile.has("rdtscp") || profile.has("rdpid") {
+        l.push(0xc000_0103);
+    }
+    if profile.has("tsc_adjust") {
+        l.push(0x3b);
+    }
+    if profile.has("xsaves") {
+        l.push(0xda0);
+    }
+    let pv = |n: &str| profile.kvm_pv.contains(n);
+    if pv("clocksource") {
+        l.extend([0x11, 0x12]);
+    }
+    if pv("clocksource2") {
+        l.extend([0x4b56_4d00, 0x4b56_4d01]);
+    }
+    if pv("async_pf") {
+        l.extend([0x4b56_4d02, 0x4b56_4d06, 0x4b56_4d07]);
+    }
+    if pv("steal_time") {
+        l.push(0x4b56_4d03);
+    }
+    if pv("pv_eoi") {
+        l.push(0x4b56_4d04);
+    }
+    // KVM emulates the TSC deadline timer for every guest with an in-kernel LAPIC, whether
+    // or not CPUID advertises it. Last: after IA32_TSC.
+    l.push(MSR_TSC_DEADLINE);
+    l
+}
+
+fn seg_out(s: &kvm_segment) -> Segment {
+    Segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: s.present,
+        dpl: s.dpl,
+        db: s.db,
+        s: s.s,
+        l: s.l,
+        g: s.g,
+        avl: s.avl,
+        unusable: s.unusable,
+    }
+}
+
+fn seg_in(s: &Segment) -> kvm_segment {
+    kvm_segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: s.present,
+        dpl: s.dpl,
+        db: s.db,
+        s: s.s,
+        l: s.l,
+        g: s.g,
+        avl: s.avl,
+        unusable: s.unusable,
+        padding: 0,
+    }
+}
+
+fn regs_out(r: &kvm_regs) -> Regs {
+    Regs {
+        gpr: [
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15,
+        ],
+        rip: r.rip,
+        rflags: r.rflags,
+    }
+}
+
+fn regs_in(r: &Regs) -> kvm_regs {
+    let g = &r.gpr;
+    kvm_regs {
+        rax: g[0],
+        rbx: g[1],
+        rcx: g[2],
+        rdx: g[3],
+        rsi: g[4],
+        rdi: g[5],
+        rsp: g[6],
+        rbp: g[7],
+        r8: g[8],
+        r9: g[9],
+        r10: g[10],
+        r11: g[11],
+        r12: g[12],
+        r13: g[13],
+        r14: g[14],
+        r15: g[15],
+        rip: r.rip,
+        rflags: r.rflags,
+    }
+}
+
+fn sregs_out(s: &kvm_sregs) -> Sregs {
+    Sregs {
+        segments: [&s.cs, &s.ds, &s.es, &s.fs, &s.gs, &s.ss, &s.tr, &s.ldt].map(seg_out),
+        gdt: DescriptorTable {
+            base: s.gdt.base,
+            limit: s.gdt.limit,
+        },
+        idt: DescriptorTable {
+            base: s.idt.base,
+            limit: s.idt.limit,
+        },
+        cr0: s.cr0,
+        cr2: s.cr2,
+        cr3: s.cr3,
+        cr4: s.cr4,
+        cr8: s.cr8,
+        efer: s.efer,
+        apic_base: s.apic_base,
+        interrupt_bitmap: s.interrupt_bitmap,
+    }
+}
+
+fn sregs_in(s: &Sregs) -> kvm_sregs {
+    let [cs, ds, es, fs, gs, ss, tr, ldt] = s.segments.each_ref().map(seg_in);
+    let mut k = kvm_sregs {
+        cs,
+        ds,
+        es,
+        fs,
+        gs,
+        ss,
+        tr,
+        ldt,
+        ..Default::default()
+    };
+    k.gdt.base = s.gdt.base;
+    k.gdt.limit = s.gdt.limit;
+    k.idt.base = s.idt.base;
+    k.idt.limit = s.idt.limit;
+    k.cr0 = s.cr0;
+    k.cr2 = s.cr2;
+    k.cr3 = s.cr3;
+    k.cr4 = s.cr4;
+    k.cr8 = s.cr8;
+    k.efer = s.efer;
+    k.apic_base = s.apic_base;
+    k.interrupt_bitmap = s.interrupt_bitmap;
+    k
+}
+
+fn events_out(e: &kvm_vcpu_events) -> VcpuEvents {
+    VcpuEvents {
+        exception_injected: e.exception.injected,
+        exception_nr: e.exception.nr,
+        exception_has_error_code: e.exception.has_error_code,
+        exception_pending: e.exception.pending,
+        exception_error_code: e.exception.error_code,
+        exception_has_payload: 0,
+        exception_payload: 0,
+        interrupt_injected: e.interrupt.injected,
+        interrupt_nr: e.interrupt.nr,
+        interrupt_soft: e.interrupt.soft,
+        interrupt_shadow: e.interrupt.shadow,
+        nmi_injected: e.nmi.injected,
+        nmi_pending: e.nmi.pending,
+        nmi_masked: e.nmi.masked,
+        sipi_vector: e.sipi_vector,
+        smi_smm: e.smi.smm,
+        smi_pending: e.smi.pending,
+        smi_inside_nmi: e.smi.smm_inside_nmi,
+        smi_latched_init: e.smi.latched_init,
+        triple_fault_pending: e.triple_fault.pending,
+        flags: e.flags,
+    }
+}
+
+fn events_in(e: &VcpuEvents) -> kvm_vcpu_events {
+    let mut k = kvm_vcpu_events::default();
+    k.exception.injected = e.exception_injected;
+    k.exception.nr = e.exception_nr;
+    k.exception.has_error_code = e.exception_has_error_code;
+    k.exception.pending = e.exception_pending;
+    k.exception.error_code = e.exception_error_code;
+    k.interrupt.injected = e.interrupt_injected;
+    k.interrupt.nr = e.interrupt_nr;
+    k.interrupt.soft = e.interrupt_soft;
+    k.interrupt.shadow = e.interrupt_shadow;
+    k.nmi.injected = e.nmi_injected;
+    k.nmi.pending = e.nmi_pending;
+    k.nmi.masked = e.nmi_masked;
+    k.sipi_vector = e.sipi_vector;
+    k.smi.smm = e.smi_smm;
+    k.smi.pending = e.smi_pending;
+    k.smi.smm_inside_nmi = e.smi_inside_nmi;
+    k.smi.latched_init = e.smi_latched_init;
+    k.triple_fault.pending = e.triple_fault_pending;
+    // Only the fields ferry carries; never the payload or triple-fault extensions, which need
+    // capabilities ferry does not enable.
+    k.flags = e.flags
+        & (kvm_bindings::KVM_VCPUEVENT_VALID_NMI_PENDING
+            | kvm_bindings::KVM_VCPUEVENT_VALID_SIPI_VECTOR
+            | kvm_bindings::KVM_VCPUEVENT_VALID_SHADOW
+            | kvm_bindings::KVM_VCPUEVENT_VALID_SMM);
+    k
+}
+
+/// (offset, size) of XSAVE component `i` in this host's standard-format XSAVE area.
+fn layout(host: &CpuidDump, i: u32) -> Option<(usize, usize)> {
+    match i {
+        0 => Some((0, 160)),
+        1 => Some((160, 256)),
+        _ => host
+            .get(0xd, i)
+            .filter(|l| l.eax != 0)
+            .map(|l| (l.ebx as usize, l.eax as usize)),
+    }
+}
+
+fn xsave_bytes(x: &kvm_xsave) -> Vec<u8> {
+    x.region.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+fn xsave_out(x: &kvm_xsave, host: &CpuidDump) -> Xsave {
+    let b = xsave_bytes(x);
+    let xstate_bv = u64::from_le_bytes(b[512..520].try_into().expect("8 bytes"));
+    let mut components = Vec::new();
+    for i in 0..64u32 {
+        if i >= 2 && xstate_bv & (1 << i) == 0 {
+            continue;
+        }
+        if let Some((off, size)) = layout(host, i) {
+            if off + size <= b.len() {
+                components.push(XsaveComponent {
+                    index: i,
+                    bytes: b[off..off + size].to_vec(),
+                });
+            }
+        }
+    }
+    Xsave {
+        xstate_bv,
+        components,
+    }
+}
+
+fn xsave_in(vcpu: u32, x: &Xsave, host: &CpuidDump) -> Result<kvm_xsave, Error> {
+    let mut b = vec![0u8; 4096];
+    for c in &x.components {
+        let bad = |why: String| Error::Xsave {
+            vcpu,
+            index: c.index,
+            len: c.bytes.len(),
+            why,
+        };
+        let (off, size) = layout(host, c.index).ok_or_else(|| bad("not supported".into()))?;
+        if c.bytes.len() != size || off + size > b.len() {
+            return Err(bad(format!(
+                "this host's component is {size} bytes at offset {off}"
+            )));
+        }
+        b[off..off + size].copy_from_slice(&c.bytes);
+    }
+    b[512..520].copy_from_slice(&x.xstate_bv.to_le_bytes());
+    let mut k = kvm_xsave::default();
+    for (w, chunk) in k.region.iter_mut().zip(b.chunks_exact(4)) {
+        *w = u32::from_le_bytes(chunk.try_into().expect("4 bytes"));
+    }
+    Ok(k)
+}
+
+/// Saves vCPU `id` (paused, on its own thread). Order: MP state first (it can change
+/// CS/RIP), then registers, XSAVE, XCRs, debug registers, LAPIC, MSRs, events last.
+pub fn save(fd: &VcpuFd, id: u32, host: &CpuidDump, msrs: &[u32]) -> Result<VcpuState, Error> {
+    let op = |op: &'static str| {
+        move |source| Error::Ioctl {
+            vcpu: id,
+            op,
+            source,
+        }
+    };
+    let mp_state = fd.get_mp_state().map_err(op("KVM_GET_MP_STATE"))?.mp_state;
+    let regs = regs_out(&fd.get_regs().map_err(op("KVM_GET_REGS"))?);
+    let sregs = sregs_out(&fd.get_sregs().map_err(op("KVM_GET_SREGS"))?);
+    let xsave = xsave_out(&fd.get_xsave().map_err(op("KVM_GET_XSAVE"))?, host);
+    let x = fd.get_xcrs().map_err(op("KVM_GET_XCRS"))?;
+    let xcrs = x.xcrs[..(x.nr_xcrs as usize).min(x.xcrs.len())]
+        .iter()
+        .map(|c| (c.xcr, c.value))
+        .collect();
+    let d = fd.get_debug_regs().map_err(op("KVM_GET_DEBUGREGS"))?;
+    let lapic = fd
+        .get_lapic()
+        .map_err(op("KVM_GET_LAPIC"))?
+        .regs
+        .iter()
+        .map(|b| *b as u8)
+        .collect();
+    let entries: Vec<kvm_msr_entry> = msrs
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    let mut m = Msrs::from_entries(&entries).map_err(|_| Error::Invalid {
+        vcpu: id,
+        what: "too many MSRs".into(),
+    })?;
+    let n = fd.get_msrs(&mut m).map_err(op("KVM_GET_MSRS"))?;
+    if n != entries.len() {
+        return Err(Error::MsrCount {
+            vcpu: id,
+            op: "GET",
+            msr: entries[n].index,
+            done: n,
+            total: entries.len(),
+        });
+    }
+    let msrs = m.as_slice().iter().map(|e| (e.index, e.data)).collect();
+    let events = events_out(&fd.get_vcpu_events().map_err(op("KVM_GET_VCPU_EVENTS"))?);
+    Ok(VcpuState {
+        id,
+        regs,
+        sregs,
+        xsave,
+        xcrs,
+        debug: DebugRegs {
+            db: d.db,
+            dr6: d.dr6,
+            dr7: d.dr7,
+        },
+        lapic,
+        mp_state,
+        events,
+        msrs,
+    })
+}
+
+/// Restores a vCPU whose CPUID is already set (KVM_SET_CPUID2 must come before anything:
+/// the other state is checked against it). The order, and why:
+/// 1. MP state (it depends on the BSP flag, and is reset by nothing that follows);
+/// 2. REGS, then SREGS (SREGS sets the mode REGS are interpreted in; both before the LAPIC,
+///    whose base lives in SREGS' apic_base);
+/// 3. XSAVE, then XCRs (XCR0 may only enable components whose state is loaded);
+/// 4. debug registers;
+/// 5. LAPIC: after SREGS (APIC base), before MSRs (TSC_DEADLINE is armed against it);
+/// 6. MSRs in allowlist order: IA32_TSC before TSC_DEADLINE; every count checked;
+/// 7. vCPU events last (setting REGS clears pending exceptions).
+pub fn restore(fd: &VcpuFd, s: &VcpuState, host: &CpuidDump) -> Result<(), Error> {
+    let id = s.id;
+    let op = |op: &'static str| {
+        move |source| Error::Ioctl {
+            vcpu: id,
+            op,
+            source,
+        }
+    };
+    fd.set_mp_state(kvm_mp_state {
+        mp_state: s.mp_state,
+    })
+    .map_err(op("KVM_SET_MP_STATE"))?;
+    fd.set_regs(&regs_in(&s.regs)).map_err(op("KVM_SET_REGS"))?;
+    fd.set_sregs(&sregs_in(&s.sregs))
+        .map_err(op("KVM_SET_SREGS"))?;
+    let xsave = xsave_in(id, &s.xsave, host)?;
+    // SAFETY: `xsave` is a complete 4096-byte kvm_xsave built above; KVM reads exactly that
+    // much (ferry does not enable KVM_CAP_XSAVE2's larger areas).
+    unsafe { fd.set_xsave(&xsave) }.map_err(op("KVM_SET_XSAVE"))?;
+    if s.xcrs.len() > 16 {
+        return Err(Error::Invalid {
+            vcpu: id,
+            what: format!("{} XCRs (at most 16)", s.xcrs.len()),
+        });
+    }
+    let mut xcrs = kvm_xcrs {
+        nr_xcrs: s.xcrs.len() as u32,
+        ..Default::default()
+    };
+    for (slot, (xcr, value)) in xcrs.xcrs.iter_mut().zip(&s.xcrs) {
+        *slot = kvm_xcr {
+            xcr: *xcr,
+            reserved: 0,
+            value: *value,
+        };
+    }
+    fd.set_xcrs(&xcrs).map_err(op("KVM_SET_XCRS"))?;
+    let d = kvm_debugregs {
+        db: s.debug.db,
+        dr6: s.debug.dr6,
+        dr7: s.debug.dr7,
+        ..Default::default()
+    };
+    fd.set_debug_regs(&d).map_err(op("KVM_SET_DEBUGREGS"))?;
+    if s.lapic.len() != 1024 {
+        return Err(Error::Invalid {
+            vcpu: id,
+            what: format!("LAPIC page of {} bytes (not 1024)", s.lapic.len()),
+        });
+    }
+    let mut lapic = kvm_bindings::kvm_lapic_state::default();
+    for (d, b) in lapic.regs.iter_mut().zip(&s.lapic) {
+        *d = *b as libc::c_char;
+    }
+    fd.set_lapic(&lapic).map_err(op("KVM_SET_LAPIC"))?;
+    let entries: Vec<kvm_msr_entry> = s
+        .msrs
+        .iter()
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    let m = Msrs::from_entries(&entries).map_err(|_| Error::Invalid {
+        vcpu: id,
+        what: "too many MSRs".into(),
+    })?;
+    let n = fd.set_msrs(&m).map_err(op("KVM_SET_MSRS"))?;
+    if n != entries.len() {
+        return Err(Error::MsrCount {
+            vcpu: id,
+            op: "SET",
+            msr: entries[n].index,
+            done: n,
+            total: entries.len(),
+        });
+    }
+    fd.set_vcpu_events(&events_in(&s.events))
+        .map_err(op("KVM_SET_VCPU_EVENTS"))?;
+    Ok(())
+}
