@@ -6,6 +6,9 @@
 //! docs/migration-format.md; no serializer defines it.
 #![forbid(unsafe_code)]
 
+pub mod codec;
 pub mod state;
+pub mod stream;
 
 pub use state::*;
+pub use stream::{decode_vm, read_vm, read_vm_until_end, validate, write_vm, FORMAT_VERSION};

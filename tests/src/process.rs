@@ -38,6 +38,8 @@ pub fn ferry_bin() -> &'static Path {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Line {
     Out(String),
+    /// The last stdout bytes of a process that ended without a final newline.
+    OutTail(String),
     Err(String),
 }
 
@@ -57,9 +59,24 @@ fn pump(
     wrap: fn(String) -> Line,
 ) {
     std::thread::spawn(move || {
-        for line in BufReader::new(r).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(wrap(line)).is_err() {
+        let mut r = BufReader::new(r);
+        loop {
+            let mut buf = Vec::new();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let complete = buf.last() == Some(&b'\n');
+            if complete {
+                buf.pop();
+            }
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            let line = match wrap(text) {
+                // Output that ended without a newline (the process stopped mid-line).
+                Line::Out(t) if !complete => Line::OutTail(t),
+                other => other,
+            };
+            if tx.send(line).is_err() {
                 break;
             }
         }
@@ -159,6 +176,7 @@ impl Ferry {
             .iter()
             .map(|l| match l {
                 Line::Out(s) => format!("  | {s}\n"),
+                Line::OutTail(s) => format!("  | {s}(no newline)\n"),
                 Line::Err(s) => format!("  ! {s}\n"),
             })
             .collect()
@@ -170,7 +188,7 @@ impl Ferry {
             .iter()
             .filter_map(|l| match l {
                 Line::Err(s) => Some(s.as_str()),
-                Line::Out(_) => None,
+                Line::Out(_) | Line::OutTail(_) => None,
             })
             .collect()
     }
@@ -188,4 +206,22 @@ pub fn temp_path(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ferry-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create temp dir");
     dir.join(name)
+}
+
+impl Ferry {
+    /// Everything the process wrote to stdout, byte for byte (after it exited).
+    pub fn stdout_text(&self) -> String {
+        let mut out = String::new();
+        for l in &self.seen {
+            match l {
+                Line::Out(s) => {
+                    out.push_str(s);
+                    out.push('\n');
+                }
+                Line::OutTail(s) => out.push_str(s),
+                Line::Err(_) => {}
+            }
+        }
+        out
+    }
 }

@@ -204,14 +204,56 @@ pub fn handle(line: &[u8], vm: &Vm) -> (Value, After) {
             });
             (answer, After::Nothing)
         }
+        "snapshot" => {
+            let Some(path) = req.get("path").and_then(Value::as_str) else {
+                return fail("snapshot needs a \"path\" string".into());
+            };
+            let stop = req.get("stop").and_then(Value::as_bool).unwrap_or(false);
+            match snapshot(vm, std::path::Path::new(path), stop) {
+                Ok(answer) => (answer, if stop { After::Stop } else { After::Nothing }),
+                Err(e) => fail(format!("snapshot to {path}: {e}")),
+            }
+        }
         "pause" => done(vm.pause()),
         "resume" => done(vm.resume()),
         // The VM ends once this answer is written (see `serve`).
         "stop" => (json!({"ok": true, "state": "stopped"}), After::Stop),
         other => fail(format!(
-            "unknown command {other:?} (expected status, cpuid, pause, resume or stop)"
+            "unknown command {other:?} (expected status, cpuid, pause, resume, snapshot or stop)"
         )),
     }
+}
+
+/// Pauses the VM, writes its state to `path` (through a temporary file, renamed when
+/// complete), and resumes it unless `stop`. On any failure the VM is resumed.
+fn snapshot(vm: &Vm, path: &std::path::Path, stop: bool) -> Result<Value, String> {
+    let started = std::time::Instant::now();
+    vm.pause().map_err(|e| e.to_string())?;
+    let result = write_snapshot(vm, path);
+    if result.is_err() || !stop {
+        vm.resume().map_err(|e| e.to_string())?;
+    }
+    let (bytes, ranges) = result?;
+    Ok(json!({
+        "ok": true,
+        "state": if stop { "stopped".into() } else { state_str(vm) },
+        "path": path.display().to_string(),
+        "bytes": bytes,
+        "memory_ranges": ranges,
+        "ms": started.elapsed().as_secs_f64() * 1e3,
+    }))
+}
+
+fn write_snapshot(vm: &Vm, path: &std::path::Path) -> Result<(u64, usize), String> {
+    let state = vm.save_state().map_err(|e| e.to_string())?;
+    let tmp = path.with_extension("partial");
+    let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let mut w = std::io::BufWriter::new(file);
+    let bytes = migration::stream::write_vm(&mut w, &state).map_err(|e| e.to_string())?;
+    let file = w.into_inner().map_err(|e| e.to_string())?;
+    file.sync_all().map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((bytes, state.memory.len()))
 }
 
 /// Sends one request and returns the response object.

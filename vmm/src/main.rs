@@ -33,6 +33,8 @@ enum Cmd {
     Run(RunArgs),
     /// Send a command to a running ferry's control socket.
     Ctl(CtlArgs),
+    /// Continue a VM from a snapshot file in this process.
+    Restore(RestoreArgs),
     /// The guest CPU model: dump this host, baseline hosts, check and show profiles.
     #[command(subcommand)]
     Cpu(cpu_cmd::CpuCmd),
@@ -64,6 +66,15 @@ struct RunArgs {
 }
 
 #[derive(Parser, Debug)]
+struct RestoreArgs {
+    /// A snapshot written by `ferry ctl snapshot`.
+    file: PathBuf,
+    /// Serve the control socket at this path.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+}
+
+#[derive(Parser, Debug)]
 struct CtlArgs {
     /// The control socket of the ferry to talk to.
     #[arg(long)]
@@ -75,8 +86,15 @@ struct CtlArgs {
     cmd: CtlCmd,
 }
 
-#[derive(Subcommand, Debug, Clone, Copy)]
+#[derive(Subcommand, Debug, Clone)]
 enum CtlCmd {
+    /// Pause, write the whole VM to FILE, and resume (or end the VM with --stop).
+    Snapshot {
+        file: PathBuf,
+        /// End the VM after writing (ferry then exits 0).
+        #[arg(long)]
+        stop: bool,
+    },
     /// The VM's state.
     Status,
     /// Pause every vCPU.
@@ -95,6 +113,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Run(a) => run(a),
         Cmd::Ctl(a) => ctl(a),
+        Cmd::Restore(a) => restore(a),
         Cmd::Cpu(c) => cpu_cmd::run(c),
     };
     match result {
@@ -115,11 +134,14 @@ fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         cmdline: a.cmdline,
         cpu: a.cpu,
     };
-    let vm = Arc::new(vm::build(
-        &cfg,
-        Box::new(FlushingWriter(std::io::stdout())),
-    )?);
-    let _api = match &a.api_socket {
+    let vm = vm::build(&cfg, Box::new(FlushingWriter(std::io::stdout())))?;
+    serve(vm, a.api_socket.as_deref())
+}
+
+/// Runs a built (or restored) VM until it ends: control socket, console input, events.
+fn serve(vm: vmm::Vm, api_socket: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    let vm = Arc::new(vm);
+    let _api = match api_socket {
         Some(p) => Some(api::ApiServer::start(p, vm.clone())?),
         None => None,
     };
@@ -167,22 +189,45 @@ fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
+    let file =
+        std::fs::File::open(&a.file).with_context(|| format!("snapshot {}", a.file.display()))?;
+    let state = migration::stream::read_vm(&mut std::io::BufReader::new(file))
+        .with_context(|| format!("snapshot {}", a.file.display()))?;
+    let vm = vmm::Vm::restore(&state, Box::new(FlushingWriter(std::io::stdout())))
+        .with_context(|| format!("restoring {}", a.file.display()))?;
+    serve(vm, a.api_socket.as_deref())
+}
+
 fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
-    let cmd = match a.cmd {
-        CtlCmd::Status => "status",
-        CtlCmd::Pause => "pause",
-        CtlCmd::Resume => "resume",
-        CtlCmd::Stop => "stop",
-        CtlCmd::Cpuid => "cpuid",
+    let (cmd, req) = match &a.cmd {
+        CtlCmd::Status => ("status", json!({"cmd": "status"})),
+        CtlCmd::Pause => ("pause", json!({"cmd": "pause"})),
+        CtlCmd::Resume => ("resume", json!({"cmd": "resume"})),
+        CtlCmd::Stop => ("stop", json!({"cmd": "stop"})),
+        CtlCmd::Cpuid => ("cpuid", json!({"cmd": "cpuid"})),
+        CtlCmd::Snapshot { file, stop } => {
+            // The server resolves the path in its own working directory: send it absolute.
+            let path = std::path::absolute(file).with_context(|| format!("{}", file.display()))?;
+            (
+                "snapshot",
+                json!({"cmd": "snapshot", "path": path, "stop": stop}),
+            )
+        }
     };
-    let resp = api::request(
-        &a.api_socket,
-        &json!({ "cmd": cmd }),
-        Duration::from_secs(10),
-    )?;
+    let resp = api::request(&a.api_socket, &req, Duration::from_secs(600))?;
     let ok = resp.get("ok").and_then(|v| v.as_bool()) == Some(true);
     if a.json {
         println!("{resp}");
+    } else if ok && cmd == "snapshot" {
+        println!(
+            "snapshot: {} bytes to {} in {:.1} ms ({} memory ranges); VM {}",
+            resp["bytes"],
+            resp["path"].as_str().unwrap_or("?"),
+            resp["ms"].as_f64().unwrap_or(0.0),
+            resp["memory_ranges"],
+            resp["state"].as_str().unwrap_or("?")
+        );
     } else if ok && cmd == "cpuid" {
         let p = &resp["profile"];
         let id = &p["identity"];

@@ -1,0 +1,588 @@
+//! A bounds-checked little-endian codec: [`Encoder`] appends to a `Vec<u8>`, [`Decoder`]
+//! reads from a byte slice.
+//!
+//! ```text
+//! Encoder: u8 u16 u32 u64 | raw bytes | u32/u64 length + bytes (length checked against a cap)
+//! Decoder: the same reads, each one bounds-checked; errors name the field and its offset
+//! ```
+//!
+//! Invariants of the decoder, which reads what a peer or a file hands it:
+//! - every read checks the remaining input first and returns [`Error`], never panics;
+//! - a length or count read from the input is checked against the caller's cap AND against
+//!   the remaining input BEFORE anything is allocated, so no allocation is larger than the
+//!   cap or the input;
+//! - offsets in errors are absolute: a decoder made with [`Decoder::with_base`] over one
+//!   section's payload reports offsets in the whole stream.
+//!
+//! The encoder refuses (with the same [`Error::TooLarge`]) to write a length the decoder
+//! would refuse, so a writer never produces what a reader rejects.
+//!
+//! The second half of this file encodes the state records of crate::state inside section
+//! payloads (crate-private; the stream module frames them).
+
+use crate::state::*;
+use crate::stream::{
+    IRQCHIP_SIZE, LAPIC_SIZE, MAX_CMDLINE, MAX_MEMR_RANGES, MAX_MSRS, MAX_PIT, MAX_RANGE_BYTES,
+    MAX_SERIAL_INPUT, MAX_XCRS, MAX_XSAVE_COMPONENT, MAX_XSAVE_COMPONENTS,
+};
+
+/// A codec error: what was being read or written, and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The input ends before the field does.
+    #[error("truncated {what} at offset {offset}: needs {need} bytes, {left} left")]
+    Truncated {
+        what: &'static str,
+        offset: u64,
+        need: u64,
+        left: u64,
+    },
+    /// A length or count exceeds the cap for that field.
+    #[error("{what} at offset {offset}: length {len} exceeds the cap {cap}")]
+    TooLarge {
+        what: &'static str,
+        offset: u64,
+        len: u64,
+        cap: u64,
+    },
+    /// A string field is not UTF-8.
+    #[error("{what} at offset {offset} is not valid UTF-8")]
+    NotUtf8 { what: &'static str, offset: u64 },
+    /// Bytes are left over after the last field of a record.
+    #[error("{left} unread bytes after {what} at offset {offset}")]
+    Trailing {
+        what: &'static str,
+        offset: u64,
+        left: u64,
+    },
+}
+
+/// Appends little-endian values to a byte vector.
+#[derive(Debug, Default, Clone)]
+pub struct Encoder {
+    buf: Vec<u8>,
+}
+
+impl Encoder {
+    /// An empty encoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The bytes written so far.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// The number of bytes written so far.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether nothing has been written.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// The bytes written.
+    pub fn into_inner(self) -> Vec<u8> {
+        self.buf
+    }
+
+    pub fn u8(&mut self, v: u8) {
+        self.buf.push(v);
+    }
+
+    pub fn u16(&mut self, v: u16) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+
+    pub fn u32(&mut self, v: u32) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+
+    pub fn u64(&mut self, v: u64) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+
+    /// Raw bytes with no length (a fixed-size field).
+    pub fn bytes(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// A count or length as u32, refused when it exceeds `cap`.
+    pub fn count_u32(&mut self, what: &'static str, n: usize, cap: u32) -> Result<(), Error> {
+        match u32::try_from(n) {
+            Ok(v) if v <= cap => {
+                self.u32(v);
+                Ok(())
+            }
+            _ => Err(self.too_large(what, n, u64::from(cap))),
+        }
+    }
+
+    /// A u32 length then the bytes; refused when longer than `cap`.
+    pub fn bytes_u32(&mut self, what: &'static str, data: &[u8], cap: u32) -> Result<(), Error> {
+        self.count_u32(what, data.len(), cap)?;
+        self.bytes(data);
+        Ok(())
+    }
+
+    /// A u64 length then the bytes; refused when longer than `cap`.
+    pub fn bytes_u64(&mut self, what: &'static str, data: &[u8], cap: u64) -> Result<(), Error> {
+        match u64::try_from(data.len()) {
+            Ok(v) if v <= cap => {
+                self.u64(v);
+                self.bytes(data);
+                Ok(())
+            }
+            _ => Err(self.too_large(what, data.len(), cap)),
+        }
+    }
+
+    /// A UTF-8 string as [`Encoder::bytes_u32`].
+    pub fn str_u32(&mut self, what: &'static str, s: &str, cap: u32) -> Result<(), Error> {
+        self.bytes_u32(what, s.as_bytes(), cap)
+    }
+
+    fn too_large(&self, what: &'static str, n: usize, cap: u64) -> Error {
+        Error::TooLarge {
+            what,
+            offset: self.buf.len() as u64,
+            len: n as u64,
+            cap,
+        }
+    }
+}
+
+/// Reads little-endian values from a byte slice, every read bounds-checked.
+#[derive(Debug, Clone)]
+pub struct Decoder<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    base: u64,
+}
+
+impl<'a> Decoder<'a> {
+    /// A decoder over `buf`; offsets in errors count from its start.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self::with_base(buf, 0)
+    }
+
+    /// A decoder over `buf`, which begins at offset `base` of a larger stream; offsets in
+    /// errors are `base` + the position in `buf`.
+    pub fn with_base(buf: &'a [u8], base: u64) -> Self {
+        Self { buf, pos: 0, base }
+    }
+
+    /// The absolute offset of the next byte to read.
+    pub fn offset(&self) -> u64 {
+        self.base.saturating_add(self.pos as u64)
+    }
+
+    /// The number of bytes not yet read.
+    pub fn remaining(&self) -> usize {
+        self.buf.len().saturating_sub(self.pos)
+    }
+
+    /// Ok when every byte has been read; [`Error::Trailing`] naming `what` otherwise.
+    pub fn finish(&self, what: &'static str) -> Result<(), Error> {
+        match self.remaining() {
+            0 => Ok(()),
+            left => Err(Error::Trailing {
+                what,
+                offset: self.offset(),
+                left: left as u64,
+            }),
+        }
+    }
+
+    /// The next `n` bytes, borrowed.
+    pub fn take(&mut self, what: &'static str, n: usize) -> Result<&'a [u8], Error> {
+        let left = self.remaining();
+        if n > left {
+            return Err(Error::Truncated {
+                what,
+                offset: self.offset(),
+                need: n as u64,
+                left: left as u64,
+            });
+        }
+        let start = self.pos;
+        self.pos += n;
+        self.buf.get(start..self.pos).ok_or(Error::Truncated {
+            what,
+            offset: self.base.saturating_add(start as u64),
+            need: n as u64,
+            left: left as u64,
+        })
+    }
+
+    /// A fixed-size byte array.
+    pub fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], Error> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(what, N)?);
+        Ok(out)
+    }
+
+    pub fn u8(&mut self, what: &'static str) -> Result<u8, Error> {
+        Ok(u8::from_le_bytes(self.array(what)?))
+    }
+
+    pub fn u16(&mut self, what: &'static str) -> Result<u16, Error> {
+        Ok(u16::from_le_bytes(self.array(what)?))
+    }
+
+    pub fn u32(&mut self, what: &'static str) -> Result<u32, Error> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    pub fn u64(&mut self, what: &'static str) -> Result<u64, Error> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    /// A u32 count of entries each at least `min_size` bytes long, checked against `cap`
+    /// and against the remaining input (`count * min_size` bytes must be left) before the
+    /// caller allocates for it.
+    pub fn count_u32(
+        &mut self,
+        what: &'static str,
+        cap: u32,
+        min_size: usize,
+    ) -> Result<usize, Error> {
+        let offset = self.offset();
+        let n = self.u32(what)?;
+        self.check_len(what, offset, u64::from(n), u64::from(cap), min_size as u64)
+    }
+
+    /// A u32 length then that many bytes, copied; the length is checked against `cap` and
+    /// the remaining input before allocating.
+    pub fn bytes_u32(&mut self, what: &'static str, cap: u32) -> Result<Vec<u8>, Error> {
+        let offset = self.offset();
+        let n = self.u32(what)?;
+        let n = self.check_len(what, offset, u64::from(n), u64::from(cap), 1)?;
+        Ok(self.take(what, n)?.to_vec())
+    }
+
+    /// A u64 length then that many bytes, copied; checked as [`Decoder::bytes_u32`].
+    pub fn bytes_u64(&mut self, what: &'static str, cap: u64) -> Result<Vec<u8>, Error> {
+        let offset = self.offset();
+        let n = self.u64(what)?;
+        let n = self.check_len(what, offset, n, cap, 1)?;
+        Ok(self.take(what, n)?.to_vec())
+    }
+
+    /// A u32 length then that many bytes of UTF-8.
+    pub fn str_u32(&mut self, what: &'static str, cap: u32) -> Result<String, Error> {
+        let offset = self.offset();
+        let bytes = self.bytes_u32(what, cap)?;
+        String::from_utf8(bytes).map_err(|_| Error::NotUtf8 { what, offset })
+    }
+
+    /// Checks a decoded length `n` (of entries at least `min_size` bytes each) against
+    /// `cap` and against the remaining input; returns it as usize.
+    fn check_len(
+        &self,
+        what: &'static str,
+        offset: u64,
+        n: u64,
+        cap: u64,
+        min_size: u64,
+    ) -> Result<usize, Error> {
+        if n > cap {
+            return Err(Error::TooLarge {
+                what,
+                offset,
+                len: n,
+                cap,
+            });
+        }
+        let left = self.remaining() as u64;
+        let need = n.saturating_mul(min_size);
+        if need > left {
+            return Err(Error::Truncated {
+                what,
+                offset: self.offset(),
+                need,
+                left,
+            });
+        }
+        usize::try_from(n).map_err(|_| Error::TooLarge {
+            what,
+            offset,
+            len: n,
+            cap: usize::MAX as u64,
+        })
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// The records inside section payloads, field by field in declaration order (the byte tables
+// are in docs/migration-format.md). Fixed-size records implement `Wire` through
+// `wire_record!`, whose field list must name every field (the decoder builds the struct
+// literal), so encoder and decoder cannot disagree on order or miss a field.
+
+/// Encoded sizes of the fixed-size records.
+pub(crate) const SEGMENT_SIZE: u64 = 8 + 4 + 2 + 9;
+pub(crate) const DTABLE_SIZE: u64 = 8 + 2;
+pub(crate) const REGS_SIZE: u64 = 18 * 8;
+pub(crate) const SREGS_SIZE: u64 = 8 * SEGMENT_SIZE + 2 * DTABLE_SIZE + 7 * 8 + 4 * 8;
+pub(crate) const DEBUG_SIZE: u64 = 6 * 8;
+pub(crate) const EVENTS_SIZE: u64 = 4 + 4 + 1 + 8 + 7 + 4 + 5 + 4;
+/// An (index u32, value u64) pair: an XCR or an MSR.
+pub(crate) const PAIR_SIZE: u64 = 12;
+
+/// A value with a fixed-size little-endian encoding.
+pub(crate) trait Wire: Sized {
+    fn put(&self, e: &mut Encoder);
+    fn get(d: &mut Decoder, what: &'static str) -> Result<Self, Error>;
+}
+
+macro_rules! wire_int {
+    ($($t:ident),*) => {$(
+        impl Wire for $t {
+            fn put(&self, e: &mut Encoder) {
+                e.$t(*self)
+            }
+            fn get(d: &mut Decoder, what: &'static str) -> Result<Self, Error> {
+                d.$t(what)
+            }
+        }
+    )*};
+}
+wire_int!(u8, u16, u32, u64);
+
+impl<T: Wire + Copy + Default, const N: usize> Wire for [T; N] {
+    fn put(&self, e: &mut Encoder) {
+        self.iter().for_each(|x| x.put(e));
+    }
+    fn get(d: &mut Decoder, what: &'static str) -> Result<Self, Error> {
+        let mut out = [T::default(); N];
+        for x in &mut out {
+            *x = T::get(d, what)?;
+        }
+        Ok(out)
+    }
+}
+
+macro_rules! wire_record {
+    ($ty:ident: $($field:ident),* $(,)?) => {
+        impl Wire for $ty {
+            fn put(&self, e: &mut Encoder) {
+                $( self.$field.put(e); )*
+            }
+            fn get(d: &mut Decoder, _what: &'static str) -> Result<Self, Error> {
+                Ok(Self { $( $field: Wire::get(d, concat!(stringify!($ty), ".", stringify!($field)))?, )* })
+            }
+        }
+    };
+}
+wire_record!(Segment: base, limit, selector, type_, present, dpl, db, s, l, g, avl, unusable);
+wire_record!(DescriptorTable: base, limit);
+wire_record!(Regs: gpr, rip, rflags);
+wire_record!(Sregs: segments, gdt, idt, cr0, cr2, cr3, cr4, cr8, efer, apic_base,
+    interrupt_bitmap);
+wire_record!(DebugRegs: db, dr6, dr7);
+wire_record!(VcpuEvents: exception_injected, exception_nr, exception_has_error_code,
+    exception_pending, exception_error_code, exception_has_payload, exception_payload,
+    interrupt_injected, interrupt_nr, interrupt_soft, interrupt_shadow, nmi_injected,
+    nmi_pending, nmi_masked, sipi_vector, smi_smm, smi_pending, smi_inside_nmi,
+    smi_latched_init, triple_fault_pending, flags);
+
+/// CONF: memory, vcpus, cmdline.
+pub(crate) fn enc_config(e: &mut Encoder, c: &MachineConfig) -> Result<(), Error> {
+    e.u64(c.memory);
+    e.u32(c.vcpus);
+    e.str_u32("MachineConfig.cmdline", &c.cmdline, MAX_CMDLINE)
+}
+
+pub(crate) fn dec_config(d: &mut Decoder) -> Result<MachineConfig, Error> {
+    Ok(MachineConfig {
+        memory: d.u64("MachineConfig.memory")?,
+        vcpus: d.u32("MachineConfig.vcpus")?,
+        cmdline: d.str_u32("MachineConfig.cmdline", MAX_CMDLINE)?,
+    })
+}
+
+/// VCPU: every field of `VcpuState` in order; XSAVE as (index, bytes) records.
+pub(crate) fn enc_vcpu(e: &mut Encoder, v: &VcpuState) -> Result<(), Error> {
+    e.u32(v.id);
+    v.regs.put(e);
+    v.sregs.put(e);
+    e.u64(v.xsave.xstate_bv);
+    let n = v.xsave.components.len();
+    e.count_u32("Xsave.components", n, MAX_XSAVE_COMPONENTS)?;
+    for c in &v.xsave.components {
+        e.u32(c.index);
+        e.bytes_u32("XsaveComponent.bytes", &c.bytes, MAX_XSAVE_COMPONENT)?;
+    }
+    enc_pairs(e, "VcpuState.xcrs", &v.xcrs, MAX_XCRS)?;
+    v.debug.put(e);
+    e.bytes_u32("VcpuState.lapic", &v.lapic, LAPIC_SIZE as u32)?;
+    e.u32(v.mp_state);
+    v.events.put(e);
+    enc_pairs(e, "VcpuState.msrs", &v.msrs, MAX_MSRS)
+}
+
+pub(crate) fn dec_vcpu(d: &mut Decoder) -> Result<VcpuState, Error> {
+    Ok(VcpuState {
+        id: d.u32("VcpuState.id")?,
+        regs: Wire::get(d, "Regs")?,
+        sregs: Wire::get(d, "Sregs")?,
+        xsave: dec_xsave(d)?,
+        xcrs: dec_pairs(d, "VcpuState.xcrs", MAX_XCRS)?,
+        debug: Wire::get(d, "DebugRegs")?,
+        lapic: d.bytes_u32("VcpuState.lapic", LAPIC_SIZE as u32)?,
+        mp_state: d.u32("VcpuState.mp_state")?,
+        events: Wire::get(d, "VcpuEvents")?,
+        msrs: dec_pairs(d, "VcpuState.msrs", MAX_MSRS)?,
+    })
+}
+
+fn dec_xsave(d: &mut Decoder) -> Result<Xsave, Error> {
+    let xstate_bv = d.u64("Xsave.xstate_bv")?;
+    let n = d.count_u32("Xsave.components", MAX_XSAVE_COMPONENTS, 8)?;
+    let mut components = Vec::with_capacity(n);
+    for _ in 0..n {
+        components.push(XsaveComponent {
+            index: d.u32("XsaveComponent.index")?,
+            bytes: d.bytes_u32("XsaveComponent.bytes", MAX_XSAVE_COMPONENT)?,
+        });
+    }
+    Ok(Xsave {
+        xstate_bv,
+        components,
+    })
+}
+
+fn enc_pairs(e: &mut Encoder, what: &'static str, v: &[(u32, u64)], cap: u32) -> Result<(), Error> {
+    e.count_u32(what, v.len(), cap)?;
+    for (index, value) in v {
+        e.u32(*index);
+        e.u64(*value);
+    }
+    Ok(())
+}
+
+fn dec_pairs(d: &mut Decoder, what: &'static str, cap: u32) -> Result<Vec<(u32, u64)>, Error> {
+    let n = d.count_u32(what, cap, PAIR_SIZE as usize)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push((d.u32(what)?, d.u64(what)?));
+    }
+    Ok(out)
+}
+
+/// IRQC: PIC master, PIC slave, IOAPIC, PIT, kvmclock.
+pub(crate) fn enc_irqchip(e: &mut Encoder, s: &IrqchipState) -> Result<(), Error> {
+    let exact = IRQCHIP_SIZE as u32;
+    e.bytes_u32("IrqchipState.pic_master", &s.pic_master, exact)?;
+    e.bytes_u32("IrqchipState.pic_slave", &s.pic_slave, exact)?;
+    e.bytes_u32("IrqchipState.ioapic", &s.ioapic, exact)?;
+    e.bytes_u32("IrqchipState.pit", &s.pit, MAX_PIT)?;
+    e.u64(s.clock_ns);
+    e.u32(s.clock_flags);
+    Ok(())
+}
+
+pub(crate) fn dec_irqchip(d: &mut Decoder) -> Result<IrqchipState, Error> {
+    let exact = IRQCHIP_SIZE as u32;
+    Ok(IrqchipState {
+        pic_master: d.bytes_u32("IrqchipState.pic_master", exact)?,
+        pic_slave: d.bytes_u32("IrqchipState.pic_slave", exact)?,
+        ioapic: d.bytes_u32("IrqchipState.ioapic", exact)?,
+        pit: d.bytes_u32("IrqchipState.pit", MAX_PIT)?,
+        clock_ns: d.u64("IrqchipState.clock_ns")?,
+        clock_flags: d.u32("IrqchipState.clock_flags")?,
+    })
+}
+
+/// SERL: the nine UART registers, then the unread input.
+pub(crate) fn enc_serial(e: &mut Encoder, s: &SerialState) -> Result<(), Error> {
+    for r in [
+        s.baud_divisor_low,
+        s.baud_divisor_high,
+        s.interrupt_enable,
+        s.interrupt_identification,
+        s.line_control,
+        s.line_status,
+        s.modem_control,
+        s.modem_status,
+        s.scratch,
+    ] {
+        e.u8(r);
+    }
+    e.bytes_u32("SerialState.in_buffer", &s.in_buffer, MAX_SERIAL_INPUT)
+}
+
+pub(crate) fn dec_serial(d: &mut Decoder) -> Result<SerialState, Error> {
+    Ok(SerialState {
+        baud_divisor_low: d.u8("SerialState.baud_divisor_low")?,
+        baud_divisor_high: d.u8("SerialState.baud_divisor_high")?,
+        interrupt_enable: d.u8("SerialState.interrupt_enable")?,
+        interrupt_identification: d.u8("SerialState.interrupt_identification")?,
+        line_control: d.u8("SerialState.line_control")?,
+        line_status: d.u8("SerialState.line_status")?,
+        modem_control: d.u8("SerialState.modem_control")?,
+        modem_status: d.u8("SerialState.modem_status")?,
+        scratch: d.u8("SerialState.scratch")?,
+        in_buffer: d.bytes_u32("SerialState.in_buffer", MAX_SERIAL_INPUT)?,
+    })
+}
+
+/// MEMR: count, then (gpa, length, bytes) per range. (The writer streams these itself.)
+pub(crate) fn dec_memr(d: &mut Decoder) -> Result<Vec<MemoryRange>, Error> {
+    let n = d.count_u32("MEMR range count", MAX_MEMR_RANGES, 16)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(MemoryRange {
+            gpa: d.u64("MemoryRange.gpa")?,
+            data: d.bytes_u64("MemoryRange.data", MAX_RANGE_BYTES)?,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_sizes_match_the_constants() {
+        let size = |f: &dyn Fn(&mut Encoder)| {
+            let mut e = Encoder::new();
+            f(&mut e);
+            e.len() as u64
+        };
+        assert_eq!(size(&|e| Segment::default().put(e)), SEGMENT_SIZE);
+        assert_eq!(size(&|e| Regs::default().put(e)), REGS_SIZE);
+        assert_eq!(size(&|e| Sregs::default().put(e)), SREGS_SIZE);
+        assert_eq!(size(&|e| DebugRegs::default().put(e)), DEBUG_SIZE);
+        assert_eq!(size(&|e| VcpuEvents::default().put(e)), EVENTS_SIZE);
+    }
+
+    #[test]
+    fn records_keep_field_order() {
+        let seg = Segment {
+            base: 0x1122_3344_5566_7788,
+            limit: 0xaabb_ccdd,
+            selector: 0x0102,
+            type_: 3,
+            present: 4,
+            dpl: 5,
+            db: 6,
+            s: 7,
+            l: 8,
+            g: 9,
+            avl: 10,
+            unusable: 11,
+        };
+        let mut e = Encoder::new();
+        seg.put(&mut e);
+        let bytes = e.into_inner();
+        assert_eq!(&bytes[..8], &0x1122_3344_5566_7788u64.to_le_bytes());
+        assert_eq!(&bytes[8..14], &[0xdd, 0xcc, 0xbb, 0xaa, 0x02, 0x01]);
+        assert_eq!(&bytes[14..], &[3, 4, 5, 6, 7, 8, 9, 10, 11]);
+        assert_eq!(Segment::get(&mut Decoder::new(&bytes), "s").unwrap(), seg);
+    }
+}

@@ -1,0 +1,645 @@
+//! The stream format end to end: round trips, the golden byte file, and hostile input (every
+//! truncation and single-byte flip of the golden stream, huge claimed lengths, versions,
+//! order, duplicates, trailing bytes, memory ranges outside the guest).
+//!
+//! `FERRY_UPDATE_GOLDEN=1 cargo test -p ferry-migration --test stream` rewrites the golden
+//! file from `golden_vm()`; review the diff of docs/migration-format.md with it.
+
+use std::io::{self, Read};
+
+use migration::stream::{self, Error, Tag, FORMAT_VERSION, MAX_RANGE_BYTES};
+use migration::*;
+
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/v1-small.bin");
+
+/// Deterministic bytes (xorshift64*) so the golden file never changes by accident.
+fn fill(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
+        })
+        .collect()
+}
+
+fn vcpu(id: u32) -> VcpuState {
+    let k = u64::from(id) << 32;
+    let mut segments = [Segment::default(); 8];
+    for (i, s) in (0u8..).zip(segments.iter_mut()) {
+        *s = Segment {
+            base: k | (u64::from(i) << 12),
+            limit: 0xffff_f000 | u32::from(i),
+            selector: u16::from(i) * 8,
+            type_: 11,
+            present: 1,
+            dpl: i % 4,
+            db: i & 1,
+            s: 1,
+            l: (i + 1) & 1,
+            g: 1,
+            avl: i % 3,
+            unusable: u8::from(i == 7),
+        };
+    }
+    let mut gpr = [0u64; 16];
+    for (i, r) in (1u64..).zip(gpr.iter_mut()) {
+        *r = k | (i * 0x0101_0101);
+    }
+    let mut components = vec![
+        XsaveComponent {
+            index: 0,
+            bytes: fill(10 + u64::from(id), 160),
+        },
+        XsaveComponent {
+            index: 1,
+            bytes: fill(20 + u64::from(id), 256),
+        },
+        XsaveComponent {
+            index: 2,
+            bytes: fill(30 + u64::from(id), 256),
+        },
+    ];
+    if id == 1 {
+        components.push(XsaveComponent {
+            index: 9,
+            bytes: vec![0x55, 0, 0, 0, 0, 0, 0, 0],
+        });
+    }
+    VcpuState {
+        id,
+        regs: Regs {
+            gpr,
+            rip: 0xffff_ffff_8100_0000 + u64::from(id),
+            rflags: 0x246,
+        },
+        sregs: Sregs {
+            segments,
+            gdt: DescriptorTable {
+                base: 0xfffffe00_00001000,
+                limit: 0x7f,
+            },
+            idt: DescriptorTable {
+                base: 0xfffffe00_00000000,
+                limit: 0xfff,
+            },
+            cr0: 0x8005_0033,
+            cr2: 0x7f12_3456_7000 + u64::from(id),
+            cr3: 0x0123_4000,
+            cr4: 0x0034_06f0,
+            cr8: 2,
+            efer: 0xd01,
+            apic_base: 0xfee0_0900 | (u64::from(id == 0) << 8),
+            interrupt_bitmap: [1, 0, 1 << 63, k],
+        },
+        xsave: Xsave {
+            xstate_bv: if id == 1 { 0x207 } else { 0x7 },
+            components,
+        },
+        xcrs: vec![(0, if id == 1 { 0x207 } else { 0x7 })],
+        debug: DebugRegs {
+            db: [1, 2, 3, 4],
+            dr6: 0xffff_0ff0,
+            dr7: 0x400,
+        },
+        lapic: fill(40 + u64::from(id), 1024),
+        mp_state: id,
+        events: VcpuEvents {
+            exception_injected: 1,
+            exception_nr: 14,
+            exception_has_error_code: 1,
+            exception_pending: 0,
+            exception_error_code: 0x6,
+            exception_has_payload: 1,
+            exception_payload: 0xdead_b000,
+            interrupt_injected: 1,
+            interrupt_nr: 0xec,
+            interrupt_soft: 0,
+            interrupt_shadow: 1,
+            nmi_injected: 0,
+            nmi_pending: 1,
+            nmi_masked: 1,
+            sipi_vector: 0x9a,
+            smi_smm: 0,
+            smi_pending: 1,
+            smi_inside_nmi: 0,
+            smi_latched_init: 1,
+            triple_fault_pending: 0,
+            flags: 0x3f,
+        },
+        // TSC before TSC_DEADLINE: order is kept as written.
+        msrs: vec![
+            (0x10, 0x1234_5678_9abc + u64::from(id)),
+            (0x6e0, 0x1234_6000_0000),
+            (0xc000_0080, 0xd01),
+            (0x4b56_4d00, 0x0123_4001),
+            (0x4b56_4d01, 0x0123_5001),
+            (0x174, 0x10),
+        ],
+    }
+}
+
+/// The fixed VmState of the golden file: 2 vCPUs, one page of RAM.
+fn golden_vm() -> VmState {
+    VmState {
+        config: MachineConfig {
+            memory: 64 << 20,
+            vcpus: 2,
+            cmdline: "console=ttyS0 panic=-1 noxsave".into(),
+        },
+        cpu_profile: r#"{"name":"golden","vendor":"GenuineIntel","features":["sse2"]}"#.into(),
+        vcpus: vec![vcpu(0), vcpu(1)],
+        irqchip: IrqchipState {
+            pic_master: fill(50, 512),
+            pic_slave: fill(51, 512),
+            ioapic: fill(52, 512),
+            pit: fill(53, 112),
+            clock_ns: 123_456_789_012,
+            clock_flags: 2,
+        },
+        serial: SerialState {
+            baud_divisor_low: 1,
+            baud_divisor_high: 0,
+            interrupt_enable: 0x5,
+            interrupt_identification: 0xc1,
+            line_control: 0x3,
+            line_status: 0x60,
+            modem_control: 0xb,
+            modem_status: 0xb0,
+            scratch: 0x42,
+            in_buffer: b"ls\n".to_vec(),
+        },
+        memory: vec![MemoryRange {
+            gpa: 0x7000,
+            data: fill(60, 4096),
+        }],
+    }
+}
+
+/// The golden VM with more memory: adjacent ranges, several pages, RAM above the bound of
+/// config.memory (allowed up to 4 GiB above it).
+fn rich_vm() -> VmState {
+    let mut vm = golden_vm();
+    vm.memory.extend([
+        MemoryRange {
+            gpa: 0x8000,
+            data: fill(61, 3 * 4096),
+        },
+        MemoryRange {
+            gpa: 0x10_0000,
+            data: fill(62, 2 * 4096),
+        },
+        MemoryRange {
+            gpa: (64 << 20) + (4 << 30) - 4096,
+            data: fill(63, 4096),
+        },
+    ]);
+    vm
+}
+
+fn encode(vm: &VmState) -> Vec<u8> {
+    let mut out = Vec::new();
+    let n = write_vm(&mut out, vm).expect("write_vm");
+    assert_eq!(n, out.len() as u64, "write_vm returns the bytes written");
+    out
+}
+
+fn golden_bytes() -> Vec<u8> {
+    std::fs::read(GOLDEN).expect("golden file (FERRY_UPDATE_GOLDEN=1 to create it)")
+}
+
+/// A section of a stream: its tag and its byte range, frame header to CRC.
+struct Sec {
+    tag: [u8; 4],
+    start: usize,
+    end: usize,
+}
+
+/// Walks the section frames of a well-formed stream.
+fn sections(bytes: &[u8]) -> Vec<Sec> {
+    let mut out = Vec::new();
+    let mut pos = 16;
+    while pos < bytes.len() {
+        let tag: [u8; 4] = bytes[pos..pos + 4].try_into().unwrap();
+        let len = u64::from_le_bytes(bytes[pos + 8..pos + 16].try_into().unwrap()) as usize;
+        let end = pos + 16 + len + 4;
+        out.push(Sec {
+            tag,
+            start: pos,
+            end,
+        });
+        pos = end;
+    }
+    out
+}
+
+fn sec<'a>(secs: &'a [Sec], tag: &[u8; 4]) -> &'a Sec {
+    secs.iter()
+        .find(|s| &s.tag == tag)
+        .expect("section present")
+}
+
+/// A section frame built by hand from the documented layout.
+fn frame(tag: &[u8; 4], version: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = tag.to_vec();
+    f.extend(version.to_le_bytes());
+    f.extend(0u16.to_le_bytes());
+    f.extend((payload.len() as u64).to_le_bytes());
+    f.extend(payload);
+    let crc = crc32fast::hash(&f);
+    f.extend(crc.to_le_bytes());
+    f
+}
+
+/// The golden stream with its MEMR and END sections replaced by `tail` frames.
+fn golden_with_tail(tail: &[Vec<u8>]) -> Vec<u8> {
+    let bytes = golden_bytes();
+    let secs = sections(&bytes);
+    let memr = sec(&secs, b"MEMR");
+    let mut out = bytes[..memr.start].to_vec();
+    tail.iter().for_each(|f| out.extend(f));
+    out
+}
+
+fn memr_payload(ranges: &[(u64, u64)]) -> Vec<u8> {
+    let mut p = (ranges.len() as u32).to_le_bytes().to_vec();
+    for &(gpa, len) in ranges {
+        p.extend(gpa.to_le_bytes());
+        p.extend(len.to_le_bytes());
+        p.extend(vec![0xa5; len as usize]);
+    }
+    p
+}
+
+#[test]
+fn rich_vm_round_trips_exactly() {
+    let vm = rich_vm();
+    let bytes = encode(&vm);
+    assert_eq!(decode_vm(&bytes).unwrap(), vm);
+}
+
+/// A reader that hands out at most 7 bytes per call.
+struct Trickle<'a>(&'a [u8]);
+
+impl Read for Trickle<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = buf.len().min(self.0.len()).min(7);
+        buf[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        Ok(n)
+    }
+}
+
+#[test]
+fn read_vm_handles_short_reads_and_until_end_leaves_the_rest() {
+    let vm = rich_vm();
+    let bytes = encode(&vm);
+    assert_eq!(read_vm(&mut Trickle(&bytes)).unwrap(), vm);
+    let mut more = bytes.clone();
+    more.extend(b"NEXT");
+    let mut r = &more[..];
+    assert_eq!(read_vm_until_end(&mut r).unwrap(), vm);
+    assert_eq!(r, b"NEXT", "nothing after END is read");
+}
+
+#[test]
+fn golden_file_matches_write_vm_byte_for_byte() {
+    let bytes = encode(&golden_vm());
+    if std::env::var_os("FERRY_UPDATE_GOLDEN").is_some_and(|v| v == "1") {
+        std::fs::write(GOLDEN, &bytes).unwrap();
+    }
+    let golden = golden_bytes();
+    assert!(golden.len() < 16 * 1024, "golden is {} bytes", golden.len());
+    assert!(golden == bytes, "write_vm output differs from {GOLDEN}");
+    assert_eq!(decode_vm(&golden).unwrap(), golden_vm());
+    let tags: Vec<[u8; 4]> = sections(&golden).iter().map(|s| s.tag).collect();
+    let want = [
+        b"CONF", b"CPUP", b"VCPU", b"VCPU", b"IRQC", b"SERL", b"MEMR", b"END\0",
+    ];
+    assert_eq!(tags, want.map(|t| *t));
+}
+
+#[test]
+fn every_truncation_is_an_error() {
+    let golden = golden_bytes();
+    for len in 0..golden.len() {
+        match decode_vm(&golden[..len]) {
+            Err(Error::Truncated { .. }) => {}
+            other => panic!("prefix of {len} bytes: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn every_single_byte_flip_is_an_error() {
+    let golden = golden_bytes();
+    let mut bytes = golden.clone();
+    for i in 0..golden.len() {
+        for x in [0x01, 0xff] {
+            bytes[i] ^= x;
+            assert!(decode_vm(&bytes).is_err(), "byte {i} ^ {x:#x} decoded");
+            bytes[i] ^= x;
+        }
+    }
+}
+
+#[test]
+fn huge_claimed_lengths_fail_fast_with_too_large() {
+    let golden = golden_bytes();
+    for s in sections(&golden) {
+        let mut bytes = golden.clone();
+        bytes[s.start + 8..s.start + 16].copy_from_slice(&(1u64 << 60).to_le_bytes());
+        match decode_vm(&bytes) {
+            Err(Error::TooLarge { len, .. }) => assert_eq!(len, 1 << 60),
+            other => panic!("{}: {other:?}", String::from_utf8_lossy(&s.tag)),
+        }
+    }
+    // A claimed 2^60-byte MEMR range inside a well-framed section: refused by the decoder's
+    // cap before allocating.
+    let mut p = 1u32.to_le_bytes().to_vec();
+    p.extend(0x1000u64.to_le_bytes());
+    p.extend((1u64 << 60).to_le_bytes());
+    let bytes = golden_with_tail(&[frame(b"MEMR", 1, &p)]);
+    let err = decode_vm(&bytes).unwrap_err();
+    assert!(
+        matches!(&err, Error::Codec { tag, source: migration::codec::Error::TooLarge { len, cap, .. } }
+            if *tag == Tag::MEMR && *len == 1 << 60 && *cap == MAX_RANGE_BYTES),
+        "{err}"
+    );
+}
+
+#[test]
+fn other_format_versions_are_refused_naming_both() {
+    let mut bytes = golden_bytes();
+    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let err = decode_vm(&bytes).unwrap_err();
+    assert!(matches!(
+        err,
+        Error::Version {
+            found: 2,
+            supported: 1
+        }
+    ));
+    assert_eq!(
+        err.to_string(),
+        "stream format version 2, this ferry reads version 1"
+    );
+    assert_eq!(FORMAT_VERSION, 1);
+    bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
+    let err = decode_vm(&bytes).unwrap_err().to_string();
+    assert_eq!(err, "stream format version 7, this ferry reads version 1");
+}
+
+#[test]
+fn header_magic_and_flags_are_checked() {
+    let mut bytes = golden_bytes();
+    bytes[0] = b'X';
+    assert!(matches!(decode_vm(&bytes), Err(Error::BadMagic { .. })));
+    let mut bytes = golden_bytes();
+    bytes[12] = 1;
+    assert!(matches!(decode_vm(&bytes), Err(Error::Flags(1))));
+}
+
+#[test]
+fn trailing_bytes_after_end_are_refused() {
+    let mut bytes = golden_bytes();
+    let len = bytes.len() as u64;
+    bytes.push(0);
+    assert!(matches!(decode_vm(&bytes), Err(Error::Trailing { offset }) if offset == len));
+}
+
+#[test]
+fn duplicate_and_out_of_order_sections_are_refused() {
+    let golden = golden_bytes();
+    let secs = sections(&golden);
+    let cpup = sec(&secs, b"CPUP");
+    let mut dup = golden[..cpup.end].to_vec();
+    dup.extend(&golden[cpup.start..]);
+    let err = decode_vm(&dup).unwrap_err();
+    assert!(
+        matches!(err, Error::Duplicate { tag, .. } if tag == Tag::CPUP),
+        "{err}"
+    );
+
+    let (irqc, serl) = (sec(&secs, b"IRQC"), sec(&secs, b"SERL"));
+    let mut swapped = golden[..irqc.start].to_vec();
+    swapped.extend(&golden[serl.start..serl.end]);
+    swapped.extend(&golden[irqc.start..irqc.end]);
+    swapped.extend(&golden[serl.end..]);
+    let err = decode_vm(&swapped).unwrap_err();
+    assert!(
+        matches!(err, Error::Order { expected: "IRQC", found, .. } if found == Tag::SERL),
+        "{err}"
+    );
+
+    // CONF missing: the stream opens with CPUP.
+    let mut missing = golden[..16].to_vec();
+    missing.extend(&golden[cpup.start..]);
+    let err = decode_vm(&missing).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Order {
+                expected: "CONF",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn vcpu_sections_must_match_config_in_count_and_id_order() {
+    let golden = golden_bytes();
+    let secs = sections(&golden);
+    let vcpus: Vec<&Sec> = secs.iter().filter(|s| &s.tag == b"VCPU").collect();
+    let (v0, v1) = (vcpus[0], vcpus[1]);
+    let mut one = golden[..v1.start].to_vec();
+    one.extend(&golden[v1.end..]);
+    let err = decode_vm(&one).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::VcpuCount {
+                expected: 2,
+                found: 1
+            }
+        ),
+        "{err}"
+    );
+
+    let mut three = golden[..v1.end].to_vec();
+    three.extend(&golden[v1.start..]);
+    let err = decode_vm(&three).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::VcpuCount {
+                expected: 2,
+                found: 3
+            }
+        ),
+        "{err}"
+    );
+
+    let mut swapped = golden[..v0.start].to_vec();
+    swapped.extend(&golden[v1.start..v1.end]);
+    swapped.extend(&golden[v0.start..v0.end]);
+    swapped.extend(&golden[v1.end..]);
+    let err = decode_vm(&swapped).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::VcpuId {
+                expected: 0,
+                found: 1
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn frame_fields_are_checked() {
+    let golden = golden_bytes();
+    let conf = sections(&golden)[0].start;
+    let refuse = |patch: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = golden.clone();
+        patch(&mut b);
+        decode_vm(&b).unwrap_err()
+    };
+    let err = refuse(&|b| b[conf..conf + 4].copy_from_slice(b"WHAT"));
+    assert!(matches!(err, Error::UnknownTag { offset: 16, .. }), "{err}");
+    assert_eq!(err.to_string(), "unknown section tag WHAT at offset 16");
+    let err = refuse(&|b| b[conf + 4] = 2);
+    assert!(
+        matches!(
+            err,
+            Error::SectionVersion {
+                found: 2,
+                supported: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = refuse(&|b| b[conf + 6] = 1);
+    assert!(matches!(err, Error::Reserved { value: 1, .. }), "{err}");
+    let err = refuse(&|b| b[conf + 16] ^= 0x80);
+    assert!(
+        matches!(err, Error::Crc { tag, .. } if tag == Tag::CONF),
+        "{err}"
+    );
+    // A frame with a valid CRC but a payload longer than its fields: trailing payload bytes.
+    let secs = sections(&golden);
+    let end = sec(&secs, b"END\0");
+    let mut b = golden[..end.start].to_vec();
+    b.extend(frame(b"END\0", 1, b"x"));
+    assert!(matches!(
+        decode_vm(&b),
+        Err(Error::TooLarge { len: 1, cap: 0, .. })
+    ));
+}
+
+#[test]
+fn memory_ranges_outside_the_rules_are_refused() {
+    let end = frame(b"END\0", 1, &[]);
+    let memory = 64u64 << 20;
+    let cases: [(&[(u64, u64)], &str); 5] = [
+        (&[(memory + (4 << 30), 4096)], "ends beyond guest memory"),
+        (&[(0x1800, 4096)], "not page aligned"),
+        (&[(0x2000, 4096), (0x1000, 4096)], "must ascend"),
+        (&[(0x2000, 8192), (0x3000, 4096)], "must ascend"),
+        (&[], "no ranges"),
+    ];
+    for (ranges, why) in cases {
+        let bytes = golden_with_tail(&[frame(b"MEMR", 1, &memr_payload(ranges)), end.clone()]);
+        let err = decode_vm(&bytes).unwrap_err().to_string();
+        assert!(err.contains(why), "{ranges:x?}: {err}");
+    }
+    // Each range fine, together more than config.memory.
+    let big = (memory / 2 + 4096, 0);
+    let p = memr_payload(&[(0, big.0)]);
+    let q = memr_payload(&[(big.0, big.0)]);
+    let bytes = golden_with_tail(&[frame(b"MEMR", 1, &p), frame(b"MEMR", 1, &q), end.clone()]);
+    let err = decode_vm(&bytes).unwrap_err().to_string();
+    assert!(err.contains("more bytes than config.memory"), "{err}");
+    // The writer refuses the same state.
+    let mut vm = golden_vm();
+    vm.memory[0].gpa = memory + (4 << 30);
+    let err = write_vm(&mut Vec::new(), &vm).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    assert!(
+        err.to_string().contains("ends beyond guest memory"),
+        "{err}"
+    );
+}
+
+#[test]
+fn writer_refuses_states_the_reader_would_refuse() {
+    let refuse = |f: &dyn Fn(&mut VmState), why: &str| {
+        let mut vm = golden_vm();
+        f(&mut vm);
+        let mut out = Vec::new();
+        let err = write_vm(&mut out, &vm).unwrap_err();
+        assert!(out.is_empty(), "nothing written for {why}");
+        assert!(err.to_string().contains(why), "{why}: {err}");
+        assert!(stream::validate(&vm).is_err());
+    };
+    refuse(&|vm| *vm = VmState::default(), "config.vcpus 0");
+    refuse(
+        &|vm| {
+            vm.vcpus.pop();
+        },
+        "1 VCPU sections",
+    );
+    refuse(&|vm| vm.vcpus[1].id = 5, "carries vCPU id 5");
+    refuse(&|vm| vm.vcpus[0].lapic.push(0), "lapic: 1025 bytes");
+    refuse(&|vm| vm.irqchip.ioapic.clear(), "IOAPIC state: 0 bytes");
+    refuse(
+        &|vm| vm.vcpus[0].msrs.push((0x10, 1)),
+        "MSR 0x10 appears more than once",
+    );
+    refuse(&|vm| vm.vcpus[0].xsave.xstate_bv |= 1 << 5, "not carried");
+    refuse(
+        &|vm| vm.vcpus[0].xsave.components.swap(0, 1),
+        "indices must ascend",
+    );
+    refuse(
+        &|vm| {
+            vm.vcpus[0].xsave.components[1].bytes.pop();
+        },
+        "255 bytes",
+    );
+    refuse(
+        &|vm| {
+            vm.vcpus[1].xsave.components.remove(1);
+        },
+        "components 0 (x87) and 1 (SSE) are always carried",
+    );
+    refuse(&|vm| vm.config.memory = (1 << 40) + 1, "config.memory");
+    refuse(
+        &|vm| vm.serial.in_buffer = vec![0; 65537],
+        "serial input buffer",
+    );
+}
+
+#[test]
+fn error_messages_are_one_line() {
+    let golden = golden_bytes();
+    let mut errors = Vec::new();
+    for len in [0, 10, 20, 100, 3000] {
+        errors.push(decode_vm(&golden[..len]).unwrap_err());
+    }
+    for i in (0..golden.len()).step_by(97) {
+        let mut b = golden.clone();
+        b[i] ^= 0xff;
+        errors.push(decode_vm(&b).unwrap_err());
+    }
+    for e in errors {
+        let s = e.to_string();
+        assert!(!s.is_empty() && !s.contains('\n'), "{s:?}");
+    }
+}

@@ -1,0 +1,123 @@
+//! The Linux test guest (2 vCPUs, `workload=dirty`) snapshotted with --stop and continued by
+//! `ferry restore` in a new process, twice: heartbeats go on at n+1, no HB-CORRUPT, no second
+//! GUEST-READY, and the guest clock never goes backwards.
+
+use std::time::Duration;
+
+use ferry_tests::guest::guest;
+use ferry_tests::process::{temp_path, Ferry};
+use ferry_tests::require_kvm;
+
+const BOOT_LIMIT: Duration = Duration::from_secs(600);
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// (printk seconds, heartbeat number) of every complete `HB <n>` line in `text`.
+fn heartbeats(text: &str) -> Vec<(f64, u64)> {
+    text.lines()
+        .filter_map(|l| {
+            let t: f64 = l.get(l.find('[')? + 1..l.find(']')?)?.trim().parse().ok()?;
+            let n = l[l.find("] HB ")? + 5..]
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some((t, n))
+        })
+        .collect()
+}
+
+/// The dirty workload's completed passes in a heartbeat line.
+fn pass(line: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("pass=")?.parse().ok())
+}
+
+/// Waits until the guest has completed two more dirty passes than `from`: each pass checks
+/// every page against the previous one, so memory from before a restore is verified.
+fn two_more_passes(f: &mut Ferry, from: u64) -> u64 {
+    let line = f.wait_line(LIMIT, |l| {
+        l.contains(" HB ") && pass(l).is_some_and(|p| p >= from + 2)
+    });
+    pass(&line).unwrap()
+}
+
+fn snapshot_and_stop(f: &mut Ferry, file: &std::path::Path) {
+    let (ok, out) = f.ctl(&["snapshot", file.to_str().unwrap(), "--stop"]);
+    assert!(ok, "snapshot failed: {out}\n{}", f.transcript());
+    let status = f.wait_exit(LIMIT);
+    assert!(
+        status.success(),
+        "the snapshotted ferry exited with {status}:\n{}",
+        f.transcript()
+    );
+}
+
+fn restore(file: &std::path::Path, socket: &std::path::Path) -> Ferry {
+    Ferry::spawn(&[
+        "restore".as_ref(),
+        file.as_os_str(),
+        "--api-socket".as_ref(),
+        socket.as_os_str(),
+    ])
+}
+
+#[test]
+fn snapshot_stop_restore_twice_and_the_guest_goes_on() {
+    require_kvm();
+    let g = guest();
+    let (s0, s1, s2) = (
+        temp_path("snap0.sock"),
+        temp_path("snap1.sock"),
+        temp_path("snap2.sock"),
+    );
+    let (file1, file2) = (temp_path("guest1.snap"), temp_path("guest2.snap"));
+    let mut f = Ferry::spawn(&[
+        "run".as_ref(),
+        "--kernel".as_ref(),
+        g.vmlinux.as_os_str(),
+        "--initrd".as_ref(),
+        g.initramfs.as_os_str(),
+        "--memory".as_ref(),
+        "256M".as_ref(),
+        "--vcpus".as_ref(),
+        "2".as_ref(),
+        "--cmdline".as_ref(),
+        g.cmdline_with("workload=dirty:4 hb_ms=100").as_ref(),
+        "--api-socket".as_ref(),
+        s0.as_os_str(),
+    ]);
+    f.wait_line(BOOT_LIMIT, |l| l.contains("GUEST-READY"));
+    let p0 = two_more_passes(&mut f, 0);
+    snapshot_and_stop(&mut f, &file1);
+    let mut text = f.stdout_text();
+
+    let mut r1 = restore(&file1, &s1);
+    let p1 = two_more_passes(&mut r1, p0);
+    snapshot_and_stop(&mut r1, &file2);
+    text.push_str(&r1.stdout_text());
+
+    let mut r2 = restore(&file2, &s2);
+    two_more_passes(&mut r2, p1);
+    let (ok, out) = r2.ctl(&["stop"]);
+    assert!(ok, "{out}");
+    assert!(r2.wait_exit(LIMIT).success(), "{}", r2.transcript());
+    text.push_str(&r2.stdout_text());
+
+    let hb = heartbeats(&text);
+    assert!(hb.len() >= 15, "{text}");
+    for w in hb.windows(2) {
+        assert_eq!(
+            w[1].1,
+            w[0].1 + 1,
+            "heartbeats must go on by exactly one across restores:\n{text}"
+        );
+        assert!(
+            w[1].0 >= w[0].0,
+            "the guest clock went backwards ({} -> {}):\n{text}",
+            w[0].0,
+            w[1].0
+        );
+    }
+    assert_eq!(text.matches("GUEST-READY").count(), 1, "{text}");
+    assert!(!text.contains("HB-CORRUPT"), "{text}");
+}
