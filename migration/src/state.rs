@@ -57,9 +57,9 @@ pub struct Sregs {
 }
 
 /// One XSAVE state component in the standard (non-compacted) format's bytes for that
-/// component: index 0 is the legacy x87 area (bytes 0..160 of the FXSAVE image), 1 the SSE
-/// area (MXCSR, MXCSR_MASK and XMM0-15), 2 AVX, and so on. Restored at the destination
-/// host's offsets (its CPUID leaf 0xD).
+/// component: index 0 is bytes 0..160 of the legacy area (x87 control and ST0-7, and MXCSR
+/// with MXCSR_MASK at 24..32), 1 is bytes 160..416 (XMM0-15), 2 AVX, and so on. Restored at
+/// the destination host's offsets (its CPUID leaf 0xD).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct XsaveComponent {
     pub index: u32,

@@ -23,6 +23,11 @@ fn expect_error(args: &[&str], needles: &[&str]) {
     for n in needles {
         assert!(line.contains(n), "{args:?}: {line:?} does not name {n:?}");
     }
+    let parts: Vec<&str> = line.split(": ").collect();
+    assert!(
+        parts.windows(2).all(|w| w[0] != w[1]),
+        "a cause is repeated: {line}"
+    );
     for bad in ["panicked", "RUST_BACKTRACE", "stack backtrace"] {
         assert!(
             !f.transcript().contains(bad),

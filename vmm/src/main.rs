@@ -43,8 +43,15 @@ enum Cmd {
 #[derive(Parser, Debug)]
 struct RunArgs {
     /// The kernel: an ELF vmlinux with a PVH entry note, or a bzImage.
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "image", conflicts_with = "image")]
+    kernel: Option<PathBuf>,
+    /// Instead of a kernel, a raw machine-code image: `real` mode images load and start at
+    /// 0x1000, `long64` ones at 0x10000 in 64-bit mode with identity paging (tests/tiny).
+    #[arg(long, value_name = "FILE")]
+    image: Option<PathBuf>,
+    /// How to enter --image.
+    #[arg(long, value_parser = ["real", "long64"], default_value = "long64")]
+    entry: String,
     /// An initramfs.
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -69,6 +76,9 @@ struct RunArgs {
 struct RestoreArgs {
     /// A snapshot written by `ferry ctl snapshot`.
     file: PathBuf,
+    /// Keep the guest paused until `ferry ctl ... resume`.
+    #[arg(long)]
+    paused: bool,
     /// Serve the control socket at this path.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -119,27 +129,91 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ferry: error: {e:#}");
+            eprintln!("ferry: error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
 }
 
+/// The error and its causes on one line, each cause once: most messages already include
+/// their cause's text, which the chain would repeat.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
+}
+
 fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
-    let cfg = VmConfig {
-        memory: parse_size(&a.memory).context("--memory")?,
-        vcpus: a.vcpus,
-        kernel: a.kernel,
-        initrd: a.initrd,
-        cmdline: a.cmdline,
-        cpu: a.cpu,
+    let memory = parse_size(&a.memory).context("--memory")?;
+    let console = Box::new(FlushingWriter(std::io::stdout()));
+    let vm = match (a.kernel, a.image) {
+        (Some(kernel), _) => {
+            let cfg = VmConfig {
+                memory,
+                vcpus: a.vcpus,
+                kernel,
+                initrd: a.initrd,
+                cmdline: a.cmdline,
+                cpu: a.cpu,
+            };
+            vm::build(&cfg, console)?
+        }
+        (None, Some(image)) => {
+            boot_image(&image, &a.entry, memory, a.vcpus, a.cpu.as_deref(), console)?
+        }
+        (None, None) => anyhow::bail!("give --kernel or --image"),
     };
-    let vm = vm::build(&cfg, Box::new(FlushingWriter(std::io::stdout())))?;
-    serve(vm, a.api_socket.as_deref())
+    serve(vm, a.api_socket.as_deref(), true)
+}
+
+fn boot_image(
+    image: &std::path::Path,
+    entry: &str,
+    memory: u64,
+    vcpus: u32,
+    cpu: Option<&str>,
+    console: Box<dyn std::io::Write + Send>,
+) -> anyhow::Result<vmm::Vm> {
+    use vmm::boot::{layout::BOOT_STACK_TOP, EntryPoint};
+    let bytes = std::fs::read(image).with_context(|| format!("image {}", image.display()))?;
+    let (addr, entry) = match entry {
+        "real" => (0x1000, EntryPoint::Real { rip: 0x1000 }),
+        _ => (
+            0x10000,
+            EntryPoint::Long64 {
+                rip: 0x10000,
+                rsp: BOOT_STACK_TOP,
+            },
+        ),
+    };
+    let kvm = vm::open_kvm()?;
+    vmm::config::validate_memory(memory)?;
+    vmm::config::validate_vcpus(vcpus, vm::max_vcpus(&kvm))?;
+    drop(kvm);
+    let mut vm = vmm::Vm::new(memory, vcpus, console)?;
+    if let Some(spec) = cpu {
+        let p = vmm::cpu_model::load_profile(spec, vm.host_cpu())?;
+        vm.set_cpu_profile(p)?;
+    }
+    vm.boot_raw(&bytes, addr, entry)?;
+    Ok(vm)
 }
 
 /// Runs a built (or restored) VM until it ends: control socket, console input, events.
-fn serve(vm: vmm::Vm, api_socket: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+fn serve(
+    vm: vmm::Vm,
+    api_socket: Option<&std::path::Path>,
+    start: bool,
+) -> anyhow::Result<ExitCode> {
     let vm = Arc::new(vm);
     let _api = match api_socket {
         Some(p) => Some(api::ApiServer::start(p, vm.clone())?),
@@ -163,7 +237,9 @@ fn serve(vm: vmm::Vm, api_socket: Option<&std::path::Path>) -> anyhow::Result<Ex
             }
         })
         .context("starting the console input thread")?;
-    vm.start()?;
+    if start {
+        vm.start()?;
+    }
     let event = loop {
         if let Some(e) = vm.next_event(Duration::from_secs(1)) {
             break e;
@@ -196,7 +272,7 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("snapshot {}", a.file.display()))?;
     let vm = vmm::Vm::restore(&state, Box::new(FlushingWriter(std::io::stdout())))
         .with_context(|| format!("restoring {}", a.file.display()))?;
-    serve(vm, a.api_socket.as_deref())
+    serve(vm, a.api_socket.as_deref(), !a.paused)
 }
 
 fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {

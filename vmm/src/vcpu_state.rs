@@ -497,3 +497,80 @@ pub fn restore(fd: &VcpuFd, s: &VcpuState, host: &CpuidDump) -> Result<(), Error
         .map_err(op("KVM_SET_VCPU_EVENTS"))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dump(name: &str) -> CpuidDump {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../cpuid/testdata")
+            .join(name);
+        cpuid::dump::load(&p).unwrap()
+    }
+
+    /// An XSAVE area in `host`'s layout with a distinct byte pattern in each component.
+    fn area(host: &CpuidDump, comps: &[u32]) -> kvm_xsave {
+        let mut b = vec![0u8; 4096];
+        for &i in comps {
+            let (off, size) = layout(host, i).unwrap();
+            for (k, x) in b[off..off + size].iter_mut().enumerate() {
+                *x = (i as u8).wrapping_mul(37).wrapping_add(k as u8) | 1;
+            }
+        }
+        let bv: u64 = comps.iter().fold(0, |m, i| m | (1 << i));
+        b[512..520].copy_from_slice(&bv.to_le_bytes());
+        let mut k = kvm_xsave::default();
+        for (w, c) in k.region.iter_mut().zip(b.chunks_exact(4)) {
+            *w = u32::from_le_bytes(c.try_into().unwrap());
+        }
+        k
+    }
+
+    #[test]
+    fn xsave_moves_from_sapphire_rapids_layout_to_genoa_and_back_unchanged() {
+        let spr = dump("intel-xeon-w7-2475x-sapphirerapids-instlatx64.txt");
+        let genoa = dump("amd-epyc-9124-genoa-instlatx64.txt");
+        // x87, SSE, AVX, AVX-512 opmask/ZMM_Hi256/Hi16_ZMM, PKRU: the last four sit at other
+        // offsets on the two hosts.
+        let comps = [0, 1, 2, 5, 6, 7, 9];
+        assert_ne!(
+            layout(&spr, 5),
+            layout(&genoa, 5),
+            "the test needs layouts that differ"
+        );
+        assert_ne!(layout(&spr, 9), layout(&genoa, 9));
+        let original = area(&spr, &comps);
+        let neutral = xsave_out(&original, &spr);
+        assert_eq!(
+            neutral
+                .components
+                .iter()
+                .map(|c| c.index)
+                .collect::<Vec<_>>(),
+            comps
+        );
+
+        let on_genoa = xsave_in(0, &neutral, &genoa).unwrap();
+        assert_eq!(
+            xsave_bytes(&on_genoa),
+            xsave_bytes(&area(&genoa, &comps)),
+            "Genoa's layout"
+        );
+        let back = xsave_in(0, &xsave_out(&on_genoa, &genoa), &spr).unwrap();
+        assert_eq!(
+            xsave_bytes(&back),
+            xsave_bytes(&original),
+            "back on Sapphire Rapids"
+        );
+    }
+
+    #[test]
+    fn a_component_the_destination_lacks_is_an_error() {
+        let spr = dump("intel-xeon-w7-2475x-sapphirerapids-instlatx64.txt");
+        let milan = dump("amd-epyc-7763-milan-instlatx64.txt"); // no AVX-512
+        let neutral = xsave_out(&area(&spr, &[0, 1, 2, 5]), &spr);
+        let e = xsave_in(3, &neutral, &milan).unwrap_err().to_string();
+        assert!(e.contains("vcpu3") && e.contains("component 5"), "{e}");
+    }
+}
