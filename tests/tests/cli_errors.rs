@@ -202,3 +202,30 @@ fn cpu_check_exits_1_listing_every_missing_feature() {
         f.transcript()
     );
 }
+
+#[test]
+fn restore_refuses_a_corrupt_or_foreign_snapshot() {
+    let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../migration/tests/golden/v1-small.bin");
+    let bytes = std::fs::read(&golden).unwrap();
+    let garbage = temp_path("garbage.snap");
+    std::fs::write(&garbage, b"not a snapshot at all").unwrap();
+    expect_error(
+        &["restore", p(&garbage)],
+        &["snapshot", p(&garbage), "magic"],
+    );
+    let mut flipped = bytes.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x40;
+    let corrupt = temp_path("corrupt.snap");
+    std::fs::write(&corrupt, &flipped).unwrap();
+    expect_error(&["restore", p(&corrupt)], &["snapshot", p(&corrupt)]);
+    let mut v2 = bytes.clone();
+    v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let foreign = temp_path("v2.snap");
+    std::fs::write(&foreign, &v2).unwrap();
+    expect_error(&["restore", p(&foreign)], &["version 2", "version 1"]);
+    let truncated = temp_path("truncated.snap");
+    std::fs::write(&truncated, &bytes[..bytes.len() - 100]).unwrap();
+    expect_error(&["restore", p(&truncated)], &["snapshot", p(&truncated)]);
+}
