@@ -225,3 +225,36 @@ impl Ferry {
         out
     }
 }
+
+/// `ferry run` of the test guest (PVH vmlinux unless `kernel` says otherwise): 256 MiB,
+/// `vcpus` vCPUs, the guest's command line plus `cmdline`, `extra` arguments, and a
+/// control socket at `socket`.
+pub fn run_guest(
+    kernel: Option<&Path>,
+    vcpus: u32,
+    cmdline: &str,
+    extra: &[&str],
+    socket: &Path,
+) -> Ferry {
+    let g = crate::guest::guest();
+    let kernel = kernel.unwrap_or(&g.vmlinux);
+    let vcpus = vcpus.to_string();
+    let cmdline = g.cmdline_with(cmdline);
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "run".as_ref(),
+        "--kernel".as_ref(),
+        kernel.as_os_str(),
+        "--initrd".as_ref(),
+        g.initramfs.as_os_str(),
+        "--memory".as_ref(),
+        "256M".as_ref(),
+        "--vcpus".as_ref(),
+        vcpus.as_ref(),
+        "--cmdline".as_ref(),
+        cmdline.as_ref(),
+        "--api-socket".as_ref(),
+        socket.as_os_str(),
+    ];
+    args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+    Ferry::spawn(&args)
+}

@@ -6,8 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ferry_tests::guest::guest;
-use ferry_tests::process::{temp_path, Ferry};
+use ferry_tests::process::{run_guest, temp_path};
 use ferry_tests::require_kvm;
 use serde_json::Value;
 
@@ -34,24 +33,14 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 #[test]
 fn harpertown_shanghai_guest_is_an_intel_e5420_and_sees_the_effective_table() {
     require_kvm();
-    let g = guest();
     let socket = temp_path("cpu.sock");
-    let mut f = Ferry::spawn(&[
-        "run".as_ref(),
-        "--kernel".as_ref(),
-        g.vmlinux.as_os_str(),
-        "--initrd".as_ref(),
-        g.initramfs.as_os_str(),
-        "--memory".as_ref(),
-        "256M".as_ref(),
-        "--cpu".as_ref(),
-        "harpertown-shanghai".as_ref(),
-        "--cmdline".as_ref(),
-        g.cmdline_with("workload=idle hb_ms=50 ferry.cpuid")
-            .as_ref(),
-        "--api-socket".as_ref(),
-        socket.as_os_str(),
-    ]);
+    let mut f = run_guest(
+        None,
+        1,
+        "workload=idle hb_ms=50 ferry.cpuid",
+        &["--cpu", "harpertown-shanghai"],
+        &socket,
+    );
     let ready = f.wait_line(BOOT_LIMIT, |l| l.contains("GUEST-READY"));
     assert_eq!(field(&ready, "vendor"), Some("GenuineIntel"), "{ready}");
     assert_eq!(field(&ready, "family"), Some("6"), "{ready}");

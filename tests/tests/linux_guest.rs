@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use ferry_tests::guest::guest;
-use ferry_tests::process::{temp_path, Ferry};
+use ferry_tests::process::{run_guest, temp_path};
 use ferry_tests::require_kvm;
 
 /// Hang guard for a boot: ~10 s on our CI hosts; a slow host gets ample room.
@@ -26,23 +26,8 @@ fn heartbeat(line: &str) -> Option<u64> {
 
 fn boot_and_check(vcpus: u32, kernel: &std::path::Path, name: &str) {
     require_kvm();
-    let g = guest();
     let socket = temp_path(&format!("{name}.sock"));
-    let mut f = Ferry::spawn(&[
-        "run".as_ref(),
-        "--kernel".as_ref(),
-        kernel.as_os_str(),
-        "--initrd".as_ref(),
-        g.initramfs.as_os_str(),
-        "--memory".as_ref(),
-        "256M".as_ref(),
-        "--vcpus".as_ref(),
-        vcpus.to_string().as_ref(),
-        "--cmdline".as_ref(),
-        g.cmdline_with("workload=idle hb_ms=50").as_ref(),
-        "--api-socket".as_ref(),
-        socket.as_os_str(),
-    ]);
+    let mut f = run_guest(Some(kernel), vcpus, "workload=idle hb_ms=50", &[], &socket);
     let ready = f.wait_line(BOOT_LIMIT, |l| l.contains("GUEST-READY"));
     assert_eq!(field(&ready, "cpus"), Some(u64::from(vcpus)), "{ready}");
 

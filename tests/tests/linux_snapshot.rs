@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use ferry_tests::guest::guest;
-use ferry_tests::process::{temp_path, Ferry};
+use ferry_tests::process::{run_guest, temp_path, Ferry};
 use ferry_tests::require_kvm;
 
 const BOOT_LIMIT: Duration = Duration::from_secs(600);
@@ -64,28 +63,13 @@ fn restore(file: &std::path::Path, socket: &std::path::Path) -> Ferry {
 #[test]
 fn snapshot_stop_restore_twice_and_the_guest_goes_on() {
     require_kvm();
-    let g = guest();
     let (s0, s1, s2) = (
         temp_path("snap0.sock"),
         temp_path("snap1.sock"),
         temp_path("snap2.sock"),
     );
     let (file1, file2) = (temp_path("guest1.snap"), temp_path("guest2.snap"));
-    let mut f = Ferry::spawn(&[
-        "run".as_ref(),
-        "--kernel".as_ref(),
-        g.vmlinux.as_os_str(),
-        "--initrd".as_ref(),
-        g.initramfs.as_os_str(),
-        "--memory".as_ref(),
-        "256M".as_ref(),
-        "--vcpus".as_ref(),
-        "2".as_ref(),
-        "--cmdline".as_ref(),
-        g.cmdline_with("workload=dirty:4 hb_ms=100").as_ref(),
-        "--api-socket".as_ref(),
-        s0.as_os_str(),
-    ]);
+    let mut f = run_guest(None, 2, "workload=dirty:4 hb_ms=100", &[], &s0);
     f.wait_line(BOOT_LIMIT, |l| l.contains("GUEST-READY"));
     let p0 = two_more_passes(&mut f, 0);
     snapshot_and_stop(&mut f, &file1);

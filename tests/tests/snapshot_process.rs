@@ -22,16 +22,6 @@ fn decode(path: &std::path::Path) -> VmState {
     migration::stream::decode_vm(&std::fs::read(path).unwrap()).unwrap()
 }
 
-fn without_clocks(mut s: VmState) -> VmState {
-    s.irqchip.clock_ns = 0;
-    s.irqchip.clock_flags = 0;
-    s.irqchip.pit.clear();
-    for v in &mut s.vcpus {
-        v.msrs.retain(|(i, _)| *i != 0x10);
-    }
-    s
-}
-
 #[test]
 fn a_counting_guest_continues_in_a_new_process() {
     ferry_tests::require_kvm();
@@ -65,8 +55,8 @@ fn a_counting_guest_continues_in_a_new_process() {
     assert_eq!(a.vcpus[0].regs, b.vcpus[0].regs, "registers");
     assert_eq!(a.memory, b.memory, "memory");
     assert_eq!(
-        without_clocks(a.clone()),
-        without_clocks(b),
+        ferry_tests::without_clocks(a.clone()),
+        ferry_tests::without_clocks(b),
         "the whole state apart from clocks"
     );
     // The snapshot also resumed it: it goes on counting.

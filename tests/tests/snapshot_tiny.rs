@@ -4,7 +4,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_tests::tiny::*;
-use migration::VmState;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::Vm;
 
@@ -15,17 +14,6 @@ fn last_pass(accesses: &[Access]) -> u64 {
         .last()
         .map(|a| u64::from_le_bytes(a.data[..8].try_into().unwrap()))
         .unwrap_or(0)
-}
-
-/// What legitimately changes between two saves of the same paused guest: clocks.
-fn without_clocks(mut s: VmState) -> VmState {
-    s.irqchip.clock_ns = 0;
-    s.irqchip.clock_flags = 0;
-    s.irqchip.pit.clear();
-    for v in &mut s.vcpus {
-        v.msrs.retain(|(i, _)| *i != 0x10); // IA32_TSC runs on
-    }
-    s
 }
 
 #[test]
@@ -50,7 +38,10 @@ fn a_counting_guest_continues_in_a_new_vm_with_equal_registers_and_memory() {
     // Before it runs, it is the same machine: registers and memory equal, and a second save
     // equals the first apart from clocks.
     let again = vm2.save_state().expect("save the restored VM");
-    assert_eq!(without_clocks(again), without_clocks(saved.clone()));
+    assert_eq!(
+        ferry_tests::without_clocks(again),
+        ferry_tests::without_clocks(saved.clone())
+    );
     for r in &saved.memory {
         let mut buf = vec![0u8; r.data.len()];
         vm2.memory()

@@ -423,11 +423,6 @@ impl VcpuHandle {
         self.shared.state()
     }
 
-    /// Waits for the thread to report `Paused` or `Stopped`.
-    pub fn wait_out_of_guest(&self, deadline: Instant) -> RunState {
-        self.shared.wait_until(deadline, |s| s != RunState::Running)
-    }
-
     /// Reads registers of a paused vCPU on its own thread.
     pub fn regs(&self, timeout: Duration) -> Option<Result<VcpuRegs, kvm_ioctls::Error>> {
         let (tx, rx) = std::sync::mpsc::channel();

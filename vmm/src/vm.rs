@@ -285,19 +285,7 @@ impl Vm {
 
     /// Stops every vCPU at its next exit and returns once all of them are out of the guest.
     pub fn pause(&self) -> Result<(), Error> {
-        if self.vcpus.is_empty() {
-            return Err(Error::NotBooted);
-        }
-        for v in &self.vcpus {
-            v.send(VcpuCmd::Pause);
-        }
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
-        let stuck: Vec<u32> = self
-            .vcpus
-            .iter()
-            .filter(|v| v.wait_out_of_guest(deadline) == RunState::Running)
-            .map(|v| v.id)
-            .collect();
+        let stuck = self.command_all(|| VcpuCmd::Pause, RunState::Running)?;
         if stuck.is_empty() {
             Ok(())
         } else {
@@ -307,26 +295,30 @@ impl Vm {
 
     /// Lets every paused vCPU run again; returns once all of them have left Paused.
     pub fn resume(&self) -> Result<(), Error> {
-        if self.vcpus.is_empty() {
-            return Err(Error::NotBooted);
-        }
-        for v in &self.vcpus {
-            v.send(VcpuCmd::Resume);
-        }
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
-        let stuck: Vec<u32> = self
-            .vcpus
-            .iter()
-            .filter(|v| {
-                v.shared.wait_until(deadline, |s| s != RunState::Paused) == RunState::Paused
-            })
-            .map(|v| v.id)
-            .collect();
+        let stuck = self.command_all(|| VcpuCmd::Resume, RunState::Paused)?;
         if stuck.is_empty() {
             Ok(())
         } else {
             Err(Error::ResumeTimeout(stuck))
         }
+    }
+
+    /// Sends `cmd()` to every vCPU and waits, up to [`PAUSE_TIMEOUT`], for each to leave
+    /// state `from`. Returns the vCPUs still in it.
+    fn command_all(&self, cmd: fn() -> VcpuCmd, from: RunState) -> Result<Vec<u32>, Error> {
+        if self.vcpus.is_empty() {
+            return Err(Error::NotBooted);
+        }
+        for v in &self.vcpus {
+            v.send(cmd());
+        }
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        Ok(self
+            .vcpus
+            .iter()
+            .filter(|v| v.shared.wait_until(deadline, |s| s != from) == from)
+            .map(|v| v.id)
+            .collect())
     }
 
     /// The VM's state: Running if any vCPU runs, Stopped if all have stopped, else Paused.
