@@ -70,3 +70,19 @@ fn status_pause_resume_stop_and_bad_requests() {
         })
     );
 }
+
+#[test]
+fn the_socket_is_private_and_never_replaces_a_regular_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = TinyVm::new(&REAL_HLT, 1);
+    let vm = Arc::new(t.vm);
+    let file = temp_path("precious.img");
+    std::fs::write(&file, b"data").unwrap();
+    let e = ApiServer::start(&file, vm.clone()).unwrap_err().to_string();
+    assert!(e.contains("not a socket"), "{e}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"data");
+    let path = temp_path("private.sock");
+    let _server = ApiServer::start(&path, vm).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}

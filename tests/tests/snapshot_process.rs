@@ -51,6 +51,7 @@ fn a_counting_guest_continues_in_a_new_process() {
     // Paused, the restored VM is the snapshotted one: save it again and compare.
     let (ok, out) = r.ctl(&["snapshot", &p(&snap2)]);
     assert!(ok, "{out}");
+    assert!(out.contains("VM paused"), "{out}");
     let (a, b) = (decode(&snap1), decode(&snap2));
     assert_eq!(a.vcpus[0].regs, b.vcpus[0].regs, "registers");
     assert_eq!(a.memory, b.memory, "memory");
@@ -59,7 +60,7 @@ fn a_counting_guest_continues_in_a_new_process() {
         ferry_tests::without_clocks(b),
         "the whole state apart from clocks"
     );
-    // The snapshot also resumed it: it goes on counting.
+    // A snapshot leaves a paused VM paused; resumed, it goes on counting.
     let (ok, out) = r.ctl(&["resume"]);
     assert!(ok, "{out}");
     r.wait_line(LIMIT, |l| {

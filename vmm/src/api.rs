@@ -9,7 +9,8 @@
 //! -> {"cmd":"stop"}      <- {"ok":true,"state":"stopped"}   (ferry then exits 0)
 //! -> anything else       <- {"ok":false,"error":"..."}
 //! ```
-//! Each connection is served on its own thread; requests on the VM are serialized by the VM.
+//! Each connection is served on its own thread. Pause, resume and snapshot hold the VM's
+//! lifecycle lock, so they never interleave across connections. The socket is mode 0600.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -31,6 +32,8 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("api socket {path} exists and is not a socket: refusing to replace it")]
+    NotASocket { path: PathBuf },
     #[error("api socket {path} is in use by a running process")]
     InUse { path: PathBuf },
     #[error("api socket {path}: cannot connect: {source}")]
@@ -57,7 +60,13 @@ impl ApiServer {
     /// Binds `path` (replacing a stale socket file nobody listens on) and serves `vm` on a
     /// background thread.
     pub fn start(path: &Path, vm: Arc<Vm>) -> Result<ApiServer, Error> {
-        if path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(Error::NotASocket {
+                    path: path.to_path_buf(),
+                });
+            }
             if UnixStream::connect(path).is_ok() {
                 return Err(Error::InUse {
                     path: path.to_path_buf(),
@@ -72,6 +81,14 @@ impl ApiServer {
             path: path.to_path_buf(),
             source,
         })?;
+        // Only ferry's own user may steer the VM (and make it write files).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
+            |source| Error::Bind {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
@@ -214,8 +231,14 @@ pub fn handle(line: &[u8], vm: &Vm) -> (Value, After) {
                 Err(e) => fail(format!("snapshot to {path}: {e}")),
             }
         }
-        "pause" => done(vm.pause()),
-        "resume" => done(vm.resume()),
+        "pause" => done({
+            let _lifecycle = vm.lifecycle();
+            vm.pause()
+        }),
+        "resume" => done({
+            let _lifecycle = vm.lifecycle();
+            vm.resume()
+        }),
         // The VM ends once this answer is written (see `serve`).
         "stop" => (json!({"ok": true, "state": "stopped"}), After::Stop),
         other => fail(format!(
@@ -228,10 +251,22 @@ pub fn handle(line: &[u8], vm: &Vm) -> (Value, After) {
 /// complete), and resumes it unless `stop`. On any failure the VM is resumed.
 fn snapshot(vm: &Vm, path: &std::path::Path, stop: bool) -> Result<Value, String> {
     let started = std::time::Instant::now();
-    vm.pause().map_err(|e| e.to_string())?;
-    let result = write_snapshot(vm, path);
-    if result.is_err() || !stop {
-        vm.resume().map_err(|e| e.to_string())?;
+    // One lifecycle change at a time: no other client can resume the VM mid-save.
+    let _lifecycle = vm.lifecycle();
+    let was_paused = vm.state() == crate::vcpu::RunState::Paused;
+    let paused = vm.pause().map_err(|e| format!("pausing: {e}"));
+    let result = paused.and_then(|()| write_snapshot(vm, path));
+    // Resume on every path unless asked to stop after a good write; a VM that was already
+    // paused stays paused.
+    if !was_paused && (result.is_err() || !stop) {
+        if let Err(e) = vm.resume() {
+            let written = if result.is_ok() {
+                "the snapshot was written, but "
+            } else {
+                ""
+            };
+            return Err(format!("{written}resuming the VM failed: {e}"));
+        }
     }
     let (bytes, ranges) = result?;
     Ok(json!({
@@ -244,16 +279,44 @@ fn snapshot(vm: &Vm, path: &std::path::Path, stop: bool) -> Result<Value, String
     }))
 }
 
+/// Writes the state to `<path>.partial` (a new file, never through an existing one or a
+/// link), syncs it, renames it over `path` and syncs the directory; removes the partial
+/// file on failure.
 fn write_snapshot(vm: &Vm, path: &std::path::Path) -> Result<(u64, usize), String> {
+    use std::os::unix::fs::OpenOptionsExt;
     let state = vm.save_state().map_err(|e| e.to_string())?;
-    let tmp = path.with_extension("partial");
-    let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    let mut w = std::io::BufWriter::new(file);
-    let bytes = migration::stream::write_vm(&mut w, &state).map_err(|e| e.to_string())?;
-    let file = w.into_inner().map_err(|e| e.to_string())?;
-    file.sync_all().map_err(|e| e.to_string())?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok((bytes, state.memory.len()))
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".partial");
+    let tmp = std::path::PathBuf::from(tmp_name);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let written = (|| -> Result<u64, String> {
+        let mut w = std::io::BufWriter::new(file);
+        let bytes = migration::stream::write_vm(&mut w, &state).map_err(|e| e.to_string())?;
+        let file = w.into_inner().map_err(|e| e.to_string())?;
+        file.sync_all().map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(bytes)
+    })();
+    match written {
+        Ok(bytes) => Ok((bytes, state.memory.len())),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
 }
 
 /// Sends one request and returns the response object.

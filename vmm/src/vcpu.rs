@@ -16,7 +16,7 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_mp_state, kvm_regs, kvm_run, kvm_sregs};
@@ -188,10 +188,10 @@ extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 
 /// Installs the kick signal handler (once per process).
 pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
-    static ONCE: Once = Once::new();
-    let mut result = Ok(());
-    ONCE.call_once(|| result = register_signal_handler(kick_signal(), handle_kick));
-    result
+    // The outcome is kept: a failure is reported to every caller, not only the first
+    // (without the handler a kick would kill the process).
+    static RESULT: OnceLock<Result<(), vmm_sys_util::errno::Error>> = OnceLock::new();
+    *RESULT.get_or_init(|| register_signal_handler(kick_signal(), handle_kick))
 }
 
 /// A vCPU as owned by its thread.
@@ -247,7 +247,12 @@ impl Vcpu {
 
     fn command(&mut self, cmd: VcpuCmd, state: RunState) -> RunState {
         let next = match cmd {
-            VcpuCmd::Pause => RunState::Paused,
+            VcpuCmd::Pause => {
+                if state == RunState::Running {
+                    self.complete_pending_io();
+                }
+                RunState::Paused
+            }
             VcpuCmd::Resume => RunState::Running,
             VcpuCmd::Stop => RunState::Stopped,
             VcpuCmd::GetRegs(reply) => {
@@ -264,6 +269,23 @@ impl Vcpu {
         // Publish even when unchanged, so that a waiter for Paused sees the ack.
         self.shared.set(next);
         next
+    }
+
+    /// KVM finishes a port I/O or MMIO instruction (the IN's result in RAX, RIP past it)
+    /// only on the next KVM_RUN. Before the vCPU is reported paused, and so before its state
+    /// can be read or saved, enter once with immediate_exit set: KVM completes the pending
+    /// instruction and returns EINTR without running guest code.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => log::warn!("vcpu{}: completing pending I/O: {e}", self.id),
+            Ok(exit) => log::warn!(
+                "vcpu{}: unexpected exit while completing pending I/O: {exit:?}",
+                self.id
+            ),
+        }
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     fn regs(&self) -> Result<VcpuRegs, kvm_ioctls::Error> {

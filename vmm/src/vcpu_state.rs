@@ -74,6 +74,24 @@ pub fn msr_allowlist(profile: &CpuProfile) -> Vec<u32> {
     if profile.has("xsaves") {
         l.push(0xda0);
     }
+    // Speculation control: Linux caches the value it wrote and skips unchanged writes, so a
+    // restore that dropped it would leave mitigations silently off.
+    if [
+        "spec_ctrl",
+        "spec_ctrl_ssbd",
+        "intel_stibp",
+        "amd_ibrs",
+        "amd_stibp",
+        "amd_ssbd",
+    ]
+    .iter()
+    .any(|f| profile.has(f))
+    {
+        l.push(0x48);
+    }
+    if profile.has("virt_ssbd") {
+        l.push(0xc001_011f);
+    }
     let pv = |n: &str| profile.kvm_pv.contains(n);
     if pv("clocksource") {
         l.extend([0x11, 0x12]);

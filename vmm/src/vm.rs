@@ -95,6 +95,8 @@ pub struct Vm {
     pub(crate) vcpus: Vec<VcpuHandle>,
     events_tx: Sender<VmEvent>,
     events_rx: Mutex<Receiver<VmEvent>>,
+    /// Held across multi-step lifecycle changes (pause, save, resume) by their callers.
+    lifecycle: Mutex<()>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -203,6 +205,7 @@ impl Vm {
             vcpus: Vec::new(),
             events_tx,
             events_rx: Mutex::new(events_rx),
+            lifecycle: Mutex::new(()),
         })
     }
 
@@ -319,6 +322,12 @@ impl Vm {
             .filter(|v| v.shared.wait_until(deadline, |s| s != from) == from)
             .map(|v| v.id)
             .collect())
+    }
+
+    /// Serializes lifecycle changes made of several steps (pause, save, resume): hold the
+    /// guard across them so that another controller cannot interleave.
+    pub fn lifecycle(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lifecycle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The VM's state: Running if any vCPU runs, Stopped if all have stopped, else Paused.
