@@ -184,6 +184,8 @@ pub enum Error {
     Version(String, String, u32),
     #[error("{0}: unknown feature {1:?} (not in the catalogue; see docs/cpuid.md)")]
     UnknownFeature(String, String),
+    #[error("{0}: feature {1:?} is never given to a guest ({2})")]
+    HiddenFeature(String, String, String),
     #[error("{0}: unknown KVM paravirtual feature {1:?}")]
     UnknownPv(String, String),
     #[error("baseline of no hosts")]
@@ -204,6 +206,13 @@ impl CpuProfile {
         }
         if let Some(f) = p.features.iter().find(|f| features::by_name(f).is_none()) {
             return Err(Error::UnknownFeature(source.into(), f.clone()));
+        }
+        if let Some((f, why)) = HIDDEN.iter().find(|(h, _)| p.features.contains(*h)) {
+            return Err(Error::HiddenFeature(
+                source.into(),
+                f.to_string(),
+                why.to_string(),
+            ));
         }
         if let Some(f) = p
             .kvm_pv

@@ -124,6 +124,15 @@ fn profiles_round_trip_and_unknown_features_are_refused() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("sse9") && e.contains("bad.json"), "{e}");
+    let mut nested = p.clone();
+    nested.features.insert("vmx".into());
+    let e = CpuProfile::from_json("nested.json", &nested.to_json())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("vmx") && e.contains("never given to a guest"),
+        "{e}"
+    );
     let future = p.to_json().replace("\"version\": 1", "\"version\": 7");
     assert!(CpuProfile::from_json("f", &future)
         .unwrap_err()

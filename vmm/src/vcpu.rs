@@ -210,6 +210,28 @@ impl std::fmt::Debug for Vcpu {
     }
 }
 
+/// Runs when a vCPU thread ends, normally or by a panic: the kick handler must never see a
+/// stale kvm_run pointer, and a panicked vCPU is a stopped one the VM must hear about.
+struct ThreadGuard {
+    id: u32,
+    shared: Arc<VcpuShared>,
+    events: Sender<VmEvent>,
+}
+
+impl Drop for ThreadGuard {
+    fn drop(&mut self) {
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+        if std::thread::panicking() {
+            self.shared.set(RunState::Stopped);
+            let _ = self.events.send(VmEvent::GuestFailure {
+                vcpu: self.id,
+                reason: "the vCPU thread panicked".into(),
+                rip: u64::MAX,
+            });
+        }
+    }
+}
+
 /// What handling one exit means for the loop.
 enum Next {
     Continue,
@@ -219,6 +241,11 @@ enum Next {
 impl Vcpu {
     /// The thread body: starts paused and runs commands until stopped.
     pub fn run_loop(mut self) {
+        let _guard = ThreadGuard {
+            id: self.id,
+            shared: self.shared.clone(),
+            events: self.events.clone(),
+        };
         KVM_RUN.with(|r| r.set(self.fd.get_kvm_run() as *mut kvm_run));
         let mut state = RunState::Paused;
         self.shared.set(state);
@@ -242,7 +269,6 @@ impl Vcpu {
                 self.shared.set(state);
             }
         }
-        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
     }
 
     fn command(&mut self, cmd: VcpuCmd, state: RunState) -> RunState {

@@ -295,9 +295,11 @@ fn layout(host: &CpuidDump, i: u32) -> Option<(usize, usize)> {
     match i {
         0 => Some((0, 160)),
         1 => Some((160, 256)),
+        // A supervisor component (ECX bit 0) has no standard-format offset (EBX is 0): it
+        // lives only in the compacted format, which ferry does not carry.
         _ => host
             .get(0xd, i)
-            .filter(|l| l.eax != 0)
+            .filter(|l| l.eax != 0 && l.ecx & 1 == 0)
             .map(|l| (l.ebx as usize, l.eax as usize)),
     }
 }

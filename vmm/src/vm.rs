@@ -62,6 +62,8 @@ pub enum Error {
     Device(String),
     #[error("cannot start a vCPU thread: {0}")]
     SpawnVcpu(std::io::Error),
+    #[error("guest RAM ends at {top:#x}, beyond what the CPU profile's {bits} physical address bits reach")]
+    RamBeyondAddressWidth { top: u64, bits: u32 },
     #[error("the VM is already booted")]
     AlreadyBooted,
     #[error("the VM has not been booted")]
@@ -106,6 +108,22 @@ impl std::fmt::Debug for Vm {
             .field("vcpus", &self.num_vcpus)
             .finish()
     }
+}
+
+/// Refuses guest RAM whose top (after the MMIO gap) the profile's physical address bits
+/// cannot reach: the guest could not address it.
+fn check_address_width(profile: &CpuProfile, memory: u64) -> Result<(), Error> {
+    let top = crate::memory::ram_ranges(memory)
+        .last()
+        .map(|(start, len)| start.0 + len)
+        .unwrap_or(0);
+    if profile.phys_bits < 64 && top > 1u64 << profile.phys_bits {
+        return Err(Error::RamBeyondAddressWidth {
+            top,
+            bits: profile.phys_bits,
+        });
+    }
+    Ok(())
 }
 
 /// The largest vCPU count this host's KVM allows.
@@ -183,6 +201,7 @@ impl Vm {
 
         let host_cpu = cpu_model::host_dump(&kvm)?;
         let profile = cpu_model::default_profile(&host_cpu)?;
+        check_address_width(&profile, memory)?;
         let table = cpuid::table::guest_table(&profile, vcpus);
         let unstarted = (0..vcpus)
             .map(|id| {
@@ -233,6 +252,7 @@ impl Vm {
             return Err(Error::AlreadyBooted);
         }
         cpu_model::check_host(&profile, &self.host_cpu)?;
+        check_address_width(&profile, self.ram.size())?;
         self.table = cpuid::table::guest_table(&profile, self.num_vcpus);
         self.profile = profile;
         Ok(())
