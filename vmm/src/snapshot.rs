@@ -57,14 +57,27 @@ fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { op, source }
 }
 
-fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
-    // SAFETY: T is one of KVM's plain C structs (integers and arrays, no padding that matters
-    // and no pointers); reading its bytes is reading initialized memory of its exact size.
+/// KVM state blobs carried as raw bytes. Implemented only for types that have no padding
+/// and no pointers, so that all their bytes are initialized and any bytes are a valid value.
+///
+/// # Safety
+/// Implement only for such types.
+unsafe trait KvmBlob: Copy + Default {}
+
+// SAFETY: the irqchip union is 512 bytes and has a `dummy: [c_char; 512]` member covering
+// every byte; KVM_GET_IRQCHIP writes all of them into a zeroed struct.
+unsafe impl KvmBlob for kvm_bindings::kvm_irqchip__bindgen_ty_1 {}
+// SAFETY: kvm_pit_state2 is 3 x 24-byte channel states (u32, u16, ten u8, i64: no gaps),
+// a u32 and nine u32: 112 bytes, no padding, no pointers.
+unsafe impl KvmBlob for kvm_pit_state2 {}
+
+fn bytes_of<T: KvmBlob>(v: &T) -> Vec<u8> {
+    // SAFETY: T: KvmBlob has no padding, so all size_of::<T>() bytes are initialized.
     unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
         .to_vec()
 }
 
-fn from_bytes<T: Copy + Default>(what: &'static str, b: &[u8]) -> Result<T, Error> {
+fn from_bytes<T: KvmBlob>(what: &'static str, b: &[u8]) -> Result<T, Error> {
     let want = std::mem::size_of::<T>();
     if b.len() != want {
         return Err(Error::Size {
@@ -74,8 +87,8 @@ fn from_bytes<T: Copy + Default>(what: &'static str, b: &[u8]) -> Result<T, Erro
         });
     }
     let mut v = T::default();
-    // SAFETY: `b` has exactly size_of::<T>() bytes and T is a plain C struct for which every
-    // bit pattern is a valid value (KVM validates the contents when it is set).
+    // SAFETY: `b` has exactly size_of::<T>() bytes and every bit pattern is a valid T
+    // (KvmBlob); KVM validates the contents when the state is set.
     unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), &mut v as *mut T as *mut u8, want) };
     Ok(v)
 }
