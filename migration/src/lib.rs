@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod protocol;
 pub mod state;
 pub mod stream;
 

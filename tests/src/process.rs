@@ -134,6 +134,28 @@ impl Ferry {
         }
     }
 
+    /// Returns the next stderr line satisfying `pred` (stdout lines are kept), or panics.
+    pub fn wait_line_err(&mut self, limit: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if let Line::Err(s) = line {
+                        if pred(&s) {
+                            return s;
+                        }
+                    }
+                }
+                Err(_) => panic!(
+                    "no matching stderr line within {limit:?}; output:\n{}",
+                    self.transcript()
+                ),
+            }
+        }
+    }
+
     /// Waits for the process to exit; drains its output.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;

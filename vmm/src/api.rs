@@ -221,6 +221,20 @@ pub fn handle(line: &[u8], vm: &Vm) -> (Value, After) {
             });
             (answer, After::Nothing)
         }
+        "migrate" => {
+            let Some(url) = req.get("url").and_then(Value::as_str) else {
+                return fail("migrate needs a \"url\" string (tcp:HOST:PORT or unix:PATH)".into());
+            };
+            let addr: crate::migrate::Address = match url.parse() {
+                Ok(a) => a,
+                Err(e) => return fail(e.to_string()),
+            };
+            match crate::migrate::send(vm, &addr) {
+                // Committed: the guest is the destination's now; this ferry ends.
+                Ok(report) => (json!({"ok": true, "state": "migrated", "report": report}), After::Stop),
+                Err(e) => fail(format!("migration to {url} failed, the VM runs here as before: {e}")),
+            }
+        }
         "snapshot" => {
             let Some(path) = req.get("path").and_then(Value::as_str) else {
                 return fail("snapshot needs a \"path\" string".into());
@@ -242,7 +256,7 @@ pub fn handle(line: &[u8], vm: &Vm) -> (Value, After) {
         // The VM ends once this answer is written (see `serve`).
         "stop" => (json!({"ok": true, "state": "stopped"}), After::Stop),
         other => fail(format!(
-            "unknown command {other:?} (expected status, cpuid, pause, resume, snapshot or stop)"
+            "unknown command {other:?} (expected status, cpuid, pause, resume, snapshot, migrate or stop)"
         )),
     }
 }

@@ -17,6 +17,7 @@ pub mod cpu;
 pub mod cpu_model;
 pub mod devices;
 pub mod memory;
+pub mod migrate;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vcpu_state;

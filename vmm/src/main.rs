@@ -35,6 +35,8 @@ enum Cmd {
     Ctl(CtlArgs),
     /// Continue a VM from a snapshot file in this process.
     Restore(RestoreArgs),
+    /// Wait for one VM from a migrating ferry, check it, restore it and run it.
+    Receive(ReceiveArgs),
     /// The guest CPU model: dump this host, baseline hosts, check and show profiles.
     #[command(subcommand)]
     Cpu(cpu_cmd::CpuCmd),
@@ -85,6 +87,20 @@ struct RestoreArgs {
 }
 
 #[derive(Parser, Debug)]
+struct ReceiveArgs {
+    /// Where to listen: tcp:ADDR:PORT or unix:PATH.
+    #[arg(long)]
+    listen: String,
+    /// Serve the control socket at this path once the VM runs.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Check the incoming CPU profile against this recorded host (a CPU dump) instead of
+    /// this one.
+    #[arg(long)]
+    host: Option<PathBuf>,
+}
+
+#[derive(Parser, Debug)]
 struct CtlArgs {
     /// The control socket of the ferry to talk to.
     #[arg(long)]
@@ -98,6 +114,9 @@ struct CtlArgs {
 
 #[derive(Subcommand, Debug, Clone)]
 enum CtlCmd {
+    /// Move the VM to a ferry waiting with `ferry receive` (tcp:HOST:PORT or unix:PATH);
+    /// this ferry exits 0 once the destination has it.
+    Migrate { url: String },
     /// Pause, write the whole VM to FILE, and resume (or end the VM with --stop).
     Snapshot {
         file: PathBuf,
@@ -124,6 +143,7 @@ fn main() -> ExitCode {
         Cmd::Run(a) => run(a),
         Cmd::Ctl(a) => ctl(a),
         Cmd::Restore(a) => restore(a),
+        Cmd::Receive(a) => receive(a),
         Cmd::Cpu(c) => cpu_cmd::run(c),
     };
     match result {
@@ -275,6 +295,21 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     serve(vm, a.api_socket.as_deref(), !a.paused)
 }
 
+fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
+    let addr: vmm::migrate::Address = a.listen.parse()?;
+    let host = match &a.host {
+        Some(p) => Some(cpuid::dump::load(p).with_context(|| format!("--host {}", p.display()))?),
+        None => None,
+    };
+    eprintln!("ferry: waiting for a VM on {}", a.listen);
+    let vm = vmm::migrate::receive(
+        &addr,
+        host.as_ref(),
+        Box::new(FlushingWriter(std::io::stdout())),
+    )?;
+    serve(vm, a.api_socket.as_deref(), true)
+}
+
 fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
     let (cmd, req) = match &a.cmd {
         CtlCmd::Status => ("status", json!({"cmd": "status"})),
@@ -282,6 +317,7 @@ fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCmd::Resume => ("resume", json!({"cmd": "resume"})),
         CtlCmd::Stop => ("stop", json!({"cmd": "stop"})),
         CtlCmd::Cpuid => ("cpuid", json!({"cmd": "cpuid"})),
+        CtlCmd::Migrate { url } => ("migrate", json!({"cmd": "migrate", "url": url})),
         CtlCmd::Snapshot { file, stop } => {
             // The server resolves the path in its own working directory: send it absolute.
             let path = std::path::absolute(file).with_context(|| format!("{}", file.display()))?;
@@ -295,6 +331,15 @@ fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
     let ok = resp.get("ok").and_then(|v| v.as_bool()) == Some(true);
     if a.json {
         println!("{resp}");
+    } else if ok && cmd == "migrate" {
+        let r = &resp["report"];
+        println!(
+            "migrated: {} bytes, total {:.1} ms, downtime {:.1} ms ({} memory ranges)",
+            r["bytes"],
+            r["total_ms"].as_f64().unwrap_or(0.0),
+            r["downtime_ms"].as_f64().unwrap_or(0.0),
+            r["memory_ranges"]
+        );
     } else if ok && cmd == "snapshot" {
         println!(
             "snapshot: {} bytes to {} in {:.1} ms ({} memory ranges); VM {}",

@@ -1,0 +1,227 @@
+//! The migration handshake around the VM stream (docs/migration-format.md, "Protocol"):
+//!
+//! ```text
+//! source                                   destination
+//! Hello {version, memory, vcpus, profile} ->
+//!                                          <- Accept | Refuse {reason}   (before any memory)
+//! VM stream (stream::write_vm)            ->
+//!                                          <- Restored | Failed {reason}
+//! Commit                                  ->   the destination runs the guest; the source exits
+//! ```
+//! Every message is a frame: tag [4] | payload length u32 | payload. Payloads are capped; a
+//! frame that is not the one expected at that point is an error.
+
+use std::io::{Read, Write};
+
+use crate::codec::{Decoder, Encoder};
+use crate::stream::{FORMAT_VERSION, MAX_PROFILE_JSON};
+
+/// Largest control payload (the Hello carries the CPU profile).
+pub const MAX_MESSAGE: u32 = MAX_PROFILE_JSON + 64;
+/// Largest reason string in Refuse/Failed.
+pub const MAX_REASON: u32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Codec(#[from] crate::codec::Error),
+    #[error("expected {expected}, the peer sent {found:?}")]
+    Unexpected {
+        expected: &'static str,
+        found: String,
+    },
+    #[error("message {tag:?} of {len} bytes exceeds the cap of {MAX_MESSAGE}")]
+    TooLarge { tag: String, len: u32 },
+}
+
+/// The source's opening message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub format_version: u32,
+    pub memory: u64,
+    pub vcpus: u32,
+    /// The guest CPU profile, as its JSON file text.
+    pub cpu_profile: String,
+}
+
+/// A control message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    Accept,
+    Refuse(String),
+    Restored,
+    Failed(String),
+    Commit,
+}
+
+impl Message {
+    fn tag(&self) -> &'static [u8; 4] {
+        match self {
+            Message::Hello(_) => b"HELO",
+            Message::Accept => b"ACPT",
+            Message::Refuse(_) => b"RFSE",
+            Message::Restored => b"RSTD",
+            Message::Failed(_) => b"FAIL",
+            Message::Commit => b"CMIT",
+        }
+    }
+
+    /// A short name for errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Accept => "Accept",
+            Message::Refuse(_) => "Refuse",
+            Message::Restored => "Restored",
+            Message::Failed(_) => "Failed",
+            Message::Commit => "Commit",
+        }
+    }
+}
+
+impl Hello {
+    pub fn new(memory: u64, vcpus: u32, cpu_profile: String) -> Self {
+        Hello {
+            format_version: FORMAT_VERSION,
+            memory,
+            vcpus,
+            cpu_profile,
+        }
+    }
+}
+
+/// Writes one message and flushes.
+pub fn send(w: &mut impl Write, m: &Message) -> Result<(), Error> {
+    let mut e = Encoder::new();
+    match m {
+        Message::Hello(h) => {
+            e.u32(h.format_version);
+            e.u64(h.memory);
+            e.u32(h.vcpus);
+            e.str_u32("Hello profile", &h.cpu_profile, MAX_PROFILE_JSON)?;
+        }
+        Message::Refuse(r) | Message::Failed(r) => {
+            let r: String = r.chars().take(MAX_REASON as usize / 4).collect();
+            e.str_u32("reason", &r, MAX_REASON)?;
+        }
+        Message::Accept | Message::Restored | Message::Commit => {}
+    }
+    let payload = e.into_inner();
+    let mut frame = Vec::with_capacity(8 + payload.len());
+    frame.extend_from_slice(m.tag());
+    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&payload);
+    w.write_all(&frame)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads one message (its payload only after the length is checked against the cap).
+pub fn recv(r: &mut impl Read) -> Result<Message, Error> {
+    let mut head = [0u8; 8];
+    r.read_exact(&mut head)?;
+    let tag: [u8; 4] = head[..4].try_into().expect("4 bytes");
+    let len = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
+    let tag_s = String::from_utf8_lossy(&tag).into_owned();
+    if len > MAX_MESSAGE {
+        return Err(Error::TooLarge { tag: tag_s, len });
+    }
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload)?;
+    let mut d = Decoder::new(&payload);
+    let m = match &tag {
+        b"HELO" => Message::Hello(Hello {
+            format_version: d.u32("Hello version")?,
+            memory: d.u64("Hello memory")?,
+            vcpus: d.u32("Hello vcpus")?,
+            cpu_profile: d.str_u32("Hello profile", MAX_PROFILE_JSON)?,
+        }),
+        b"ACPT" => Message::Accept,
+        b"RFSE" => Message::Refuse(d.str_u32("reason", MAX_REASON)?),
+        b"RSTD" => Message::Restored,
+        b"FAIL" => Message::Failed(d.str_u32("reason", MAX_REASON)?),
+        b"CMIT" => Message::Commit,
+        _ => {
+            return Err(Error::Unexpected {
+                expected: "a migration message",
+                found: tag_s,
+            })
+        }
+    };
+    d.finish("message payload")?;
+    Ok(m)
+}
+
+/// Reads a message and requires it to be `expected` (by name); Refuse and Failed come back
+/// as they are, for the caller to report.
+pub fn expect(r: &mut impl Read, expected: &'static str) -> Result<Message, Error> {
+    let m = recv(r)?;
+    match &m {
+        m if m.name() == expected => Ok(m.clone()),
+        Message::Refuse(_) | Message::Failed(_) => Ok(m),
+        other => Err(Error::Unexpected {
+            expected,
+            found: other.name().into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        for m in [
+            Message::Hello(Hello::new(256 << 20, 2, "{\"x\":1}".into())),
+            Message::Accept,
+            Message::Refuse("missing features: ssse3".into()),
+            Message::Restored,
+            Message::Failed("KVM_SET_MSRS".into()),
+            Message::Commit,
+        ] {
+            let mut buf = Vec::new();
+            send(&mut buf, &m).unwrap();
+            assert_eq!(recv(&mut buf.as_slice()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn hostile_frames_are_errors() {
+        let mut huge = b"HELO".to_vec();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            recv(&mut huge.as_slice()),
+            Err(Error::TooLarge { .. })
+        ));
+        let mut bad = b"XXXX".to_vec();
+        bad.extend_from_slice(&0u32.to_le_bytes());
+        assert!(recv(&mut bad.as_slice()).is_err());
+        let mut buf = Vec::new();
+        send(&mut buf, &Message::Hello(Hello::new(1, 1, "p".into()))).unwrap();
+        for cut in 0..buf.len() {
+            assert!(recv(&mut &buf[..cut]).is_err(), "truncated at {cut}");
+        }
+        let mut trailing = Vec::new();
+        send(&mut trailing, &Message::Accept).unwrap();
+        trailing[4] = 1;
+        trailing.push(0);
+        assert!(
+            recv(&mut trailing.as_slice()).is_err(),
+            "payload where none belongs"
+        );
+    }
+
+    #[test]
+    fn expect_names_what_came_instead() {
+        let mut buf = Vec::new();
+        send(&mut buf, &Message::Commit).unwrap();
+        let e = expect(&mut buf.as_slice(), "Restored")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Restored") && e.contains("Commit"), "{e}");
+    }
+}

@@ -1,0 +1,156 @@
+//! Moving a running guest between two ferry processes (stop-and-copy for now): the
+//! destination checks the CPU profile before any memory moves, restores, and runs the guest
+//! after Commit; the source then exits 0. A destination that cannot run the profile refuses,
+//! and the guest keeps running on the source.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_tests::process::{temp_path, Ferry};
+use ferry_tests::tiny::{wait_for, LONG_COUNT};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn count(l: &str) -> Option<u64> {
+    (l.len() == 16)
+        .then(|| u64::from_str_radix(l, 16).ok())
+        .flatten()
+}
+
+fn image() -> PathBuf {
+    let p = temp_path("long_count.bin");
+    std::fs::write(&p, LONG_COUNT.bytes).unwrap();
+    p
+}
+
+fn source(sock: &Path) -> Ferry {
+    let img = image();
+    let f = Ferry::spawn(&[
+        "run",
+        "--image",
+        img.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    wait_for("the source's control socket", LIMIT, || sock.exists());
+    f
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn migrate_and_check(url: &str, tag: &str) {
+    ferry_tests::require_kvm();
+    let (s_sock, d_sock) = (
+        temp_path(&format!("{tag}-src.sock")),
+        temp_path(&format!("{tag}-dst.sock")),
+    );
+    let mut src = source(&s_sock);
+    src.wait_line(LIMIT, |l| count(l).is_some_and(|n| n >= 100));
+    let mut dst = Ferry::spawn(&[
+        "receive",
+        "--listen",
+        url,
+        "--api-socket",
+        d_sock.to_str().unwrap(),
+    ]);
+    dst.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
+    let (ok, out) = src.ctl(&["migrate", url]);
+    assert!(
+        ok && out.contains("migrated"),
+        "{out}\n{}",
+        src.transcript()
+    );
+    assert!(
+        src.wait_exit(LIMIT).success(),
+        "the source must exit 0 after Commit:\n{}",
+        src.transcript()
+    );
+    let before = src.stdout_text();
+    dst.wait_line(LIMIT, |l| count(l).is_some());
+    wait_for("the destination's control socket", LIMIT, || {
+        d_sock.exists()
+    });
+    let (ok, status) = dst.ctl(&["status"]);
+    assert!(ok && status.contains("running"), "{status}");
+    assert!(dst.ctl(&["stop"]).0);
+    assert!(dst.wait_exit(LIMIT).success(), "{}", dst.transcript());
+    let all: Vec<u64> = (before + &dst.stdout_text())
+        .lines()
+        .filter_map(count)
+        .collect();
+    for w in all.windows(2) {
+        assert_eq!(
+            w[1],
+            w[0] + 1,
+            "the count must go on by one across the move"
+        );
+    }
+    assert!(all.len() > 100);
+}
+
+#[test]
+fn migrate_over_a_unix_socket() {
+    let url = format!("unix:{}", temp_path("mig.sock").display());
+    migrate_and_check(&url, "unix");
+}
+
+#[test]
+fn migrate_over_tcp_loopback() {
+    migrate_and_check(&format!("tcp:127.0.0.1:{}", free_tcp_port()), "tcp");
+}
+
+#[test]
+fn a_destination_that_cannot_run_the_profile_refuses_and_the_source_runs_on() {
+    ferry_tests::require_kvm();
+    let opteron = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../cpuid/testdata/amd-opteron-2378-shanghai-instlatx64.txt");
+    let s_sock = temp_path("refuse-src.sock");
+    let url = format!("unix:{}", temp_path("refuse.sock").display());
+    let mut src = source(&s_sock);
+    src.wait_line(LIMIT, |l| count(l).is_some_and(|n| n >= 50));
+    let mut dst = Ferry::spawn(&[
+        "receive",
+        "--listen",
+        &url,
+        "--host",
+        opteron.to_str().unwrap(),
+    ]);
+    dst.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
+    // The default profile (x86-64-v2) has ssse3, which the Opteron 2378 lacks.
+    let (ok, out) = src.ctl(&["migrate", &url]);
+    assert!(
+        !ok && out.contains("refused") && out.contains("ssse3"),
+        "{out}"
+    );
+    let status = dst.wait_exit(LIMIT);
+    assert!(
+        !status.success(),
+        "the refusing destination must exit non-zero"
+    );
+    let err = dst.stderr_lines().join("\n");
+    assert!(err.contains("ssse3") && err.contains("refused"), "{err}");
+    assert!(
+        !dst.stdout_text().lines().any(|l| count(l).is_some()),
+        "the destination must not run the guest"
+    );
+    // The source never paused: it goes on counting and is still running.
+    let (ok, st) = src.ctl(&["status"]);
+    assert!(ok && st.contains("running"), "{st}");
+    let last = src.seen.iter().rev().find_map(|l| match l {
+        ferry_tests::process::Line::Out(s) => count(s),
+        _ => None,
+    });
+    src.wait_line(LIMIT, |l| {
+        count(l).is_some_and(|n| Some(n) > last.map(|x| x + 10))
+    });
+    assert!(src.ctl(&["stop"]).0);
+    assert!(src.wait_exit(LIMIT).success());
+}
