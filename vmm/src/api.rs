@@ -158,6 +158,10 @@ fn serve(stream: UnixStream, vm: &Vm) {
                 vm.request_stop("control socket");
                 return;
             }
+            After::Migrated => {
+                vm.request_stop("migration (the guest runs on the destination now)");
+                return;
+            }
         }
     }
 }
@@ -176,6 +180,8 @@ pub enum After {
     Close,
     /// End the VM (and so the process).
     Stop,
+    /// End the VM here: it now runs on a migration destination.
+    Migrated,
 }
 
 /// Answers one request line; the caller writes the answer, then does what [`After`] says.
@@ -231,7 +237,7 @@ pub fn handle(line: &[u8], vm: &Vm) -> (Value, After) {
             };
             match crate::migrate::send(vm, &addr) {
                 // Committed: the guest is the destination's now; this ferry ends.
-                Ok(report) => (json!({"ok": true, "state": "migrated", "report": report}), After::Stop),
+                Ok(report) => (json!({"ok": true, "state": "migrated", "report": report}), After::Migrated),
                 Err(e) => fail(format!("migration to {url} failed, the VM runs here as before: {e}")),
             }
         }
