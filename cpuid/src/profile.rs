@@ -19,6 +19,10 @@ pub const FORMAT: &str = "ferry-cpu-profile";
 /// The profile format version this code reads and writes.
 pub const VERSION: u32 = 1;
 
+/// The XSAVE area ferry saves and restores (KVM_GET/SET_XSAVE): components beyond it (AMX
+/// tile data) are never offered, since they could not travel.
+pub const XSAVE_AREA_MAX: u32 = 4096;
+
 /// Features never passed to a guest, whatever the hosts have, and why.
 pub const HIDDEN: &[(&str, &str)] = &[
     ("hypervisor", "synthesized: always set for a guest"),
@@ -347,6 +351,7 @@ pub fn baseline(
         let first_x = xsave_components(first);
         xsave = first_x
             .into_iter()
+            .filter(|c| c.offset + c.size <= XSAVE_AREA_MAX)
             .filter(|c| hosts.iter().all(|h| xsave_components(h).contains(c)))
             .collect();
     }
@@ -410,6 +415,10 @@ pub fn drop_features_without_state(features: &mut BTreeSet<String>, xsave: &[Xsa
         ("avx_vnni", &[2]),
         ("avx512f", &[5, 6, 7]),
         ("pku", &[9]),
+        ("amx_tile", &[17, 18]),
+        ("amx_int8", &[17, 18]),
+        ("amx_bf16", &[17, 18]),
+        ("amx_fp16", &[17, 18]),
     ];
     for (f, comps) in needs {
         if !comps.iter().all(|c| has(*c)) {

@@ -154,3 +154,52 @@ fn a_destination_that_cannot_run_the_profile_refuses_and_the_source_runs_on() {
     assert!(src.ctl(&["stop"]).0);
     assert!(src.wait_exit(LIMIT).success());
 }
+
+#[test]
+fn a_host_profile_guest_is_refused_by_a_host_of_the_other_vendor() {
+    ferry_tests::require_kvm();
+    let kvm = vmm::vm::open_kvm().unwrap();
+    let here = vmm::cpu_model::host_dump(&kvm).unwrap().vendor().unwrap();
+    // A recorded CPU of the other vendor stands in for the destination host.
+    let other = match here {
+        cpuid::Vendor::Intel => "amd-epyc-9124-genoa-instlatx64.txt",
+        cpuid::Vendor::Amd => "intel-xeon-w7-2475x-sapphirerapids-instlatx64.txt",
+    };
+    let other = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../cpuid/testdata")
+        .join(other);
+    let s_sock = temp_path("hostcpu-src.sock");
+    let url = format!("unix:{}", temp_path("hostcpu.mig").display());
+    let img = image();
+    let mut src = Ferry::spawn(&[
+        "run",
+        "--image",
+        img.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--cpu",
+        "host",
+        "--api-socket",
+        s_sock.to_str().unwrap(),
+    ]);
+    wait_for("the source's control socket", LIMIT, || s_sock.exists());
+    src.wait_line(LIMIT, |l| count(l).is_some());
+    let mut dst = Ferry::spawn(&[
+        "receive",
+        "--listen",
+        &url,
+        "--host",
+        other.to_str().unwrap(),
+    ]);
+    dst.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
+    let (ok, out) = src.ctl(&["migrate", &url]);
+    assert!(
+        !ok && out.contains("not migratable to a host of another vendor"),
+        "{out}"
+    );
+    assert!(!dst.wait_exit(LIMIT).success());
+    let (ok, st) = src.ctl(&["status"]);
+    assert!(ok && st.contains("running"), "{st}");
+    assert!(src.ctl(&["stop"]).0);
+    assert!(src.wait_exit(LIMIT).success());
+}
