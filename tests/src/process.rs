@@ -111,47 +111,43 @@ impl Ferry {
 
     /// Returns the next stdout line satisfying `pred`, or panics after `limit` with the output.
     pub fn wait_line(&mut self, limit: Duration, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if let Line::Out(s) = line {
-                        if pred(&s) {
-                            return s;
-                        }
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => panic!(
-                    "no matching line within {limit:?}; output:\n{}",
-                    self.transcript()
-                ),
-                Err(RecvTimeoutError::Disconnected) => {
-                    panic!("ferry closed its output; output:\n{}", self.transcript())
-                }
-            }
-        }
+        self.next_matching(limit, false, pred)
     }
 
     /// Returns the next stderr line satisfying `pred` (stdout lines are kept), or panics.
     pub fn wait_line_err(&mut self, limit: Duration, pred: impl Fn(&str) -> bool) -> String {
+        self.next_matching(limit, true, pred)
+    }
+
+    fn next_matching(
+        &mut self,
+        limit: Duration,
+        stderr: bool,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
                     self.seen.push(line.clone());
-                    if let Line::Err(s) = line {
-                        if pred(&s) {
-                            return s;
-                        }
+                    let text = match (&line, stderr) {
+                        (Line::Out(s), false) | (Line::Err(s), true) => s,
+                        _ => continue,
+                    };
+                    if pred(text) {
+                        return text.clone();
                     }
                 }
-                Err(_) => panic!(
-                    "no matching stderr line within {limit:?}; output:\n{}",
-                    self.transcript()
-                ),
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "no matching line within {limit:?}; output:\n{}",
+                        self.transcript()
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("ferry closed its output; output:\n{}", self.transcript())
+                }
             }
         }
     }
