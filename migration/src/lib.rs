@@ -7,6 +7,8 @@
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod converge;
+pub mod pages;
 pub mod protocol;
 pub mod state;
 pub mod stream;

@@ -4,7 +4,9 @@
 //! source                                   destination
 //! Hello {version, memory, vcpus, profile} ->
 //!                                          <- Accept | Refuse {reason}   (before any memory)
-//! VM stream (stream::write_vm)            ->
+//! Pages {round, runs} x n (precopy)       ->   written into the new VM's RAM
+//! [Cancel {reason}                         ->   the destination gives up; the end]
+//! State, then the VM stream (no memory)   ->
 //!                                          <- Restored | Failed {reason}
 //! Commit                                  ->   the destination runs the guest; the source exits
 //! ```
@@ -34,6 +36,8 @@ pub enum Error {
     },
     #[error("message {tag:?} of {len} bytes exceeds the cap of {MAX_MESSAGE}")]
     TooLarge { tag: String, len: u32 },
+    #[error("{0}")]
+    Pages(#[from] crate::pages::Error),
 }
 
 /// The source's opening message.
@@ -55,6 +59,18 @@ pub enum Message {
     Restored,
     Failed(String),
     Commit,
+    /// The source gives up (cancelled, timed out); the guest stays with it.
+    Cancel(String),
+    /// The VM stream (stream::write_vm) follows this frame.
+    State,
+}
+
+/// What the destination reads during precopy.
+#[derive(Debug)]
+pub enum Precopy<'b> {
+    Pages(crate::pages::Batch<'b>),
+    Cancel(String),
+    State,
 }
 
 impl Message {
@@ -66,6 +82,8 @@ impl Message {
             Message::Restored => b"RSTD",
             Message::Failed(_) => b"FAIL",
             Message::Commit => b"CMIT",
+            Message::Cancel(_) => b"CNCL",
+            Message::State => b"VMST",
         }
     }
 
@@ -78,6 +96,8 @@ impl Message {
             Message::Restored => "Restored",
             Message::Failed(_) => "Failed",
             Message::Commit => "Commit",
+            Message::Cancel(_) => "Cancel",
+            Message::State => "State",
         }
     }
 }
@@ -103,11 +123,11 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<(), Error> {
             e.u32(h.vcpus);
             e.str_u32("Hello profile", &h.cpu_profile, MAX_PROFILE_JSON)?;
         }
-        Message::Refuse(r) | Message::Failed(r) => {
+        Message::Refuse(r) | Message::Failed(r) | Message::Cancel(r) => {
             let r: String = r.chars().take(MAX_REASON as usize / 4).collect();
             e.str_u32("reason", &r, MAX_REASON)?;
         }
-        Message::Accept | Message::Restored | Message::Commit => {}
+        Message::Accept | Message::Restored | Message::Commit | Message::State => {}
     }
     let payload = e.into_inner();
     let mut frame = Vec::with_capacity(8 + payload.len());
@@ -119,12 +139,48 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<(), Error> {
     Ok(())
 }
 
-/// Reads one message (its payload only after the length is checked against the cap).
-pub fn recv(r: &mut impl Read) -> Result<Message, Error> {
+/// Reads a frame head: tag and payload length.
+fn read_head(r: &mut impl Read) -> Result<([u8; 4], u32), Error> {
     let mut head = [0u8; 8];
     r.read_exact(&mut head)?;
     let tag: [u8; 4] = head[..4].try_into().expect("4 bytes");
-    let len = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
+    Ok((
+        tag,
+        u32::from_le_bytes(head[4..].try_into().expect("4 bytes")),
+    ))
+}
+
+/// Reads one message (its payload only after the length is checked against the cap).
+pub fn recv(r: &mut impl Read) -> Result<Message, Error> {
+    let (tag, len) = read_head(r)?;
+    message(r, tag, len)
+}
+
+/// Reads what comes during precopy: a page frame into `buf` (reused; at most
+/// [`crate::pages::MAX_PAYLOAD`] bytes), Cancel or State. Anything else is an error.
+pub fn recv_precopy<'b>(r: &mut impl Read, buf: &'b mut Vec<u8>) -> Result<Precopy<'b>, Error> {
+    let (tag, len) = read_head(r)?;
+    if tag == crate::pages::TAG {
+        let len = len as usize;
+        if len > crate::pages::MAX_PAYLOAD {
+            return Err(crate::pages::Error::TooLarge(len).into());
+        }
+        buf.resize(len, 0);
+        r.read_exact(buf)?;
+        return Ok(Precopy::Pages(crate::pages::decode(buf)?));
+    }
+    match message(r, tag, len)? {
+        Message::Cancel(reason) => Ok(Precopy::Cancel(reason)),
+        Message::State => Ok(Precopy::State),
+        other => Err(Error::Unexpected {
+            expected: "Pages, Cancel or State",
+            found: other.name().into(),
+        }),
+    }
+}
+
+/// Reads the payload of a control message whose head has been read.
+fn message(r: &mut impl Read, tag: [u8; 4], len: u32) -> Result<Message, Error> {
     let tag_s = String::from_utf8_lossy(&tag).into_owned();
     if len > MAX_MESSAGE {
         return Err(Error::TooLarge { tag: tag_s, len });
@@ -144,6 +200,8 @@ pub fn recv(r: &mut impl Read) -> Result<Message, Error> {
         b"RSTD" => Message::Restored,
         b"FAIL" => Message::Failed(d.str_u32("reason", MAX_REASON)?),
         b"CMIT" => Message::Commit,
+        b"CNCL" => Message::Cancel(d.str_u32("reason", MAX_REASON)?),
+        b"VMST" => Message::State,
         _ => {
             return Err(Error::Unexpected {
                 expected: "a migration message",
@@ -182,6 +240,8 @@ mod tests {
             Message::Restored,
             Message::Failed("KVM_SET_MSRS".into()),
             Message::Commit,
+            Message::Cancel("timed out".into()),
+            Message::State,
         ] {
             let mut buf = Vec::new();
             send(&mut buf, &m).unwrap();
@@ -213,6 +273,38 @@ mod tests {
             recv(&mut trailing.as_slice()).is_err(),
             "payload where none belongs"
         );
+    }
+
+    #[test]
+    fn precopy_reads_pages_cancel_and_state() {
+        let mut w = crate::pages::BatchWriter::new();
+        w.set_round(3);
+        w.page_slot()[0] = 7;
+        w.commit_page(0x5000, false);
+        let mut stream = w.finish().to_vec();
+        send(&mut stream, &Message::Cancel("user".into())).unwrap();
+        send(&mut stream, &Message::State).unwrap();
+        send(&mut stream, &Message::Commit).unwrap();
+        let mut r = stream.as_slice();
+        let mut buf = Vec::new();
+        match recv_precopy(&mut r, &mut buf).unwrap() {
+            Precopy::Pages(b) => assert_eq!((b.round, b.runs[0].gpa), (3, 0x5000)),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(recv_precopy(&mut r, &mut buf).unwrap(), Precopy::Cancel(c) if c == "user")
+        );
+        assert!(matches!(
+            recv_precopy(&mut r, &mut buf).unwrap(),
+            Precopy::State
+        ));
+        let e = recv_precopy(&mut r, &mut buf).unwrap_err().to_string();
+        assert!(e.contains("Commit"), "{e}");
+        // A page frame claiming more than the cap is refused before reading it.
+        let mut huge = b"PAGS".to_vec();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(recv_precopy(&mut huge.as_slice(), &mut buf).is_err());
+        assert!(buf.len() <= crate::pages::MAX_PAYLOAD);
     }
 
     #[test]

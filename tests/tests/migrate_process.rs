@@ -64,7 +64,7 @@ fn migrate_and_check(url: &str, tag: &str) {
     dst.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
     let (ok, out) = src.ctl(&["migrate", url]);
     assert!(
-        ok && out.contains("migrated"),
+        ok && out.contains("migration completed"),
         "{out}\n{}",
         src.transcript()
     );

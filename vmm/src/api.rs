@@ -147,7 +147,11 @@ fn serve(stream: UnixStream, vm: &Vm) {
             let e = format!("request longer than {MAX_REQUEST} bytes");
             (json!({"ok": false, "error": e}), After::Close)
         } else {
-            handle(&line, vm)
+            // A migration asked for progress gets one JSON line per update first.
+            let mut progress = |p: Value| {
+                let _ = writeln!(out, "{}", json!({ "progress": p }));
+            };
+            handle(&line, vm, &mut progress)
         };
         let written = writeln!(out, "{response}");
         // Act only once the answer is written: a stop ends the process.
@@ -185,7 +189,8 @@ pub enum After {
 }
 
 /// Answers one request line; the caller writes the answer, then does what [`After`] says.
-pub fn handle(line: &[u8], vm: &Vm) -> (Value, After) {
+/// A `migrate` with `"progress":true` calls `progress` with each update before answering.
+pub fn handle(line: &[u8], vm: &Vm, progress: &mut dyn FnMut(Value)) -> (Value, After) {
     let fail = |e: String| (json!({"ok": false, "error": e}), After::Nothing);
     let req: Value = match serde_json::from_slice(line) {
         Ok(v) => v,
@@ -199,15 +204,25 @@ pub fn handle(line: &[u8], vm: &Vm) -> (Value, After) {
         Err(e) => fail(e.to_string()),
     };
     match cmd {
-        "status" => (
-            json!({
+        "status" => {
+            let mut answer = json!({
                 "ok": true,
                 "state": state_str(vm),
                 "vcpus": vm.vcpu_states(),
                 "memory": vm.memory_size(),
-            }),
-            After::Nothing,
-        ),
+            });
+            if let Some(p) = vm.migration_progress() {
+                answer["migration"] = json!(p);
+            }
+            (answer, After::Nothing)
+        }
+        "cancel" => {
+            if vm.cancel_migration() {
+                (json!({"ok": true, "cancelled": true}), After::Nothing)
+            } else {
+                fail("no migration is in progress".into())
+            }
+        }
         "cpuid" => {
             let cpuid::table::TableDiff {
                 features: forced,
@@ -235,10 +250,34 @@ pub fn handle(line: &[u8], vm: &Vm) -> (Value, After) {
                 Ok(a) => a,
                 Err(e) => return fail(e.to_string()),
             };
-            match crate::migrate::send(vm, &addr) {
+            let opts = match migrate_options(&req) {
+                Ok(o) => o,
+                Err(e) => return fail(e),
+            };
+            let want_progress = req.get("progress").and_then(Value::as_bool) == Some(true);
+            let mut on_progress = |p: &crate::migrate::Progress| {
+                if want_progress {
+                    progress(json!(p));
+                }
+            };
+            match crate::migrate::send(vm, &addr, &opts, &mut on_progress) {
                 // Committed: the guest is the destination's now; this ferry ends.
-                Ok(report) => (json!({"ok": true, "state": "migrated", "report": report}), After::Migrated),
-                Err(e) => fail(format!("migration to {url} failed, the VM runs here as before: {e}")),
+                Ok(report) => (
+                    json!({"ok": true, "state": "migrated", "report": report}),
+                    After::Migrated,
+                ),
+                Err(crate::migrate::Error::Cancelled { reason, report }) => (
+                    json!({
+                        "ok": false,
+                        "error": format!("migration to {url} cancelled, the VM runs here as before: {reason}"),
+                        "state": state_str(vm),
+                        "report": report,
+                    }),
+                    After::Nothing,
+                ),
+                Err(e) => fail(format!(
+                    "migration to {url} failed, the VM runs here as before: {e}"
+                )),
             }
         }
         "snapshot" => {
@@ -262,9 +301,40 @@ pub fn handle(line: &[u8], vm: &Vm) -> (Value, After) {
         // The VM ends once this answer is written (see `serve`).
         "stop" => (json!({"ok": true, "state": "stopped"}), After::Stop),
         other => fail(format!(
-            "unknown command {other:?} (expected status, cpuid, pause, resume, snapshot, migrate or stop)"
+            "unknown command {other:?} (expected status, cpuid, pause, resume, snapshot, migrate, cancel or stop)"
         )),
     }
+}
+
+/// The migration options of a `migrate` request: `max_downtime_ms`, `timeout_ms`,
+/// `max_bandwidth` (bytes per second), `max_throttle` (percent); defaults where absent.
+fn migrate_options(req: &Value) -> Result<crate::migrate::Options, String> {
+    let mut o = crate::migrate::Options::default();
+    let num = |key: &str| -> Result<Option<f64>, String> {
+        match req.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() && x >= 0.0 => Ok(Some(x)),
+                _ => Err(format!("{key} must be a number >= 0, not {v}")),
+            },
+        }
+    };
+    if let Some(ms) = num("max_downtime_ms")? {
+        o.max_downtime = Duration::from_secs_f64(ms.min(1e9) / 1e3);
+    }
+    if let Some(ms) = num("timeout_ms")? {
+        o.timeout = Duration::from_secs_f64(ms.min(1e12) / 1e3);
+    }
+    if let Some(bw) = num("max_bandwidth")? {
+        o.max_bandwidth = (bw >= 1.0).then_some(bw as u64);
+    }
+    if let Some(t) = num("max_throttle")? {
+        if t > 99.0 {
+            return Err(format!("max_throttle is at most 99 (percent), not {t}"));
+        }
+        o.max_throttle = t as u8;
+    }
+    Ok(o)
 }
 
 /// Pauses the VM, writes its state to `path` (through a temporary file, renamed when
@@ -341,6 +411,17 @@ fn write_snapshot(vm: &Vm, path: &std::path::Path) -> Result<(u64, usize), Strin
 
 /// Sends one request and returns the response object.
 pub fn request(path: &Path, req: &Value, timeout: Duration) -> Result<Value, Error> {
+    request_with_progress(path, req, timeout, &mut |_| {})
+}
+
+/// Sends one request; progress lines (`{"progress":...}`) before the answer go to
+/// `progress`, each within `timeout` of the last. Returns the response object.
+pub fn request_with_progress(
+    path: &Path,
+    req: &Value,
+    timeout: Duration,
+    progress: &mut dyn FnMut(&Value),
+) -> Result<Value, Error> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -351,10 +432,17 @@ pub fn request(path: &Path, req: &Value, timeout: Duration) -> Result<Value, Err
     })?;
     s.set_read_timeout(Some(timeout)).map_err(io)?;
     writeln!(s, "{req}").map_err(io)?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).map_err(io)?;
-    serde_json::from_str(&line).map_err(|_| Error::BadResponse {
-        path: path.to_path_buf(),
-        line,
-    })
+    let mut reader = BufReader::new(s);
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).map_err(io)?;
+        let v: Value = serde_json::from_str(&line).map_err(|_| Error::BadResponse {
+            path: path.to_path_buf(),
+            line: line.clone(),
+        })?;
+        match v.get("progress") {
+            Some(p) if v.get("ok").is_none() => progress(p),
+            _ => return Ok(v),
+        }
+    }
 }

@@ -144,9 +144,43 @@ pub fn parse_size(s: &str) -> Result<u64, Error> {
     n.checked_mul(1u64 << shift).ok_or_else(err)
 }
 
+/// Parses a duration like `5ms`, `1.5s`, `60s`, `2m` or `0`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?}: expected like 5ms, 1.5s or 2m"))?;
+    let secs = match unit {
+        "us" => n / 1e6,
+        "ms" => n / 1e3,
+        "s" => n,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        "" if n == 0.0 => 0.0,
+        _ => return Err(format!("bad duration {s:?}: expected like 5ms, 1.5s or 2m")),
+    };
+    std::time::Duration::try_from_secs_f64(secs).map_err(|_| format!("bad duration {s:?}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_parse() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("5ms").unwrap(), Duration::from_millis(5));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        for bad in ["", "5", "ms", "5 parsecs", "-1s", "1e999s"] {
+            assert!(parse_duration(bad).is_err(), "{bad} parsed");
+        }
+    }
 
     #[test]
     fn sizes_parse() {

@@ -114,9 +114,26 @@ struct CtlArgs {
 
 #[derive(Subcommand, Debug, Clone)]
 enum CtlCmd {
-    /// Move the VM to a ferry waiting with `ferry receive` (tcp:HOST:PORT or unix:PATH);
-    /// this ferry exits 0 once the destination has it.
-    Migrate { url: String },
+    /// Live-migrate the VM to a ferry waiting with `ferry receive` (tcp:HOST:PORT or
+    /// unix:PATH); this ferry exits 0 once the destination has it. On a terminal a progress
+    /// line shows the round, bytes left, rate, predicted downtime and throttle.
+    Migrate {
+        url: String,
+        /// Switch over once the predicted downtime fits this (like 5ms).
+        #[arg(long, default_value = "20ms", value_parser = vmm::config::parse_duration)]
+        max_downtime: Duration,
+        /// Cancel (the guest stays here) if it has not switched over by then.
+        #[arg(long, default_value = "60s", value_parser = vmm::config::parse_duration)]
+        timeout: Duration,
+        /// Send at most this many bytes per second (like 100M); unlimited by default.
+        #[arg(long)]
+        max_bandwidth: Option<String>,
+        /// Most vCPU time throttling may take, percent (0: never throttle).
+        #[arg(long, default_value_t = 99, value_parser = clap::value_parser!(u8).range(0..=99))]
+        max_throttle: u8,
+    },
+    /// Cancel the migration in progress; the guest keeps running here.
+    Cancel,
     /// Pause, write the whole VM to FILE, and resume (or end the VM with --stop).
     Snapshot {
         file: PathBuf,
@@ -307,7 +324,56 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         host.as_ref(),
         Box::new(FlushingWriter(std::io::stdout())),
     )?;
+    eprintln!(
+        "ferry: received the VM ({} MiB, {} vCPUs, CPU profile {}); running it",
+        vm.memory_size() >> 20,
+        vm.num_vcpus(),
+        vm.cpu_profile().name
+    );
     serve(vm, a.api_socket.as_deref(), true)
+}
+
+/// One progress line of a running migration.
+fn progress_line(p: &serde_json::Value) -> String {
+    let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
+    format!(
+        "migrating: round {}, {:.1} MiB sent, {:.1} MiB left in the round, {:.0} MB/s, predicted downtime {:.1} ms, throttle {}%",
+        p["round"],
+        f("sent_bytes") / 1048576.0,
+        f("remaining_bytes") / 1048576.0,
+        f("rate_mbps"),
+        f("predicted_downtime_ms"),
+        p["throttle_pct"]
+    )
+}
+
+/// The final report of a migration, for people.
+fn report_line(r: &serde_json::Value) -> String {
+    let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
+    let pages: Vec<String> = r["pages_per_round"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| v.to_string())
+        .collect();
+    let outcome = r["outcome"].as_str().unwrap_or("?");
+    let mut line = format!(
+        "migration {outcome}: total {:.1} ms, downtime {:.1} ms (target {:.1} ms), {:.1} MiB on the wire at {:.0} MB/s, {} rounds (pages per round: {}), {} zero and {} untouched pages skipped, throttle {}%",
+        f("total_ms"),
+        f("downtime_ms"),
+        f("max_downtime_ms"),
+        f("bytes") / 1048576.0,
+        f("bandwidth_mbps"),
+        r["rounds"],
+        pages.join(" "),
+        r["zero_pages"],
+        r["untouched_pages"],
+        r["throttle_pct"]
+    );
+    if let Some(why) = r["reason"].as_str() {
+        line.push_str(&format!("; {why}"));
+    }
+    line
 }
 
 fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
@@ -317,7 +383,31 @@ fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCmd::Resume => ("resume", json!({"cmd": "resume"})),
         CtlCmd::Stop => ("stop", json!({"cmd": "stop"})),
         CtlCmd::Cpuid => ("cpuid", json!({"cmd": "cpuid"})),
-        CtlCmd::Migrate { url } => ("migrate", json!({"cmd": "migrate", "url": url})),
+        CtlCmd::Cancel => ("cancel", json!({"cmd": "cancel"})),
+        CtlCmd::Migrate {
+            url,
+            max_downtime,
+            timeout,
+            max_bandwidth,
+            max_throttle,
+        } => {
+            let bw = match max_bandwidth {
+                Some(b) => Some(parse_size(b).context("--max-bandwidth")?),
+                None => None,
+            };
+            (
+                "migrate",
+                json!({
+                    "cmd": "migrate",
+                    "url": url,
+                    "max_downtime_ms": max_downtime.as_secs_f64() * 1e3,
+                    "timeout_ms": timeout.as_secs_f64() * 1e3,
+                    "max_bandwidth": bw,
+                    "max_throttle": max_throttle,
+                    "progress": true,
+                }),
+            )
+        }
         CtlCmd::Snapshot { file, stop } => {
             // The server resolves the path in its own working directory: send it absolute.
             let path = std::path::absolute(file).with_context(|| format!("{}", file.display()))?;
@@ -327,19 +417,29 @@ fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
             )
         }
     };
-    let resp = api::request(&a.api_socket, &req, Duration::from_secs(600))?;
+    use std::io::IsTerminal;
+    let show_progress = !a.json && std::io::stderr().is_terminal();
+    let mut shown = false;
+    let mut on_progress = |p: &serde_json::Value| {
+        if show_progress {
+            shown = true;
+            eprint!("\r\x1b[K{}", progress_line(p));
+        }
+    };
+    let resp = api::request_with_progress(
+        &a.api_socket,
+        &req,
+        Duration::from_secs(600),
+        &mut on_progress,
+    )?;
+    if shown {
+        eprintln!();
+    }
     let ok = resp.get("ok").and_then(|v| v.as_bool()) == Some(true);
     if a.json {
         println!("{resp}");
-    } else if ok && cmd == "migrate" {
-        let r = &resp["report"];
-        println!(
-            "migrated: {} bytes, total {:.1} ms, downtime {:.1} ms ({} memory ranges)",
-            r["bytes"],
-            r["total_ms"].as_f64().unwrap_or(0.0),
-            r["downtime_ms"].as_f64().unwrap_or(0.0),
-            r["memory_ranges"]
-        );
+    } else if cmd == "migrate" && resp.get("report").is_some() {
+        println!("{}", report_line(&resp["report"]));
     } else if ok && cmd == "snapshot" {
         println!(
             "snapshot: {} bytes to {} in {:.1} ms ({} memory ranges); VM {}",

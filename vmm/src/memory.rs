@@ -10,6 +10,8 @@
 //! Invariant: every slot is page aligned and backed by exactly one vm-memory region at the
 //! same guest address; slot i is region i.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vm_memory::bitmap::AtomicBitmap;
@@ -58,7 +60,7 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
 #[derive(Debug)]
 pub struct GuestRam {
     mem: GuestMemoryMmap,
-    dirty_logging: bool,
+    dirty_logging: AtomicBool,
 }
 
 impl GuestRam {
@@ -75,7 +77,7 @@ impl GuestRam {
         })?;
         Ok(GuestRam {
             mem,
-            dirty_logging: false,
+            dirty_logging: AtomicBool::new(false),
         })
     }
 
@@ -91,12 +93,12 @@ impl GuestRam {
 
     /// Whether KVM is logging dirty pages.
     pub fn dirty_logging(&self) -> bool {
-        self.dirty_logging
+        self.dirty_logging.load(Ordering::SeqCst)
     }
 
     /// Registers (or re-registers) every slot with KVM, with dirty logging as currently set.
     pub fn register(&self, vm: &VmFd) -> Result<(), Error> {
-        let flags = if self.dirty_logging {
+        let flags = if self.dirty_logging() {
             KVM_MEM_LOG_DIRTY_PAGES
         } else {
             0
@@ -122,11 +124,11 @@ impl GuestRam {
     }
 
     /// Switches KVM's dirty page logging on or off for every slot, keeping the memory.
-    pub fn set_dirty_logging(&mut self, vm: &VmFd, on: bool) -> Result<(), Error> {
-        let before = self.dirty_logging;
-        self.dirty_logging = on;
+    /// Callers serialize changes (the VM's lifecycle lock).
+    pub fn set_dirty_logging(&self, vm: &VmFd, on: bool) -> Result<(), Error> {
+        let before = self.dirty_logging.swap(on, Ordering::SeqCst);
         self.register(vm)
-            .inspect_err(|_| self.dirty_logging = before)
+            .inspect_err(|_| self.dirty_logging.store(before, Ordering::SeqCst))
     }
 
     /// Fetches and clears KVM's dirty bitmap of every slot: one bit per page, bit i of
@@ -139,6 +141,48 @@ impl GuestRam {
                 let slot = slot as u32;
                 vm.get_dirty_log(slot, region.len() as usize)
                     .map_err(|source| Error::GetDirtyLog { slot, source })
+            })
+            .collect()
+    }
+
+    /// Pages of every slot that the guest or ferry ever touched (bitmaps as in
+    /// [`GuestRam::take_dirty_log`]), from the kernel's page table for this process
+    /// (/proc/self/pagemap: present or swapped) without reading the pages. A page never
+    /// touched reads as zero. Where pagemap cannot be read, every page counts as touched.
+    pub fn touched_pages(&self) -> Vec<Vec<u64>> {
+        use std::os::unix::fs::FileExt;
+        let pagemap = std::fs::File::open("/proc/self/pagemap")
+            .inspect_err(|e| log::info!("pagemap: {e}; treating every page as touched"))
+            .ok();
+        self.mem
+            .iter()
+            .map(|region| {
+                let pages = (region.len() / PAGE_SIZE) as usize;
+                let mut bits = vec![0u64; pages.div_ceil(64)];
+                let host = region
+                    .get_host_address(vm_memory::MemoryRegionAddress(0))
+                    .expect("a region contains its own first byte")
+                    as u64;
+                let mut entries = vec![0u8; 8 * 8192];
+                let mut page = 0usize;
+                while page < pages {
+                    let n = (pages - page).min(8192);
+                    let buf = &mut entries[..8 * n];
+                    let offset = (host / PAGE_SIZE + page as u64) * 8;
+                    let ok = pagemap
+                        .as_ref()
+                        .is_some_and(|f| f.read_exact_at(buf, offset).is_ok());
+                    for i in 0..n {
+                        let e = u64::from_le_bytes(buf[8 * i..8 * i + 8].try_into().expect("8"));
+                        // Bit 63: present in RAM; bit 62: swapped out.
+                        if !ok || e & (3 << 62) != 0 {
+                            let p = page + i;
+                            bits[p / 64] |= 1 << (p % 64);
+                        }
+                    }
+                    page += n;
+                }
+                bits
             })
             .collect()
     }
@@ -169,6 +213,27 @@ mod tests {
             r[1],
             (GuestAddress(MMIO_GAP_END), (4 << 30) - MMIO_GAP_START)
         );
+    }
+
+    #[test]
+    fn pagemap_finds_exactly_the_touched_pages() {
+        let ram = GuestRam::new(8 << 20).unwrap();
+        assert!(ram.touched_pages()[0].iter().all(|w| *w == 0));
+        for page in [0u64, 5, 64, 2047] {
+            ram.memory()
+                .write_obj(1u8, GuestAddress(page * PAGE_SIZE + 100))
+                .unwrap();
+        }
+        let bits = &ram.touched_pages()[0];
+        let set: Vec<u64> = (0..2048u64)
+            .filter(|p| bits[*p as usize / 64] >> (p % 64) & 1 == 1)
+            .collect();
+        // Exactly these with 4 KiB pages; with transparent huge pages, whole 2 MiB pages
+        // around them, but never the pages in between.
+        for p in [0, 5, 64, 2047] {
+            assert!(set.contains(&p), "{p}: {set:?}");
+        }
+        assert!(set.iter().all(|p| !(600..1500).contains(p)), "{set:?}");
     }
 
     #[test]

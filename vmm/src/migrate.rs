@@ -1,17 +1,36 @@
-//! Moving a VM to a peer ferry process (today by stop-and-copy: pause, send the whole state,
-//! hand over), with the handshake of migration::protocol. The guest runs on exactly one
-//! side: before Commit any failure leaves it running on the source; after Commit it belongs
-//! to the destination.
+//! Live migration to a peer ferry process by precopy (docs/migration-format.md, "Protocol"),
+//! on the handshake of migration::protocol:
+//!
+//! ```text
+//! source                                         destination
+//! Hello ------------------------------------->   checks the CPU profile, creates the VM
+//!       <-------------------------------------   Accept | Refuse
+//! dirty tracking on; round 0: every touched, non-zero page (pagemap, no reads of the rest)
+//! round n: the pages dirtied during round n-1 (KVM's log | ferry's own writes)
+//!   ... until migration::converge says switch over (or cancel; throttle meanwhile)
+//! pause; the last dirty pages; State + VM stream ->   loads the state
+//!       <-------------------------------------   Restored | Failed
+//! Commit ------------------------------------>   runs the guest; the source ends it
+//! ```
+//! The guest runs on exactly one side: before Commit any failure or cancel leaves it
+//! running on the source (dirty tracking off, throttle off, vCPUs resumed); after Commit it
+//! belongs to the destination.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use cpuid::profile::CpuProfile;
 use cpuid::CpuidDump;
-use migration::protocol::{self, Hello, Message};
+use migration::pages::Batch;
+use migration::protocol::{self, Hello, Message, Precopy};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::vcpu::RunState;
 
 use crate::vm::Vm;
 
@@ -45,6 +64,14 @@ pub enum Error {
     Save(String),
     #[error("no Commit from the source ({0}): the guest stays with the source")]
     NoCommit(String),
+    #[error("migration cancelled: {reason}; the VM runs here as before")]
+    Cancelled { reason: String, report: Box<Report> },
+    #[error("the source cancelled the migration: {0}")]
+    CancelledBySource(String),
+    #[error("a migration of this VM is already in progress")]
+    Busy,
+    #[error("the source sent pages at {gpa:#x} ({len} bytes) outside guest RAM")]
+    PagesOutsideRam { gpa: u64, len: u64 },
 }
 
 /// A migration endpoint.
@@ -97,24 +124,179 @@ fn connect(addr: &Address) -> Result<Box<dyn Conn>, Error> {
     })
 }
 
-/// What a finished migration measured.
-#[derive(Debug, Clone, serde::Serialize)]
+/// Defaults of `ferry ctl migrate`.
+pub const DEFAULT_MAX_DOWNTIME: Duration = Duration::from_millis(20);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a throttled vCPU is sent out of the guest: it runs this long, then sleeps.
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+/// The vCPU and device state sent at switchover, estimated per vCPU and for the rest.
+const STATE_BYTES_PER_VCPU: u64 = 16 << 10;
+const STATE_BYTES_FIXED: u64 = 16 << 10;
+/// How often the progress callback runs at most.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+const PAGE: u64 = migration::pages::PAGE_SIZE as u64;
+
+/// How a migration should go.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Options {
+    /// Switch over once the predicted downtime fits this.
+    pub max_downtime: Duration,
+    /// Give up (the guest stays here) if it has not switched over by then.
+    pub timeout: Duration,
+    /// Send at most this many bytes per second (None: as fast as the connection goes).
+    pub max_bandwidth: Option<u64>,
+    /// Most vCPU time throttling may take, percent (0: never throttle).
+    pub max_throttle: u8,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_downtime: DEFAULT_MAX_DOWNTIME,
+            timeout: DEFAULT_TIMEOUT,
+            max_bandwidth: None,
+            max_throttle: 99,
+        }
+    }
+}
+
+/// Where a running migration is (for progress lines and `status`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Progress {
+    pub round: u32,
+    /// Bytes on the wire so far.
+    pub sent_bytes: u64,
+    /// Guest bytes of this round not sent yet.
+    pub remaining_bytes: u64,
+    /// Measured rate, MB/s (10^6 bytes).
+    pub rate_mbps: f64,
+    pub predicted_downtime_ms: f64,
+    pub throttle_pct: u8,
+    pub elapsed_ms: f64,
+}
+
+/// What a migration measured, finished or not.
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Report {
+    /// "completed" (the destination has the guest) or "cancelled" (the guest runs here).
+    pub outcome: &'static str,
+    /// Why it was cancelled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub total_ms: f64,
+    /// From pausing the guest here to the destination's Restored (it resumes on Commit).
     pub downtime_ms: f64,
+    /// Bytes on the wire, both directions' frames included.
     pub bytes: u64,
-    pub memory_ranges: usize,
+    pub rounds: u32,
+    /// Pages sent in each round (the last is sent with the guest paused).
+    pub pages_per_round: Vec<u64>,
+    /// Zero pages not sent as data (skipped in round 0, a flag later).
+    pub zero_pages: u64,
+    /// Pages never touched (pagemap), skipped without being read.
+    pub untouched_pages: u64,
+    /// The highest throttle applied, percent of vCPU time.
+    pub throttle_pct: u8,
+    pub max_downtime_ms: f64,
+    pub predicted_downtime_ms: f64,
+    /// Measured while sending, MB/s.
+    pub bandwidth_mbps: f64,
+}
+
+/// The outgoing migration of a VM: one at a time, cancellable from another thread.
+#[derive(Debug, Default)]
+pub struct Control {
+    active: AtomicBool,
+    cancel: AtomicBool,
+    progress: Mutex<Option<Progress>>,
+}
+
+/// Marks a migration active for its lifetime.
+struct Active<'a>(&'a Control);
+
+impl Control {
+    fn begin(&self) -> Option<Active<'_>> {
+        self.active
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()?;
+        self.cancel.store(false, Ordering::SeqCst);
+        Some(Active(self))
+    }
+
+    fn set_progress(&self, p: Option<Progress>) {
+        *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = p;
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.set_progress(None);
+        self.0.active.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Vm {
+    /// Asks the running outgoing migration to stop (the guest stays here); false if none runs.
+    pub fn cancel_migration(&self) -> bool {
+        let active = self.migration.active.load(Ordering::SeqCst);
+        if active {
+            self.migration.cancel.store(true, Ordering::SeqCst);
+        }
+        active
+    }
+
+    /// The running outgoing migration's progress.
+    pub fn migration_progress(&self) -> Option<Progress> {
+        self.migration
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 fn proto(phase: &'static str) -> impl FnOnce(protocol::Error) -> Error {
     move |source| Error::Protocol { phase, source }
 }
 
-/// Source side: sends `vm` to the ferry listening at `addr`. On success the VM is paused and
+fn io(phase: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::Protocol {
+        phase,
+        source: e.into(),
+    }
+}
+
+/// Source side: moves `vm` to the ferry listening at `addr`. On success the VM is paused and
 /// belongs to the destination (the caller ends it); on failure it runs here as before.
-pub fn send(vm: &Vm, addr: &Address) -> Result<Report, Error> {
+pub fn send(
+    vm: &Vm,
+    addr: &Address,
+    opts: &Options,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Report, Error> {
+    let _active = vm.migration.begin().ok_or(Error::Busy)?;
+    let conn = connect(addr)?;
+    send_on(vm, conn, opts, progress)
+}
+
+/// [`send`] over a connected stream (a socket pair in tests).
+pub fn send_over(
+    vm: &Vm,
+    conn: impl Read + Write + Send,
+    opts: &Options,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Report, Error> {
+    let _active = vm.migration.begin().ok_or(Error::Busy)?;
+    send_on(vm, conn, opts, progress)
+}
+
+fn send_on(
+    vm: &Vm,
+    mut conn: impl Read + Write + Send,
+    opts: &Options,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Report, Error> {
     let started = Instant::now();
-    let mut conn = connect(addr)?;
     let hello = Hello::new(vm.memory_size(), vm.num_vcpus(), vm.cpu_profile().to_json());
     protocol::send(&mut conn, &Message::Hello(hello)).map_err(proto("handshake"))?;
     match protocol::expect(&mut conn, "Accept").map_err(proto("handshake"))? {
@@ -122,23 +304,190 @@ pub fn send(vm: &Vm, addr: &Address) -> Result<Report, Error> {
         Message::Refuse(r) => return Err(Error::Refused(r)),
         other => return Err(Error::Refused(format!("unexpected {}", other.name()))),
     }
+    // No other controller pauses, resumes or snapshots the VM meanwhile.
     let _lifecycle = vm.lifecycle();
-    let was_paused = vm.state() == crate::vcpu::RunState::Paused;
-    let paused_at = Instant::now();
-    let result = (|| {
+    let was_paused = vm.state() == RunState::Paused;
+    let throttle = AtomicU8::new(0);
+    let (stop_throttle, throttle_stopped) = std::sync::mpsc::channel::<()>();
+    let result = std::thread::scope(|scope| {
+        let throttle = &throttle;
+        std::thread::Builder::new()
+            .name("mig-throttle".into())
+            .spawn_scoped(scope, move || loop {
+                let pct = u32::from(throttle.load(Ordering::SeqCst).min(99));
+                let sleep = THROTTLE_SLICE * pct / (100 - pct);
+                if pct > 0 {
+                    vm.throttle_vcpus(sleep);
+                }
+                match throttle_stopped.recv_timeout(THROTTLE_SLICE + sleep) {
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    _ => return,
+                }
+            })
+            .map_err(|e| {
+                (
+                    Error::Save(format!("starting the throttle thread: {e}")),
+                    Box::<Report>::default(),
+                )
+            })?;
+        let mut s = Sender {
+            vm,
+            conn: &mut conn,
+            opts: *opts,
+            started,
+            batch: migration::pages::BatchWriter::new(),
+            regions: vm.ram_regions(),
+            report: Report {
+                max_downtime_ms: ms(opts.max_downtime),
+                ..Default::default()
+            },
+            round_started: started,
+            round_bytes: 0,
+            round_pages: 0,
+            remaining: 0,
+            throttle,
+            last_progress: started,
+            progress,
+            paused: false,
+        };
+        let r = s.run();
+        drop(stop_throttle);
+        r.map_err(|e| (e, Box::new(s.report)))
+    });
+    match result {
+        Ok(report) => Ok(report),
+        Err((e, mut report)) => {
+            let _ = vm.set_dirty_tracking(false);
+            if !was_paused {
+                if let Err(r) = vm.resume() {
+                    log::error!("resuming the VM after a failed migration: {r}");
+                }
+            }
+            if let Error::Cancelled { reason, .. } = e {
+                // Tell the destination, so that it ends at once and says why.
+                let _ = protocol::send(&mut conn, &Message::Cancel(reason.clone()));
+                report.outcome = "cancelled";
+                report.total_ms = ms(started.elapsed());
+                report.reason = Some(reason.clone());
+                return Err(Error::Cancelled { reason, report });
+            }
+            Err(e)
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn count_pages(bits: &[Vec<u64>]) -> u64 {
+    bits.iter()
+        .flatten()
+        .map(|w| u64::from(w.count_ones()))
+        .sum()
+}
+
+/// The source's side of one migration.
+struct Sender<'a, C: Read + Write> {
+    vm: &'a Vm,
+    conn: &'a mut C,
+    opts: Options,
+    started: Instant,
+    batch: migration::pages::BatchWriter,
+    regions: Vec<(u64, u64)>,
+    report: Report,
+    round_started: Instant,
+    round_bytes: u64,
+    round_pages: u64,
+    /// Guest bytes of this round not sent yet.
+    remaining: u64,
+    throttle: &'a AtomicU8,
+    last_progress: Instant,
+    progress: &'a mut dyn FnMut(&Progress),
+    /// The guest is paused: the last round, no timeout any more.
+    paused: bool,
+}
+
+impl<C: Read + Write> Sender<'_, C> {
+    fn run(&mut self) -> Result<Report, Error> {
+        let vm = self.vm;
+        vm.set_dirty_tracking(true)
+            .map_err(|e| Error::Save(format!("starting dirty tracking: {e}")))?;
+        let touched = vm.touched_pages();
+        let total: u64 = self.regions.iter().map(|(_, len)| len / PAGE).sum();
+        self.report.untouched_pages = total - count_pages(&touched);
+        self.send_round(&touched, true)?;
+        let target = migration::converge::Target {
+            max_downtime: self.opts.max_downtime,
+            timeout: self.opts.timeout,
+            max_throttle: self.opts.max_throttle,
+        };
+        let state_bytes = STATE_BYTES_FIXED + STATE_BYTES_PER_VCPU * u64::from(vm.num_vcpus());
+        let mut dirty;
+        loop {
+            dirty = vm
+                .take_dirty()
+                .map_err(|e| Error::Save(format!("reading the dirty log: {e}")))?;
+            let observed = migration::converge::Observed {
+                elapsed: self.started.elapsed(),
+                rounds: self.report.rounds,
+                last_round_bytes: self.round_bytes,
+                dirty_bytes: count_pages(&dirty) * PAGE,
+                state_bytes,
+                bandwidth: self.bandwidth(),
+                throttle: self.throttle.load(Ordering::SeqCst),
+            };
+            let predicted = migration::converge::predicted_downtime(&observed);
+            self.report.predicted_downtime_ms = ms(predicted);
+            use migration::converge::Decision;
+            match migration::converge::decide(&target, &observed) {
+                Decision::Switchover => break,
+                Decision::Cancel(reason) => {
+                    return Err(Error::Cancelled {
+                        reason,
+                        report: Box::default(),
+                    })
+                }
+                Decision::Throttle(pct) => {
+                    self.throttle.store(pct, Ordering::SeqCst);
+                    self.report.throttle_pct = self.report.throttle_pct.max(pct);
+                }
+                Decision::Continue => {}
+            }
+            self.send_round(&dirty, false)?;
+        }
+        // Switchover: what the guest dirtied since the last harvest joins the last round.
+        self.throttle.store(0, Ordering::SeqCst);
+        let paused_at = Instant::now();
         vm.pause().map_err(|e| Error::Save(e.to_string()))?;
-        let state = vm.save_state().map_err(|e| Error::Save(e.to_string()))?;
-        let mut w = BufWriter::new(&mut conn);
-        let bytes = migration::stream::write_vm(&mut w, &state).map_err(|e| Error::Protocol {
-            phase: "sending the VM",
-            source: e.into(),
-        })?;
-        w.flush().map_err(|e| Error::Protocol {
-            phase: "sending the VM",
-            source: e.into(),
-        })?;
+        self.paused = true;
+        let more = vm
+            .take_dirty()
+            .map_err(|e| Error::Save(format!("reading the dirty log: {e}")))?;
+        for (a, b) in dirty.iter_mut().zip(more) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x |= y;
+            }
+        }
+        self.send_round(&dirty, false)?;
+        let state = vm
+            .save_state_with(false)
+            .map_err(|e| Error::Save(e.to_string()))?;
+        protocol::send(self.conn, &Message::State).map_err(proto("sending the VM state"))?;
+        let mut w = BufWriter::new(&mut *self.conn);
+        self.report.bytes += migration::stream::write_vm(&mut w, &state)
+            .and_then(|n| w.flush().map(|()| n))
+            .map_err(io("sending the VM state"))?;
         drop(w);
-        match protocol::expect(&mut conn, "Restored").map_err(proto("waiting for Restored"))? {
+        self.report.bytes += 8;
+        self.finish(paused_at)
+    }
+
+    /// Waits for Restored, commits, and completes the report.
+    fn finish(&mut self, paused_at: Instant) -> Result<Report, Error> {
+        match protocol::expect(&mut *self.conn, "Restored")
+            .map_err(proto("waiting for Restored"))?
+        {
             Message::Restored => {}
             Message::Failed(r) => return Err(Error::DestinationFailed(r)),
             other => {
@@ -148,36 +497,143 @@ pub fn send(vm: &Vm, addr: &Address) -> Result<Report, Error> {
                 )))
             }
         }
-        protocol::send(&mut conn, &Message::Commit).map_err(proto("sending Commit"))?;
-        Ok((bytes, state.memory.len()))
-    })();
-    match result {
-        Ok((bytes, memory_ranges)) => Ok(Report {
-            total_ms: started.elapsed().as_secs_f64() * 1e3,
-            downtime_ms: paused_at.elapsed().as_secs_f64() * 1e3,
-            bytes,
-            memory_ranges,
-        }),
-        Err(e) => {
-            if !was_paused {
-                if let Err(r) = vm.resume() {
-                    log::error!("resuming the VM after a failed migration: {r}");
+        let downtime = paused_at.elapsed();
+        protocol::send(self.conn, &Message::Commit).map_err(proto("sending Commit"))?;
+        let mut r = self.report.clone();
+        r.outcome = "completed";
+        r.downtime_ms = ms(downtime);
+        r.total_ms = ms(self.started.elapsed());
+        r.bandwidth_mbps = self.bandwidth() / 1e6;
+        Ok(r)
+    }
+
+    /// Sends every page set in `bits` as one round; zero pages are dropped when
+    /// `skip_zero` (round 0: the destination's fresh RAM is zero).
+    fn send_round(&mut self, bits: &[Vec<u64>], skip_zero: bool) -> Result<(), Error> {
+        let vm = self.vm;
+        self.round_started = Instant::now();
+        self.round_bytes = 0;
+        self.round_pages = 0;
+        self.remaining = count_pages(bits) * PAGE;
+        self.batch.set_round(self.report.rounds);
+        let regions = self.regions.clone();
+        for (bitmap, &(start, len)) in bits.iter().zip(&regions) {
+            for (w, word) in bitmap.iter().enumerate() {
+                let mut word = *word;
+                while word != 0 {
+                    let bit = u64::from(word.trailing_zeros());
+                    word &= word - 1;
+                    let offset = (w as u64 * 64 + bit) * PAGE;
+                    if offset >= len {
+                        break;
+                    }
+                    let gpa = start + offset;
+                    vm.memory()
+                        .read_slice(self.batch.page_slot(), GuestAddress(gpa))
+                        .map_err(|e| Error::Save(format!("reading guest page {gpa:#x}: {e}")))?;
+                    let zero = self.batch.commit_page(gpa, skip_zero);
+                    if zero {
+                        self.report.zero_pages += 1;
+                    }
+                    if !(zero && skip_zero) {
+                        self.round_pages += 1;
+                    }
+                    self.remaining = self.remaining.saturating_sub(PAGE);
+                    if self.batch.is_full() {
+                        self.flush()?;
+                    }
                 }
             }
-            Err(e)
+        }
+        self.flush()?;
+        self.report.pages_per_round.push(self.round_pages);
+        self.report.rounds += 1;
+        Ok(())
+    }
+
+    /// Writes the frame being built (if any), paces to the bandwidth limit, reports
+    /// progress, and stops for a cancel or the timeout.
+    fn flush(&mut self) -> Result<(), Error> {
+        if !self.batch.is_empty() {
+            let frame = self.batch.finish();
+            self.conn.write_all(frame).map_err(io("sending memory"))?;
+            let n = frame.len() as u64;
+            self.report.bytes += n;
+            self.round_bytes += n;
+        }
+        self.batch.reset();
+        if let Some(bw) = self.opts.max_bandwidth.filter(|b| *b > 0) {
+            let due =
+                self.round_started + Duration::from_secs_f64(self.round_bytes as f64 / bw as f64);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+        if self.last_progress.elapsed() >= PROGRESS_EVERY {
+            self.last_progress = Instant::now();
+            let p = Progress {
+                round: self.report.rounds,
+                sent_bytes: self.report.bytes,
+                remaining_bytes: self.remaining,
+                rate_mbps: self.bandwidth() / 1e6,
+                predicted_downtime_ms: self.report.predicted_downtime_ms,
+                throttle_pct: self.throttle.load(Ordering::SeqCst),
+                elapsed_ms: ms(self.started.elapsed()),
+            };
+            (self.progress)(&p);
+            self.vm.migration.set_progress(Some(p));
+        }
+        if self.vm.migration.cancel.load(Ordering::SeqCst) {
+            return Err(Error::Cancelled {
+                reason: format!(
+                    "cancelled by request in round {} after {} bytes",
+                    self.report.rounds, self.report.bytes
+                ),
+                report: Box::default(),
+            });
+        }
+        if !self.paused && self.started.elapsed() >= self.opts.timeout {
+            return Err(Error::Cancelled {
+                reason: format!(
+                    "timed out after {:.1} s in round {}",
+                    self.started.elapsed().as_secs_f64(),
+                    self.report.rounds
+                ),
+                report: Box::default(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Bytes per second on the wire since the start.
+    fn bandwidth(&self) -> f64 {
+        let t = self.started.elapsed().as_secs_f64();
+        if self.report.bytes == 0 || t <= 0.0 {
+            0.0
+        } else {
+            self.report.bytes as f64 / t
         }
     }
 }
 
 /// Destination side: waits at `addr` for one VM, checks its CPU profile against this host
-/// (or `host`, a recorded one) before any memory is sent, restores it, and returns it once
-/// the source has committed. The returned VM is paused; start it.
+/// (or `host`, a recorded one) before any memory is sent, receives its memory and state, and
+/// returns it once the source has committed. The returned VM is paused; start it.
 pub fn receive(
     addr: &Address,
     host: Option<&CpuidDump>,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<Vm, Error> {
-    let mut conn = accept(addr)?;
+    receive_over(accept(addr)?, host, console)
+}
+
+/// [`receive`] over a connected stream.
+pub fn receive_over(
+    mut conn: impl Read + Write,
+    host: Option<&CpuidDump>,
+    console: Box<dyn std::io::Write + Send>,
+) -> Result<Vm, Error> {
     let hello = match protocol::recv(&mut conn).map_err(proto("handshake"))? {
         Message::Hello(h) => h,
         other => {
@@ -187,31 +643,80 @@ pub fn receive(
             )))
         }
     };
-    if let Err(reason) = acceptable(&hello, host) {
+    let refuse = |mut conn: &mut dyn Write, reason: String| {
         let _ = protocol::send(&mut conn, &Message::Refuse(reason.clone()));
-        return Err(Error::RefusedHere(reason));
+        Error::RefusedHere(reason)
+    };
+    if let Err(reason) = acceptable(&hello, host) {
+        return Err(refuse(&mut conn, reason));
     }
+    let mut vm = Vm::for_restore(hello.memory, hello.vcpus, &hello.cpu_profile, console)
+        .map_err(|e| refuse(&mut conn, format!("cannot create the VM here: {e}")))?;
     protocol::send(&mut conn, &Message::Accept).map_err(proto("handshake"))?;
+    let regions = vm.ram_regions();
+    let mut buf = Vec::new();
+    loop {
+        match protocol::recv_precopy(&mut conn, &mut buf).map_err(proto("receiving memory"))? {
+            Precopy::Pages(batch) => write_pages(&vm, &regions, &batch)?,
+            Precopy::Cancel(reason) => return Err(Error::CancelledBySource(reason)),
+            Precopy::State => break,
+        }
+    }
     let state =
         migration::stream::read_vm_until_end(&mut BufReader::new(&mut conn)).map_err(|e| {
             Error::Protocol {
-                phase: "receiving the VM",
+                phase: "receiving the VM state",
                 source: std::io::Error::other(e.to_string()).into(),
             }
         })?;
-    let vm = match Vm::restore(&state, console) {
-        Ok(vm) => vm,
-        Err(e) => {
-            let _ = protocol::send(&mut conn, &Message::Failed(e.to_string()));
-            return Err(Error::Restore(e.to_string()));
-        }
+    let loaded = if state.cpu_profile != hello.cpu_profile
+        || state.config.memory != hello.memory
+        || state.config.vcpus != hello.vcpus
+    {
+        Err("the VM state does not match the Hello (memory, vCPUs or CPU profile)".to_string())
+    } else {
+        vm.load_state(&state).map_err(|e| e.to_string())
     };
+    if let Err(e) = loaded {
+        let _ = protocol::send(&mut conn, &Message::Failed(e.clone()));
+        return Err(Error::Restore(e));
+    }
     protocol::send(&mut conn, &Message::Restored).map_err(proto("sending Restored"))?;
     match protocol::recv(&mut conn) {
         Ok(Message::Commit) => Ok(vm),
         Ok(other) => Err(Error::NoCommit(format!("got {}", other.name()))),
         Err(e) => Err(Error::NoCommit(e.to_string())),
     }
+}
+
+/// Writes a decoded page frame into guest RAM, after checking that every run lies inside
+/// one RAM region (nothing is written if one does not).
+fn write_pages(vm: &Vm, regions: &[(u64, u64)], batch: &Batch<'_>) -> Result<(), Error> {
+    for run in &batch.runs {
+        let inside = regions
+            .iter()
+            .any(|&(start, len)| run.gpa >= start && run.gpa + run.len() <= start + len);
+        if !inside {
+            return Err(Error::PagesOutsideRam {
+                gpa: run.gpa,
+                len: run.len(),
+            });
+        }
+    }
+    static ZEROS: [u8; migration::pages::PAGE_SIZE] = [0; migration::pages::PAGE_SIZE];
+    let mem = vm.memory();
+    for run in &batch.runs {
+        let written = match run.data {
+            Some(data) => mem.write_slice(data, GuestAddress(run.gpa)),
+            None => (0..u64::from(run.pages))
+                .try_for_each(|i| mem.write_slice(&ZEROS, GuestAddress(run.gpa + i * PAGE))),
+        };
+        written.map_err(|_| Error::PagesOutsideRam {
+            gpa: run.gpa,
+            len: run.len(),
+        })?;
+    }
+    Ok(())
 }
 
 /// Whether this host can take the VM a Hello describes; the reason if not.

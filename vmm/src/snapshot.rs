@@ -41,6 +41,8 @@ pub enum Error {
     Profile(#[from] cpuid::profile::Error),
     #[error("memory range at {gpa:#x} ({len} bytes) is outside guest RAM")]
     MemoryRange { gpa: u64, len: usize },
+    #[error("the saved VM has {found} bytes of RAM, this machine {want}")]
+    MemorySize { found: u64, want: u64 },
     #[error("the saved VM has {found} vCPU states for {want} vCPUs")]
     VcpuCount { found: usize, want: u32 },
     #[error("saved {what} is {len} bytes, KVM's is {want}")]
@@ -127,6 +129,11 @@ pub fn save_memory(vm: &Vm) -> Vec<MemoryRange> {
 impl Vm {
     /// The whole VM's state; every vCPU must be paused.
     pub fn save_state(&self) -> Result<VmState, Error> {
+        self.save_state_with(true)
+    }
+
+    /// The VM's state with or without its memory (a migration sends memory apart).
+    pub fn save_state_with(&self, memory: bool) -> Result<VmState, Error> {
         let state = self.state();
         if state != RunState::Paused {
             return Err(Error::NotPaused(state));
@@ -181,22 +188,57 @@ impl Vm {
                 clock_flags: clock.flags,
             },
             serial,
-            memory: save_memory(self),
+            memory: if memory {
+                save_memory(self)
+            } else {
+                Vec::new()
+            },
         })
     }
 
     /// Builds a new VM from a saved state, paused: `start` continues the guest.
     pub fn restore(state: &VmState, console: Box<dyn std::io::Write + Send>) -> Result<Vm, Error> {
         let cfg = &state.config;
-        if state.vcpus.len() != cfg.vcpus as usize {
+        let mut vm = Vm::for_restore(cfg.memory, cfg.vcpus, &state.cpu_profile, console)?;
+        vm.load_state(state)?;
+        Ok(vm)
+    }
+
+    /// An empty machine shaped as a saved one (RAM, vCPUs, CPU profile as its JSON text),
+    /// to receive memory into and then [`Vm::load_state`].
+    pub fn for_restore(
+        memory: u64,
+        vcpus: u32,
+        profile_json: &str,
+        console: Box<dyn std::io::Write + Send>,
+    ) -> Result<Vm, Error> {
+        let profile = CpuProfile::from_json("the saved VM", profile_json)?;
+        let mut vm = Vm::new(memory, vcpus, console)?;
+        vm.set_cpu_profile(profile)?;
+        Ok(vm)
+    }
+
+    /// Loads a saved state into a machine made by [`Vm::for_restore`] for it: the state's
+    /// memory ranges (pages not in them keep what they hold), every vCPU, the irqchip,
+    /// clock and devices; then starts the vCPU threads, paused.
+    pub fn load_state(&mut self, state: &VmState) -> Result<(), Error> {
+        let vm = self;
+        let cfg = &state.config;
+        if state.vcpus.len() != cfg.vcpus as usize || cfg.vcpus != vm.num_vcpus {
             return Err(Error::VcpuCount {
                 found: state.vcpus.len(),
-                want: cfg.vcpus,
+                want: vm.num_vcpus,
             });
         }
-        let mut vm = Vm::new(cfg.memory, cfg.vcpus, console)?;
-        let profile = CpuProfile::from_json("the saved VM", &state.cpu_profile)?;
-        vm.set_cpu_profile(profile)?;
+        if cfg.memory != vm.memory_size() {
+            return Err(Error::MemorySize {
+                found: cfg.memory,
+                want: vm.memory_size(),
+            });
+        }
+        if vm.unstarted.is_empty() {
+            return Err(VmError::AlreadyBooted.into());
+        }
         for r in &state.memory {
             vm.memory()
                 .write_slice(&r.data, GuestAddress(r.gpa))
@@ -237,6 +279,6 @@ impl Vm {
             .restore(&state.serial)
             .map_err(Error::Serial)?;
         vm.spawn_restored()?;
-        Ok(vm)
+        Ok(())
     }
 }

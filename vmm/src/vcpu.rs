@@ -51,6 +51,9 @@ pub enum VcpuCmd {
     GetRegs(Sender<Result<VcpuRegs, kvm_ioctls::Error>>),
     /// Save the whole vCPU state on its own thread (the vCPU must be paused).
     Save(SaveRequest),
+    /// Stay out of the guest for this long (migration throttling); any other command ends
+    /// the wait at once.
+    Throttle(Duration),
 }
 
 /// What a vCPU needs to save its state, and where to send it.
@@ -289,6 +292,14 @@ impl Vcpu {
                 let _ = req.reply.send(crate::vcpu_state::save(
                     &self.fd, self.id, &req.host, &req.msrs,
                 ));
+                state
+            }
+            VcpuCmd::Throttle(d) => {
+                if state == RunState::Running {
+                    if let Ok(cmd) = self.cmds.recv_timeout(d) {
+                        return self.command(cmd, state);
+                    }
+                }
                 state
             }
         };

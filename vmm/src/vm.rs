@@ -99,6 +99,8 @@ pub struct Vm {
     events_rx: Mutex<Receiver<VmEvent>>,
     /// Held across multi-step lifecycle changes (pause, save, resume) by their callers.
     lifecycle: Mutex<()>,
+    /// The outgoing migration in progress, if any: cancel flag and progress.
+    pub(crate) migration: crate::migrate::Control,
 }
 
 impl std::fmt::Debug for Vm {
@@ -225,6 +227,7 @@ impl Vm {
             events_tx,
             events_rx: Mutex::new(events_rx),
             lifecycle: Mutex::new(()),
+            migration: Default::default(),
         })
     }
 
@@ -416,6 +419,50 @@ impl Vm {
     /// Guest RAM with its memslots (dirty logging).
     pub fn ram_mut(&mut self) -> (&mut GuestRam, &VmFd) {
         (&mut self.ram, &self.fd)
+    }
+
+    /// Switches dirty tracking on (KVM's log of every slot, and ferry's own bitmap, both
+    /// starting empty) or off. Callers hold the lifecycle lock.
+    pub fn set_dirty_tracking(&self, on: bool) -> Result<(), Error> {
+        self.ram.set_dirty_logging(&self.fd, on)?;
+        if on {
+            self.ram.take_dirty_log(&self.fd)?;
+            self.ram.take_vmm_dirty();
+        }
+        Ok(())
+    }
+
+    /// Pages written since the last call (or since tracking started), by the guest (KVM's
+    /// log) or by ferry: one bitmap per RAM region, bit i of word w = page 64 * w + i.
+    pub fn take_dirty(&self) -> Result<Vec<Vec<u64>>, Error> {
+        let mut bits = self.ram.take_dirty_log(&self.fd)?;
+        for (k, v) in bits.iter_mut().zip(self.ram.take_vmm_dirty()) {
+            for (a, b) in k.iter_mut().zip(v) {
+                *a |= b;
+            }
+        }
+        Ok(bits)
+    }
+
+    /// Pages ever touched, per RAM region (see [`GuestRam::touched_pages`]).
+    pub fn touched_pages(&self) -> Vec<Vec<u64>> {
+        self.ram.touched_pages()
+    }
+
+    /// Each RAM region's guest address and length, in the order of the bitmaps above.
+    pub fn ram_regions(&self) -> Vec<(u64, u64)> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        self.memory()
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect()
+    }
+
+    /// Keeps every running vCPU out of the guest for `d` (migration throttling).
+    pub fn throttle_vcpus(&self, d: Duration) {
+        for v in &self.vcpus {
+            v.send(VcpuCmd::Throttle(d));
+        }
     }
 
     /// The port I/O bus, to attach extra devices before `start`.

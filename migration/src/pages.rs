@@ -1,0 +1,471 @@
+//! Guest pages in flight: the `PAGS` frame of a precopy round (docs/migration-format.md,
+//! "Pages").
+//!
+//! ```text
+//! frame:   "PAGS" | payload length u32 | payload
+//! payload: round u32 | runs u32 | data | runs x (gpa_flags u64, pages u32) | CRC32 u32
+//! ```
+//! A run is `pages` consecutive guest pages from the page-aligned address in `gpa_flags`;
+//! bit 0 of `gpa_flags` is [`ZERO`]: the run's pages are all zero and carry no bytes. `data`
+//! holds the pages of the other runs, in run order, 4096 bytes each. The CRC covers the
+//! payload before it. The run table follows the data so that a sender can fill the frame in
+//! one pass.
+//!
+//! Invariants of a decoded batch: the CRC matched; every run is page aligned, has 1 or more
+//! pages, does not wrap; the data is exactly the data runs' pages; at most [`MAX_RUNS`] runs,
+//! [`MAX_DATA_PAGES`] data pages and [`MAX_PAGES`] pages in all (so a tiny frame cannot ask
+//! the receiver to zero more than 32 MiB). Whether the runs lie in guest RAM is for the
+//! receiver to check against its memory map.
+
+use crate::codec::Decoder;
+
+/// The frame tag.
+pub const TAG: [u8; 4] = *b"PAGS";
+/// Guest page size.
+pub const PAGE_SIZE: usize = 4096;
+/// The ZERO flag in a run's `gpa_flags`.
+pub const ZERO: u64 = 1;
+/// Most pages with data in one frame (2 MiB).
+pub const MAX_DATA_PAGES: usize = 512;
+/// Most pages, data and zero, in one frame (32 MiB of guest RAM).
+pub const MAX_PAGES: usize = 8192;
+/// Most runs in one frame.
+pub const MAX_RUNS: usize = 4096;
+/// Run table entry: gpa_flags u64, pages u32.
+const RUN_SIZE: usize = 12;
+/// The largest payload a frame may carry.
+pub const MAX_PAYLOAD: usize = 8 + MAX_DATA_PAGES * PAGE_SIZE + MAX_RUNS * RUN_SIZE + 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("page frame of {0} bytes is over the cap of {MAX_PAYLOAD}")]
+    TooLarge(usize),
+    #[error("page frame: CRC32 {stored:#010x} stored, {computed:#010x} computed")]
+    Crc { stored: u32, computed: u32 },
+    #[error("page frame: {0}")]
+    Layout(String),
+    #[error("page frame: {0}")]
+    Codec(#[from] crate::codec::Error),
+}
+
+/// One run of a decoded frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run<'a> {
+    pub gpa: u64,
+    pub pages: u32,
+    /// The pages' bytes; None for a ZERO run.
+    pub data: Option<&'a [u8]>,
+}
+
+impl Run<'_> {
+    /// Bytes of guest RAM the run covers.
+    pub fn len(&self) -> u64 {
+        u64::from(self.pages) * PAGE_SIZE as u64
+    }
+
+    /// Never true for a decoded run (every run has a page); for clippy's len/is_empty pair.
+    pub fn is_empty(&self) -> bool {
+        self.pages == 0
+    }
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch<'a> {
+    pub round: u32,
+    pub runs: Vec<Run<'a>>,
+}
+
+/// Whether `bytes` are all zero.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    // Whole 256-byte blocks OR-folded (vectorizes), stopping at the first non-zero block.
+    let mut blocks = bytes.chunks_exact(256);
+    for b in &mut blocks {
+        if b.iter().fold(0u8, |a, x| a | x) != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|x| *x == 0)
+}
+
+/// Decodes a payload (without the 8-byte frame head).
+pub fn decode(payload: &[u8]) -> Result<Batch<'_>, Error> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(Error::TooLarge(payload.len()));
+    }
+    let layout = |s: String| Error::Layout(s);
+    let Some(body_len) = payload.len().checked_sub(4) else {
+        return Err(layout("shorter than its CRC".into()));
+    };
+    let (body, crc) = payload.split_at(body_len);
+    let stored = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
+    let computed = crc32fast::hash(body);
+    if stored != computed {
+        return Err(Error::Crc { stored, computed });
+    }
+    let mut d = Decoder::new(body);
+    let round = d.u32("page frame round")?;
+    let runs = d.u32("page frame runs")? as usize;
+    if runs > MAX_RUNS {
+        return Err(layout(format!("{runs} runs, over the cap of {MAX_RUNS}")));
+    }
+    let table_len = runs * RUN_SIZE;
+    let Some(data_len) = body.len().checked_sub(8 + table_len) else {
+        return Err(layout(format!("too short for its {runs} runs")));
+    };
+    let data = &body[8..8 + data_len];
+    let mut t = Decoder::new(&body[8 + data_len..]);
+    let (mut at, mut data_pages, mut pages_total) = (0usize, 0usize, 0usize);
+    let mut out = Vec::with_capacity(runs);
+    for i in 0..runs {
+        let gpa_flags = t.u64("run address")?;
+        let pages = t.u32("run pages")?;
+        let zero = gpa_flags & ZERO != 0;
+        let gpa = gpa_flags & !(PAGE_SIZE as u64 - 1);
+        if gpa_flags & (PAGE_SIZE as u64 - 1) & !ZERO != 0 {
+            return Err(layout(format!(
+                "run {i}: address {gpa_flags:#x} has undefined flag bits"
+            )));
+        }
+        if pages == 0 {
+            return Err(layout(format!("run {i} at {gpa:#x} has no pages")));
+        }
+        let len = u64::from(pages) * PAGE_SIZE as u64;
+        if gpa.checked_add(len).is_none() {
+            return Err(layout(format!(
+                "run {i} at {gpa:#x} wraps the address space"
+            )));
+        }
+        pages_total = pages_total.saturating_add(pages as usize);
+        if pages_total > MAX_PAGES {
+            return Err(layout(format!("more than {MAX_PAGES} pages")));
+        }
+        let run_data = if zero {
+            None
+        } else {
+            data_pages += pages as usize;
+            if data_pages > MAX_DATA_PAGES {
+                return Err(layout(format!(
+                    "more than {MAX_DATA_PAGES} pages with data"
+                )));
+            }
+            let n = pages as usize * PAGE_SIZE;
+            let Some(bytes) = data.get(at..at + n) else {
+                return Err(layout(format!(
+                    "run {i} needs {n} bytes of data, {} left",
+                    data.len() - at
+                )));
+            };
+            at += n;
+            Some(bytes)
+        };
+        out.push(Run {
+            gpa,
+            pages,
+            data: run_data,
+        });
+    }
+    t.finish("page run table")?;
+    if at != data.len() {
+        return Err(layout(format!(
+            "{} data bytes that no run claims",
+            data.len() - at
+        )));
+    }
+    Ok(Batch { round, runs: out })
+}
+
+/// Builds frames in one reused buffer: page bytes go straight into the frame, the run table
+/// and CRC are added by [`BatchWriter::finish`].
+#[derive(Debug)]
+pub struct BatchWriter {
+    buf: Vec<u8>,
+    /// (gpa, pages, zero)
+    runs: Vec<(u64, u32, bool)>,
+    data_pages: usize,
+    pages: usize,
+    round: u32,
+}
+
+/// Frame head (tag, length) and payload head (round, runs).
+const HEAD: usize = 16;
+
+impl Default for BatchWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BatchWriter {
+    pub fn new() -> Self {
+        let mut buf = Vec::with_capacity(8 + MAX_PAYLOAD);
+        buf.resize(HEAD, 0);
+        BatchWriter {
+            buf,
+            runs: Vec::new(),
+            data_pages: 0,
+            pages: 0,
+            round: 0,
+        }
+    }
+
+    /// The round the next frames belong to.
+    pub fn set_round(&mut self, round: u32) {
+        self.round = round;
+    }
+
+    /// No pages yet.
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// No room for another page (of either kind): finish the frame first.
+    pub fn is_full(&self) -> bool {
+        self.data_pages >= MAX_DATA_PAGES || self.pages >= MAX_PAGES || self.runs.len() >= MAX_RUNS
+    }
+
+    /// Pages with data so far.
+    pub fn data_pages(&self) -> usize {
+        self.data_pages
+    }
+
+    /// A page-sized slot at the end of the frame's data for the caller to fill, then
+    /// [`BatchWriter::commit_page`]. Must not be full.
+    pub fn page_slot(&mut self) -> &mut [u8] {
+        debug_assert!(!self.is_full());
+        let at = self.buf.len();
+        self.buf.resize(at + PAGE_SIZE, 0);
+        &mut self.buf[at..]
+    }
+
+    /// Takes the page just written into the slot as guest page `gpa`. A zero page is kept as
+    /// a ZERO flag, or dropped when `skip_zero` (the receiver already holds zeros there).
+    /// Returns whether the page was zero.
+    pub fn commit_page(&mut self, gpa: u64, skip_zero: bool) -> bool {
+        let at = self.buf.len() - PAGE_SIZE;
+        if is_zero(&self.buf[at..]) {
+            self.buf.truncate(at);
+            if !skip_zero {
+                self.push(gpa, true);
+            }
+            return true;
+        }
+        self.data_pages += 1;
+        self.push(gpa, false);
+        false
+    }
+
+    /// Adds one zero page without bytes.
+    pub fn push_zero(&mut self, gpa: u64) {
+        self.push(gpa, true);
+    }
+
+    fn push(&mut self, gpa: u64, zero: bool) {
+        self.pages += 1;
+        if let Some((start, n, z)) = self.runs.last_mut() {
+            if *z == zero && *start + u64::from(*n) * PAGE_SIZE as u64 == gpa {
+                *n += 1;
+                return;
+            }
+        }
+        self.runs.push((gpa, 1, zero));
+    }
+
+    /// Completes the frame (head, run table, CRC) and returns its bytes; the next page
+    /// starts a new frame.
+    pub fn finish(&mut self) -> &[u8] {
+        for &(gpa, pages, zero) in &self.runs {
+            let flags = if zero { ZERO } else { 0 };
+            self.buf.extend_from_slice(&(gpa | flags).to_le_bytes());
+            self.buf.extend_from_slice(&pages.to_le_bytes());
+        }
+        let payload_len = (self.buf.len() - 8 + 4) as u32;
+        self.buf[0..4].copy_from_slice(&TAG);
+        self.buf[4..8].copy_from_slice(&payload_len.to_le_bytes());
+        self.buf[8..12].copy_from_slice(&self.round.to_le_bytes());
+        self.buf[12..16].copy_from_slice(&(self.runs.len() as u32).to_le_bytes());
+        let crc = crc32fast::hash(&self.buf[8..]);
+        self.buf.extend_from_slice(&crc.to_le_bytes());
+        self.runs.clear();
+        self.data_pages = 0;
+        self.pages = 0;
+        &self.buf
+    }
+
+    /// Forgets the finished frame's bytes (call after writing them).
+    pub fn reset(&mut self) {
+        self.buf.truncate(HEAD);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(v: u8) -> Vec<u8> {
+        vec![v; PAGE_SIZE]
+    }
+
+    fn build(pages: &[(u64, Option<u8>)], skip_zero: bool) -> Vec<u8> {
+        let mut w = BatchWriter::new();
+        w.set_round(7);
+        for &(gpa, v) in pages {
+            match v {
+                Some(v) => {
+                    w.page_slot().copy_from_slice(&page(v));
+                    w.commit_page(gpa, skip_zero);
+                }
+                None => w.push_zero(gpa),
+            }
+        }
+        w.finish().to_vec()
+    }
+
+    #[test]
+    fn pages_round_trip_as_runs() {
+        let f = build(
+            &[
+                (0x1000, Some(1)),
+                (0x2000, Some(2)),
+                (0x3000, Some(0)),
+                (0x4000, None),
+                (0x9000, Some(3)),
+            ],
+            false,
+        );
+        assert_eq!(&f[..4], b"PAGS");
+        assert_eq!(
+            u32::from_le_bytes(f[4..8].try_into().unwrap()) as usize,
+            f.len() - 8
+        );
+        let b = decode(&f[8..]).unwrap();
+        assert_eq!(b.round, 7);
+        let summary: Vec<(u64, u32, bool)> = b
+            .runs
+            .iter()
+            .map(|r| (r.gpa, r.pages, r.data.is_none()))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![(0x1000, 2, false), (0x3000, 2, true), (0x9000, 1, false)]
+        );
+        assert_eq!(b.runs[0].data.unwrap()[..PAGE_SIZE], page(1)[..]);
+        assert_eq!(b.runs[0].data.unwrap()[PAGE_SIZE..], page(2)[..]);
+        assert_eq!(b.runs[2].data.unwrap(), &page(3)[..]);
+    }
+
+    #[test]
+    fn zero_pages_can_be_skipped() {
+        let f = build(&[(0x1000, Some(0)), (0x2000, Some(5))], true);
+        let b = decode(&f[8..]).unwrap();
+        assert_eq!(b.runs.len(), 1);
+        assert_eq!(b.runs[0].gpa, 0x2000);
+    }
+
+    #[test]
+    fn the_writer_is_reusable_and_fills_up() {
+        let mut w = BatchWriter::new();
+        let mut n = 0u64;
+        while !w.is_full() {
+            w.page_slot()[0] = 1;
+            w.commit_page(n * 2 * PAGE_SIZE as u64, false);
+            n += 1;
+        }
+        assert_eq!(n as usize, MAX_DATA_PAGES);
+        let f = w.finish().to_vec();
+        assert!(f.len() - 8 <= MAX_PAYLOAD);
+        assert_eq!(decode(&f[8..]).unwrap().runs.len(), MAX_DATA_PAGES);
+        w.reset();
+        assert!(w.is_empty());
+        let g = build(&[(0, Some(9))], false);
+        w.set_round(7);
+        w.page_slot().copy_from_slice(&page(9));
+        w.commit_page(0, false);
+        assert_eq!(w.finish(), &g[..]);
+    }
+
+    #[test]
+    fn every_damaged_frame_is_an_error() {
+        let f = build(&[(0x1000, Some(1)), (0x5000, None)], false);
+        let payload = &f[8..];
+        for cut in 0..payload.len() {
+            assert!(decode(&payload[..cut]).is_err(), "cut at {cut}");
+        }
+        for i in 0..payload.len() {
+            let mut p = payload.to_vec();
+            p[i] ^= 0x01;
+            assert!(decode(&p).is_err(), "flip at {i}");
+        }
+    }
+
+    /// Re-seals a payload with a correct CRC, to reach the checks behind it.
+    fn seal(mut body: Vec<u8>) -> Vec<u8> {
+        let crc = crc32fast::hash(&body);
+        body.extend_from_slice(&crc.to_le_bytes());
+        body
+    }
+
+    fn frame(runs: &[(u64, u32)], data: usize) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+        b.resize(b.len() + data, 0xab);
+        for (g, p) in runs {
+            b.extend_from_slice(&g.to_le_bytes());
+            b.extend_from_slice(&p.to_le_bytes());
+        }
+        seal(b)
+    }
+
+    #[test]
+    fn hostile_run_tables_are_refused() {
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("no pages", frame(&[(0x1000, 0)], 0)),
+            ("unaligned", frame(&[(0x1008, 1)], PAGE_SIZE)),
+            ("wraps", frame(&[(!0xfff | ZERO, 2)], 0)),
+            ("data short", frame(&[(0x1000, 2)], PAGE_SIZE)),
+            ("data left over", frame(&[(0x1000, 1)], 2 * PAGE_SIZE)),
+            (
+                "too many zero pages",
+                frame(&[(ZERO, MAX_PAGES as u32), (0x1000_0000 | ZERO, 1)], 0),
+            ),
+            ("huge zero run", frame(&[(ZERO, u32::MAX)], 0)),
+            (
+                "too many data pages",
+                frame(&[(0, MAX_DATA_PAGES as u32 + 1)], 0),
+            ),
+        ];
+        for (what, f) in cases {
+            assert!(decode(&f).is_err(), "{what}");
+        }
+        let mut many = Vec::new();
+        many.extend_from_slice(&0u32.to_le_bytes());
+        many.extend_from_slice(&(MAX_RUNS as u32 + 1).to_le_bytes());
+        assert!(decode(&seal(many)).is_err(), "too many runs");
+        assert!(matches!(
+            decode(&vec![0u8; MAX_PAYLOAD + 1]),
+            Err(Error::TooLarge(_))
+        ));
+        // A good ZERO run decodes.
+        assert_eq!(
+            decode(&frame(&[(0x2000 | ZERO, 3)], 0)).unwrap().runs[0],
+            Run {
+                gpa: 0x2000,
+                pages: 3,
+                data: None
+            }
+        );
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0u8; 4096]));
+        for i in [0, 255, 256, 4095] {
+            let mut p = [0u8; 4096];
+            p[i] = 1;
+            assert!(!is_zero(&p), "{i}");
+        }
+        assert!(is_zero(&[]));
+        assert!(!is_zero(&[0, 0, 3]));
+    }
+}
