@@ -132,6 +132,10 @@ pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 /// The vCPU and device state sent at switchover, estimated per vCPU and for the rest.
 const STATE_BYTES_PER_VCPU: u64 = 16 << 10;
 const STATE_BYTES_FIXED: u64 = 16 << 10;
+/// Rounds whose page counts the report lists (it counts all).
+const MAX_ROUNDS_REPORTED: usize = 1000;
+/// The pause after a round that found nothing to send.
+const IDLE_ROUND: Duration = Duration::from_millis(5);
 /// How often the progress callback runs at most.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 const PAGE: u64 = migration::pages::PAGE_SIZE as u64;
@@ -189,7 +193,8 @@ pub struct Report {
     /// Bytes on the wire, both directions' frames included.
     pub bytes: u64,
     pub rounds: u32,
-    /// Pages sent in each round (the last is sent with the guest paused).
+    /// Pages sent in each round, the first 1000 rounds (the last is sent with the guest
+    /// paused).
     pub pages_per_round: Vec<u64>,
     /// Zero pages not sent as data (skipped in round 0, a flag later).
     pub zero_pages: u64,
@@ -546,8 +551,14 @@ impl<C: Read + Write> Sender<'_, C> {
             }
         }
         self.flush()?;
-        self.report.pages_per_round.push(self.round_pages);
+        if self.report.pages_per_round.len() < MAX_ROUNDS_REPORTED {
+            self.report.pages_per_round.push(self.round_pages);
+        }
         self.report.rounds += 1;
+        if self.round_pages == 0 && !self.paused {
+            // Nothing was dirty: give the guest a moment rather than spin on the log.
+            std::thread::sleep(IDLE_ROUND);
+        }
         Ok(())
     }
 

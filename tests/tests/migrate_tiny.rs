@@ -1,0 +1,224 @@
+//! Live migration of the heavy ring-3 dirtier (tests/tiny/long_storm.S) inside one process,
+//! over a socket pair: the destination's memory equals the source's at switchover; a target
+//! that cannot be met is throttled, then met or cancelled with the guest running on, and the
+//! report says which; a cancel in the middle of a round leaves the guest on the source.
+
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use ferry_tests::tiny::*;
+use vm_memory::{Bytes, GuestAddress};
+use vmm::migrate::{self, Options, Report};
+use vmm::Vm;
+
+const LIMIT: Duration = Duration::from_secs(60);
+/// The guest's status: passes done, bad pages seen.
+const STATUS: u64 = 0x80_0000;
+/// Its working set: 4096 pages.
+const BUF: u64 = 0x100_0000;
+const PAGES: u64 = 4096;
+
+fn status(vm: &Vm) -> (u64, u64) {
+    let m = vm.memory();
+    (
+        m.read_obj(GuestAddress(STATUS)).unwrap(),
+        m.read_obj(GuestAddress(STATUS + 8)).unwrap(),
+    )
+}
+
+/// A paused storm guest's memory is consistent: no bad page seen, and the working set holds
+/// pass + 1 up to some page and pass from there (the guest may have stopped mid-pass).
+fn check_consistent(vm: &Vm) -> u64 {
+    let (pass, bad) = status(vm);
+    assert_eq!(
+        bad, 0,
+        "the guest saw pages that did not hold its last store"
+    );
+    assert!(pass > 0, "the guest has run");
+    let values: Vec<u64> = (0..PAGES)
+        .map(|i| vm.memory().read_obj(GuestAddress(BUF + i * 4096)).unwrap())
+        .collect();
+    let done = values.iter().take_while(|v| **v == pass + 1).count();
+    assert!(
+        values[done..].iter().all(|v| *v == pass),
+        "pass {pass}: pages 0..{done} hold {}, then {:?}",
+        pass + 1,
+        &values[done..done + 4.min(values.len() - done)]
+    );
+    pass
+}
+
+fn storm() -> TinyVm {
+    let t = TinyVm::new(&LONG_STORM, 1);
+    t.vm.start().unwrap();
+    wait_for("the storm guest to run", LIMIT, || status(&t.vm).0 >= 20);
+    t
+}
+
+/// Migrates `src` over a socket pair to a new VM made on another thread.
+fn migrate(
+    src: &Vm,
+    opts: Options,
+    on_progress: &mut dyn FnMut(&migrate::Progress),
+) -> (Result<Report, migrate::Error>, Result<Vm, migrate::Error>) {
+    let (a, b) = UnixStream::pair().unwrap();
+    for s in [&a, &b] {
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+    }
+    let dest =
+        std::thread::spawn(move || migrate::receive_over(b, None, Box::new(Console::default())));
+    let sent = migrate::send_over(src, a, &opts, on_progress);
+    (sent, dest.join().expect("the receiving thread"))
+}
+
+/// Every byte of guest RAM of two paused VMs is equal.
+fn assert_same_memory(a: &Vm, b: &Vm) {
+    assert_eq!(a.ram_regions(), b.ram_regions());
+    let mut x = vec![0u8; 1 << 20];
+    let mut y = vec![0u8; 1 << 20];
+    for (start, len) in a.ram_regions() {
+        for off in (0..len).step_by(x.len()) {
+            a.memory()
+                .read_slice(&mut x, GuestAddress(start + off))
+                .unwrap();
+            b.memory()
+                .read_slice(&mut y, GuestAddress(start + off))
+                .unwrap();
+            assert!(x == y, "guest RAM differs in the MiB at {:#x}", start + off);
+        }
+    }
+}
+
+/// The guest goes on where it is: its pass count grows, it sees no bad page.
+fn assert_runs_on(vm: &Vm) {
+    let before = status(vm).0;
+    wait_for("the guest to go on", LIMIT, || status(vm).0 >= before + 5);
+    vm.pause().unwrap();
+    check_consistent(vm);
+    vm.resume().unwrap();
+}
+
+fn assert_cancelled_here(src: &mut TinyVm, sent: Result<Report, migrate::Error>) -> Report {
+    let report = match sent {
+        Err(migrate::Error::Cancelled { report, .. }) => *report,
+        other => panic!("expected a cancelled migration, got {other:?}"),
+    };
+    assert_eq!(report.outcome, "cancelled");
+    assert_eq!(
+        src.vm.state(),
+        vmm::RunState::Running,
+        "the guest runs here"
+    );
+    assert!(
+        !src.vm.ram_mut().0.dirty_logging(),
+        "dirty logging is off again"
+    );
+    assert_runs_on(&src.vm);
+    report
+}
+
+#[test]
+fn the_destination_memory_equals_the_source_at_switchover() {
+    let src = storm();
+    let mut updates = 0;
+    let (sent, received) = migrate(&src.vm, Options::default(), &mut |_| updates += 1);
+    let report = sent.expect("the migration completes");
+    let dest = received.expect("the destination has the VM");
+    eprintln!("{report:?}");
+    assert_eq!(report.outcome, "completed");
+    assert!(report.rounds >= 2, "round 0 and the last round at least");
+    assert_eq!(report.pages_per_round.len() as u32, report.rounds);
+    assert!(
+        report.untouched_pages > 0,
+        "most of the 64 MiB was never touched"
+    );
+    assert!(report.downtime_ms > 0.0 && report.downtime_ms <= report.total_ms);
+    // Both paused: the same machine, byte for byte.
+    assert_eq!(src.vm.state(), vmm::RunState::Paused);
+    assert_same_memory(&src.vm, &dest);
+    let at_switchover = check_consistent(&dest);
+    dest.start().unwrap();
+    assert_runs_on(&dest);
+    assert!(status(&dest).0 > at_switchover);
+}
+
+#[test]
+fn an_unreachable_target_is_throttled_then_cancelled_and_the_guest_runs_on() {
+    let mut src = storm();
+    let opts = Options {
+        max_downtime: Duration::ZERO,
+        timeout: Duration::from_secs(2),
+        ..Options::default()
+    };
+    let (sent, received) = migrate(&src.vm, opts, &mut |_| {});
+    let report = assert_cancelled_here(&mut src, sent);
+    eprintln!("{report:?}");
+    assert!(report.throttle_pct > 0, "{report:?}");
+    assert!(
+        report.reason.as_deref().unwrap_or("").contains("timed out"),
+        "{report:?}"
+    );
+    match received {
+        Err(migrate::Error::CancelledBySource(why)) => assert!(why.contains("timed out")),
+        other => panic!("the destination must end: {other:?}"),
+    }
+}
+
+#[test]
+fn a_tight_target_is_met_by_throttling_or_cancelled_and_the_report_says_which() {
+    let mut src = storm();
+    let opts = Options {
+        max_downtime: Duration::from_millis(1),
+        timeout: Duration::from_secs(20),
+        ..Options::default()
+    };
+    let (sent, received) = migrate(&src.vm, opts, &mut |_| {});
+    match sent {
+        Ok(report) => {
+            eprintln!("{report:?}");
+            assert_eq!(report.outcome, "completed");
+            assert!(report.throttle_pct > 0, "16 MiB per pass needs throttling");
+            let dest = received.expect("the destination has the VM");
+            assert_same_memory(&src.vm, &dest);
+            check_consistent(&dest);
+        }
+        other => {
+            let report = assert_cancelled_here(&mut src, other);
+            eprintln!("{report:?}");
+            assert!(report.throttle_pct > 0);
+            assert!(received.is_err());
+        }
+    }
+}
+
+#[test]
+fn a_cancel_in_the_middle_of_a_round_leaves_the_guest_here() {
+    let mut src = storm();
+    // Paced to 20 MB/s, round 0 (16 MiB and more) takes most of a second: cancel once
+    // 2 MiB of it are out.
+    let opts = Options {
+        max_bandwidth: Some(20_000_000),
+        ..Options::default()
+    };
+    let mut seen = None;
+    let vm = &src.vm;
+    let (sent, received) = migrate(vm, opts, &mut |p| {
+        if p.sent_bytes > 2 << 20 && seen.is_none() {
+            seen = Some(p.clone());
+            assert!(vm.cancel_migration());
+        }
+    });
+    let at_cancel = seen.expect("progress during round 0");
+    assert_eq!(at_cancel.round, 0);
+    assert!(at_cancel.remaining_bytes > 0, "{at_cancel:?}");
+    let report = assert_cancelled_here(&mut src, sent);
+    assert!(
+        report.reason.as_deref().unwrap_or("").contains("cancelled"),
+        "{report:?}"
+    );
+    match received {
+        Err(migrate::Error::CancelledBySource(why)) => assert!(why.contains("round 0"), "{why}"),
+        other => panic!("the destination must end: {other:?}"),
+    }
+    assert!(!src.vm.cancel_migration(), "nothing left to cancel");
+}
