@@ -1,6 +1,8 @@
-//! The Linux test guest (2 vCPUs, dirtying, the harpertown-shanghai CPU) moved between ferry
-//! processes ten times, alternating TCP loopback and Unix sockets: heartbeats go on strictly
-//! by one across every hop, no HB-CORRUPT, one GUEST-READY, every source exits 0 after Commit.
+//! The Linux test guest (2 vCPUs, dirtying, the harpertown-shanghai CPU), booted once:
+//! first a live migration cancelled in the middle of its first round (the guest heartbeats on
+//! at the source, the destination exits non-zero saying why), then ten live migrations
+//! between ferry processes over TCP loopback: heartbeats go on strictly by one across every
+//! hop, no HB-CORRUPT, one GUEST-READY, every source exits 0 after Commit.
 
 use std::time::Duration;
 
@@ -18,8 +20,71 @@ fn heartbeat(line: &str) -> Option<u64> {
         .ok()
 }
 
+fn free_url() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("tcp:127.0.0.1:{port}")
+}
+
+/// Starts a migration paced to 4 MB/s (round 0 of a 256 MiB guest takes seconds), cancels it
+/// once part of round 0 is out, and checks that the guest stays on the source.
+fn cancel_mid_round(src: &mut Ferry, text: &mut String) {
+    let url = free_url();
+    let mut dst = Ferry::spawn(&["receive", "--listen", &url]);
+    dst.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
+    let mut ctl = std::process::Command::new(ferry_tests::process::ferry_bin());
+    ctl.args(["ctl", "--api-socket"])
+        .arg(src.api_socket.as_ref().unwrap())
+        .args(["migrate", &url, "--max-bandwidth", "4M"]);
+    let migrating = std::thread::spawn(move || ctl.output());
+    let mut at_cancel = serde_json::Value::Null;
+    wait_for("round 0 to be under way", LIMIT, || {
+        let (_, out) = src.ctl(&["--json", "status"]);
+        let st: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_default();
+        let m = &st["migration"];
+        let under_way = m["round"] == 0
+            && m["sent_bytes"].as_u64().unwrap_or(0) > 1 << 20
+            && m["remaining_bytes"].as_u64().unwrap_or(0) > 1 << 20;
+        if under_way {
+            at_cancel = m.clone();
+        }
+        under_way
+    });
+    let (ok, out) = src.ctl(&["cancel"]);
+    assert!(ok, "{out}");
+    let out = migrating.join().unwrap().expect("run ferry ctl migrate");
+    let msg = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("cancelled at {at_cancel}: {msg}");
+    assert!(!out.status.success());
+    assert!(
+        msg.contains("cancelled by request in round 0") && msg.contains("runs here as before"),
+        "{msg}"
+    );
+    assert!(!dst.wait_exit(LIMIT).success(), "the destination must fail");
+    let err = dst.stderr_lines().join("\n");
+    assert!(err.contains("the source cancelled the migration"), "{err}");
+    assert!(
+        !dst.stdout_text().contains(" HB "),
+        "the guest never ran there"
+    );
+    // The source goes on heartbeating.
+    let (ok, st) = src.ctl(&["status"]);
+    assert!(ok && st.contains("running"), "{st}");
+    let last = text
+        .lines()
+        .chain(src.stdout_text().lines())
+        .filter_map(heartbeat)
+        .max();
+    src.wait_line(LIMIT, |l| {
+        heartbeat(l).is_some_and(|n| Some(n) >= last.map(|x| x + 3))
+    });
+}
+
 #[test]
-fn ten_hops_and_the_guest_never_notices() {
+fn a_cancel_mid_round_keeps_the_guest_here_then_ten_hops_and_it_never_notices() {
     ferry_tests::require_kvm();
     let sock0 = temp_path("hop0.sock");
     let mut src = run_guest(
@@ -32,17 +97,9 @@ fn ten_hops_and_the_guest_never_notices() {
     src.wait_line(BOOT_LIMIT, |l| l.contains("GUEST-READY"));
     src.wait_line(LIMIT, |l| l.contains("] HB ") && l.contains("pass=1"));
     let mut text = String::new();
+    cancel_mid_round(&mut src, &mut text);
     for hop in 1..=10 {
-        let url = if hop % 2 == 0 {
-            format!("unix:{}", temp_path(&format!("hop{hop}.mig")).display())
-        } else {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            format!("tcp:127.0.0.1:{port}")
-        };
+        let url = free_url();
         let api = temp_path(&format!("hop{hop}.sock"));
         let mut dst = Ferry::spawn(&[
             "receive",
@@ -52,8 +109,14 @@ fn ten_hops_and_the_guest_never_notices() {
             api.to_str().unwrap(),
         ]);
         dst.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
-        let (ok, out) = src.ctl(&["migrate", &url]);
+        let (ok, out) = src.ctl(&["--json", "migrate", &url]);
         assert!(ok, "hop {hop}: {out}\n{}", src.transcript());
+        let answer: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");
+        let r = &answer["report"];
+        eprintln!("hop {hop}: {r}");
+        assert_eq!(r["outcome"], "completed");
+        assert!(r["rounds"].as_u64().unwrap() >= 2, "precopy rounds: {r}");
+        assert!(r["untouched_pages"].as_u64().unwrap() > 0, "{r}");
         let status = src.wait_exit(LIMIT);
         assert!(
             status.success(),

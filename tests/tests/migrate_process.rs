@@ -203,3 +203,145 @@ fn a_host_profile_guest_is_refused_by_a_host_of_the_other_vendor() {
     assert!(src.ctl(&["stop"]).0);
     assert!(src.wait_exit(LIMIT).success());
 }
+
+/// The storm guest (tests/tiny/long_storm.S): its status (passes, bad pages) and working set.
+const STORM_STATUS: u64 = 0x80_0000;
+const STORM_BUF: u64 = 0x100_0000;
+const STORM_PAGES: u64 = 4096;
+
+fn storm_source(sock: &Path) -> Ferry {
+    let img = temp_path("long_storm.bin");
+    std::fs::write(&img, ferry_tests::tiny::LONG_STORM.bytes).unwrap();
+    let f = Ferry::spawn(&[
+        "run",
+        "--image",
+        img.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    wait_for("the source's control socket", LIMIT, || sock.exists());
+    f
+}
+
+fn read_u64(state: &migration::VmState, gpa: u64) -> u64 {
+    for r in &state.memory {
+        if gpa >= r.gpa && gpa + 8 <= r.gpa + r.data.len() as u64 {
+            let at = (gpa - r.gpa) as usize;
+            return u64::from_le_bytes(r.data[at..at + 8].try_into().unwrap());
+        }
+    }
+    0
+}
+
+/// Snapshots the storm guest of a running ferry (which goes on running) and checks its memory
+/// is consistent: no bad page seen, and the working set holds pass + 1 up to some page and
+/// pass from there. Returns the pass.
+fn storm_pass(f: &Ferry, tag: &str) -> u64 {
+    let path = temp_path(tag);
+    let (ok, out) = f.ctl(&["snapshot", path.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let state = migration::stream::decode_vm(&std::fs::read(&path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let (pass, bad) = (
+        read_u64(&state, STORM_STATUS),
+        read_u64(&state, STORM_STATUS + 8),
+    );
+    assert_eq!(bad, 0, "the guest found pages without its last store");
+    let values: Vec<u64> = (0..STORM_PAGES)
+        .map(|i| read_u64(&state, STORM_BUF + i * 4096))
+        .collect();
+    let done = values.iter().take_while(|v| **v == pass + 1).count();
+    assert!(values[done..].iter().all(|v| *v == pass), "pass {pass}");
+    pass
+}
+
+fn json_report(out: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap_or(""))
+        .unwrap_or_else(|_| panic!("ctl --json prints the answer first: {out}"));
+    v["report"].clone()
+}
+
+#[test]
+fn the_storm_guest_moves_between_processes_with_every_page_intact() {
+    ferry_tests::require_kvm();
+    let (s_sock, d_sock) = (temp_path("storm-src.sock"), temp_path("storm-dst.sock"));
+    let url = format!("tcp:127.0.0.1:{}", free_tcp_port());
+    let mut src = storm_source(&s_sock);
+    wait_for("the storm guest to run", LIMIT, || {
+        storm_pass(&src, "storm-before.snap") >= 3
+    });
+    let before = storm_pass(&src, "storm-before.snap");
+    let mut dst = Ferry::spawn(&[
+        "receive",
+        "--listen",
+        &url,
+        "--api-socket",
+        d_sock.to_str().unwrap(),
+    ]);
+    dst.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
+    let (ok, out) = src.ctl(&["--json", "migrate", &url, "--max-downtime", "5ms"]);
+    assert!(ok, "{out}");
+    let report = json_report(&out);
+    eprintln!("{report}");
+    assert_eq!(report["outcome"], "completed");
+    assert!(report["rounds"].as_u64().unwrap() >= 2, "{report}");
+    assert!(src.wait_exit(LIMIT).success(), "{}", src.transcript());
+    wait_for("the destination's control socket", LIMIT, || {
+        d_sock.exists()
+    });
+    let first = storm_pass(&dst, "storm-after1.snap");
+    assert!(
+        first > before,
+        "pass {first} after the move, {before} before"
+    );
+    wait_for("the guest to go on at the destination", LIMIT, || {
+        storm_pass(&dst, "storm-after2.snap") > first + 5
+    });
+    assert!(dst.ctl(&["stop"]).0);
+    assert!(dst.wait_exit(LIMIT).success(), "{}", dst.transcript());
+}
+
+#[test]
+fn an_unreachable_target_throttles_then_cancels_and_the_guest_runs_on_at_the_source() {
+    ferry_tests::require_kvm();
+    let s_sock = temp_path("storm-cancel-src.sock");
+    let url = format!("unix:{}", temp_path("storm-cancel.mig").display());
+    let mut src = storm_source(&s_sock);
+    wait_for("the storm guest to run", LIMIT, || {
+        storm_pass(&src, "storm-cancel0.snap") >= 3
+    });
+    let mut dst = Ferry::spawn(&["receive", "--listen", &url]);
+    dst.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
+    let (ok, out) = src.ctl(&[
+        "--json",
+        "migrate",
+        &url,
+        "--max-downtime",
+        "0ms",
+        "--timeout",
+        "2s",
+    ]);
+    assert!(!ok, "{out}");
+    let report = json_report(&out);
+    eprintln!("{report}");
+    assert_eq!(report["outcome"], "cancelled", "{report}");
+    assert!(report["throttle_pct"].as_u64().unwrap() > 0, "{report}");
+    assert!(
+        out.contains("timed out") && out.contains("runs here as before"),
+        "{out}"
+    );
+    // The destination gives up, saying why; the guest runs on at the source.
+    assert!(!dst.wait_exit(LIMIT).success());
+    let err = dst.stderr_lines().join("\n");
+    assert!(err.contains("the source cancelled the migration"), "{err}");
+    let (ok, st) = src.ctl(&["status"]);
+    assert!(ok && st.contains("running"), "{st}");
+    let first = storm_pass(&src, "storm-cancel1.snap");
+    wait_for("the guest to go on at the source", LIMIT, || {
+        storm_pass(&src, "storm-cancel2.snap") > first + 5
+    });
+    assert!(src.ctl(&["stop"]).0);
+    assert!(src.wait_exit(LIMIT).success());
+}

@@ -373,6 +373,7 @@ fn send_on(
                 let _ = protocol::send(&mut conn, &Message::Cancel(reason.clone()));
                 report.outcome = "cancelled";
                 report.total_ms = ms(started.elapsed());
+                report.bandwidth_mbps = report.bytes as f64 / started.elapsed().as_secs_f64() / 1e6;
                 report.reason = Some(reason.clone());
                 return Err(Error::Cancelled { reason, report });
             }

@@ -99,18 +99,22 @@ fn chip_bytes(c: &kvm_irqchip) -> Vec<u8> {
     bytes_of(&c.chip)
 }
 
-/// Every page of guest RAM that is not zero, as ranges of consecutive pages.
+/// Every page of guest RAM that is not zero, as ranges of consecutive pages. Pages never
+/// touched (pagemap) are not read at all.
 pub fn save_memory(vm: &Vm) -> Vec<MemoryRange> {
     let mem = vm.memory();
     let mut out: Vec<MemoryRange> = Vec::new();
     let mut page = vec![0u8; PAGE_SIZE as usize];
-    for region in mem.iter() {
+    for (region, touched) in mem.iter().zip(vm.touched_pages()) {
         let start = region.start_addr().0;
-        let mut off = 0;
-        while off < region.len() {
-            let gpa = start + off;
-            off += PAGE_SIZE;
-            if mem.read_slice(&mut page, GuestAddress(gpa)).is_err() || page.iter().all(|b| *b == 0)
+        for index in 0..region.len() / PAGE_SIZE {
+            let i = index as usize;
+            if touched.get(i / 64).is_none_or(|w| w >> (i % 64) & 1 == 0) {
+                continue;
+            }
+            let gpa = start + index * PAGE_SIZE;
+            if mem.read_slice(&mut page, GuestAddress(gpa)).is_err()
+                || migration::pages::is_zero(&page)
             {
                 continue;
             }
