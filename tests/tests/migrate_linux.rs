@@ -31,7 +31,7 @@ fn free_url() -> String {
 
 /// Starts a migration paced to 4 MB/s (round 0 of a 256 MiB guest takes seconds), cancels it
 /// once part of round 0 is out, and checks that the guest stays on the source.
-fn cancel_mid_round(src: &mut Ferry, text: &mut String) {
+fn cancel_mid_round(src: &mut Ferry, text: &str) {
     let url = free_url();
     let mut dst = Ferry::spawn(&["receive", "--listen", &url]);
     dst.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
@@ -97,7 +97,7 @@ fn a_cancel_mid_round_keeps_the_guest_here_then_ten_hops_and_it_never_notices() 
     src.wait_line(BOOT_LIMIT, |l| l.contains("GUEST-READY"));
     src.wait_line(LIMIT, |l| l.contains("] HB ") && l.contains("pass=1"));
     let mut text = String::new();
-    cancel_mid_round(&mut src, &mut text);
+    cancel_mid_round(&mut src, &text);
     for hop in 1..=10 {
         let url = free_url();
         let api = temp_path(&format!("hop{hop}.sock"));
