@@ -350,12 +350,21 @@ fn progress_line(p: &serde_json::Value) -> String {
 /// The final report of a migration, for people.
 fn report_line(r: &serde_json::Value) -> String {
     let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
-    let pages: Vec<String> = r["pages_per_round"]
+    let all: Vec<String> = r["pages_per_round"]
         .as_array()
         .into_iter()
         .flatten()
         .map(|v| v.to_string())
         .collect();
+    // The first rounds and the last ones; a long middle is elided.
+    let pages = if all.len() > 12 {
+        let mut p = all[..8].to_vec();
+        p.push("...".into());
+        p.extend_from_slice(&all[all.len() - 4..]);
+        p
+    } else {
+        all
+    };
     let outcome = r["outcome"].as_str().unwrap_or("?");
     let mut line = format!(
         "migration {outcome}: total {:.1} ms, downtime {:.1} ms (target {:.1} ms), {:.1} MiB on the wire at {:.0} MB/s, {} rounds (pages per round: {}), {} zero and {} untouched pages skipped, throttle {}%",

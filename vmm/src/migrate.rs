@@ -333,6 +333,7 @@ fn send_on(
                 (
                     Error::Save(format!("starting the throttle thread: {e}")),
                     Box::<Report>::default(),
+                    0.0,
                 )
             })?;
         let mut s = Sender {
@@ -349,6 +350,9 @@ fn send_on(
             round_started: started,
             round_bytes: 0,
             round_pages: 0,
+            busy_bytes: 0,
+            busy_time: Duration::ZERO,
+            paced: Duration::ZERO,
             remaining: 0,
             throttle,
             last_progress: started,
@@ -357,11 +361,12 @@ fn send_on(
         };
         let r = s.run();
         drop(stop_throttle);
-        r.map_err(|e| (e, Box::new(s.report)))
+        let bandwidth_mbps = s.bandwidth() / 1e6;
+        r.map_err(|e| (e, Box::new(s.report), bandwidth_mbps))
     });
     match result {
         Ok(report) => Ok(report),
-        Err((e, mut report)) => {
+        Err((e, mut report, bandwidth_mbps)) => {
             let _ = vm.set_dirty_tracking(false);
             if !was_paused {
                 if let Err(r) = vm.resume() {
@@ -373,7 +378,7 @@ fn send_on(
                 let _ = protocol::send(&mut conn, &Message::Cancel(reason.clone()));
                 report.outcome = "cancelled";
                 report.total_ms = ms(started.elapsed());
-                report.bandwidth_mbps = report.bytes as f64 / started.elapsed().as_secs_f64() / 1e6;
+                report.bandwidth_mbps = bandwidth_mbps;
                 report.reason = Some(reason.clone());
                 return Err(Error::Cancelled { reason, report });
             }
@@ -405,6 +410,11 @@ struct Sender<'a, C: Read + Write> {
     round_started: Instant,
     round_bytes: u64,
     round_pages: u64,
+    /// Bytes and time of the rounds that sent something: the bandwidth measure.
+    busy_bytes: u64,
+    busy_time: Duration,
+    /// Time this round slept to keep to --max-bandwidth (not part of the bandwidth measure).
+    paced: Duration,
     /// Guest bytes of this round not sent yet.
     remaining: u64,
     throttle: &'a AtomicU8,
@@ -520,6 +530,7 @@ impl<C: Read + Write> Sender<'_, C> {
         self.round_started = Instant::now();
         self.round_bytes = 0;
         self.round_pages = 0;
+        self.paced = Duration::ZERO;
         self.remaining = count_pages(bits) * PAGE;
         self.batch.set_round(self.report.rounds);
         let regions = self.regions.clone();
@@ -552,6 +563,10 @@ impl<C: Read + Write> Sender<'_, C> {
             }
         }
         self.flush()?;
+        if self.round_bytes > 0 {
+            self.busy_bytes += self.round_bytes;
+            self.busy_time += self.round_started.elapsed().saturating_sub(self.paced);
+        }
         if self.report.pages_per_round.len() < MAX_ROUNDS_REPORTED {
             self.report.pages_per_round.push(self.round_pages);
         }
@@ -574,12 +589,14 @@ impl<C: Read + Write> Sender<'_, C> {
             self.round_bytes += n;
         }
         self.batch.reset();
-        if let Some(bw) = self.opts.max_bandwidth.filter(|b| *b > 0) {
+        // Pace while the guest runs; once it is paused, every millisecond is downtime.
+        if let Some(bw) = self.opts.max_bandwidth.filter(|b| *b > 0 && !self.paused) {
             let due =
                 self.round_started + Duration::from_secs_f64(self.round_bytes as f64 / bw as f64);
             let now = Instant::now();
             if due > now {
                 std::thread::sleep(due - now);
+                self.paced += due - now;
             }
         }
         if self.last_progress.elapsed() >= PROGRESS_EVERY {
@@ -618,13 +635,18 @@ impl<C: Read + Write> Sender<'_, C> {
         Ok(())
     }
 
-    /// Bytes per second on the wire since the start.
+    /// Bytes per second on the wire while sending: the rounds that sent something, and the
+    /// current one (rounds that found nothing dirty do not dilute it).
     fn bandwidth(&self) -> f64 {
-        let t = self.started.elapsed().as_secs_f64();
-        if self.report.bytes == 0 || t <= 0.0 {
+        let bytes = self.busy_bytes + self.round_bytes;
+        let mut t = self.busy_time;
+        if self.round_bytes > 0 {
+            t += self.round_started.elapsed().saturating_sub(self.paced);
+        }
+        if bytes == 0 || t.is_zero() {
             0.0
         } else {
-            self.report.bytes as f64 / t
+            bytes as f64 / t.as_secs_f64()
         }
     }
 }
