@@ -9,11 +9,12 @@
 //! Needs /dev/kvm and `qemu-system-x86_64` (Debian: qemu-system-x86). Run by hand, never in CI.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use ferry_benches::{host_facts, replace_section, stats};
 
 const BEGIN: &str = "<!-- boot-bench begin -->";
 const END: &str = "<!-- boot-bench end -->";
@@ -79,60 +80,6 @@ fn time_boot(cmd: &mut Command) -> Result<(f64, f64)> {
         (Some(f), Some(r)) => Ok((f, r)),
         _ => bail!("{cmd:?}: no GUEST-READY"),
     }
-}
-
-fn stats(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    (s[0], s[s.len() / 2], s[s.len() - 1])
-}
-
-fn host_facts(qemu: &str) -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .unwrap_or("?")
-        .trim()
-        .to_string();
-    let family = |k: &str| {
-        cpuinfo
-            .lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split(':').nth(1))
-            .unwrap_or("?")
-            .trim()
-            .to_string()
-    };
-    let cores = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("processor"))
-        .count();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    let kvm = if Path::new("/sys/module/kvm_pvm").exists() {
-        let native = std::fs::read_to_string("/sys/module/kvm_pvm/parameters/pvm_native")
-            .unwrap_or_default();
-        format!(
-            "kvm_pvm (pvm_native={}): guest ring 0 is emulated",
-            native.trim()
-        )
-    } else if Path::new("/sys/module/kvm_intel").exists() {
-        "kvm_intel (VMX)".into()
-    } else if Path::new("/sys/module/kvm_amd").exists() {
-        "kvm_amd (SVM)".into()
-    } else {
-        "unknown".into()
-    };
-    format!(
-        "- CPU: {model} ({}, family {} model {}), {cores} cores\n- Host kernel: {kernel}\n- KVM: {kvm}\n- QEMU: {qemu}\n",
-        family("vendor_id"),
-        family("cpu family"),
-        family("model\t"),
-    )
 }
 
 fn main() -> Result<()> {
@@ -256,14 +203,7 @@ fn main() -> Result<()> {
     );
     print!("{md}");
     if let Some(path) = &args.write {
-        let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
-        let new = match (old.find(BEGIN), old.find(END)) {
-            (Some(b), Some(e)) if b < e => {
-                format!("{}{}{}", &old[..b], md.trim_end(), &old[e + END.len()..])
-            }
-            _ => format!("{}\n\n{}", old.trim_end(), md),
-        };
-        std::fs::write(path, new).with_context(|| format!("write {}", path.display()))?;
+        replace_section(path, BEGIN, END, &md)?;
     }
     Ok(())
 }

@@ -10,6 +10,11 @@
  *   workload=dirty:MB      rewrite MB MiB in passes; every page is checked against the
  *                          value written to it in the previous pass
  *   hb_ms=N                heartbeat interval in milliseconds (default 1000, minimum 1)
+ *   hb_us=N                heartbeat interval in microseconds (overrides hb_ms)
+ *   hb_port                also write each heartbeat's number (its low byte) to I/O port
+ *                          0xe9, the debug console: one exit per beat, cheap enough for a
+ *                          1 ms interval where printing a line is not
+ *   hb_print=N             print only every Nth HB line (default 1: all)
  *   hb_max=N               after heartbeat N, reboot (ends the VMM with status 0)
  *   ferry.park             PID 1 sleeps in the kernel instead of executing /init
  *   ferry.cpuid            before GUEST-READY, print every CPUID leaf as read in ring 0
@@ -31,9 +36,13 @@
 #include <linux/reboot.h>
 #include <linux/delay.h>
 #include <asm/processor.h>
+#include <asm/io.h>
 
 static unsigned long ferry_dirty_mb;
 static unsigned int ferry_hb_ms = 1000;
+static unsigned int ferry_hb_us;
+static bool ferry_hb_port;
+static unsigned long ferry_hb_print = 1;
 static unsigned long ferry_hb_max;
 static bool ferry_park;
 static bool ferry_cpuid;
@@ -58,6 +67,29 @@ static int __init ferry_hb_ms_setup(char *s)
 	return 1;
 }
 __setup("hb_ms=", ferry_hb_ms_setup);
+
+static int __init ferry_hb_us_setup(char *s)
+{
+	if (kstrtouint(s, 10, &ferry_hb_us))
+		ferry_hb_us = 0;
+	return 1;
+}
+__setup("hb_us=", ferry_hb_us_setup);
+
+static int __init ferry_hb_port_setup(char *s)
+{
+	ferry_hb_port = true;
+	return 1;
+}
+__setup("hb_port", ferry_hb_port_setup);
+
+static int __init ferry_hb_print_setup(char *s)
+{
+	if (kstrtoul(s, 10, &ferry_hb_print) || ferry_hb_print == 0)
+		ferry_hb_print = 1;
+	return 1;
+}
+__setup("hb_print=", ferry_hb_print_setup);
 
 static int __init ferry_hb_max_setup(char *s)
 {
@@ -202,7 +234,8 @@ static int ferry_dirty_thread(void *arg)
 
 static int ferry_heartbeat_thread(void *arg)
 {
-	u64 period = (u64)ferry_hb_ms * NSEC_PER_MSEC;
+	u64 period = ferry_hb_us ? (u64)ferry_hb_us * NSEC_PER_USEC :
+				   (u64)ferry_hb_ms * NSEC_PER_MSEC;
 	ktime_t next = ktime_get();
 	unsigned long n;
 
@@ -215,8 +248,11 @@ static int ferry_heartbeat_thread(void *arg)
 			next = now;
 		set_current_state(TASK_INTERRUPTIBLE);
 		schedule_hrtimeout(&next, HRTIMER_MODE_ABS);
-		pr_err("HB %lu cpus=%u pass=%lld\n", n, num_online_cpus(),
-		       (long long)atomic64_read(&ferry_passes));
+		if (ferry_hb_port)
+			outb((u8)n, 0xe9);
+		if (n % ferry_hb_print == 0)
+			pr_err("HB %lu cpus=%u pass=%lld\n", n, num_online_cpus(),
+			       (long long)atomic64_read(&ferry_passes));
 		if (ferry_hb_max && n >= ferry_hb_max) {
 			pr_err("ferry: %lu heartbeats done, rebooting\n", n);
 			kernel_restart(NULL);

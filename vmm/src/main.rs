@@ -72,6 +72,30 @@ struct RunArgs {
     /// The guest CPU profile: a built-in name (see `ferry cpu show`) or a profile file.
     #[arg(long)]
     cpu: Option<String>,
+    #[command(flatten)]
+    debug: DebugConsoleArg,
+}
+
+#[derive(Parser, Debug)]
+struct DebugConsoleArg {
+    /// Append the bytes the guest writes to I/O port 0xe9 (the debug console) to FILE.
+    #[arg(long, value_name = "FILE")]
+    debug_console: Option<PathBuf>,
+}
+
+impl DebugConsoleArg {
+    /// Attaches the debug console file, if one was given, to `vm`.
+    fn attach(&self, vm: &vmm::Vm) -> anyhow::Result<()> {
+        if let Some(p) = &self.debug_console {
+            let f = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(p)
+                .with_context(|| format!("--debug-console {}", p.display()))?;
+            vm.set_debug_console(Box::new(f));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Parser, Debug)]
@@ -84,6 +108,8 @@ struct RestoreArgs {
     /// Serve the control socket at this path.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    #[command(flatten)]
+    debug: DebugConsoleArg,
 }
 
 #[derive(Parser, Debug)]
@@ -98,6 +124,8 @@ struct ReceiveArgs {
     /// this one.
     #[arg(long)]
     host: Option<PathBuf>,
+    #[command(flatten)]
+    debug: DebugConsoleArg,
 }
 
 #[derive(Parser, Debug)]
@@ -209,6 +237,7 @@ fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         }
         (None, None) => anyhow::bail!("give --kernel or --image"),
     };
+    a.debug.attach(&vm)?;
     serve(vm, a.api_socket.as_deref(), true)
 }
 
@@ -309,6 +338,7 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("snapshot {}", a.file.display()))?;
     let vm = vmm::Vm::restore(&state, Box::new(FlushingWriter(std::io::stdout())))
         .with_context(|| format!("restoring {}", a.file.display()))?;
+    a.debug.attach(&vm)?;
     serve(vm, a.api_socket.as_deref(), !a.paused)
 }
 
@@ -330,6 +360,7 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         vm.num_vcpus(),
         vm.cpu_profile().name
     );
+    a.debug.attach(&vm)?;
     serve(vm, a.api_socket.as_deref(), true)
 }
 

@@ -206,6 +206,23 @@ pub struct Report {
     pub predicted_downtime_ms: f64,
     /// Measured while sending, MB/s.
     pub bandwidth_mbps: f64,
+    /// Where the downtime went.
+    pub downtime_phases: DowntimePhases,
+}
+
+/// The downtime, phase by phase (ms).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DowntimePhases {
+    /// Until every vCPU was out of the guest.
+    pub pause_ms: f64,
+    /// The pages dirtied since the last round.
+    pub last_round_ms: f64,
+    /// Saving vCPU and device state.
+    pub save_ms: f64,
+    /// Writing it.
+    pub send_state_ms: f64,
+    /// Until the destination answered Restored (reading and loading the state there).
+    pub destination_ms: f64,
 }
 
 /// The outgoing migration of a VM: one at a time, cancellable from another thread.
@@ -477,6 +494,7 @@ impl<C: Read + Write> Sender<'_, C> {
         let paused_at = Instant::now();
         vm.pause().map_err(|e| Error::Save(e.to_string()))?;
         self.paused = true;
+        let t_paused = Instant::now();
         let more = vm
             .take_dirty()
             .map_err(|e| Error::Save(format!("reading the dirty log: {e}")))?;
@@ -486,9 +504,11 @@ impl<C: Read + Write> Sender<'_, C> {
             }
         }
         self.send_round(&dirty, false)?;
+        let t_last_round = Instant::now();
         let state = vm
             .save_state_with(false)
             .map_err(|e| Error::Save(e.to_string()))?;
+        let t_saved = Instant::now();
         protocol::send(self.conn, &Message::State).map_err(proto("sending the VM state"))?;
         let mut w = BufWriter::new(&mut *self.conn);
         self.report.bytes += migration::stream::write_vm(&mut w, &state)
@@ -496,7 +516,20 @@ impl<C: Read + Write> Sender<'_, C> {
             .map_err(io("sending the VM state"))?;
         drop(w);
         self.report.bytes += 8;
-        self.finish(paused_at)
+        let t_sent = Instant::now();
+        let ms_between = |a: Instant, b: Instant| ms(b.saturating_duration_since(a));
+        self.report.downtime_phases = DowntimePhases {
+            pause_ms: ms_between(paused_at, t_paused),
+            last_round_ms: ms_between(t_paused, t_last_round),
+            save_ms: ms_between(t_last_round, t_saved),
+            send_state_ms: ms_between(t_saved, t_sent),
+            destination_ms: 0.0,
+        };
+        let r = self.finish(paused_at);
+        r.map(|mut r| {
+            r.downtime_phases.destination_ms = ms(t_sent.elapsed());
+            r
+        })
     }
 
     /// Waits for Restored, commits, and completes the report.

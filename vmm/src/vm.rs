@@ -26,7 +26,9 @@ use crate::boot::{self, layout, EntryPoint};
 use crate::config::{self, VmConfig};
 use crate::cpu;
 use crate::cpu_model;
-use crate::devices::{i8042::I8042, serial, Bus, IoBuses, Sink};
+use crate::devices::{
+    i8042::I8042, serial, Bus, DebugOutput, DebugPort, IoBuses, Sink, DEBUG_PORT,
+};
 use crate::memory::{self, GuestMemoryMmap, GuestRam};
 use crate::vcpu::{
     self, ExitCounts, RunState, Vcpu, VcpuCmd, VcpuHandle, VcpuRegs, VcpuShared, VmEvent,
@@ -101,6 +103,8 @@ pub struct Vm {
     lifecycle: Mutex<()>,
     /// The outgoing migration in progress, if any: cancel flag and progress.
     pub(crate) migration: crate::migrate::Control,
+    /// Where the debug port's bytes go.
+    debug_output: DebugOutput,
 }
 
 impl std::fmt::Debug for Vm {
@@ -200,6 +204,14 @@ impl Vm {
         io.pio
             .insert(0x80, 1, Arc::new(Mutex::new(Sink)))
             .map_err(dev_err)?;
+        let debug_output: DebugOutput = Arc::new(Mutex::new(None));
+        io.pio
+            .insert(
+                DEBUG_PORT,
+                1,
+                Arc::new(Mutex::new(DebugPort(debug_output.clone()))),
+            )
+            .map_err(dev_err)?;
 
         let host_cpu = cpu_model::host_dump(&kvm)?;
         let profile = cpu_model::default_profile(&host_cpu)?;
@@ -228,6 +240,7 @@ impl Vm {
             events_rx: Mutex::new(events_rx),
             lifecycle: Mutex::new(()),
             migration: Default::default(),
+            debug_output,
         })
     }
 
@@ -473,6 +486,11 @@ impl Vm {
     /// The MMIO bus.
     pub fn mmio_bus(&self) -> &Bus {
         &self.io.mmio
+    }
+
+    /// Sends the bytes the guest writes to the debug port (0xe9) to `w` from now on.
+    pub fn set_debug_console(&self, w: Box<dyn Write + Send>) {
+        *self.debug_output.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
     }
 
     /// Feeds console input to the guest's COM1.

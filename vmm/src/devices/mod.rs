@@ -133,6 +133,38 @@ impl BusDevice for Sink {
     fn write(&mut self, _offset: u64, _data: &[u8]) {}
 }
 
+/// The debug console port (as Bochs, QEMU's isa-debugcon and Cloud Hypervisor have it):
+/// each byte the guest writes goes to the writer, if one is attached; reads give 0xe9 (the
+/// conventional "present" answer).
+pub const DEBUG_PORT: u64 = 0xe9;
+
+/// Where the debug port's bytes go; attach a writer any time.
+pub type DebugOutput = Arc<Mutex<Option<Box<dyn std::io::Write + Send>>>>;
+
+/// The device at [`DEBUG_PORT`].
+pub struct DebugPort(pub DebugOutput);
+
+impl std::fmt::Debug for DebugPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DebugPort")
+    }
+}
+
+impl BusDevice for DebugPort {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xe9);
+    }
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        let mut out = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = out.as_mut() {
+            if w.write_all(data).and_then(|()| w.flush()).is_err() {
+                // A reader that went away ends the output, not the VM.
+                *out = None;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
