@@ -173,15 +173,20 @@ struct Sample {
     rounds: f64,
 }
 
+/// Heartbeat bytes with their arrival times.
+type Beats = Arc<Mutex<Vec<(Instant, u8)>>>;
+/// A case on one VMM: the heartbeat interval achieved, and the samples per mode.
+type CaseResult = (f64, Vec<(Mode, Vec<Option<Sample>>)>);
+
 /// A VMM process whose output lines and heartbeat bytes are time-stamped as they arrive.
 struct Proc {
     child: Child,
     lines: Arc<Mutex<Vec<(Instant, String)>>>,
-    beats: Arc<Mutex<Vec<(Instant, u8)>>>,
+    beats: Beats,
 }
 
 /// A FIFO for a VMM's debug console and a thread recording each byte with its arrival time.
-fn debug_fifo(name: &str) -> Result<(PathBuf, Arc<Mutex<Vec<(Instant, u8)>>>)> {
+fn debug_fifo(name: &str) -> Result<(PathBuf, Beats)> {
     let path = temp(name);
     let _ = std::fs::remove_file(&path);
     let ok = Command::new("mkfifo").arg(&path).status()?.success();
@@ -206,7 +211,7 @@ fn debug_fifo(name: &str) -> Result<(PathBuf, Arc<Mutex<Vec<(Instant, u8)>>>)> {
 
 impl Proc {
     /// Spawns `cmd`, which must send its debug console to the FIFO made by [`debug_fifo`].
-    fn spawn(cmd: &mut Command, beats: Arc<Mutex<Vec<(Instant, u8)>>>) -> Result<Proc> {
+    fn spawn(cmd: &mut Command, beats: Beats) -> Result<Proc> {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -357,11 +362,7 @@ fn blackout(src: &Proc, dst: &Proc) -> Result<f64> {
     Ok(first.saturating_duration_since(last).as_secs_f64() * 1e3)
 }
 
-fn ferry_case(
-    ferry: &Path,
-    case: &Case,
-    runs: usize,
-) -> Result<(f64, Vec<(Mode, Vec<Option<Sample>>)>)> {
+fn ferry_case(ferry: &Path, case: &Case, runs: usize) -> Result<CaseResult> {
     let g = ferry_tests::guest::guest();
     let sock = |n: usize| temp(&format!("ferry-{n}.sock"));
     let mut n = 0;
@@ -539,7 +540,7 @@ fn qemu_setup(q: &mut Qmp, mode: &Mode) -> Result<()> {
     Ok(())
 }
 
-fn qemu_case(case: &Case, runs: usize) -> Result<(f64, Vec<(Mode, Vec<Option<Sample>>)>)> {
+fn qemu_case(case: &Case, runs: usize) -> Result<CaseResult> {
     let qmp_path = |n: usize| temp(&format!("qemu-{n}.qmp"));
     let mut n = 0;
     let (fifo, beats) = debug_fifo("qemu-0.hb")?;
