@@ -40,6 +40,8 @@ struct Args {
     runs: usize,
     write: Option<PathBuf>,
     cases: Vec<String>,
+    /// Only this VMM ("ferry" or "qemu"); both by default.
+    only: Option<String>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -47,6 +49,7 @@ fn parse_args() -> Result<Args> {
         runs: 5,
         write: None,
         cases: Vec::new(),
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -55,6 +58,7 @@ fn parse_args() -> Result<Args> {
             "--runs" => a.runs = val()?.parse().context("--runs")?,
             "--write" => a.write = Some(PathBuf::from(val()?)),
             "--case" => a.cases.push(val()?),
+            "--only" => a.only = Some(val()?),
             other => bail!(
                 "unknown argument {other:?} (expected --runs N, --write FILE, --case NAME...)"
             ),
@@ -434,6 +438,23 @@ fn ferry_case(ferry: &Path, case: &Case, runs: usize) -> Result<CaseResult> {
                 rounds: r["rounds"].as_f64().unwrap_or(f64::NAN),
             };
             eprintln!("{}, {}: run {run}: {s:?}", case.name, mode.name());
+            if let Ok((_, got)) = dst.wait_line(0, MIGRATION_LIMIT, "received", |l| {
+                l.contains("received the VM")
+            }) {
+                let first = dst.beats.lock().unwrap()[0].0;
+                let last = src.beats.lock().unwrap().last().unwrap().0;
+                eprintln!(
+                    "  last source beat -> destination has it {:.1} ms -> first beat {:.1} ms; phases {}",
+                    got.saturating_duration_since(last).as_secs_f64() * 1e3,
+                    first.saturating_duration_since(got).as_secs_f64() * 1e3,
+                    r["downtime_phases"]
+                );
+                for (_, l) in dst.lines.lock().unwrap().iter() {
+                    if l.contains("DEBUG") || l.contains("received the VM") {
+                        eprintln!("  destination: {l}");
+                    }
+                }
+            }
             samples.push(Some(s));
             src = dst;
         }
@@ -661,8 +682,20 @@ fn main() -> Result<()> {
     );
     let mut summary = String::new();
     for case in cases {
-        let (f_beat, f) = ferry_case(&ferry, case, args.runs)?;
-        let (q_beat, q) = qemu_case(case, args.runs)?;
+        let skip = |vmm: &str| args.only.as_deref().is_some_and(|o| o != vmm);
+        let (f_beat, f) = if skip("ferry") {
+            (f64::NAN, Vec::new())
+        } else {
+            ferry_case(&ferry, case, args.runs)?
+        };
+        let (q_beat, q) = if skip("qemu") {
+            (f64::NAN, Vec::new())
+        } else {
+            qemu_case(case, args.runs)?
+        };
+        if f.is_empty() || q.is_empty() {
+            continue;
+        }
         md += &format!("### {}\n\nHeartbeat interval the guest achieved (median): ferry {f_beat:.1} ms, QEMU {q_beat:.1} ms.\n\n| mode | total ms | downtime ms | blackout ms | MiB | rounds |\n|---|---|---|---|---|---|\n", case.name);
         for (mode, s) in f.iter().chain(&q) {
             md += &format!(

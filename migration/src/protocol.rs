@@ -5,6 +5,8 @@
 //! Hello {version, memory, vcpus, profile} ->
 //!                                          <- Accept | Refuse {reason}   (before any memory)
 //! Pages {round, runs} x n (precopy)       ->   written into the new VM's RAM
+//! Sync (after each round)                 ->
+//!                                          <- Synced   (every page so far is in RAM)
 //! [Cancel {reason}                         ->   the destination gives up; the end]
 //! State, then the VM stream (no memory)   ->
 //!                                          <- Restored | Failed {reason}
@@ -63,6 +65,10 @@ pub enum Message {
     Cancel(String),
     /// The VM stream (stream::write_vm) follows this frame.
     State,
+    /// Answer Synced once every page sent before this is in guest RAM.
+    Sync,
+    /// The answer to Sync.
+    Synced,
 }
 
 /// What the destination reads during precopy.
@@ -71,6 +77,7 @@ pub enum Precopy<'b> {
     Pages(crate::pages::Batch<'b>),
     Cancel(String),
     State,
+    Sync,
 }
 
 impl Message {
@@ -84,6 +91,8 @@ impl Message {
             Message::Commit => b"CMIT",
             Message::Cancel(_) => b"CNCL",
             Message::State => b"VMST",
+            Message::Sync => b"SYNC",
+            Message::Synced => b"SYND",
         }
     }
 
@@ -98,6 +107,8 @@ impl Message {
             Message::Commit => "Commit",
             Message::Cancel(_) => "Cancel",
             Message::State => "State",
+            Message::Sync => "Sync",
+            Message::Synced => "Synced",
         }
     }
 }
@@ -127,7 +138,12 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<(), Error> {
             let r: String = r.chars().take(MAX_REASON as usize / 4).collect();
             e.str_u32("reason", &r, MAX_REASON)?;
         }
-        Message::Accept | Message::Restored | Message::Commit | Message::State => {}
+        Message::Accept
+        | Message::Restored
+        | Message::Commit
+        | Message::State
+        | Message::Sync
+        | Message::Synced => {}
     }
     let payload = e.into_inner();
     let mut frame = Vec::with_capacity(8 + payload.len());
@@ -172,8 +188,9 @@ pub fn recv_precopy<'b>(r: &mut impl Read, buf: &'b mut Vec<u8>) -> Result<Preco
     match message(r, tag, len)? {
         Message::Cancel(reason) => Ok(Precopy::Cancel(reason)),
         Message::State => Ok(Precopy::State),
+        Message::Sync => Ok(Precopy::Sync),
         other => Err(Error::Unexpected {
-            expected: "Pages, Cancel or State",
+            expected: "Pages, Sync, Cancel or State",
             found: other.name().into(),
         }),
     }
@@ -202,6 +219,8 @@ fn message(r: &mut impl Read, tag: [u8; 4], len: u32) -> Result<Message, Error> 
         b"CMIT" => Message::Commit,
         b"CNCL" => Message::Cancel(d.str_u32("reason", MAX_REASON)?),
         b"VMST" => Message::State,
+        b"SYNC" => Message::Sync,
+        b"SYND" => Message::Synced,
         _ => {
             return Err(Error::Unexpected {
                 expected: "a migration message",
@@ -242,6 +261,8 @@ mod tests {
             Message::Commit,
             Message::Cancel("timed out".into()),
             Message::State,
+            Message::Sync,
+            Message::Synced,
         ] {
             let mut buf = Vec::new();
             send(&mut buf, &m).unwrap();

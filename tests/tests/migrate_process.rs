@@ -321,7 +321,11 @@ fn an_unreachable_target_throttles_then_cancels_and_the_guest_runs_on_at_the_sou
         "--max-downtime",
         "0ms",
         "--timeout",
-        "2s",
+        "3s",
+        // Each round of the 16 MiB working set then takes ~330 ms, and the guest rewrites
+        // all of it meanwhile: the throttle must rise.
+        "--max-bandwidth",
+        "50M",
     ]);
     assert!(!ok, "{out}");
     let report = json_report(&out);

@@ -354,14 +354,18 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         host.as_ref(),
         Box::new(FlushingWriter(std::io::stdout())),
     )?;
+    // Run the guest at once: the control socket and the rest can follow.
+    let committed = std::time::Instant::now();
+    a.debug.attach(&vm)?;
+    vm.start()?;
     eprintln!(
-        "ferry: received the VM ({} MiB, {} vCPUs, CPU profile {}); running it",
+        "ferry: received the VM ({} MiB, {} vCPUs, CPU profile {}); running it ({:.1} ms after Commit)",
         vm.memory_size() >> 20,
         vm.num_vcpus(),
-        vm.cpu_profile().name
+        vm.cpu_profile().name,
+        committed.elapsed().as_secs_f64() * 1e3
     );
-    a.debug.attach(&vm)?;
-    serve(vm, a.api_socket.as_deref(), true)
+    serve(vm, a.api_socket.as_deref(), false)
 }
 
 /// One progress line of a running migration.

@@ -596,6 +596,22 @@ impl<C: Read + Write> Sender<'_, C> {
             }
         }
         self.flush()?;
+        if !self.paused {
+            // The destination has every page of the round in RAM before the next decision:
+            // the bandwidth is end to end, and no backlog there lands in the downtime.
+            protocol::send(self.conn, &Message::Sync).map_err(proto("sending memory"))?;
+            match protocol::recv(self.conn).map_err(proto("waiting for Synced"))? {
+                Message::Synced => {}
+                other => {
+                    return Err(Error::DestinationFailed(format!(
+                        "expected Synced, got {}",
+                        other.name()
+                    )))
+                }
+            }
+            self.round_bytes += 16;
+            self.report.bytes += 16;
+        }
         if self.round_bytes > 0 {
             self.busy_bytes += self.round_bytes;
             self.busy_time += self.round_started.elapsed().saturating_sub(self.paced);
@@ -726,6 +742,9 @@ pub fn receive_over(
         match protocol::recv_precopy(&mut conn, &mut buf).map_err(proto("receiving memory"))? {
             Precopy::Pages(batch) => write_pages(&vm, &regions, &batch)?,
             Precopy::Cancel(reason) => return Err(Error::CancelledBySource(reason)),
+            Precopy::Sync => {
+                protocol::send(&mut conn, &Message::Synced).map_err(proto("receiving memory"))?
+            }
             Precopy::State => break,
         }
     }
@@ -736,6 +755,7 @@ pub fn receive_over(
                 source: std::io::Error::other(e.to_string()).into(),
             }
         })?;
+    let got_state = Instant::now();
     let loaded = if state.cpu_profile != hello.cpu_profile
         || state.config.memory != hello.memory
         || state.config.vcpus != hello.vcpus
@@ -749,6 +769,7 @@ pub fn receive_over(
         return Err(Error::Restore(e));
     }
     protocol::send(&mut conn, &Message::Restored).map_err(proto("sending Restored"))?;
+    log::debug!("receive: state loaded in {:?}", got_state.elapsed());
     match protocol::recv(&mut conn) {
         Ok(Message::Commit) => Ok(vm),
         Ok(other) => Err(Error::NoCommit(format!("got {}", other.name()))),

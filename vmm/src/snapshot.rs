@@ -1,8 +1,8 @@
 //! Saving a paused VM into the vendor-neutral [`VmState`] and building a new VM from one.
 //!
 //! Restore order (why): the machine (memory slots, irqchip, PIT) exists first; the CPU
-//! profile is checked against this host and every vCPU's CPUID is set before any other vCPU
-//! state (KVM validates XSAVE, MSRs and more against it); memory is written before vCPUs can
+//! profile is checked against this host and every vCPU's CPUID is set (in
+//! [`Vm::for_restore`]) before any other vCPU state (KVM validates XSAVE, MSRs and more against it); memory is written before vCPUs can
 //! run; vCPU state in the order of [`vcpu_state::restore`]; then PIC, IOAPIC and PIT; then the
 //! kvmclock (before any vCPU runs; KVM's flags are not echoed back); then devices. vCPU
 //! threads start paused.
@@ -219,6 +219,12 @@ impl Vm {
         let profile = CpuProfile::from_json("the saved VM", profile_json)?;
         let mut vm = Vm::new(memory, vcpus, console)?;
         vm.set_cpu_profile(profile)?;
+        // CPUID depends only on the profile: set it now, outside a migration's downtime.
+        for (id, fd) in vm.unstarted.iter().enumerate() {
+            let table = cpu_model::to_kvm(&cpuid::table::for_vcpu(&vm.table, id as u32))
+                .map_err(VmError::from)?;
+            fd.set_cpuid2(&table).map_err(kvm("KVM_SET_CPUID2"))?;
+        }
         Ok(vm)
     }
 
@@ -251,12 +257,11 @@ impl Vm {
                     len: r.data.len(),
                 })?;
         }
+        let started = std::time::Instant::now();
         for (id, fd) in vm.unstarted.iter().enumerate() {
-            let table = cpu_model::to_kvm(&cpuid::table::for_vcpu(&vm.table, id as u32))
-                .map_err(VmError::from)?;
-            fd.set_cpuid2(&table).map_err(kvm("KVM_SET_CPUID2"))?;
             vcpu_state::restore(fd, &state.vcpus[id], &vm.host_cpu)?;
         }
+        let vcpus_done = started.elapsed();
         let irq = &state.irqchip;
         for (chip_id, bytes) in [
             (0u32, &irq.pic_master),
@@ -282,7 +287,13 @@ impl Vm {
             .unwrap_or_else(|e| e.into_inner())
             .restore(&state.serial)
             .map_err(Error::Serial)?;
+        let devices_done = started.elapsed();
         vm.spawn_restored()?;
+        log::debug!(
+            "load_state: vCPUs {vcpus_done:?}, devices {:?}, threads {:?}",
+            devices_done - vcpus_done,
+            started.elapsed() - devices_done
+        );
         Ok(())
     }
 }
