@@ -75,6 +75,27 @@ impl GuestRam {
             size,
             source: e.into(),
         })?;
+        for region in mem.iter() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .expect("a region contains its own first byte");
+            // SAFETY: [host, host + len) is exactly the mapping this region owns; the advice
+            // changes how the kernel backs it (transparent huge pages: 512x fewer faults and
+            // TLB entries), never its contents or validity.
+            let rc = unsafe {
+                libc::madvise(
+                    host.cast::<libc::c_void>(),
+                    region.len() as usize,
+                    libc::MADV_HUGEPAGE,
+                )
+            };
+            if rc != 0 {
+                log::info!(
+                    "guest memory: no transparent huge pages: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
         Ok(GuestRam {
             mem,
             dirty_logging: AtomicBool::new(false),
