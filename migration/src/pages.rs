@@ -3,19 +3,23 @@
 //!
 //! ```text
 //! frame:   "PAGS" | payload length u32 | payload
-//! payload: round u32 | runs u32 | data | runs x (gpa_flags u64, pages u32) | CRC32 u32
+//! payload: round u32 | runs u32 | runs x (gpa_flags u64, pages u32) | data | CRC32 u32
 //! ```
 //! A run is `pages` consecutive guest pages from the page-aligned address in `gpa_flags`;
 //! bit 0 of `gpa_flags` is [`ZERO`]: the run's pages are all zero and carry no bytes. `data`
 //! holds the pages of the other runs, in run order, 4096 bytes each. The CRC covers the
-//! payload before it. The run table follows the data so that a sender can fill the frame in
-//! one pass.
+//! payload before it. The run table comes first so that a receiver can check every run
+//! against its memory map before it reads any page, and then read the pages straight into
+//! guest RAM ([`read_head`]); a sender gathers the head, the table and the pages with one
+//! vectored write ([`Frame`]).
 //!
-//! Invariants of a decoded batch: the CRC matched; every run is page aligned, has 1 or more
-//! pages, does not wrap; the data is exactly the data runs' pages; at most [`MAX_RUNS`] runs,
-//! [`MAX_DATA_PAGES`] data pages and [`MAX_PAGES`] pages in all (so a tiny frame cannot ask
-//! the receiver to zero more than 32 MiB). Whether the runs lie in guest RAM is for the
-//! receiver to check against its memory map.
+//! Invariants of a decoded head: every run is page aligned, has 1 or more pages, does not
+//! wrap; the payload length is exactly the head, the table, the data runs' pages and the CRC;
+//! at most [`MAX_RUNS`] runs, [`MAX_DATA_PAGES`] data pages and [`MAX_PAGES`] pages in all
+//! (so a tiny frame cannot ask the receiver to zero more than 32 MiB). Whether the runs lie
+//! in guest RAM is for the receiver to check against its memory map.
+
+use std::io::{IoSlice, Read, Write};
 
 use crate::codec::Decoder;
 
@@ -34,7 +38,7 @@ pub const MAX_RUNS: usize = 4096;
 /// Run table entry: gpa_flags u64, pages u32.
 const RUN_SIZE: usize = 12;
 /// The largest payload a frame may carry.
-pub const MAX_PAYLOAD: usize = 8 + MAX_DATA_PAGES * PAGE_SIZE + MAX_RUNS * RUN_SIZE + 4;
+pub const MAX_PAYLOAD: usize = 8 + MAX_RUNS * RUN_SIZE + MAX_DATA_PAGES * PAGE_SIZE + 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -46,18 +50,20 @@ pub enum Error {
     Layout(String),
     #[error("page frame: {0}")]
     Codec(#[from] crate::codec::Error),
+    #[error("page frame: {0}")]
+    Io(#[from] std::io::Error),
 }
 
-/// One run of a decoded frame.
+/// One run of a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Run<'a> {
+pub struct RunHead {
     pub gpa: u64,
     pub pages: u32,
-    /// The pages' bytes; None for a ZERO run.
-    pub data: Option<&'a [u8]>,
+    /// A ZERO run: no bytes in the frame.
+    pub zero: bool,
 }
 
-impl Run<'_> {
+impl RunHead {
     /// Bytes of guest RAM the run covers.
     pub fn len(&self) -> u64 {
         u64::from(self.pages) * PAGE_SIZE as u64
@@ -69,53 +75,66 @@ impl Run<'_> {
     }
 }
 
-/// A decoded frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Batch<'a> {
+/// A frame's head as read from a stream: the round and the checked run table. The data
+/// runs' bytes follow in the stream, in run order; feed each to [`FrameHead::crc_update`]
+/// once read, then [`FrameHead::check_crc`].
+#[derive(Debug)]
+pub struct FrameHead {
     pub round: u32,
-    pub runs: Vec<Run<'a>>,
+    pub runs: Vec<RunHead>,
+    /// Bytes of page data that follow the table.
+    pub data_len: usize,
+    crc: crc32fast::Hasher,
 }
 
-/// Whether `bytes` are all zero.
-pub fn is_zero(bytes: &[u8]) -> bool {
-    // Whole 256-byte blocks OR-folded (vectorizes), stopping at the first non-zero block.
-    let mut blocks = bytes.chunks_exact(256);
-    for b in &mut blocks {
-        if b.iter().fold(0u8, |a, x| a | x) != 0 {
-            return false;
+impl FrameHead {
+    /// Adds page bytes read from the stream to the CRC.
+    pub fn crc_update(&mut self, bytes: &[u8]) {
+        self.crc.update(bytes);
+    }
+
+    /// Reads the stored CRC and compares it with the one computed over everything read.
+    pub fn check_crc(self, r: &mut impl Read) -> Result<(), Error> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b)?;
+        let stored = u32::from_le_bytes(b);
+        let computed = self.crc.finalize();
+        if stored != computed {
+            return Err(Error::Crc { stored, computed });
         }
+        Ok(())
     }
-    blocks.remainder().iter().all(|x| *x == 0)
 }
 
-/// Decodes a payload (without the 8-byte frame head).
-pub fn decode(payload: &[u8]) -> Result<Batch<'_>, Error> {
-    if payload.len() > MAX_PAYLOAD {
-        return Err(Error::TooLarge(payload.len()));
-    }
+/// Reads and checks a frame's head (round, run table) for a payload of `payload_len` bytes
+/// whose frame head has been read; the reader is left at the first byte of page data.
+pub fn read_head(r: &mut impl Read, payload_len: usize) -> Result<FrameHead, Error> {
     let layout = |s: String| Error::Layout(s);
-    let Some(body_len) = payload.len().checked_sub(4) else {
-        return Err(layout("shorter than its CRC".into()));
-    };
-    let (body, crc) = payload.split_at(body_len);
-    let stored = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
-    let computed = crc32fast::hash(body);
-    if stored != computed {
-        return Err(Error::Crc { stored, computed });
+    if payload_len > MAX_PAYLOAD {
+        return Err(Error::TooLarge(payload_len));
     }
-    let mut d = Decoder::new(body);
+    if payload_len < 12 {
+        return Err(layout(format!("{payload_len} bytes is too short")));
+    }
+    let mut head = [0u8; 8];
+    r.read_exact(&mut head)?;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head);
+    let mut d = Decoder::new(&head);
     let round = d.u32("page frame round")?;
     let runs = d.u32("page frame runs")? as usize;
     if runs > MAX_RUNS {
         return Err(layout(format!("{runs} runs, over the cap of {MAX_RUNS}")));
     }
     let table_len = runs * RUN_SIZE;
-    let Some(data_len) = body.len().checked_sub(8 + table_len) else {
+    let Some(data_len) = payload_len.checked_sub(8 + table_len + 4) else {
         return Err(layout(format!("too short for its {runs} runs")));
     };
-    let data = &body[8..8 + data_len];
-    let mut t = Decoder::new(&body[8 + data_len..]);
-    let (mut at, mut data_pages, mut pages_total) = (0usize, 0usize, 0usize);
+    let mut table = vec![0u8; table_len];
+    r.read_exact(&mut table)?;
+    crc.update(&table);
+    let mut t = Decoder::new(&table);
+    let (mut data_pages, mut pages_total) = (0usize, 0usize);
     let mut out = Vec::with_capacity(runs);
     for i in 0..runs {
         let gpa_flags = t.u64("run address")?;
@@ -140,46 +159,89 @@ pub fn decode(payload: &[u8]) -> Result<Batch<'_>, Error> {
         if pages_total > MAX_PAGES {
             return Err(layout(format!("more than {MAX_PAGES} pages")));
         }
-        let run_data = if zero {
-            None
-        } else {
+        if !zero {
             data_pages += pages as usize;
             if data_pages > MAX_DATA_PAGES {
                 return Err(layout(format!(
                     "more than {MAX_DATA_PAGES} pages with data"
                 )));
             }
-            let n = pages as usize * PAGE_SIZE;
-            let Some(bytes) = data.get(at..at + n) else {
-                return Err(layout(format!(
-                    "run {i} needs {n} bytes of data, {} left",
-                    data.len() - at
-                )));
-            };
-            at += n;
-            Some(bytes)
-        };
-        out.push(Run {
-            gpa,
-            pages,
-            data: run_data,
-        });
+        }
+        out.push(RunHead { gpa, pages, zero });
     }
-    t.finish("page run table")?;
-    if at != data.len() {
+    if data_pages * PAGE_SIZE != data_len {
         return Err(layout(format!(
-            "{} data bytes that no run claims",
-            data.len() - at
+            "{data_len} bytes of data for {data_pages} pages"
         )));
     }
-    Ok(Batch { round, runs: out })
+    Ok(FrameHead {
+        round,
+        runs: out,
+        data_len,
+        crc,
+    })
 }
 
-/// Builds frames in one reused buffer: page bytes go straight into the frame, the run table
-/// and CRC are added by [`BatchWriter::finish`].
+/// One run of a frame decoded in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run<'a> {
+    pub gpa: u64,
+    pub pages: u32,
+    /// The pages' bytes; None for a ZERO run.
+    pub data: Option<&'a [u8]>,
+}
+
+/// A frame decoded in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch<'a> {
+    pub round: u32,
+    pub runs: Vec<Run<'a>>,
+}
+
+/// Whether `bytes` are all zero.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    // Whole 256-byte blocks OR-folded (vectorizes), stopping at the first non-zero block.
+    let mut blocks = bytes.chunks_exact(256);
+    for b in &mut blocks {
+        if b.iter().fold(0u8, |a, x| a | x) != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|x| *x == 0)
+}
+
+/// Decodes a whole payload held in memory (without the 8-byte frame head), with the same
+/// checks as [`read_head`] and the CRC.
+pub fn decode(payload: &[u8]) -> Result<Batch<'_>, Error> {
+    let mut r = payload;
+    let mut head = read_head(&mut r, payload.len())?;
+    let (data, mut rest) = r.split_at(head.data_len.min(r.len()));
+    head.crc_update(data);
+    let round = head.round;
+    let heads = std::mem::take(&mut head.runs);
+    head.check_crc(&mut rest)?;
+    let mut at = 0;
+    let runs = heads
+        .iter()
+        .map(|h| Run {
+            gpa: h.gpa,
+            pages: h.pages,
+            data: (!h.zero).then(|| {
+                let n = h.len() as usize;
+                at += n;
+                &data[at - n..at]
+            }),
+        })
+        .collect();
+    Ok(Batch { round, runs })
+}
+
+/// Builds frames in reused buffers: page bytes are copied once, into the data buffer; the
+/// head and run table are built at [`BatchWriter::finish`].
 #[derive(Debug)]
 pub struct BatchWriter {
-    buf: Vec<u8>,
+    data: Vec<u8>,
+    head: Vec<u8>,
     /// (gpa, pages, zero)
     runs: Vec<(u64, u32, bool)>,
     data_pages: usize,
@@ -187,8 +249,50 @@ pub struct BatchWriter {
     round: u32,
 }
 
-/// Frame head (tag, length) and payload head (round, runs).
-const HEAD: usize = 16;
+/// A finished frame: head (frame head, round, run table), page data and CRC, to be written
+/// in that order ([`Frame::write_to`]).
+#[derive(Debug)]
+pub struct Frame<'a> {
+    pub head: &'a [u8],
+    pub data: &'a [u8],
+    pub crc: [u8; 4],
+}
+
+impl Frame<'_> {
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.data.len() + 4
+    }
+
+    /// Never true: a frame has a head.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Writes the frame with vectored writes (no copy into one buffer).
+    pub fn write_to(&self, w: &mut impl Write) -> std::io::Result<()> {
+        let mut bufs = [
+            IoSlice::new(self.head),
+            IoSlice::new(self.data),
+            IoSlice::new(&self.crc),
+        ];
+        let mut bufs = &mut bufs[..];
+        while !bufs.is_empty() {
+            match w.write_vectored(bufs) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// The frame as one byte vector.
+    pub fn to_vec(&self) -> Vec<u8> {
+        [self.head, self.data, &self.crc].concat()
+    }
+}
 
 impl Default for BatchWriter {
     fn default() -> Self {
@@ -198,10 +302,9 @@ impl Default for BatchWriter {
 
 impl BatchWriter {
     pub fn new() -> Self {
-        let mut buf = Vec::with_capacity(8 + MAX_PAYLOAD);
-        buf.resize(HEAD, 0);
         BatchWriter {
-            buf,
+            data: Vec::with_capacity(MAX_DATA_PAGES * PAGE_SIZE),
+            head: Vec::with_capacity(16 + MAX_RUNS * RUN_SIZE),
             runs: Vec::new(),
             data_pages: 0,
             pages: 0,
@@ -233,18 +336,18 @@ impl BatchWriter {
     /// [`BatchWriter::commit_page`]. Must not be full.
     pub fn page_slot(&mut self) -> &mut [u8] {
         debug_assert!(!self.is_full());
-        let at = self.buf.len();
-        self.buf.resize(at + PAGE_SIZE, 0);
-        &mut self.buf[at..]
+        let at = self.data.len();
+        self.data.resize(at + PAGE_SIZE, 0);
+        &mut self.data[at..]
     }
 
     /// Takes the page just written into the slot as guest page `gpa`. A zero page is kept as
     /// a ZERO flag, or dropped when `skip_zero` (the receiver already holds zeros there).
     /// Returns whether the page was zero.
     pub fn commit_page(&mut self, gpa: u64, skip_zero: bool) -> bool {
-        let at = self.buf.len() - PAGE_SIZE;
-        if is_zero(&self.buf[at..]) {
-            self.buf.truncate(at);
+        let at = self.data.len() - PAGE_SIZE;
+        if is_zero(&self.data[at..]) {
+            self.data.truncate(at);
             if !skip_zero {
                 self.push(gpa, true);
             }
@@ -271,30 +374,37 @@ impl BatchWriter {
         self.runs.push((gpa, 1, zero));
     }
 
-    /// Completes the frame (head, run table, CRC) and returns its bytes; the next page
-    /// starts a new frame.
-    pub fn finish(&mut self) -> &[u8] {
+    /// Completes the frame (head, run table, CRC); write it, then [`BatchWriter::reset`].
+    pub fn finish(&mut self) -> Frame<'_> {
+        self.head.clear();
+        let payload_len = 8 + self.runs.len() * RUN_SIZE + self.data.len() + 4;
+        self.head.extend_from_slice(&TAG);
+        self.head
+            .extend_from_slice(&(payload_len as u32).to_le_bytes());
+        self.head.extend_from_slice(&self.round.to_le_bytes());
+        self.head
+            .extend_from_slice(&(self.runs.len() as u32).to_le_bytes());
         for &(gpa, pages, zero) in &self.runs {
             let flags = if zero { ZERO } else { 0 };
-            self.buf.extend_from_slice(&(gpa | flags).to_le_bytes());
-            self.buf.extend_from_slice(&pages.to_le_bytes());
+            self.head.extend_from_slice(&(gpa | flags).to_le_bytes());
+            self.head.extend_from_slice(&pages.to_le_bytes());
         }
-        let payload_len = (self.buf.len() - 8 + 4) as u32;
-        self.buf[0..4].copy_from_slice(&TAG);
-        self.buf[4..8].copy_from_slice(&payload_len.to_le_bytes());
-        self.buf[8..12].copy_from_slice(&self.round.to_le_bytes());
-        self.buf[12..16].copy_from_slice(&(self.runs.len() as u32).to_le_bytes());
-        let crc = crc32fast::hash(&self.buf[8..]);
-        self.buf.extend_from_slice(&crc.to_le_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&self.head[8..]);
+        crc.update(&self.data);
+        Frame {
+            head: &self.head,
+            data: &self.data,
+            crc: crc.finalize().to_le_bytes(),
+        }
+    }
+
+    /// Starts the next frame.
+    pub fn reset(&mut self) {
+        self.data.clear();
         self.runs.clear();
         self.data_pages = 0;
         self.pages = 0;
-        &self.buf
-    }
-
-    /// Forgets the finished frame's bytes (call after writing them).
-    pub fn reset(&mut self) {
-        self.buf.truncate(HEAD);
     }
 }
 
@@ -381,7 +491,11 @@ mod tests {
         w.set_round(7);
         w.page_slot().copy_from_slice(&page(9));
         w.commit_page(0, false);
-        assert_eq!(w.finish(), &g[..]);
+        let frame = w.finish();
+        assert_eq!(frame.to_vec(), g);
+        let mut written = Vec::new();
+        frame.write_to(&mut written).unwrap();
+        assert_eq!(written, g);
     }
 
     #[test]
@@ -409,11 +523,11 @@ mod tests {
         let mut b = Vec::new();
         b.extend_from_slice(&0u32.to_le_bytes());
         b.extend_from_slice(&(runs.len() as u32).to_le_bytes());
-        b.resize(b.len() + data, 0xab);
         for (g, p) in runs {
             b.extend_from_slice(&g.to_le_bytes());
             b.extend_from_slice(&p.to_le_bytes());
         }
+        b.resize(b.len() + data, 0xab);
         seal(b)
     }
 

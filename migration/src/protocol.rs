@@ -73,8 +73,9 @@ pub enum Message {
 
 /// What the destination reads during precopy.
 #[derive(Debug)]
-pub enum Precopy<'b> {
-    Pages(crate::pages::Batch<'b>),
+pub enum Precopy {
+    /// A page frame's checked head; its page data and CRC follow in the stream.
+    Pages(crate::pages::FrameHead),
     Cancel(String),
     State,
     Sync,
@@ -172,18 +173,13 @@ pub fn recv(r: &mut impl Read) -> Result<Message, Error> {
     message(r, tag, len)
 }
 
-/// Reads what comes during precopy: a page frame into `buf` (reused; at most
-/// [`crate::pages::MAX_PAYLOAD`] bytes), Cancel or State. Anything else is an error.
-pub fn recv_precopy<'b>(r: &mut impl Read, buf: &'b mut Vec<u8>) -> Result<Precopy<'b>, Error> {
+/// Reads what comes during precopy: a page frame's head (checked; the caller reads its
+/// pages and CRC, see [`crate::pages::FrameHead`]), Sync, Cancel or State. Anything else is
+/// an error.
+pub fn recv_precopy(r: &mut impl Read) -> Result<Precopy, Error> {
     let (tag, len) = read_head(r)?;
     if tag == crate::pages::TAG {
-        let len = len as usize;
-        if len > crate::pages::MAX_PAYLOAD {
-            return Err(crate::pages::Error::TooLarge(len).into());
-        }
-        buf.resize(len, 0);
-        r.read_exact(buf)?;
-        return Ok(Precopy::Pages(crate::pages::decode(buf)?));
+        return Ok(Precopy::Pages(crate::pages::read_head(r, len as usize)?));
     }
     match message(r, tag, len)? {
         Message::Cancel(reason) => Ok(Precopy::Cancel(reason)),
@@ -307,25 +303,25 @@ mod tests {
         send(&mut stream, &Message::State).unwrap();
         send(&mut stream, &Message::Commit).unwrap();
         let mut r = stream.as_slice();
-        let mut buf = Vec::new();
-        match recv_precopy(&mut r, &mut buf).unwrap() {
-            Precopy::Pages(b) => assert_eq!((b.round, b.runs[0].gpa), (3, 0x5000)),
+        match recv_precopy(&mut r).unwrap() {
+            Precopy::Pages(mut h) => {
+                assert_eq!((h.round, h.runs[0].gpa, h.data_len), (3, 0x5000, 4096));
+                let mut page = vec![0u8; h.data_len];
+                r.read_exact(&mut page).unwrap();
+                assert_eq!(page[0], 7);
+                h.crc_update(&page);
+                h.check_crc(&mut r).unwrap();
+            }
             other => panic!("{other:?}"),
         }
-        assert!(
-            matches!(recv_precopy(&mut r, &mut buf).unwrap(), Precopy::Cancel(c) if c == "user")
-        );
-        assert!(matches!(
-            recv_precopy(&mut r, &mut buf).unwrap(),
-            Precopy::State
-        ));
-        let e = recv_precopy(&mut r, &mut buf).unwrap_err().to_string();
+        assert!(matches!(recv_precopy(&mut r).unwrap(), Precopy::Cancel(c) if c == "user"));
+        assert!(matches!(recv_precopy(&mut r).unwrap(), Precopy::State));
+        let e = recv_precopy(&mut r).unwrap_err().to_string();
         assert!(e.contains("Commit"), "{e}");
         // A page frame claiming more than the cap is refused before reading it.
         let mut huge = b"PAGS".to_vec();
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert!(recv_precopy(&mut huge.as_slice(), &mut buf).is_err());
-        assert!(buf.len() <= crate::pages::MAX_PAYLOAD);
+        assert!(recv_precopy(&mut huge.as_slice()).is_err());
     }
 
     #[test]

@@ -26,9 +26,8 @@ use std::time::{Duration, Instant};
 
 use cpuid::profile::CpuProfile;
 use cpuid::CpuidDump;
-use migration::pages::Batch;
 use migration::protocol::{self, Hello, Message, Precopy};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::vcpu::RunState;
 
@@ -632,7 +631,9 @@ impl<C: Read + Write> Sender<'_, C> {
     fn flush(&mut self) -> Result<(), Error> {
         if !self.batch.is_empty() {
             let frame = self.batch.finish();
-            self.conn.write_all(frame).map_err(io("sending memory"))?;
+            frame
+                .write_to(&mut *self.conn)
+                .map_err(io("sending memory"))?;
             let n = frame.len() as u64;
             self.report.bytes += n;
             self.round_bytes += n;
@@ -737,10 +738,9 @@ pub fn receive_over(
         .map_err(|e| refuse(&mut conn, format!("cannot create the VM here: {e}")))?;
     protocol::send(&mut conn, &Message::Accept).map_err(proto("handshake"))?;
     let regions = vm.ram_regions();
-    let mut buf = Vec::new();
     loop {
-        match protocol::recv_precopy(&mut conn, &mut buf).map_err(proto("receiving memory"))? {
-            Precopy::Pages(batch) => write_pages(&vm, &regions, &batch)?,
+        match protocol::recv_precopy(&mut conn).map_err(proto("receiving memory"))? {
+            Precopy::Pages(head) => receive_pages(&vm, &regions, head, &mut conn)?,
             Precopy::Cancel(reason) => return Err(Error::CancelledBySource(reason)),
             Precopy::Sync => {
                 protocol::send(&mut conn, &Message::Synced).map_err(proto("receiving memory"))?
@@ -777,10 +777,16 @@ pub fn receive_over(
     }
 }
 
-/// Writes a decoded page frame into guest RAM, after checking that every run lies inside
-/// one RAM region (nothing is written if one does not).
-fn write_pages(vm: &Vm, regions: &[(u64, u64)], batch: &Batch<'_>) -> Result<(), Error> {
-    for run in &batch.runs {
+/// Receives a page frame whose head has been read: checks that every run lies inside one
+/// RAM region before reading any page, reads the pages straight into guest RAM, checks the
+/// CRC, then zeroes the ZERO runs. The destination's vCPUs have not run yet.
+fn receive_pages(
+    vm: &Vm,
+    regions: &[(u64, u64)],
+    mut head: migration::pages::FrameHead,
+    conn: &mut impl Read,
+) -> Result<(), Error> {
+    for run in &head.runs {
         let inside = regions
             .iter()
             .any(|&(start, len)| run.gpa >= start && run.gpa + run.len() <= start + len);
@@ -791,18 +797,34 @@ fn write_pages(vm: &Vm, regions: &[(u64, u64)], batch: &Batch<'_>) -> Result<(),
             });
         }
     }
-    static ZEROS: [u8; migration::pages::PAGE_SIZE] = [0; migration::pages::PAGE_SIZE];
     let mem = vm.memory();
-    for run in &batch.runs {
-        let written = match run.data {
-            Some(data) => mem.write_slice(data, GuestAddress(run.gpa)),
-            None => (0..u64::from(run.pages))
-                .try_for_each(|i| mem.write_slice(&ZEROS, GuestAddress(run.gpa + i * PAGE))),
-        };
-        written.map_err(|_| Error::PagesOutsideRam {
-            gpa: run.gpa,
-            len: run.len(),
-        })?;
+    let runs = std::mem::take(&mut head.runs);
+    for run in runs.iter().filter(|r| !r.zero) {
+        let len = run.len() as usize;
+        let host =
+            mem.get_host_address(GuestAddress(run.gpa))
+                .map_err(|_| Error::PagesOutsideRam {
+                    gpa: run.gpa,
+                    len: run.len(),
+                })?;
+        // SAFETY: the run lies inside one RAM region (checked above), so [host, host + len)
+        // is within that region's mapping, which `vm` owns for longer than this borrow. No
+        // vCPU of this VM has run yet and nothing else in ferry holds a reference into this
+        // memory, so the mutable slice is the only access while it lives.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(host, len) };
+        conn.read_exact(bytes).map_err(io("receiving memory"))?;
+        head.crc_update(bytes);
+    }
+    head.check_crc(conn)
+        .map_err(|e| proto("receiving memory")(e.into()))?;
+    static ZEROS: [u8; migration::pages::PAGE_SIZE] = [0; migration::pages::PAGE_SIZE];
+    for run in runs.iter().filter(|r| r.zero) {
+        (0..u64::from(run.pages))
+            .try_for_each(|i| mem.write_slice(&ZEROS, GuestAddress(run.gpa + i * PAGE)))
+            .map_err(|_| Error::PagesOutsideRam {
+                gpa: run.gpa,
+                len: run.len(),
+            })?;
     }
     Ok(())
 }
