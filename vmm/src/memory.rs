@@ -12,7 +12,11 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::{
+    kvm_clear_dirty_log, kvm_enable_cap, kvm_userspace_memory_region, KVMIO,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES,
+};
 use kvm_ioctls::VmFd;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
@@ -44,6 +48,25 @@ pub enum Error {
         slot: u32,
         source: kvm_ioctls::Error,
     },
+    #[error("cannot clear the dirty log of slot {slot}: {source}")]
+    ClearDirtyLog { slot: u32, source: std::io::Error },
+}
+
+vmm_sys_util::ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+
+/// This process's /proc/self/pagemap, opened once for many lookups (None where it cannot
+/// be read: then every page counts as touched).
+#[derive(Debug)]
+pub struct Pagemap(Option<std::fs::File>);
+
+impl Pagemap {
+    pub fn open() -> Pagemap {
+        Pagemap(
+            std::fs::File::open("/proc/self/pagemap")
+                .inspect_err(|e| log::info!("pagemap: {e}; treating every page as touched"))
+                .ok(),
+        )
+    }
 }
 
 /// The RAM ranges (guest address, size) for `size` bytes of guest memory.
@@ -61,6 +84,8 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
 pub struct GuestRam {
     mem: GuestMemoryMmap,
     dirty_logging: AtomicBool,
+    /// KVM's manual dirty-log protection is on (see [`GuestRam::enable_manual_protect`]).
+    manual_protect: bool,
 }
 
 impl GuestRam {
@@ -99,6 +124,7 @@ impl GuestRam {
         Ok(GuestRam {
             mem,
             dirty_logging: AtomicBool::new(false),
+            manual_protect: false,
         })
     }
 
@@ -115,6 +141,73 @@ impl GuestRam {
     /// Whether KVM is logging dirty pages.
     pub fn dirty_logging(&self) -> bool {
         self.dirty_logging.load(Ordering::SeqCst)
+    }
+
+    /// Switches KVM to manual dirty-log protection with an initially set log, where KVM has
+    /// it (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2); call before [`GuestRam::register`]. Then
+    /// switching logging on write-protects nothing: every page reads as dirty until
+    /// [`GuestRam::clear_dirty_log`] protects it, which a migration does chunk by chunk just
+    /// before it sends the chunk, and reading the log no longer clears it. Without it,
+    /// switching logging on write-protects all of RAM at once (a stall for the guest, which
+    /// then faults on every first write) and each read of the log re-protects every page
+    /// found dirty. Returns whether it is on.
+    pub fn enable_manual_protect(&mut self, vm: &VmFd) -> bool {
+        let want = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET;
+        let supported = vm.check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
+        if supported < 0 || (supported as u32) & want != want {
+            return false;
+        }
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            ..Default::default()
+        };
+        cap.args[0] = u64::from(want);
+        self.manual_protect = vm.enable_cap(&cap).is_ok();
+        self.manual_protect
+    }
+
+    /// Whether the dirty log is protected manually.
+    pub fn manual_protect(&self) -> bool {
+        self.manual_protect
+    }
+
+    /// Write-protects again, and clears in KVM's log, the pages of slot `slot` whose bits are
+    /// set in `bits`, starting at page `first_page` (a multiple of 64); `bits` covers whole
+    /// words of pages, or reaches the end of the slot. Only with manual protection.
+    pub fn clear_dirty_log(
+        &self,
+        vm: &VmFd,
+        slot: u32,
+        first_page: u64,
+        bits: &[u64],
+    ) -> Result<(), Error> {
+        let slot_pages = self
+            .mem
+            .iter()
+            .nth(slot as usize)
+            .map(|r| r.len() / PAGE_SIZE)
+            .unwrap_or(0);
+        let num_pages = (bits.len() as u64 * 64).min(slot_pages.saturating_sub(first_page));
+        if num_pages == 0 {
+            return Ok(());
+        }
+        let mut clear = kvm_clear_dirty_log {
+            slot,
+            num_pages: num_pages as u32,
+            first_page,
+            ..Default::default()
+        };
+        clear.__bindgen_anon_1.dirty_bitmap = bits.as_ptr() as *mut libc::c_void;
+        // SAFETY: `clear` is a valid kvm_clear_dirty_log whose bitmap points at `bits`, which
+        // holds at least num_pages bits and outlives the call; KVM only reads it.
+        let rc = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &clear) };
+        if rc < 0 {
+            return Err(Error::ClearDirtyLog {
+                slot,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
     }
 
     /// Registers (or re-registers) every slot with KVM, with dirty logging as currently set.
@@ -152,9 +245,21 @@ impl GuestRam {
             .inspect_err(|_| self.dirty_logging.store(before, Ordering::SeqCst))
     }
 
-    /// Fetches and clears KVM's dirty bitmap of every slot: one bit per page, bit i of
-    /// word w is page 64 * w + i of the slot.
+    /// Fetches and clears KVM's dirty bitmap of every slot: one bit per page, bit i of word w
+    /// is page 64 * w + i of the slot; the pages found dirty are write-protected again.
     pub fn take_dirty_log(&self, vm: &VmFd) -> Result<Vec<Vec<u64>>, Error> {
+        let bits = self.peek_dirty_log(vm)?;
+        if self.manual_protect {
+            for (slot, b) in bits.iter().enumerate() {
+                self.clear_dirty_log(vm, slot as u32, 0, b)?;
+            }
+        }
+        Ok(bits)
+    }
+
+    /// Fetches KVM's dirty bitmap of every slot as [`GuestRam::take_dirty_log`] does; with
+    /// manual protection it stays set (clear it with [`GuestRam::clear_dirty_log`]).
+    pub fn peek_dirty_log(&self, vm: &VmFd) -> Result<Vec<Vec<u64>>, Error> {
         self.mem
             .iter()
             .enumerate()
@@ -171,41 +276,55 @@ impl GuestRam {
     /// (/proc/self/pagemap: present or swapped) without reading the pages. A page never
     /// touched reads as zero. Where pagemap cannot be read, every page counts as touched.
     pub fn touched_pages(&self) -> Vec<Vec<u64>> {
-        use std::os::unix::fs::FileExt;
-        let pagemap = std::fs::File::open("/proc/self/pagemap")
-            .inspect_err(|e| log::info!("pagemap: {e}; treating every page as touched"))
-            .ok();
-        self.mem
-            .iter()
-            .map(|region| {
-                let pages = (region.len() / PAGE_SIZE) as usize;
-                let mut bits = vec![0u64; pages.div_ceil(64)];
-                let host = region
-                    .get_host_address(vm_memory::MemoryRegionAddress(0))
-                    .expect("a region contains its own first byte")
-                    as u64;
-                let mut entries = vec![0u8; 8 * 8192];
-                let mut page = 0usize;
-                while page < pages {
-                    let n = (pages - page).min(8192);
-                    let buf = &mut entries[..8 * n];
-                    let offset = (host / PAGE_SIZE + page as u64) * 8;
-                    let ok = pagemap
-                        .as_ref()
-                        .is_some_and(|f| f.read_exact_at(buf, offset).is_ok());
-                    for i in 0..n {
-                        let e = u64::from_le_bytes(buf[8 * i..8 * i + 8].try_into().expect("8"));
-                        // Bit 63: present in RAM; bit 62: swapped out.
-                        if !ok || e & (3 << 62) != 0 {
-                            let p = page + i;
-                            bits[p / 64] |= 1 << (p % 64);
-                        }
-                    }
-                    page += n;
-                }
-                bits
+        let pagemap = Pagemap::open();
+        (0..self.mem.num_regions())
+            .map(|r| {
+                let pages = self.mem.iter().nth(r).map_or(0, |g| g.len() / PAGE_SIZE);
+                self.touched_range(&pagemap, r, 0, pages.div_ceil(64) as usize)
             })
             .collect()
+    }
+
+    /// As [`GuestRam::touched_pages`], for `words` 64-page words of region `region` from page
+    /// `first_page` (a multiple of 64); pages past the region's end read as untouched.
+    pub fn touched_range(
+        &self,
+        pagemap: &Pagemap,
+        region: usize,
+        first_page: u64,
+        words: usize,
+    ) -> Vec<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut bits = vec![0u64; words];
+        let Some(r) = self.mem.iter().nth(region) else {
+            return bits;
+        };
+        let region_pages = r.len() / PAGE_SIZE;
+        let pages = (words as u64 * 64).min(region_pages.saturating_sub(first_page)) as usize;
+        let host = r
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .expect("a region contains its own first byte") as u64;
+        let mut entries = vec![0u8; 8 * 8192];
+        let mut page = 0usize;
+        while page < pages {
+            let n = (pages - page).min(8192);
+            let buf = &mut entries[..8 * n];
+            let offset = (host / PAGE_SIZE + first_page + page as u64) * 8;
+            let ok = pagemap
+                .0
+                .as_ref()
+                .is_some_and(|f| f.read_exact_at(buf, offset).is_ok());
+            for i in 0..n {
+                let e = u64::from_le_bytes(buf[8 * i..8 * i + 8].try_into().expect("8"));
+                // Bit 63: present in RAM; bit 62: swapped out.
+                if !ok || e & (3 << 62) != 0 {
+                    let p = page + i;
+                    bits[p / 64] |= 1 << (p % 64);
+                }
+            }
+            page += n;
+        }
+        bits
     }
 
     /// Fetches and clears the bitmap of pages the VMM wrote through `memory()`.

@@ -131,6 +131,9 @@ pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 /// The vCPU and device state sent at switchover, estimated per vCPU and for the rest.
 const STATE_BYTES_PER_VCPU: u64 = 16 << 10;
 const STATE_BYTES_FIXED: u64 = 16 << 10;
+/// Pages (in 64-page words) write-protected again at once before they are sent, with manual
+/// dirty-log protection: 2 MiB.
+const CLEAR_WORDS: usize = 8;
 /// Rounds whose page counts the report lists (it counts all).
 const MAX_ROUNDS_REPORTED: usize = 1000;
 /// The pause after a round that found nothing to send.
@@ -445,10 +448,7 @@ impl<C: Read + Write> Sender<'_, C> {
         let vm = self.vm;
         vm.set_dirty_tracking(true)
             .map_err(|e| Error::Save(format!("starting dirty tracking: {e}")))?;
-        let touched = vm.touched_pages();
-        let total: u64 = self.regions.iter().map(|(_, len)| len / PAGE).sum();
-        self.report.untouched_pages = total - count_pages(&touched);
-        self.send_round(&touched, true)?;
+        self.send_round(None)?;
         let target = migration::converge::Target {
             max_downtime: self.opts.max_downtime,
             timeout: self.opts.timeout,
@@ -486,7 +486,7 @@ impl<C: Read + Write> Sender<'_, C> {
                 }
                 Decision::Continue => {}
             }
-            self.send_round(&dirty, false)?;
+            self.send_round(Some(&dirty))?;
         }
         // Switchover: what the guest dirtied since the last harvest joins the last round.
         self.throttle.store(0, Ordering::SeqCst);
@@ -502,7 +502,7 @@ impl<C: Read + Write> Sender<'_, C> {
                 *x |= y;
             }
         }
-        self.send_round(&dirty, false)?;
+        self.send_round(Some(&dirty))?;
         let t_last_round = Instant::now();
         let state = vm
             .save_state_with(false)
@@ -555,41 +555,85 @@ impl<C: Read + Write> Sender<'_, C> {
         Ok(r)
     }
 
-    /// Sends every page set in `bits` as one round; zero pages are dropped when
-    /// `skip_zero` (round 0: the destination's fresh RAM is zero).
-    fn send_round(&mut self, bits: &[Vec<u64>], skip_zero: bool) -> Result<(), Error> {
+    /// Sends one round: with `bits`, the pages set there (a dirty page now zero goes as a
+    /// ZERO run); without, round 0: every page ever touched (pagemap, looked up chunk by
+    /// chunk just after the chunk is write-protected, so that a page first touched later is
+    /// logged), zero pages dropped (the destination's fresh RAM is zero).
+    fn send_round(&mut self, bits: Option<&[Vec<u64>]>) -> Result<(), Error> {
         let vm = self.vm;
         self.round_started = Instant::now();
         self.round_bytes = 0;
         self.round_pages = 0;
         self.paced = Duration::ZERO;
-        self.remaining = count_pages(bits) * PAGE;
+        let round0 = bits.is_none();
+        let total: u64 = self.regions.iter().map(|(_, len)| len / PAGE).sum();
+        self.remaining = match bits {
+            Some(b) => count_pages(b) * PAGE,
+            None => total * PAGE,
+        };
         self.batch.set_round(self.report.rounds);
         let regions = self.regions.clone();
-        for (bitmap, &(start, len)) in bits.iter().zip(&regions) {
-            for (w, word) in bitmap.iter().enumerate() {
-                let mut word = *word;
-                while word != 0 {
-                    let bit = u64::from(word.trailing_zeros());
-                    word &= word - 1;
-                    let offset = (w as u64 * 64 + bit) * PAGE;
-                    if offset >= len {
-                        break;
+        let manual = vm.manual_dirty_protect() && !self.paused;
+        let pagemap = crate::memory::Pagemap::open();
+        const ALL: [u64; CLEAR_WORDS] = [u64::MAX; CLEAR_WORDS];
+        for (region, &(start, len)) in regions.iter().enumerate() {
+            let words = (len / PAGE).div_ceil(64) as usize;
+            for chunk in (0..words).step_by(CLEAR_WORDS) {
+                let end = (chunk + CLEAR_WORDS).min(words);
+                if manual {
+                    // Write-protect this chunk again just before reading it: a write from
+                    // now on is logged and sent in a later round. Round 0 clears every
+                    // page (the log starts all set), later rounds the ones found dirty.
+                    let mask = match bits {
+                        Some(b) => &b[region][chunk..end],
+                        None => &ALL[..end - chunk],
+                    };
+                    if mask.iter().any(|m| *m != 0) {
+                        vm.clear_dirty(region, chunk as u64 * 64, mask)
+                            .map_err(|e| Error::Save(format!("clearing the dirty log: {e}")))?;
                     }
-                    let gpa = start + offset;
-                    vm.memory()
-                        .read_slice(self.batch.page_slot(), GuestAddress(gpa))
-                        .map_err(|e| Error::Save(format!("reading guest page {gpa:#x}: {e}")))?;
-                    let zero = self.batch.commit_page(gpa, skip_zero);
-                    if zero {
-                        self.report.zero_pages += 1;
+                }
+                let touched;
+                let chunk_bits = match bits {
+                    Some(b) => &b[region][chunk..end],
+                    None => {
+                        touched =
+                            vm.touched_range(&pagemap, region, chunk as u64 * 64, end - chunk);
+                        let n = count_pages(std::slice::from_ref(&touched));
+                        let chunk_pages =
+                            ((end - chunk) as u64 * 64).min(len / PAGE - chunk as u64 * 64);
+                        self.report.untouched_pages += chunk_pages - n;
+                        self.remaining = self.remaining.saturating_sub((chunk_pages - n) * PAGE);
+                        &touched[..]
                     }
-                    if !(zero && skip_zero) {
-                        self.round_pages += 1;
-                    }
-                    self.remaining = self.remaining.saturating_sub(PAGE);
-                    if self.batch.is_full() {
-                        self.flush()?;
+                };
+                for (i, word) in chunk_bits.iter().enumerate() {
+                    let w = chunk + i;
+                    let mut word = *word;
+                    while word != 0 {
+                        let bit = u64::from(word.trailing_zeros());
+                        word &= word - 1;
+                        let offset = (w as u64 * 64 + bit) * PAGE;
+                        if offset >= len {
+                            break;
+                        }
+                        let gpa = start + offset;
+                        vm.memory()
+                            .read_slice(self.batch.page_slot(), GuestAddress(gpa))
+                            .map_err(|e| {
+                                Error::Save(format!("reading guest page {gpa:#x}: {e}"))
+                            })?;
+                        let zero = self.batch.commit_page(gpa, round0);
+                        if zero {
+                            self.report.zero_pages += 1;
+                        }
+                        if !(zero && round0) {
+                            self.round_pages += 1;
+                        }
+                        self.remaining = self.remaining.saturating_sub(PAGE);
+                        if self.batch.is_full() {
+                            self.flush()?;
+                        }
                     }
                 }
             }

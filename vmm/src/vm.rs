@@ -181,7 +181,8 @@ impl Vm {
         };
         fd.create_pit2(pit).map_err(kvm_op("KVM_CREATE_PIT2"))?;
 
-        let ram = GuestRam::new(memory)?;
+        let mut ram = GuestRam::new(memory)?;
+        ram.enable_manual_protect(&fd);
         ram.register(&fd)?;
 
         let (events_tx, events_rx) = channel();
@@ -439,16 +440,22 @@ impl Vm {
     pub fn set_dirty_tracking(&self, on: bool) -> Result<(), Error> {
         self.ram.set_dirty_logging(&self.fd, on)?;
         if on {
-            self.ram.take_dirty_log(&self.fd)?;
+            // Classic: clear what logging found so far. Manual: every page reads as dirty
+            // until a migration clears it, chunk by chunk.
+            if !self.ram.manual_protect() {
+                self.ram.take_dirty_log(&self.fd)?;
+            }
             self.ram.take_vmm_dirty();
         }
         Ok(())
     }
 
     /// Pages written since the last call (or since tracking started), by the guest (KVM's
-    /// log) or by ferry: one bitmap per RAM region, bit i of word w = page 64 * w + i.
+    /// log) or by ferry: one bitmap per RAM region, bit i of word w = page 64 * w + i. With
+    /// manual protection ([`GuestRam::enable_manual_protect`]) KVM's part stays set until
+    /// [`Vm::clear_dirty`] clears it: at the start every page is dirty.
     pub fn take_dirty(&self) -> Result<Vec<Vec<u64>>, Error> {
-        let mut bits = self.ram.take_dirty_log(&self.fd)?;
+        let mut bits = self.ram.peek_dirty_log(&self.fd)?;
         for (k, v) in bits.iter_mut().zip(self.ram.take_vmm_dirty()) {
             for (a, b) in k.iter_mut().zip(v) {
                 *a |= b;
@@ -457,9 +464,35 @@ impl Vm {
         Ok(bits)
     }
 
+    /// Whether KVM's dirty log is protected manually: then clear each chunk with
+    /// [`Vm::clear_dirty`] just before reading its pages.
+    pub fn manual_dirty_protect(&self) -> bool {
+        self.ram.manual_protect()
+    }
+
+    /// Clears KVM's dirty bits `bits` of RAM region `region` from page `first_page` (a
+    /// multiple of 64), write-protecting those pages again (manual protection only).
+    pub fn clear_dirty(&self, region: usize, first_page: u64, bits: &[u64]) -> Result<(), Error> {
+        Ok(self
+            .ram
+            .clear_dirty_log(&self.fd, region as u32, first_page, bits)?)
+    }
+
     /// Pages ever touched, per RAM region (see [`GuestRam::touched_pages`]).
     pub fn touched_pages(&self) -> Vec<Vec<u64>> {
         self.ram.touched_pages()
+    }
+
+    /// Pages ever touched in `words` 64-page words of RAM region `region` from page
+    /// `first_page` (see [`GuestRam::touched_range`]).
+    pub fn touched_range(
+        &self,
+        pagemap: &memory::Pagemap,
+        region: usize,
+        first_page: u64,
+        words: usize,
+    ) -> Vec<u64> {
+        self.ram.touched_range(pagemap, region, first_page, words)
     }
 
     /// Each RAM region's guest address and length, in the order of the bitmaps above.
