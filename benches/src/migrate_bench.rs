@@ -444,9 +444,11 @@ fn ferry_case(ferry: &Path, case: &Case, runs: usize) -> Result<CaseResult> {
                 let first = dst.beats.lock().unwrap()[0].0;
                 let last = src.beats.lock().unwrap().last().unwrap().0;
                 eprintln!(
-                    "  last source beat -> destination has it {:.1} ms -> first beat {:.1} ms; phases {}",
+                    "  last source beat -> destination has it {:.1} ms -> first beat {:.1} ms; handshake {} ms, rounds {} ms, downtime {}",
                     got.saturating_duration_since(last).as_secs_f64() * 1e3,
                     first.saturating_duration_since(got).as_secs_f64() * 1e3,
+                    r["handshake_ms"],
+                    r["round_ms"],
                     r["downtime_phases"]
                 );
                 for (_, l) in dst.lines.lock().unwrap().iter() {

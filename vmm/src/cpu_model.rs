@@ -110,6 +110,17 @@ pub fn to_kvm(leaves: &[Leaf]) -> Result<CpuId, Error> {
 /// natively, so what a guest can use is the host's own CPUID: on such a host the feature
 /// leaves come from CPUID executed here, and KVM's own leaves (0x40000000..) from KVM.
 pub fn host_dump(kvm: &Kvm) -> Result<CpuidDump, Error> {
+    // The host's CPU does not change while ferry runs, and reading it is not free (each
+    // CPUID may exit to an outer hypervisor): once per process.
+    static HOST: std::sync::OnceLock<CpuidDump> = std::sync::OnceLock::new();
+    if let Some(d) = HOST.get() {
+        return Ok(d.clone());
+    }
+    let d = read_host_dump(kvm)?;
+    Ok(HOST.get_or_init(|| d).clone())
+}
+
+fn read_host_dump(kvm: &Kvm) -> Result<CpuidDump, Error> {
     let c = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(Error::Supported)?;

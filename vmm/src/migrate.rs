@@ -210,6 +210,11 @@ pub struct Report {
     pub bandwidth_mbps: f64,
     /// Where the downtime went.
     pub downtime_phases: DowntimePhases,
+    /// From the start to the destination's Accept (connecting, the CPU check and the new VM
+    /// there), ms.
+    pub handshake_ms: f64,
+    /// How long each round took (the first 1000), ms.
+    pub round_ms: Vec<f64>,
 }
 
 /// The downtime, phase by phase (ms).
@@ -364,6 +369,7 @@ fn send_on(
             regions: vm.ram_regions(),
             report: Report {
                 max_downtime_ms: ms(opts.max_downtime),
+                handshake_ms: ms(started.elapsed()),
                 ..Default::default()
             },
             round_started: started,
@@ -661,6 +667,7 @@ impl<C: Read + Write> Sender<'_, C> {
         }
         if self.report.pages_per_round.len() < MAX_ROUNDS_REPORTED {
             self.report.pages_per_round.push(self.round_pages);
+            self.report.round_ms.push(ms(self.round_started.elapsed()));
         }
         self.report.rounds += 1;
         if self.round_pages == 0 && !self.paused {
