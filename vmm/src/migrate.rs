@@ -785,20 +785,66 @@ pub fn receive_over(
     if let Err(reason) = acceptable(&hello, host) {
         return Err(refuse(&mut conn, reason));
     }
-    let mut vm = Vm::for_restore(hello.memory, hello.vcpus, &hello.cpu_profile, console)
+    // RAM first (an mmap: at once); the rest of the machine (KVM, memslots, vCPUs, CPUID)
+    // is built on another thread while round 0's pages arrive into that RAM.
+    let ram = crate::config::validate_memory(hello.memory)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            let kvm = crate::vm::open_kvm().map_err(|e| e.to_string())?;
+            crate::config::validate_vcpus(hello.vcpus, crate::vm::max_vcpus(&kvm))
+                .map_err(|e| e.to_string())
+        })
+        .and_then(|()| crate::memory::GuestRam::new(hello.memory).map_err(|e| e.to_string()))
         .map_err(|e| refuse(&mut conn, format!("cannot create the VM here: {e}")))?;
+    let mem = ram.memory().clone();
+    let (vcpus, profile_json) = (hello.vcpus, hello.cpu_profile.clone());
+    let mut building = Some(
+        std::thread::Builder::new()
+            .name("mig-build".into())
+            .spawn(move || Vm::for_restore_with_ram(ram, vcpus, &profile_json, console))
+            .map_err(|e| refuse(&mut conn, format!("cannot create the VM here: {e}")))?,
+    );
+    let mut built: Option<Vm> = None;
     protocol::send(&mut conn, &Message::Accept).map_err(proto("handshake"))?;
-    let regions = vm.ram_regions();
+    let regions: Vec<(u64, u64)> = {
+        use vm_memory::GuestMemoryRegion;
+        mem.iter().map(|r| (r.start_addr().0, r.len())).collect()
+    };
+    // The machine is needed by the first Sync (the end of round 0) at the latest.
+    let mut finish_building = |conn: &mut dyn Write| -> Result<(), Error> {
+        if let Some(b) = building.take() {
+            let vm = b
+                .join()
+                .map_err(|_| Error::Restore("building the VM panicked".into()))
+                .and_then(|r| r.map_err(|e| Error::Restore(format!("creating the VM: {e}"))));
+            match vm {
+                Ok(vm) => built = Some(vm),
+                Err(e) => {
+                    let mut conn = conn;
+                    let _ = protocol::send(&mut conn, &Message::Failed(e.to_string()));
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    };
     loop {
         match protocol::recv_precopy(&mut conn).map_err(proto("receiving memory"))? {
-            Precopy::Pages(head) => receive_pages(&vm, &regions, head, &mut conn)?,
+            Precopy::Pages(head) => receive_pages(&mem, &regions, head, &mut conn)?,
             Precopy::Cancel(reason) => return Err(Error::CancelledBySource(reason)),
             Precopy::Sync => {
+                finish_building(&mut conn)?;
                 protocol::send(&mut conn, &Message::Synced).map_err(proto("receiving memory"))?
             }
-            Precopy::State => break,
+            Precopy::State => {
+                finish_building(&mut conn)?;
+                break;
+            }
         }
     }
+    let Some(mut vm) = built else {
+        return Err(Error::Restore("the VM was not built".into()));
+    };
     let state =
         migration::stream::read_vm_until_end(&mut BufReader::new(&mut conn)).map_err(|e| {
             Error::Protocol {
@@ -832,7 +878,7 @@ pub fn receive_over(
 /// RAM region before reading any page, reads the pages straight into guest RAM, checks the
 /// CRC, then zeroes the ZERO runs. The destination's vCPUs have not run yet.
 fn receive_pages(
-    vm: &Vm,
+    mem: &crate::memory::GuestMemoryMmap,
     regions: &[(u64, u64)],
     mut head: migration::pages::FrameHead,
     conn: &mut impl Read,
@@ -848,7 +894,6 @@ fn receive_pages(
             });
         }
     }
-    let mem = vm.memory();
     let runs = std::mem::take(&mut head.runs);
     for run in runs.iter().filter(|r| !r.zero) {
         let len = run.len() as usize;
@@ -859,9 +904,10 @@ fn receive_pages(
                     len: run.len(),
                 })?;
         // SAFETY: the run lies inside one RAM region (checked above), so [host, host + len)
-        // is within that region's mapping, which `vm` owns for longer than this borrow. No
-        // vCPU of this VM has run yet and nothing else in ferry holds a reference into this
-        // memory, so the mutable slice is the only access while it lives.
+        // is within that region's mapping, which `mem` keeps alive for longer than this
+        // borrow. No vCPU of this VM has run yet and nothing else in ferry holds a reference
+        // into this memory (the thread building the VM only registers it with KVM), so the
+        // mutable slice is the only access while it lives.
         let bytes = unsafe { std::slice::from_raw_parts_mut(host, len) };
         conn.read_exact(bytes).map_err(io("receiving memory"))?;
         head.crc_update(bytes);

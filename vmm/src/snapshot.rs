@@ -216,8 +216,20 @@ impl Vm {
         profile_json: &str,
         console: Box<dyn std::io::Write + Send>,
     ) -> Result<Vm, Error> {
+        crate::config::validate_memory(memory).map_err(VmError::from)?;
+        let ram = crate::memory::GuestRam::new(memory).map_err(VmError::from)?;
+        Self::for_restore_with_ram(ram, vcpus, profile_json, console)
+    }
+
+    /// [`Vm::for_restore`] around RAM allocated already.
+    pub fn for_restore_with_ram(
+        ram: crate::memory::GuestRam,
+        vcpus: u32,
+        profile_json: &str,
+        console: Box<dyn std::io::Write + Send>,
+    ) -> Result<Vm, Error> {
         let profile = CpuProfile::from_json("the saved VM", profile_json)?;
-        let mut vm = Vm::new(memory, vcpus, console)?;
+        let mut vm = Vm::with_ram(ram, vcpus, console)?;
         vm.set_cpu_profile(profile)?;
         // CPUID depends only on the profile: set it now, outside a migration's downtime.
         for (id, fd) in vm.unstarted.iter().enumerate() {

@@ -151,6 +151,18 @@ impl Vm {
     /// Creates the machine: `memory` bytes of RAM, `vcpus` vCPUs, console output to `console`.
     pub fn new(memory: u64, vcpus: u32, console: Box<dyn Write + Send>) -> Result<Vm, Error> {
         config::validate_memory(memory)?;
+        Self::with_ram(GuestRam::new(memory)?, vcpus, console)
+    }
+
+    /// Creates the machine around RAM allocated already (a migration destination fills it
+    /// while this runs on another thread: registering a large memslot takes milliseconds).
+    pub fn with_ram(
+        mut ram: GuestRam,
+        vcpus: u32,
+        console: Box<dyn Write + Send>,
+    ) -> Result<Vm, Error> {
+        let memory = ram.size();
+        config::validate_memory(memory)?;
         let kvm = open_kvm()?;
         config::validate_vcpus(vcpus, max_vcpus(&kvm))?;
         for (cap, name) in [
@@ -181,7 +193,6 @@ impl Vm {
         };
         fd.create_pit2(pit).map_err(kvm_op("KVM_CREATE_PIT2"))?;
 
-        let mut ram = GuestRam::new(memory)?;
         ram.enable_manual_protect(&fd);
         ram.register(&fd)?;
 
