@@ -678,7 +678,8 @@ fn main() -> Result<()> {
          per case and VMM the guest boots once and each migration moves it on. Cells are \
          min / **median** / max. Total time and downtime as each VMM reports them (ferry: \
          pause to Restored; QEMU: query-migrate); blackout: host time from the last heartbeat \
-         line of the source to the first of the destination; MiB on the wire; rounds (QEMU: \
+         of the source to the first of the destination (debug-port bytes: the measure's \
+         resolution is the heartbeat interval); MiB on the wire; rounds (QEMU: \
          dirty-sync-count). QEMU `-M microvm,acpi=off -cpu host`, `-incoming defer`.\n\n",
         args.runs
     );
