@@ -6,6 +6,7 @@
 //! docs/migration-format.md; no serializer defines it.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod codec;
 pub mod converge;
 pub mod pages;

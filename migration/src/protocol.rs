@@ -69,6 +69,12 @@ pub enum Message {
     Sync,
     /// The answer to Sync.
     Synced,
+    /// Authentication (crate::auth): the source's nonce.
+    AuthChallenge([u8; 32]),
+    /// The destination's nonce and proof.
+    AuthResponse([u8; 32], [u8; 32]),
+    /// The source's proof.
+    AuthProof([u8; 32]),
 }
 
 /// What the destination reads during precopy.
@@ -94,6 +100,9 @@ impl Message {
             Message::State => b"VMST",
             Message::Sync => b"SYNC",
             Message::Synced => b"SYND",
+            Message::AuthChallenge(_) => b"AUT1",
+            Message::AuthResponse(..) => b"AUT2",
+            Message::AuthProof(_) => b"AUT3",
         }
     }
 
@@ -110,6 +119,9 @@ impl Message {
             Message::State => "State",
             Message::Sync => "Sync",
             Message::Synced => "Synced",
+            Message::AuthChallenge(_) => "AuthChallenge",
+            Message::AuthResponse(..) => "AuthResponse",
+            Message::AuthProof(_) => "AuthProof",
         }
     }
 }
@@ -145,6 +157,11 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<(), Error> {
         | Message::State
         | Message::Sync
         | Message::Synced => {}
+        Message::AuthChallenge(n) | Message::AuthProof(n) => e.bytes(n),
+        Message::AuthResponse(n, p) => {
+            e.bytes(n);
+            e.bytes(p);
+        }
     }
     let payload = e.into_inner();
     let mut frame = Vec::with_capacity(8 + payload.len());
@@ -217,6 +234,9 @@ fn message(r: &mut impl Read, tag: [u8; 4], len: u32) -> Result<Message, Error> 
         b"VMST" => Message::State,
         b"SYNC" => Message::Sync,
         b"SYND" => Message::Synced,
+        b"AUT1" => Message::AuthChallenge(d.array("auth nonce")?),
+        b"AUT2" => Message::AuthResponse(d.array("auth nonce")?, d.array("auth proof")?),
+        b"AUT3" => Message::AuthProof(d.array("auth proof")?),
         _ => {
             return Err(Error::Unexpected {
                 expected: "a migration message",
@@ -259,6 +279,9 @@ mod tests {
             Message::State,
             Message::Sync,
             Message::Synced,
+            Message::AuthChallenge([1; 32]),
+            Message::AuthResponse([2; 32], [3; 32]),
+            Message::AuthProof([4; 32]),
         ] {
             let mut buf = Vec::new();
             send(&mut buf, &m).unwrap();

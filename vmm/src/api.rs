@@ -328,6 +328,11 @@ fn migrate_options(req: &Value) -> Result<crate::migrate::Options, String> {
     if let Some(bw) = num("max_bandwidth")? {
         o.max_bandwidth = (bw >= 1.0).then_some(bw as u64);
     }
+    if let Some(path) = req.get("key_file").and_then(Value::as_str) {
+        let bytes = std::fs::read(path).map_err(|e| format!("key file {path}: {e}"))?;
+        o.key =
+            Some(migration::auth::Key::new(&bytes).map_err(|e| format!("key file {path}: {e}"))?);
+    }
     if let Some(t) = num("max_throttle")? {
         if t > 99.0 {
             return Err(format!("max_throttle is at most 99 (percent), not {t}"));

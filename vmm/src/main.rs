@@ -124,8 +124,19 @@ struct ReceiveArgs {
     /// this one.
     #[arg(long)]
     host: Option<PathBuf>,
+    /// Take only a source that proves this shared key (16 to 4096 bytes), and prove it to
+    /// the source. Without one, ferry listens on a Unix socket or a loopback address only.
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
     #[command(flatten)]
     debug: DebugConsoleArg,
+}
+
+/// Reads and checks a shared key file.
+fn read_key(path: &std::path::Path) -> anyhow::Result<migration::auth::Key> {
+    let bytes = std::fs::read(path).with_context(|| format!("--key-file {}", path.display()))?;
+    Ok(migration::auth::Key::new(&bytes)
+        .with_context(|| format!("--key-file {}", path.display()))?)
 }
 
 #[derive(Parser, Debug)]
@@ -159,6 +170,9 @@ enum CtlCmd {
         /// Most vCPU time throttling may take, percent (0: never throttle).
         #[arg(long, default_value_t = 99, value_parser = clap::value_parser!(u8).range(0..=99))]
         max_throttle: u8,
+        /// Prove this shared key to the destination (`ferry receive --key-file`).
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
     },
     /// Cancel the migration in progress; the guest keeps running here.
     Cancel,
@@ -348,10 +362,23 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         Some(p) => Some(cpuid::dump::load(p).with_context(|| format!("--host {}", p.display()))?),
         None => None,
     };
-    eprintln!("ferry: waiting for a VM on {}", a.listen);
+    let key = a.key_file.as_deref().map(read_key).transpose()?;
+    if key.is_none() {
+        vmm::migrate::check_local(&addr)?;
+    }
+    eprintln!(
+        "ferry: waiting for a VM on {} ({})",
+        a.listen,
+        if key.is_some() {
+            "the source must prove the shared key"
+        } else {
+            "no key: local connections only"
+        }
+    );
     let vm = vmm::migrate::receive(
         &addr,
         host.as_ref(),
+        key.as_ref(),
         Box::new(FlushingWriter(std::io::stdout())),
     )?;
     // Run the guest at once: the control socket and the rest can follow.
@@ -434,7 +461,15 @@ fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
             timeout,
             max_bandwidth,
             max_throttle,
+            key_file,
         } => {
+            // The server reads the key file: send its path absolute.
+            let key_file = match key_file {
+                Some(k) => {
+                    Some(std::path::absolute(k).with_context(|| format!("{}", k.display()))?)
+                }
+                None => None,
+            };
             let bw = match max_bandwidth {
                 Some(b) => Some(parse_size(b).context("--max-bandwidth")?),
                 None => None,
@@ -448,6 +483,7 @@ fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
                     "timeout_ms": timeout.as_secs_f64() * 1e3,
                     "max_bandwidth": bw,
                     "max_throttle": max_throttle,
+                    "key_file": key_file,
                     "progress": true,
                 }),
             )

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use cpuid::profile::CpuProfile;
 use cpuid::CpuidDump;
+use migration::auth::{self, Key};
 use migration::protocol::{self, Hello, Message, Precopy};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -69,6 +70,10 @@ pub enum Error {
     CancelledBySource(String),
     #[error("a migration of this VM is already in progress")]
     Busy,
+    #[error("authentication: {0}")]
+    Auth(String),
+    #[error("refusing to listen on {0} without --key-file: anyone who can reach it could hand this ferry a VM; use a Unix socket or a loopback address, or give a shared key")]
+    Unauthenticated(String),
     #[error("the source sent pages at {gpa:#x} ({len} bytes) outside guest RAM")]
     PagesOutsideRam { gpa: u64, len: u64 },
 }
@@ -143,7 +148,7 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 const PAGE: u64 = migration::pages::PAGE_SIZE as u64;
 
 /// How a migration should go.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Options {
     /// Switch over once the predicted downtime fits this.
     pub max_downtime: Duration,
@@ -153,6 +158,8 @@ pub struct Options {
     pub max_bandwidth: Option<u64>,
     /// Most vCPU time throttling may take, percent (0: never throttle).
     pub max_throttle: u8,
+    /// Prove this shared key to the destination, and have it prove it (migration::auth).
+    pub key: Option<Key>,
 }
 
 impl Default for Options {
@@ -162,6 +169,7 @@ impl Default for Options {
             timeout: DEFAULT_TIMEOUT,
             max_bandwidth: None,
             max_throttle: 99,
+            key: None,
         }
     }
 }
@@ -326,6 +334,9 @@ fn send_on(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, Error> {
     let started = Instant::now();
+    if let Some(key) = &opts.key {
+        authenticate_to(&mut conn, key)?;
+    }
     let hello = Hello::new(vm.memory_size(), vm.num_vcpus(), vm.cpu_profile().to_json());
     protocol::send(&mut conn, &Message::Hello(hello)).map_err(proto("handshake"))?;
     match protocol::expect(&mut conn, "Accept").map_err(proto("handshake"))? {
@@ -363,7 +374,7 @@ fn send_on(
         let mut s = Sender {
             vm,
             conn: &mut conn,
-            opts: *opts,
+            opts: opts.clone(),
             started,
             batch: migration::pages::BatchWriter::new(),
             regions: vm.ram_regions(),
@@ -755,21 +766,126 @@ impl<C: Read + Write> Sender<'_, C> {
 /// Destination side: waits at `addr` for one VM, checks its CPU profile against this host
 /// (or `host`, a recorded one) before any memory is sent, receives its memory and state, and
 /// returns it once the source has committed. The returned VM is paused; start it.
+/// With a `key`, only a source that proves it is taken (and this side proves it too);
+/// without one, only a Unix socket or a loopback address may be listened on.
 pub fn receive(
     addr: &Address,
     host: Option<&CpuidDump>,
+    key: Option<&Key>,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<Vm, Error> {
-    receive_over(accept(addr)?, host, console)
+    if key.is_none() {
+        check_local(addr)?;
+    }
+    receive_with(accept(addr)?, host, key, console)
 }
 
-/// [`receive`] over a connected stream.
+/// [`receive`] over a connected stream, without a key.
 pub fn receive_over(
-    mut conn: impl Read + Write,
+    conn: impl Read + Write,
     host: Option<&CpuidDump>,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<Vm, Error> {
-    let hello = match protocol::recv(&mut conn).map_err(proto("handshake"))? {
+    receive_with(conn, host, None, console)
+}
+
+/// Refuses an address other hosts can reach: without a key anyone who can connect could
+/// hand this ferry a VM to run.
+pub fn check_local(addr: &Address) -> Result<(), Error> {
+    let Address::Tcp(hp) = addr else {
+        return Ok(());
+    };
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<std::net::SocketAddr> = hp
+        .to_socket_addrs()
+        .map_err(|e| Error::Connect {
+            what: "resolving",
+            addr: hp.clone(),
+            source: e,
+        })?
+        .collect();
+    if addrs.is_empty() || addrs.iter().any(|a| !a.ip().is_loopback()) {
+        return Err(Error::Unauthenticated(hp.clone()));
+    }
+    Ok(())
+}
+
+/// 32 bytes from the kernel's random source.
+fn nonce() -> Result<[u8; auth::NONCE_SIZE], Error> {
+    let mut n = [0u8; auth::NONCE_SIZE];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut n))
+        .map_err(io("authentication"))?;
+    Ok(n)
+}
+
+/// The source's side of migration::auth: challenge, check the destination's proof, prove.
+fn authenticate_to(conn: &mut (impl Read + Write), key: &Key) -> Result<(), Error> {
+    let ns = nonce()?;
+    protocol::send(conn, &Message::AuthChallenge(ns)).map_err(proto("authentication"))?;
+    let nd = match protocol::recv(conn).map_err(proto("authentication"))? {
+        Message::AuthResponse(nd, proof) => {
+            key.check_destination(&ns, &nd, &proof).map_err(|_| {
+                Error::Auth("the destination could not prove the shared key".into())
+            })?;
+            nd
+        }
+        Message::Refuse(r) => return Err(Error::Refused(r)),
+        other => {
+            return Err(Error::Auth(format!(
+                "expected the destination's proof, got {}",
+                other.name()
+            )))
+        }
+    };
+    protocol::send(conn, &Message::AuthProof(key.source_proof(&nd, &ns)))
+        .map_err(proto("authentication"))
+}
+
+/// [`receive`] over a connected stream, with an optional key.
+pub fn receive_with(
+    mut conn: impl Read + Write,
+    host: Option<&CpuidDump>,
+    key: Option<&Key>,
+    console: Box<dyn std::io::Write + Send>,
+) -> Result<Vm, Error> {
+    let refuse = |mut conn: &mut dyn Write, reason: String| {
+        let _ = protocol::send(&mut conn, &Message::Refuse(reason.clone()));
+        Error::RefusedHere(reason)
+    };
+    let mut first = protocol::recv(&mut conn).map_err(proto("handshake"))?;
+    match (key, &first) {
+        (Some(key), Message::AuthChallenge(ns)) => {
+            let ns = *ns;
+            let nd = nonce()?;
+            let proof = key.destination_proof(&ns, &nd);
+            protocol::send(&mut conn, &Message::AuthResponse(nd, proof))
+                .map_err(proto("authentication"))?;
+            match protocol::recv(&mut conn).map_err(proto("authentication"))? {
+                Message::AuthProof(p) if key.check_source(&nd, &ns, &p).is_ok() => {}
+                _ => {
+                    return Err(refuse(
+                        &mut conn,
+                        "the source could not prove the shared key".into(),
+                    ))
+                }
+            }
+            first = protocol::recv(&mut conn).map_err(proto("handshake"))?;
+        }
+        (Some(_), other) => {
+            let reason = format!(
+                "this destination takes only a source that proves the shared key (--key-file); it sent {} first",
+                other.name()
+            );
+            return Err(refuse(&mut conn, reason));
+        }
+        (None, Message::AuthChallenge(_)) => {
+            let reason = "this destination has no key (--key-file): it takes unauthenticated migrations only".to_string();
+            return Err(refuse(&mut conn, reason));
+        }
+        (None, _) => {}
+    }
+    let hello = match first {
         Message::Hello(h) => h,
         other => {
             return Err(Error::RefusedHere(format!(
@@ -777,10 +893,6 @@ pub fn receive_over(
                 other.name()
             )))
         }
-    };
-    let refuse = |mut conn: &mut dyn Write, reason: String| {
-        let _ = protocol::send(&mut conn, &Message::Refuse(reason.clone()));
-        Error::RefusedHere(reason)
     };
     if let Err(reason) = acceptable(&hello, host) {
         return Err(refuse(&mut conn, reason));
