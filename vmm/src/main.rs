@@ -135,8 +135,7 @@ struct ReceiveArgs {
 /// Reads and checks a shared key file.
 fn read_key(path: &std::path::Path) -> anyhow::Result<migration::auth::Key> {
     let bytes = std::fs::read(path).with_context(|| format!("--key-file {}", path.display()))?;
-    Ok(migration::auth::Key::new(&bytes)
-        .with_context(|| format!("--key-file {}", path.display()))?)
+    migration::auth::Key::new(&bytes).with_context(|| format!("--key-file {}", path.display()))
 }
 
 #[derive(Parser, Debug)]
