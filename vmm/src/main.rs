@@ -365,6 +365,7 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
     if key.is_none() {
         vmm::migrate::check_local(&addr)?;
     }
+    let listener = vmm::migrate::Listener::bind(&addr)?;
     eprintln!(
         "ferry: waiting for a VM on {} ({})",
         a.listen,
@@ -374,8 +375,8 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
             "no key: local connections only"
         }
     );
-    let vm = vmm::migrate::receive(
-        &addr,
+    let vm = vmm::migrate::receive_from(
+        listener,
         host.as_ref(),
         key.as_ref(),
         Box::new(FlushingWriter(std::io::stdout())),

@@ -777,7 +777,17 @@ pub fn receive(
     if key.is_none() {
         check_local(addr)?;
     }
-    receive_with(accept(addr)?, host, key, console)
+    receive_from(Listener::bind(addr)?, host, key, console)
+}
+
+/// [`receive`] on a listener bound already.
+pub fn receive_from(
+    listener: Listener,
+    host: Option<&CpuidDump>,
+    key: Option<&Key>,
+    console: Box<dyn std::io::Write + Send>,
+) -> Result<Vm, Error> {
+    receive_with(listener.accept()?, host, key, console)
 }
 
 /// [`receive`] over a connected stream, without a key.
@@ -1068,35 +1078,59 @@ fn acceptable(h: &Hello, host: Option<&CpuidDump>) -> Result<(), String> {
         .map_err(|m| format!("this host cannot run CPU profile {}: {m}", profile.name))
 }
 
-fn accept(addr: &Address) -> Result<Box<dyn Conn>, Error> {
-    let err = |what, source| Error::Connect {
-        what,
-        addr: format!("{addr:?}"),
-        source,
-    };
-    Ok(match addr {
-        Address::Tcp(hp) => {
-            let l = TcpListener::bind(hp).map_err(|e| err("listening on", e))?;
-            let (s, _) = l.accept().map_err(|e| err("accepting on", e))?;
-            s.set_nodelay(true).map_err(|e| err("accepting on", e))?;
-            s.set_read_timeout(Some(PEER_TIMEOUT))
-                .map_err(|e| err("accepting on", e))?;
-            Box::new(s)
-        }
-        Address::Unix(p) => {
-            use std::os::unix::fs::FileTypeExt;
-            // Replace only a stale socket, never another kind of file.
-            if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()) {
-                let _ = std::fs::remove_file(p);
+/// A bound migration listener: the destination says it is waiting only once this exists,
+/// so a source that connects then always finds it.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener, String),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds `addr` (replacing only a stale Unix socket, never another kind of file).
+    pub fn bind(addr: &Address) -> Result<Listener, Error> {
+        let err = |source| Error::Connect {
+            what: "listening on",
+            addr: format!("{addr:?}"),
+            source,
+        };
+        Ok(match addr {
+            Address::Tcp(hp) => Listener::Tcp(TcpListener::bind(hp).map_err(err)?, hp.clone()),
+            Address::Unix(p) => {
+                use std::os::unix::fs::FileTypeExt;
+                if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()) {
+                    let _ = std::fs::remove_file(p);
+                }
+                Listener::Unix(UnixListener::bind(p).map_err(err)?, p.clone())
             }
-            let l = UnixListener::bind(p).map_err(|e| err("listening on", e))?;
-            let (s, _) = l.accept().map_err(|e| err("accepting on", e))?;
-            let _ = std::fs::remove_file(p);
-            s.set_read_timeout(Some(PEER_TIMEOUT))
-                .map_err(|e| err("accepting on", e))?;
-            Box::new(s)
-        }
-    })
+        })
+    }
+
+    /// Waits for one peer.
+    fn accept(self) -> Result<Box<dyn Conn>, Error> {
+        let err = |addr: String, source| Error::Connect {
+            what: "accepting on",
+            addr,
+            source,
+        };
+        Ok(match self {
+            Listener::Tcp(l, hp) => {
+                let (s, _) = l.accept().map_err(|e| err(hp.clone(), e))?;
+                s.set_nodelay(true).map_err(|e| err(hp.clone(), e))?;
+                s.set_read_timeout(Some(PEER_TIMEOUT))
+                    .map_err(|e| err(hp.clone(), e))?;
+                Box::new(s)
+            }
+            Listener::Unix(l, p) => {
+                let shown = p.display().to_string();
+                let (s, _) = l.accept().map_err(|e| err(shown.clone(), e))?;
+                let _ = std::fs::remove_file(&p);
+                s.set_read_timeout(Some(PEER_TIMEOUT))
+                    .map_err(|e| err(shown, e))?;
+                Box::new(s)
+            }
+        })
+    }
 }
 
 #[cfg(test)]
