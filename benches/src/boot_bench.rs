@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ferry_benches::{host_facts, replace_section, stats};
+use ferry_benches::{ferry_binary, host_facts, qemu_version, replace_section, stats};
 
 const BEGIN: &str = "<!-- boot-bench begin -->";
 const END: &str = "<!-- boot-bench end -->";
@@ -86,22 +86,8 @@ fn main() -> Result<()> {
     let args = parse_args()?;
     ferry_tests::require_kvm();
     let guest = ferry_tests::guest::guest();
-    let ferry = std::env::current_exe()?.with_file_name("ferry");
-    if !ferry.exists() {
-        bail!(
-            "{} not found: build it with `cargo build --release --workspace`",
-            ferry.display()
-        );
-    }
-    let qemu_version = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .context("qemu-system-x86_64 not found: apt-get install qemu-system-x86")?;
-    let qemu_version = String::from_utf8_lossy(&qemu_version.stdout)
-        .lines()
-        .next()
-        .unwrap_or("?")
-        .to_string();
+    let ferry = ferry_binary()?;
+    let qemu_version = qemu_version()?;
     // Without `quiet` and with the early serial console, so that the first kernel line
     // ("Linux version ...") is printed as soon as the kernel runs, not when the 8250 driver
     // registers late in boot.

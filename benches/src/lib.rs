@@ -1,8 +1,34 @@
 //! What the benchmark commands share: statistics, host facts, BENCHMARKS.md sections.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+
+/// The release `ferry` next to this benchmark binary.
+pub fn ferry_binary() -> Result<PathBuf> {
+    let ferry = std::env::current_exe()?.with_file_name("ferry");
+    if !ferry.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release --workspace`",
+            ferry.display()
+        );
+    }
+    Ok(ferry)
+}
+
+/// QEMU's version line (and a clear error where it is not installed).
+pub fn qemu_version() -> Result<String> {
+    let out = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .context("qemu-system-x86_64 not found: apt-get install qemu-system-x86")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("?")
+        .to_string())
+}
 
 /// (min, median, max) of `v` (not empty).
 pub fn stats(v: &[f64]) -> (f64, f64, f64) {

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ferry_benches::{host_facts, replace_section, stats};
+use ferry_benches::{ferry_binary, host_facts, qemu_version, replace_section, stats};
 use serde_json::{json, Value};
 
 const BEGIN: &str = "<!-- migrate-bench begin -->";
@@ -650,22 +650,8 @@ fn main() -> Result<()> {
     let args = parse_args()?;
     ferry_tests::require_kvm();
     let g = ferry_tests::guest::guest();
-    let ferry = std::env::current_exe()?.with_file_name("ferry");
-    if !ferry.exists() {
-        bail!(
-            "{} not found: build it with `cargo build --release --workspace`",
-            ferry.display()
-        );
-    }
-    let qemu_version = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .context("qemu-system-x86_64 not found: apt-get install qemu-system-x86")?;
-    let qemu_version = String::from_utf8_lossy(&qemu_version.stdout)
-        .lines()
-        .next()
-        .unwrap_or("?")
-        .to_string();
+    let ferry = ferry_binary()?;
+    let qemu_version = qemu_version()?;
     let cases: Vec<&Case> = CASES
         .iter()
         .filter(|c| args.cases.is_empty() || args.cases.iter().any(|n| c.name.contains(n.as_str())))

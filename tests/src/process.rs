@@ -219,6 +219,43 @@ impl Drop for Ferry {
     }
 }
 
+/// A TCP port free on loopback right now.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a loopback port")
+        .local_addr()
+        .expect("its address")
+        .port()
+}
+
+/// A value the counting tiny guest (tests/tiny/long_count.S) printed: a line of 16 hex digits.
+pub fn count_line(l: &str) -> Option<u64> {
+    (l.len() == 16)
+        .then(|| u64::from_str_radix(l, 16).ok())
+        .flatten()
+}
+
+/// `ferry run --image` of a tiny guest with 64 MiB, `extra` arguments and a control socket
+/// at `sock`; returns once the socket exists.
+pub fn run_tiny(image: &crate::tiny::TinyImage, extra: &[&str], sock: &Path) -> Ferry {
+    let img = temp_path(&format!("{}.bin", image.name));
+    std::fs::write(&img, image.bytes).expect("write the image");
+    let mut args = vec![
+        "run",
+        "--image",
+        img.to_str().expect("utf-8 path"),
+        "--memory",
+        "64M",
+    ];
+    args.extend_from_slice(extra);
+    args.extend(["--api-socket", sock.to_str().expect("utf-8 path")]);
+    let f = Ferry::spawn(&args);
+    crate::tiny::wait_for("the control socket", Duration::from_secs(60), || {
+        sock.exists()
+    });
+    f
+}
+
 /// A fresh path for a socket in a per-process temporary directory.
 pub fn temp_path(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ferry-test-{}", std::process::id()));

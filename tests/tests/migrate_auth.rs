@@ -9,16 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_tests::process::{temp_path, Ferry};
-use ferry_tests::tiny::{wait_for, LONG_COUNT};
+use ferry_tests::process::{count_line as count, free_tcp_port, run_tiny, temp_path, Ferry};
+use ferry_tests::tiny::LONG_COUNT;
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-fn count(l: &str) -> Option<u64> {
-    (l.len() == 16)
-        .then(|| u64::from_str_radix(l, 16).ok())
-        .flatten()
-}
 
 fn key_file(name: &str, bytes: &[u8]) -> PathBuf {
     let p = temp_path(name);
@@ -26,27 +20,8 @@ fn key_file(name: &str, bytes: &[u8]) -> PathBuf {
     p
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn source(sock: &Path) -> Ferry {
-    let img = temp_path("auth-count.bin");
-    std::fs::write(&img, LONG_COUNT.bytes).unwrap();
-    let mut f = Ferry::spawn(&[
-        "run",
-        "--image",
-        img.to_str().unwrap(),
-        "--memory",
-        "64M",
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
-    wait_for("the source's control socket", LIMIT, || sock.exists());
+    let mut f = run_tiny(&LONG_COUNT, &[], sock);
     f.wait_line(LIMIT, |l| count(l).is_some_and(|n| n >= 20));
     f
 }
@@ -87,7 +62,7 @@ fn a_shared_key_lets_the_migration_through() {
     ferry_tests::require_kvm();
     let key = key_file("auth-ok.key", b"a shared key of 32 bytes, random");
     let s_sock = temp_path("auth-ok-src.sock");
-    let url = format!("tcp:127.0.0.1:{}", free_port());
+    let url = format!("tcp:127.0.0.1:{}", free_tcp_port());
     let mut src = source(&s_sock);
     let mut dst = destination(&url, Some(&key));
     let (ok, out) = src.ctl(&["migrate", &url, "--key-file", key.to_str().unwrap()]);
@@ -102,7 +77,7 @@ fn a_source_without_the_key_is_refused_and_nothing_is_restored() {
     ferry_tests::require_kvm();
     let key = key_file("auth-nokey.key", b"a shared key of 32 bytes, random");
     let s_sock = temp_path("auth-nokey-src.sock");
-    let url = format!("tcp:127.0.0.1:{}", free_port());
+    let url = format!("tcp:127.0.0.1:{}", free_tcp_port());
     let mut src = source(&s_sock);
     let mut dst = destination(&url, Some(&key));
     let (ok, out) = src.ctl(&["migrate", &url]);
@@ -117,7 +92,7 @@ fn a_wrong_key_is_refused_on_both_sides() {
     let key = key_file("auth-right.key", b"a shared key of 32 bytes, random");
     let wrong = key_file("auth-wrong.key", b"another key, also long enough");
     let s_sock = temp_path("auth-wrong-src.sock");
-    let url = format!("tcp:127.0.0.1:{}", free_port());
+    let url = format!("tcp:127.0.0.1:{}", free_tcp_port());
     let mut src = source(&s_sock);
     let mut dst = destination(&url, Some(&key));
     let (ok, out) = src.ctl(&["migrate", &url, "--key-file", wrong.to_str().unwrap()]);
@@ -134,7 +109,7 @@ fn a_replayed_handshake_is_refused() {
     ferry_tests::require_kvm();
     let key = key_file("auth-replay.key", b"a shared key of 32 bytes, random");
     let s_sock = temp_path("auth-replay-src.sock");
-    let d_port = free_port();
+    let d_port = free_tcp_port();
     let d_url = format!("tcp:127.0.0.1:{d_port}");
     let mut src = source(&s_sock);
     let mut dst = destination(&d_url, Some(&key));
@@ -173,7 +148,7 @@ fn a_replayed_handshake_is_refused() {
 
     // The same bytes to a new destination with the same key: its challenge is new, so the
     // recorded proof fails and nothing is restored.
-    let port2 = free_port();
+    let port2 = free_tcp_port();
     let mut dst2 = destination(&format!("tcp:127.0.0.1:{port2}"), Some(&key));
     let mut s = TcpStream::connect(("127.0.0.1", port2)).unwrap();
     let _ = s.write_all(&bytes);
@@ -183,7 +158,7 @@ fn a_replayed_handshake_is_refused() {
 #[test]
 fn an_unauthenticated_listener_on_a_network_address_is_refused_at_start() {
     ferry_tests::require_kvm();
-    let url = format!("tcp:0.0.0.0:{}", free_port());
+    let url = format!("tcp:0.0.0.0:{}", free_tcp_port());
     let mut dst = Ferry::spawn(&["receive", "--listen", &url]);
     assert!(!dst.wait_exit(LIMIT).success());
     let err = dst.stderr_lines();

@@ -21,12 +21,7 @@ fn heartbeat(line: &str) -> Option<u64> {
 }
 
 fn free_url() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("tcp:127.0.0.1:{port}")
+    format!("tcp:127.0.0.1:{}", ferry_tests::process::free_tcp_port())
 }
 
 /// Starts a migration paced to 4 MB/s (round 0 of a 256 MiB guest takes seconds), cancels it

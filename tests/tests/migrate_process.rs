@@ -3,47 +3,16 @@
 //! after Commit; the source then exits 0. A destination that cannot run the profile refuses,
 //! and the guest keeps running on the source.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use ferry_tests::process::{temp_path, Ferry};
+use ferry_tests::process::{count_line as count, free_tcp_port, run_tiny, temp_path, Ferry};
 use ferry_tests::tiny::{wait_for, LONG_COUNT};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn count(l: &str) -> Option<u64> {
-    (l.len() == 16)
-        .then(|| u64::from_str_radix(l, 16).ok())
-        .flatten()
-}
-
-fn image() -> PathBuf {
-    let p = temp_path("long_count.bin");
-    std::fs::write(&p, LONG_COUNT.bytes).unwrap();
-    p
-}
-
 fn source(sock: &Path) -> Ferry {
-    let img = image();
-    let f = Ferry::spawn(&[
-        "run",
-        "--image",
-        img.to_str().unwrap(),
-        "--memory",
-        "64M",
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
-    wait_for("the source's control socket", LIMIT, || sock.exists());
-    f
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    run_tiny(&LONG_COUNT, &[], sock)
 }
 
 fn migrate_and_check(url: &str, tag: &str) {
@@ -170,19 +139,7 @@ fn a_host_profile_guest_is_refused_by_a_host_of_the_other_vendor() {
         .join(other);
     let s_sock = temp_path("hostcpu-src.sock");
     let url = format!("unix:{}", temp_path("hostcpu.mig").display());
-    let img = image();
-    let mut src = Ferry::spawn(&[
-        "run",
-        "--image",
-        img.to_str().unwrap(),
-        "--memory",
-        "64M",
-        "--cpu",
-        "host",
-        "--api-socket",
-        s_sock.to_str().unwrap(),
-    ]);
-    wait_for("the source's control socket", LIMIT, || s_sock.exists());
+    let mut src = run_tiny(&LONG_COUNT, &["--cpu", "host"], &s_sock);
     src.wait_line(LIMIT, |l| count(l).is_some());
     let mut dst = Ferry::spawn(&[
         "receive",
@@ -210,19 +167,7 @@ const STORM_BUF: u64 = 0x100_0000;
 const STORM_PAGES: u64 = 4096;
 
 fn storm_source(sock: &Path) -> Ferry {
-    let img = temp_path("long_storm.bin");
-    std::fs::write(&img, ferry_tests::tiny::LONG_STORM.bytes).unwrap();
-    let f = Ferry::spawn(&[
-        "run",
-        "--image",
-        img.to_str().unwrap(),
-        "--memory",
-        "64M",
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
-    wait_for("the source's control socket", LIMIT, || sock.exists());
-    f
+    run_tiny(&ferry_tests::tiny::LONG_STORM, &[], sock)
 }
 
 fn read_u64(state: &migration::VmState, gpa: u64) -> u64 {

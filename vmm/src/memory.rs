@@ -304,7 +304,7 @@ impl GuestRam {
         let host = r
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .expect("a region contains its own first byte") as u64;
-        let mut entries = vec![0u8; 8 * 8192];
+        let mut entries = vec![0u8; 8 * pages.min(8192)];
         let mut page = 0usize;
         while page < pages {
             let n = (pages - page).min(8192);

@@ -591,7 +591,8 @@ impl<C: Read + Write> Sender<'_, C> {
         self.batch.set_round(self.report.rounds);
         let regions = self.regions.clone();
         let manual = vm.manual_dirty_protect() && !self.paused;
-        let pagemap = crate::memory::Pagemap::open();
+        // Round 0 only: later rounds take their pages from the dirty log.
+        let pagemap = round0.then(crate::memory::Pagemap::open);
         const ALL: [u64; CLEAR_WORDS] = [u64::MAX; CLEAR_WORDS];
         for (region, &(start, len)) in regions.iter().enumerate() {
             let words = (len / PAGE).div_ceil(64) as usize;
@@ -614,8 +615,8 @@ impl<C: Read + Write> Sender<'_, C> {
                 let chunk_bits = match bits {
                     Some(b) => &b[region][chunk..end],
                     None => {
-                        touched =
-                            vm.touched_range(&pagemap, region, chunk as u64 * 64, end - chunk);
+                        let pagemap = pagemap.as_ref().expect("opened for round 0");
+                        touched = vm.touched_range(pagemap, region, chunk as u64 * 64, end - chunk);
                         let n = count_pages(std::slice::from_ref(&touched));
                         let chunk_pages =
                             ((end - chunk) as u64 * 64).min(len / PAGE - chunk as u64 * 64);
@@ -909,14 +910,7 @@ pub fn receive_with(
     }
     // RAM first (an mmap: at once); the rest of the machine (KVM, memslots, vCPUs, CPUID)
     // is built on another thread while round 0's pages arrive into that RAM.
-    let ram = crate::config::validate_memory(hello.memory)
-        .map_err(|e| e.to_string())
-        .and_then(|()| {
-            let kvm = crate::vm::open_kvm().map_err(|e| e.to_string())?;
-            crate::config::validate_vcpus(hello.vcpus, crate::vm::max_vcpus(&kvm))
-                .map_err(|e| e.to_string())
-        })
-        .and_then(|()| crate::memory::GuestRam::new(hello.memory).map_err(|e| e.to_string()))
+    let ram = crate::memory::GuestRam::new(hello.memory)
         .map_err(|e| refuse(&mut conn, format!("cannot create the VM here: {e}")))?;
     let mem = ram.memory().clone();
     let (vcpus, profile_json) = (hello.vcpus, hello.cpu_profile.clone());
@@ -1057,13 +1051,18 @@ fn acceptable(h: &Hello, host: Option<&CpuidDump>) -> Result<(), String> {
             migration::stream::FORMAT_VERSION
         ));
     }
+    // The machine's size, checked here so that a Hello this host cannot build is refused
+    // before Accept (the machine is built while pages arrive).
+    let kvm = crate::vm::open_kvm().map_err(|e| e.to_string())?;
+    crate::config::validate_memory(h.memory)
+        .and_then(|()| crate::config::validate_vcpus(h.vcpus, crate::vm::max_vcpus(&kvm)))
+        .map_err(|e| format!("cannot create the VM here: {e}"))?;
     let profile = CpuProfile::from_json("the source's CPU profile", &h.cpu_profile)
         .map_err(|e| e.to_string())?;
     let live;
     let host = match host {
         Some(h) => h,
         None => {
-            let kvm = crate::vm::open_kvm().map_err(|e| e.to_string())?;
             live = crate::cpu_model::host_dump(&kvm).map_err(|e| e.to_string())?;
             &live
         }
