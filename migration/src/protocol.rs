@@ -10,7 +10,9 @@
 //! [Cancel {reason}                         ->   the destination gives up; the end]
 //! State, then the VM stream (no memory)   ->
 //!                                          <- Restored | Failed {reason}
-//! Commit                                  ->   the destination runs the guest; the source exits
+//! Commit                                  ->   the destination runs the guest
+//!                                          <- Running | Failed {reason}   (the source ends
+//!                                             its copy on Running, resumes it on Failed)
 //! ```
 //! Every message is a frame: tag [4] | payload length u32 | payload. Payloads are capped; a
 //! frame that is not the one expected at that point is an error.
@@ -27,8 +29,9 @@ pub const MAX_REASON: u32 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("connection: {0}")]
-    Io(#[from] std::io::Error),
+    /// A failed read or write, in words (its OS error text included where it adds to them).
+    #[error("{}", connection_error(.0))]
+    Io(std::io::Error),
     #[error("{0}")]
     Codec(#[from] crate::codec::Error),
     #[error("expected {expected}, the peer sent {found:?}")]
@@ -40,6 +43,26 @@ pub enum Error {
     TooLarge { tag: String, len: u32 },
     #[error("{0}")]
     Pages(#[from] crate::pages::Error),
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Io(e)
+    }
+}
+
+/// A connection failure in words: a peer that closed the connection or fell silent past
+/// the socket's timeout says so, rather than as an OS error code.
+fn connection_error(e: &std::io::Error) -> String {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        UnexpectedEof => "the peer closed the connection".into(),
+        ConnectionReset | ConnectionAborted | BrokenPipe => {
+            format!("the peer closed the connection ({e})")
+        }
+        WouldBlock | TimedOut => "the peer sent or took nothing within the peer timeout".into(),
+        _ => format!("connection: {e}"),
+    }
 }
 
 /// The source's opening message.
@@ -61,6 +84,8 @@ pub enum Message {
     Restored,
     Failed(String),
     Commit,
+    /// The destination has taken the guest after Commit (the source ends its copy).
+    Running,
     /// The source gives up (cancelled, timed out); the guest stays with it.
     Cancel(String),
     /// The VM stream (stream::write_vm) follows this frame.
@@ -96,6 +121,7 @@ impl Message {
             Message::Restored => b"RSTD",
             Message::Failed(_) => b"FAIL",
             Message::Commit => b"CMIT",
+            Message::Running => b"RUNG",
             Message::Cancel(_) => b"CNCL",
             Message::State => b"VMST",
             Message::Sync => b"SYNC",
@@ -115,6 +141,7 @@ impl Message {
             Message::Restored => "Restored",
             Message::Failed(_) => "Failed",
             Message::Commit => "Commit",
+            Message::Running => "Running",
             Message::Cancel(_) => "Cancel",
             Message::State => "State",
             Message::Sync => "Sync",
@@ -154,6 +181,7 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<(), Error> {
         Message::Accept
         | Message::Restored
         | Message::Commit
+        | Message::Running
         | Message::State
         | Message::Sync
         | Message::Synced => {}
@@ -230,6 +258,7 @@ fn message(r: &mut impl Read, tag: [u8; 4], len: u32) -> Result<Message, Error> 
         b"RSTD" => Message::Restored,
         b"FAIL" => Message::Failed(d.str_u32("reason", MAX_REASON)?),
         b"CMIT" => Message::Commit,
+        b"RUNG" => Message::Running,
         b"CNCL" => Message::Cancel(d.str_u32("reason", MAX_REASON)?),
         b"VMST" => Message::State,
         b"SYNC" => Message::Sync,
@@ -275,6 +304,7 @@ mod tests {
             Message::Restored,
             Message::Failed("KVM_SET_MSRS".into()),
             Message::Commit,
+            Message::Running,
             Message::Cancel("timed out".into()),
             Message::State,
             Message::Sync,

@@ -6,6 +6,7 @@
 
 pub mod guest;
 pub mod process;
+pub mod relay;
 pub mod tiny;
 
 use std::path::Path;

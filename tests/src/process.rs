@@ -173,6 +173,22 @@ impl Ferry {
         }
     }
 
+    /// Kills the process with SIGKILL (nothing of it runs on) and reaps it.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("kill -9 ferry");
+        self.child.wait().expect("reap ferry");
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push(line);
+        }
+    }
+
+    /// Takes the lines written so far without waiting.
+    pub fn drain(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+    }
+
     /// Runs `ferry ctl --api-socket <socket> <args>` and returns (success, stdout + stderr).
     pub fn ctl(&self, args: &[&str]) -> (bool, String) {
         let socket = self.api_socket.as_ref().expect("started with --api-socket");

@@ -100,7 +100,7 @@ fn a_wrong_key_is_refused_on_both_sides() {
         !ok && out.contains("the destination could not prove the shared key"),
         "{out}"
     );
-    refused(&mut dst, "authentication");
+    refused(&mut dst, "authenticating (phase: handshake)");
     still_running(&mut src);
 }
 

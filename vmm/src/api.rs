@@ -48,6 +48,8 @@ pub enum Error {
     },
     #[error("api socket {path}: bad response {line:?}")]
     BadResponse { path: PathBuf, line: String },
+    #[error("api socket {path}: the ferry there closed the connection without answering (it ended, or was killed)")]
+    Closed { path: PathBuf },
 }
 
 /// The control socket server.
@@ -275,6 +277,10 @@ pub fn handle(line: &[u8], vm: &Vm, progress: &mut dyn FnMut(Value)) -> (Value, 
                     }),
                     After::Nothing,
                 ),
+                // Commit went out unanswered: the guest stays paused here (see the error).
+                Err(e @ crate::migrate::Error::Unconfirmed(_)) => {
+                    fail(format!("migration to {url}: {e}"))
+                }
                 Err(e) => fail(format!(
                     "migration to {url} failed, the VM runs here as before: {e}"
                 )),
@@ -307,7 +313,8 @@ pub fn handle(line: &[u8], vm: &Vm, progress: &mut dyn FnMut(Value)) -> (Value, 
 }
 
 /// The migration options of a `migrate` request: `max_downtime_ms`, `timeout_ms`,
-/// `max_bandwidth` (bytes per second), `max_throttle` (percent); defaults where absent.
+/// `max_bandwidth` (bytes per second), `max_throttle` (percent), `peer_timeout_ms`, `key_file`;
+/// defaults where absent.
 fn migrate_options(req: &Value) -> Result<crate::migrate::Options, String> {
     let mut o = crate::migrate::Options::default();
     let num = |key: &str| -> Result<Option<f64>, String> {
@@ -332,6 +339,12 @@ fn migrate_options(req: &Value) -> Result<crate::migrate::Options, String> {
         let bytes = std::fs::read(path).map_err(|e| format!("key file {path}: {e}"))?;
         o.key =
             Some(migration::auth::Key::new(&bytes).map_err(|e| format!("key file {path}: {e}"))?);
+    }
+    if let Some(ms) = num("peer_timeout_ms")? {
+        if ms < 1.0 {
+            return Err(format!("peer_timeout_ms must be at least 1, not {ms}"));
+        }
+        o.peer_timeout = Duration::from_secs_f64(ms.min(1e12) / 1e3);
     }
     if let Some(t) = num("max_throttle")? {
         if t > 99.0 {
@@ -440,7 +453,11 @@ pub fn request_with_progress(
     let mut reader = BufReader::new(s);
     loop {
         let mut line = String::new();
-        reader.read_line(&mut line).map_err(io)?;
+        if reader.read_line(&mut line).map_err(io)? == 0 {
+            return Err(Error::Closed {
+                path: path.to_path_buf(),
+            });
+        }
         let v: Value = serde_json::from_str(&line).map_err(|_| Error::BadResponse {
             path: path.to_path_buf(),
             line: line.clone(),

@@ -128,6 +128,10 @@ struct ReceiveArgs {
     /// the source. Without one, ferry listens on a Unix socket or a loopback address only.
     #[arg(long, value_name = "FILE")]
     key_file: Option<PathBuf>,
+    /// Give up on a source that sends or takes nothing for this long (the guest then stays
+    /// with the source).
+    #[arg(long, default_value = "60s", value_parser = vmm::config::parse_duration)]
+    peer_timeout: Duration,
     #[command(flatten)]
     debug: DebugConsoleArg,
 }
@@ -172,6 +176,10 @@ enum CtlCmd {
         /// Prove this shared key to the destination (`ferry receive --key-file`).
         #[arg(long, value_name = "FILE")]
         key_file: Option<PathBuf>,
+        /// Give up on a destination that sends or takes nothing for this long (before
+        /// Commit the guest then runs on here).
+        #[arg(long, default_value = "60s", value_parser = vmm::config::parse_duration)]
+        peer_timeout: Duration,
     },
     /// Cancel the migration in progress; the guest keeps running here.
     Cancel,
@@ -365,32 +373,45 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
     if key.is_none() {
         vmm::migrate::check_local(&addr)?;
     }
+    anyhow::ensure!(
+        !a.peer_timeout.is_zero(),
+        "--peer-timeout must be more than 0"
+    );
     let listener = vmm::migrate::Listener::bind(&addr)?;
+    let opts = vmm::migrate::ReceiveOptions {
+        host,
+        key,
+        peer_timeout: a.peer_timeout,
+    };
     eprintln!(
         "ferry: waiting for a VM on {} ({})",
         a.listen,
-        if key.is_some() {
+        if opts.key.is_some() {
             "the source must prove the shared key"
         } else {
             "no key: local connections only"
         }
     );
+    // Run the guest as soon as the source commits: the control socket and the rest follow.
+    let mut commit_to_run = Duration::ZERO;
     let vm = vmm::migrate::receive_from(
         listener,
-        host.as_ref(),
-        key.as_ref(),
+        &opts,
         Box::new(FlushingWriter(std::io::stdout())),
+        |vm| {
+            let committed = std::time::Instant::now();
+            a.debug.attach(vm).map_err(|e| format!("{e:#}"))?;
+            vm.start().map_err(|e| e.to_string())?;
+            commit_to_run = committed.elapsed();
+            Ok(())
+        },
     )?;
-    // Run the guest at once: the control socket and the rest can follow.
-    let committed = std::time::Instant::now();
-    a.debug.attach(&vm)?;
-    vm.start()?;
     eprintln!(
         "ferry: received the VM ({} MiB, {} vCPUs, CPU profile {}); running it ({:.1} ms after Commit)",
         vm.memory_size() >> 20,
         vm.num_vcpus(),
         vm.cpu_profile().name,
-        committed.elapsed().as_secs_f64() * 1e3
+        commit_to_run.as_secs_f64() * 1e3
     );
     serve(vm, a.api_socket.as_deref(), false)
 }
@@ -462,6 +483,7 @@ fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
             max_bandwidth,
             max_throttle,
             key_file,
+            peer_timeout,
         } => {
             // The server reads the key file: send its path absolute.
             let key_file = match key_file {
@@ -484,6 +506,7 @@ fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
                     "max_bandwidth": bw,
                     "max_throttle": max_throttle,
                     "key_file": key_file,
+                    "peer_timeout_ms": peer_timeout.as_secs_f64() * 1e3,
                     "progress": true,
                 }),
             )

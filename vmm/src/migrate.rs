@@ -10,11 +10,18 @@
 //!   ... until migration::converge says switch over (or cancel; throttle meanwhile)
 //! pause; the last dirty pages; State + VM stream ->   loads the state
 //!       <-------------------------------------   Restored | Failed
-//! Commit ------------------------------------>   runs the guest; the source ends it
+//! Commit ------------------------------------>   runs the guest
+//!       <-------------------------------------   Running | Failed
 //! ```
 //! The guest runs on exactly one side: before Commit any failure or cancel leaves it
 //! running on the source (dirty tracking off, throttle off, vCPUs resumed); after Commit it
-//! belongs to the destination.
+//! belongs to the destination, which confirms with Running (the source then ends its copy)
+//! or, if it could not start it, Failed (the source resumes it). A source that sent Commit
+//! and hears neither keeps the guest paused: the destination may be running it, so only
+//! the operator can tell whether to resume it here ([`Error::Unconfirmed`]).
+//!
+//! Either side gives up on a peer that closes the connection, or sends or takes nothing for
+//! the peer timeout; every error names the [`Phase`] it happened in.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -34,8 +41,35 @@ use crate::vcpu::RunState;
 
 use crate::vm::Vm;
 
-/// How long either side waits for the peer's next message.
+/// How long either side waits, by default, for the peer to send or take anything.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where a migration is, as its errors name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Connecting, authenticating, Hello and Accept.
+    Handshake,
+    /// Precopy: the guest runs at the source while its memory goes over.
+    Memory { round: u32 },
+    /// The guest is paused at the source; the last pages and the state go over.
+    Switchover,
+    /// The destination has restored the guest (paused) and waits for Commit.
+    AwaitCommit,
+    /// Commit sent (source) or received (destination).
+    AfterCommit,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Phase::Handshake => write!(f, "handshake"),
+            Phase::Memory { round } => write!(f, "memory round {round}"),
+            Phase::Switchover => write!(f, "after the pause, before Restored"),
+            Phase::AwaitCommit => write!(f, "after Restored, before Commit"),
+            Phase::AfterCommit => write!(f, "after Commit"),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -47,23 +81,26 @@ pub enum Error {
         addr: String,
         source: std::io::Error,
     },
-    #[error("{phase}: {source}")]
+    #[error("{what} (phase: {phase}): {source}")]
     Protocol {
-        phase: &'static str,
+        phase: Phase,
+        what: &'static str,
         source: protocol::Error,
     },
     #[error("the destination refused the VM: {0}")]
     Refused(String),
-    #[error("the destination failed to restore the VM: {0}")]
-    DestinationFailed(String),
+    #[error("the destination failed (phase: {phase}): {reason}")]
+    DestinationFailed { phase: Phase, reason: String },
     #[error("refused: {0}")]
     RefusedHere(String),
     #[error("restoring: {0}")]
     Restore(String),
     #[error("saving the VM: {0}")]
     Save(String),
-    #[error("no Commit from the source ({0}): the guest stays with the source")]
+    #[error("no Commit from the source (phase: after Restored, before Commit): {0}; the guest stays with the source")]
     NoCommit(String),
+    #[error("no word from the destination after Commit (phase: after Commit): {0}; the guest stays paused here, as it may run there: if the destination does not run it, `ferry ctl resume` runs it here")]
+    Unconfirmed(String),
     #[error("migration cancelled: {reason}; the VM runs here as before")]
     Cancelled { reason: String, report: Box<Report> },
     #[error("the source cancelled the migration: {0}")]
@@ -106,7 +143,7 @@ impl std::str::FromStr for Address {
 trait Conn: Read + Write + Send {}
 impl<T: Read + Write + Send> Conn for T {}
 
-fn connect(addr: &Address) -> Result<Box<dyn Conn>, Error> {
+fn connect(addr: &Address, timeout: Duration) -> Result<Box<dyn Conn>, Error> {
     let err = |source| Error::Connect {
         what: "connecting to",
         addr: format!("{addr:?}"),
@@ -117,12 +154,14 @@ fn connect(addr: &Address) -> Result<Box<dyn Conn>, Error> {
             let s = TcpStream::connect(hp).map_err(err)?;
             // Small protocol messages must not wait for Nagle.
             s.set_nodelay(true).map_err(err)?;
-            s.set_read_timeout(Some(PEER_TIMEOUT)).map_err(err)?;
+            s.set_read_timeout(Some(timeout)).map_err(err)?;
+            s.set_write_timeout(Some(timeout)).map_err(err)?;
             Box::new(s)
         }
         Address::Unix(p) => {
             let s = UnixStream::connect(p).map_err(err)?;
-            s.set_read_timeout(Some(PEER_TIMEOUT)).map_err(err)?;
+            s.set_read_timeout(Some(timeout)).map_err(err)?;
+            s.set_write_timeout(Some(timeout)).map_err(err)?;
             Box::new(s)
         }
     })
@@ -160,6 +199,8 @@ pub struct Options {
     pub max_throttle: u8,
     /// Prove this shared key to the destination, and have it prove it (migration::auth).
     pub key: Option<Key>,
+    /// Give up on a destination that sends or takes nothing for this long.
+    pub peer_timeout: Duration,
 }
 
 impl Default for Options {
@@ -170,6 +211,7 @@ impl Default for Options {
             max_bandwidth: None,
             max_throttle: 99,
             key: None,
+            peer_timeout: PEER_TIMEOUT,
         }
     }
 }
@@ -292,13 +334,18 @@ impl Vm {
     }
 }
 
-fn proto(phase: &'static str) -> impl FnOnce(protocol::Error) -> Error {
-    move |source| Error::Protocol { phase, source }
+fn proto(phase: Phase, what: &'static str) -> impl FnOnce(protocol::Error) -> Error {
+    move |source| Error::Protocol {
+        phase,
+        what,
+        source,
+    }
 }
 
-fn io(phase: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+fn io(phase: Phase, what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::Protocol {
         phase,
+        what,
         source: e.into(),
     }
 }
@@ -312,7 +359,7 @@ pub fn send(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, Error> {
     let _active = vm.migration.begin().ok_or(Error::Busy)?;
-    let conn = connect(addr)?;
+    let conn = connect(addr, opts.peer_timeout)?;
     send_on(vm, conn, opts, progress)
 }
 
@@ -338,8 +385,11 @@ fn send_on(
         authenticate_to(&mut conn, key)?;
     }
     let hello = Hello::new(vm.memory_size(), vm.num_vcpus(), vm.cpu_profile().to_json());
-    protocol::send(&mut conn, &Message::Hello(hello)).map_err(proto("handshake"))?;
-    match protocol::expect(&mut conn, "Accept").map_err(proto("handshake"))? {
+    protocol::send(&mut conn, &Message::Hello(hello))
+        .map_err(proto(Phase::Handshake, "sending Hello"))?;
+    match protocol::expect(&mut conn, "Accept")
+        .map_err(proto(Phase::Handshake, "waiting for Accept"))?
+    {
         Message::Accept => {}
         Message::Refuse(r) => return Err(Error::Refused(r)),
         other => return Err(Error::Refused(format!("unexpected {}", other.name()))),
@@ -404,7 +454,8 @@ fn send_on(
         Ok(report) => Ok(report),
         Err((e, mut report, bandwidth_mbps)) => {
             let _ = vm.set_dirty_tracking(false);
-            if !was_paused {
+            // After Commit without an answer the guest may run there: it stays paused here.
+            if !was_paused && !matches!(e, Error::Unconfirmed(_)) {
                 if let Err(r) = vm.resume() {
                     log::error!("resuming the VM after a failed migration: {r}");
                 }
@@ -525,11 +576,12 @@ impl<C: Read + Write> Sender<'_, C> {
             .save_state_with(false)
             .map_err(|e| Error::Save(e.to_string()))?;
         let t_saved = Instant::now();
-        protocol::send(self.conn, &Message::State).map_err(proto("sending the VM state"))?;
+        protocol::send(self.conn, &Message::State)
+            .map_err(proto(Phase::Switchover, "sending the VM state"))?;
         let mut w = BufWriter::new(&mut *self.conn);
         self.report.bytes += migration::stream::write_vm(&mut w, &state)
             .and_then(|n| w.flush().map(|()| n))
-            .map_err(io("sending the VM state"))?;
+            .map_err(io(Phase::Switchover, "sending the VM state"))?;
         drop(w);
         self.report.bytes += 8;
         let t_sent = Instant::now();
@@ -548,22 +600,44 @@ impl<C: Read + Write> Sender<'_, C> {
         })
     }
 
-    /// Waits for Restored, commits, and completes the report.
+    /// Waits for Restored, commits, waits for Running, and completes the report.
     fn finish(&mut self, paused_at: Instant) -> Result<Report, Error> {
+        let phase = Phase::Switchover;
         match protocol::expect(&mut *self.conn, "Restored")
-            .map_err(proto("waiting for Restored"))?
+            .map_err(proto(phase, "waiting for Restored"))?
         {
             Message::Restored => {}
-            Message::Failed(r) => return Err(Error::DestinationFailed(r)),
+            Message::Failed(reason) => return Err(Error::DestinationFailed { phase, reason }),
             other => {
-                return Err(Error::DestinationFailed(format!(
-                    "unexpected {}",
-                    other.name()
-                )))
+                return Err(Error::DestinationFailed {
+                    phase,
+                    reason: format!("unexpected {}", other.name()),
+                })
             }
         }
         let downtime = paused_at.elapsed();
-        protocol::send(self.conn, &Message::Commit).map_err(proto("sending Commit"))?;
+        // A Commit the socket did not take never reached the destination: the guest is
+        // still only here, and the caller resumes it.
+        protocol::send(self.conn, &Message::Commit)
+            .map_err(proto(Phase::AwaitCommit, "sending Commit"))?;
+        // From here the destination may be running the guest.
+        match protocol::recv(&mut *self.conn) {
+            Ok(Message::Running) => {}
+            Ok(Message::Failed(reason)) => {
+                // It says it does not run the guest: resuming it here is safe.
+                return Err(Error::DestinationFailed {
+                    phase: Phase::AfterCommit,
+                    reason,
+                });
+            }
+            Ok(other) => {
+                return Err(Error::Unconfirmed(format!(
+                    "expected Running, got {}",
+                    other.name()
+                )))
+            }
+            Err(e) => return Err(Error::Unconfirmed(e.to_string())),
+        }
         let mut r = self.report.clone();
         r.outcome = "completed";
         r.downtime_ms = ms(downtime);
@@ -660,14 +734,16 @@ impl<C: Read + Write> Sender<'_, C> {
         if !self.paused {
             // The destination has every page of the round in RAM before the next decision:
             // the bandwidth is end to end, and no backlog there lands in the downtime.
-            protocol::send(self.conn, &Message::Sync).map_err(proto("sending memory"))?;
-            match protocol::recv(self.conn).map_err(proto("waiting for Synced"))? {
+            let phase = self.phase();
+            protocol::send(self.conn, &Message::Sync).map_err(proto(phase, "sending memory"))?;
+            match protocol::recv(self.conn).map_err(proto(phase, "waiting for Synced"))? {
                 Message::Synced => {}
+                Message::Failed(reason) => return Err(Error::DestinationFailed { phase, reason }),
                 other => {
-                    return Err(Error::DestinationFailed(format!(
-                        "expected Synced, got {}",
-                        other.name()
-                    )))
+                    return Err(Error::DestinationFailed {
+                        phase,
+                        reason: format!("expected Synced, got {}", other.name()),
+                    })
                 }
             }
             self.round_bytes += 16;
@@ -693,10 +769,11 @@ impl<C: Read + Write> Sender<'_, C> {
     /// progress, and stops for a cancel or the timeout.
     fn flush(&mut self) -> Result<(), Error> {
         if !self.batch.is_empty() {
+            let phase = self.phase();
             let frame = self.batch.finish();
             frame
                 .write_to(&mut *self.conn)
-                .map_err(io("sending memory"))?;
+                .map_err(io(phase, "sending memory"))?;
             let n = frame.len() as u64;
             self.report.bytes += n;
             self.round_bytes += n;
@@ -748,6 +825,17 @@ impl<C: Read + Write> Sender<'_, C> {
         Ok(())
     }
 
+    /// The phase the source is in.
+    fn phase(&self) -> Phase {
+        if self.paused {
+            Phase::Switchover
+        } else {
+            Phase::Memory {
+                round: self.report.rounds,
+            }
+        }
+    }
+
     /// Bytes per second on the wire while sending: the rounds that sent something, and the
     /// current one (rounds that found nothing dirty do not dilute it).
     fn bandwidth(&self) -> f64 {
@@ -764,40 +852,68 @@ impl<C: Read + Write> Sender<'_, C> {
     }
 }
 
+/// How the destination takes a VM.
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    /// Check the CPU profile against this recorded host instead of this one.
+    pub host: Option<CpuidDump>,
+    /// Take only a source that proves this key (and prove it to the source).
+    pub key: Option<Key>,
+    /// Give up on a source that sends or takes nothing for this long.
+    pub peer_timeout: Duration,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        ReceiveOptions {
+            host: None,
+            key: None,
+            peer_timeout: PEER_TIMEOUT,
+        }
+    }
+}
+
 /// Destination side: waits at `addr` for one VM, checks its CPU profile against this host
-/// (or `host`, a recorded one) before any memory is sent, receives its memory and state, and
-/// returns it once the source has committed. The returned VM is paused; start it.
-/// With a `key`, only a source that proves it is taken (and this side proves it too);
+/// (or a recorded one) before any memory is sent, receives its memory and state, and once
+/// the source has committed, calls `start` (which runs the guest) and confirms Running to
+/// the source, or Failed with `start`'s error (the source then resumes it).
+/// With a key, only a source that proves it is taken (and this side proves it too);
 /// without one, only a Unix socket or a loopback address may be listened on.
 pub fn receive(
     addr: &Address,
-    host: Option<&CpuidDump>,
-    key: Option<&Key>,
+    opts: &ReceiveOptions,
     console: Box<dyn std::io::Write + Send>,
+    start: impl FnOnce(&Vm) -> Result<(), String>,
 ) -> Result<Vm, Error> {
-    if key.is_none() {
+    if opts.key.is_none() {
         check_local(addr)?;
     }
-    receive_from(Listener::bind(addr)?, host, key, console)
+    receive_from(Listener::bind(addr)?, opts, console, start)
 }
 
 /// [`receive`] on a listener bound already.
 pub fn receive_from(
     listener: Listener,
-    host: Option<&CpuidDump>,
-    key: Option<&Key>,
+    opts: &ReceiveOptions,
     console: Box<dyn std::io::Write + Send>,
+    start: impl FnOnce(&Vm) -> Result<(), String>,
 ) -> Result<Vm, Error> {
-    receive_with(listener.accept()?, host, key, console)
+    let conn = listener.accept(opts.peer_timeout)?;
+    receive_with(conn, opts, console, start)
 }
 
-/// [`receive`] over a connected stream, without a key.
+/// [`receive`] over a connected stream, without a key; the VM comes back paused (the
+/// source is told Running: the caller starts it).
 pub fn receive_over(
     conn: impl Read + Write,
     host: Option<&CpuidDump>,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<Vm, Error> {
-    receive_with(conn, host, None, console)
+    let opts = ReceiveOptions {
+        host: host.cloned(),
+        ..Default::default()
+    };
+    receive_with(conn, &opts, console, |_| Ok(()))
 }
 
 /// Refuses an address other hosts can reach: without a key anyone who can connect could
@@ -826,15 +942,16 @@ fn nonce() -> Result<[u8; auth::NONCE_SIZE], Error> {
     let mut n = [0u8; auth::NONCE_SIZE];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut n))
-        .map_err(io("authentication"))?;
+        .map_err(|e| Error::Auth(format!("reading /dev/urandom: {e}")))?;
     Ok(n)
 }
 
 /// The source's side of migration::auth: challenge, check the destination's proof, prove.
 fn authenticate_to(conn: &mut (impl Read + Write), key: &Key) -> Result<(), Error> {
     let ns = nonce()?;
-    protocol::send(conn, &Message::AuthChallenge(ns)).map_err(proto("authentication"))?;
-    let nd = match protocol::recv(conn).map_err(proto("authentication"))? {
+    let auth = || proto(Phase::Handshake, "authenticating");
+    protocol::send(conn, &Message::AuthChallenge(ns)).map_err(auth())?;
+    let nd = match protocol::recv(conn).map_err(auth())? {
         Message::AuthResponse(nd, proof) => {
             key.check_destination(&ns, &nd, &proof).map_err(|_| {
                 Error::Auth("the destination could not prove the shared key".into())
@@ -849,30 +966,31 @@ fn authenticate_to(conn: &mut (impl Read + Write), key: &Key) -> Result<(), Erro
             )))
         }
     };
-    protocol::send(conn, &Message::AuthProof(key.source_proof(&nd, &ns)))
-        .map_err(proto("authentication"))
+    protocol::send(conn, &Message::AuthProof(key.source_proof(&nd, &ns))).map_err(auth())
 }
 
-/// [`receive`] over a connected stream, with an optional key.
+/// [`receive`] over a connected stream (its timeouts set by the caller).
 pub fn receive_with(
     mut conn: impl Read + Write,
-    host: Option<&CpuidDump>,
-    key: Option<&Key>,
+    opts: &ReceiveOptions,
     console: Box<dyn std::io::Write + Send>,
+    start: impl FnOnce(&Vm) -> Result<(), String>,
 ) -> Result<Vm, Error> {
+    let (host, key) = (opts.host.as_ref(), opts.key.as_ref());
     let refuse = |mut conn: &mut dyn Write, reason: String| {
         let _ = protocol::send(&mut conn, &Message::Refuse(reason.clone()));
         Error::RefusedHere(reason)
     };
-    let mut first = protocol::recv(&mut conn).map_err(proto("handshake"))?;
+    let hs = |what| proto(Phase::Handshake, what);
+    let mut first = protocol::recv(&mut conn).map_err(hs("waiting for Hello"))?;
     match (key, &first) {
         (Some(key), Message::AuthChallenge(ns)) => {
             let ns = *ns;
             let nd = nonce()?;
             let proof = key.destination_proof(&ns, &nd);
             protocol::send(&mut conn, &Message::AuthResponse(nd, proof))
-                .map_err(proto("authentication"))?;
-            match protocol::recv(&mut conn).map_err(proto("authentication"))? {
+                .map_err(hs("authenticating"))?;
+            match protocol::recv(&mut conn).map_err(hs("authenticating"))? {
                 Message::AuthProof(p) if key.check_source(&nd, &ns, &p).is_ok() => {}
                 _ => {
                     return Err(refuse(
@@ -881,7 +999,7 @@ pub fn receive_with(
                     ))
                 }
             }
-            first = protocol::recv(&mut conn).map_err(proto("handshake"))?;
+            first = protocol::recv(&mut conn).map_err(hs("waiting for Hello"))?;
         }
         (Some(_), other) => {
             let reason = format!(
@@ -921,7 +1039,7 @@ pub fn receive_with(
             .map_err(|e| refuse(&mut conn, format!("cannot create the VM here: {e}")))?,
     );
     let mut built: Option<Vm> = None;
-    protocol::send(&mut conn, &Message::Accept).map_err(proto("handshake"))?;
+    protocol::send(&mut conn, &Message::Accept).map_err(hs("sending Accept"))?;
     let regions: Vec<(u64, u64)> = {
         use vm_memory::GuestMemoryRegion;
         mem.iter().map(|r| (r.start_addr().0, r.len())).collect()
@@ -944,13 +1062,20 @@ pub fn receive_with(
         }
         Ok(())
     };
+    // The round of the last page frame: the phase errors name.
+    let mut round = 0;
     loop {
-        match protocol::recv_precopy(&mut conn).map_err(proto("receiving memory"))? {
-            Precopy::Pages(head) => receive_pages(&mem, &regions, head, &mut conn)?,
+        let phase = Phase::Memory { round };
+        match protocol::recv_precopy(&mut conn).map_err(proto(phase, "receiving memory"))? {
+            Precopy::Pages(head) => {
+                round = head.round;
+                receive_pages(&mem, &regions, head, &mut conn, Phase::Memory { round })?
+            }
             Precopy::Cancel(reason) => return Err(Error::CancelledBySource(reason)),
             Precopy::Sync => {
                 finish_building(&mut conn)?;
-                protocol::send(&mut conn, &Message::Synced).map_err(proto("receiving memory"))?
+                protocol::send(&mut conn, &Message::Synced)
+                    .map_err(proto(phase, "sending Synced"))?
             }
             Precopy::State => {
                 finish_building(&mut conn)?;
@@ -963,10 +1088,13 @@ pub fn receive_with(
     };
     let state =
         migration::stream::read_vm_until_end(&mut BufReader::new(&mut conn)).map_err(|e| {
-            Error::Protocol {
-                phase: "receiving the VM state",
-                source: std::io::Error::other(e.to_string()).into(),
-            }
+            use migration::stream::Error as S;
+            let e = match e {
+                S::Io { source, .. } => source,
+                S::Truncated { .. } => std::io::ErrorKind::UnexpectedEof.into(),
+                other => std::io::Error::other(other.to_string()),
+            };
+            io(Phase::Switchover, "receiving the VM state")(e)
         })?;
     let got_state = Instant::now();
     let loaded = if state.cpu_profile != hello.cpu_profile
@@ -981,12 +1109,34 @@ pub fn receive_with(
         let _ = protocol::send(&mut conn, &Message::Failed(e.clone()));
         return Err(Error::Restore(e));
     }
-    protocol::send(&mut conn, &Message::Restored).map_err(proto("sending Restored"))?;
+    protocol::send(&mut conn, &Message::Restored)
+        .map_err(proto(Phase::Switchover, "sending Restored"))?;
     log::debug!("receive: state loaded in {:?}", got_state.elapsed());
     match protocol::recv(&mut conn) {
-        Ok(Message::Commit) => Ok(vm),
-        Ok(other) => Err(Error::NoCommit(format!("got {}", other.name()))),
-        Err(e) => Err(Error::NoCommit(e.to_string())),
+        Ok(Message::Commit) => {}
+        Ok(other) => return Err(Error::NoCommit(format!("got {}", other.name()))),
+        Err(e) => return Err(Error::NoCommit(e.to_string())),
+    }
+    // The guest is this side's now.
+    match start(&vm) {
+        Ok(()) => {
+            if let Err(e) = protocol::send(&mut conn, &Message::Running) {
+                // The source keeps its copy paused and says the guest may run here.
+                log::warn!(
+                    "confirming Running to the source (phase: {}): {e}",
+                    Phase::AfterCommit
+                );
+            }
+            Ok(vm)
+        }
+        Err(e) => {
+            // Not running here: the source resumes its copy.
+            let _ = protocol::send(&mut conn, &Message::Failed(e.clone()));
+            Err(Error::Restore(format!(
+                "starting the guest (phase: {}): {e}; the source keeps it",
+                Phase::AfterCommit
+            )))
+        }
     }
 }
 
@@ -998,6 +1148,7 @@ fn receive_pages(
     regions: &[(u64, u64)],
     mut head: migration::pages::FrameHead,
     conn: &mut impl Read,
+    phase: Phase,
 ) -> Result<(), Error> {
     for run in &head.runs {
         let inside = regions
@@ -1025,11 +1176,12 @@ fn receive_pages(
         // into this memory (the thread building the VM only registers it with KVM), so the
         // mutable slice is the only access while it lives.
         let bytes = unsafe { std::slice::from_raw_parts_mut(host, len) };
-        conn.read_exact(bytes).map_err(io("receiving memory"))?;
+        conn.read_exact(bytes)
+            .map_err(io(phase, "receiving memory"))?;
         head.crc_update(bytes);
     }
     head.check_crc(conn)
-        .map_err(|e| proto("receiving memory")(e.into()))?;
+        .map_err(|e| proto(phase, "receiving memory")(e.into()))?;
     static ZEROS: [u8; migration::pages::PAGE_SIZE] = [0; migration::pages::PAGE_SIZE];
     for run in runs.iter().filter(|r| r.zero) {
         (0..u64::from(run.pages))
@@ -1105,8 +1257,8 @@ impl Listener {
         })
     }
 
-    /// Waits for one peer.
-    fn accept(self) -> Result<Box<dyn Conn>, Error> {
+    /// Waits for one peer; reads and writes on the connection give up after `timeout`.
+    fn accept(self, timeout: Duration) -> Result<Box<dyn Conn>, Error> {
         let err = |addr: String, source| Error::Connect {
             what: "accepting on",
             addr,
@@ -1116,7 +1268,8 @@ impl Listener {
             Listener::Tcp(l, hp) => {
                 let (s, _) = l.accept().map_err(|e| err(hp.clone(), e))?;
                 s.set_nodelay(true).map_err(|e| err(hp.clone(), e))?;
-                s.set_read_timeout(Some(PEER_TIMEOUT))
+                s.set_read_timeout(Some(timeout))
+                    .and_then(|()| s.set_write_timeout(Some(timeout)))
                     .map_err(|e| err(hp.clone(), e))?;
                 Box::new(s)
             }
@@ -1124,7 +1277,8 @@ impl Listener {
                 let shown = p.display().to_string();
                 let (s, _) = l.accept().map_err(|e| err(shown.clone(), e))?;
                 let _ = std::fs::remove_file(&p);
-                s.set_read_timeout(Some(PEER_TIMEOUT))
+                s.set_read_timeout(Some(timeout))
+                    .and_then(|()| s.set_write_timeout(Some(timeout)))
                     .map_err(|e| err(shown, e))?;
                 Box::new(s)
             }
