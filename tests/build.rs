@@ -26,12 +26,34 @@ fn main() {
     let mut consts = String::new();
     for src in files {
         let stem = src.file_stem().unwrap().to_str().unwrap().to_string();
+        if stem.starts_with("pvh_") {
+            // A PVH ELF, loaded by a VMM's kernel loader at 1 MiB.
+            let obj = out.join(format!("{stem}.o"));
+            let elf = out.join(format!("{stem}.elf"));
+            run(Command::new("as").arg("--64").arg("-o").arg(&obj).arg(&src));
+            run(Command::new("ld")
+                .args(["-m", "elf_x86_64", "-e", "start", "-Ttext-segment=0x100000"])
+                .args(["-z", "noexecstack", "-o"])
+                .arg(&elf)
+                .arg(&obj));
+            writeln!(
+                consts,
+                "/// Built from tests/tiny/{stem}.S.\npub const {}: PvhImage = PvhImage {{ name: \"{stem}\", elf: include_bytes!({:?}) }};",
+                stem.to_uppercase(),
+                elf.display().to_string()
+            )
+            .unwrap();
+            continue;
+        }
         let (addr, mode) = if stem.starts_with("real_") {
             (0x1000u64, "Real")
         } else if stem.starts_with("long_") {
             (0x10000u64, "Long64")
         } else {
-            panic!("{}: name must start with real_ or long_", src.display());
+            panic!(
+                "{}: name must start with real_, long_ or pvh_",
+                src.display()
+            );
         };
         let obj = out.join(format!("{stem}.o"));
         let bin = out.join(format!("{stem}.bin"));

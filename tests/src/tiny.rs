@@ -26,6 +26,24 @@ pub struct TinyImage {
     pub mode: TinyMode,
 }
 
+/// A tiny guest linked as a PVH ELF (tests/tiny/pvh_*.S): booted like a kernel, by ferry or
+/// any VMM that boots PVH.
+#[derive(Debug, Clone, Copy)]
+pub struct PvhImage {
+    pub name: &'static str,
+    pub elf: &'static [u8],
+}
+
+impl PvhImage {
+    /// Writes the ELF to a file under the temporary directory and returns its path.
+    pub fn write_to_temp(&self) -> std::path::PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("ferry-{}-{}.elf", self.name, std::process::id()));
+        std::fs::write(&path, self.elf).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path
+    }
+}
+
 include!(concat!(env!("OUT_DIR"), "/tiny.rs"));
 
 /// The test ports and MMIO page (tests/tiny/README.md).
