@@ -74,31 +74,65 @@ fn parse_args() -> Result<Args> {
 struct Case {
     name: &'static str,
     memory: &'static str,
-    workload: &'static str,
+    guest: CaseGuest,
 }
 
-const CASES: [Case; 4] = [
+/// Which guest a case boots.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CaseGuest {
+    /// The Linux test guest with this workload option.
+    Linux(&'static str),
+    /// tests/tiny/pvh_storm.S: ring 3 rewriting 256 MiB at native speed, a 1 ms heartbeat
+    /// from its local APIC timer.
+    Storm,
+}
+
+const CASES: [Case; 5] = [
     Case {
         name: "256 MiB idle",
         memory: "256M",
-        workload: "workload=idle",
+        guest: CaseGuest::Linux("workload=idle"),
     },
     Case {
         name: "1 GiB idle",
         memory: "1G",
-        workload: "workload=idle",
+        guest: CaseGuest::Linux("workload=idle"),
     },
     Case {
         name: "256 MiB, 16 MiB dirtied",
         memory: "256M",
-        workload: "workload=dirty:16",
+        guest: CaseGuest::Linux("workload=dirty:16"),
     },
     Case {
         name: "1 GiB, 128 MiB dirtied",
         memory: "1G",
-        workload: "workload=dirty:128",
+        guest: CaseGuest::Linux("workload=dirty:128"),
+    },
+    Case {
+        name: "1 GiB, 256 MiB rewritten from ring 3 (the heaviest dirtying here)",
+        memory: "1G",
+        guest: CaseGuest::Storm,
     },
 ];
+
+/// The kernel (or PVH ELF), initrd and command line a case boots.
+fn boot_files(case: &Case) -> (PathBuf, Option<PathBuf>, String) {
+    match case.guest {
+        CaseGuest::Linux(workload) => {
+            let g = ferry_tests::guest::guest();
+            (
+                g.vmlinux.clone(),
+                Some(g.initramfs.clone()),
+                g.cmdline_with(&format!("{workload} hb_us=1000 hb_port hb_print=1000")),
+            )
+        }
+        CaseGuest::Storm => {
+            static ELF: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+            let elf = ELF.get_or_init(|| ferry_tests::tiny::PVH_STORM.write_to_temp());
+            (elf.clone(), None, String::new())
+        }
+    }
+}
 
 /// How one VMM migrates.
 #[derive(Clone, Copy)]
@@ -333,15 +367,6 @@ fn temp(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// The guest's command line for a case: a heartbeat every millisecond on the debug port,
-/// a printed one every 1000.
-fn cmdline(case: &Case) -> String {
-    ferry_tests::guest::guest().cmdline_with(&format!(
-        "{} hb_us=1000 hb_port hb_print=1000",
-        case.workload
-    ))
-}
-
 /// Boots the guest and waits until it heartbeats.
 fn boot(p: &Proc) -> Result<()> {
     p.wait_line(0, BOOT_LIMIT, "GUEST-READY", |l| l.contains("GUEST-READY"))?;
@@ -367,25 +392,22 @@ fn blackout(src: &Proc, dst: &Proc) -> Result<f64> {
 }
 
 fn ferry_case(ferry: &Path, case: &Case, runs: usize) -> Result<CaseResult> {
-    let g = ferry_tests::guest::guest();
+    let (kernel, initrd, cmdline) = boot_files(case);
     let sock = |n: usize| temp(&format!("ferry-{n}.sock"));
     let mut n = 0;
     let (fifo, beats) = debug_fifo("ferry-0.hb")?;
-    let mut src = Proc::spawn(
-        Command::new(ferry)
-            .arg("run")
-            .arg("--kernel")
-            .arg(&g.vmlinux)
-            .arg("--initrd")
-            .arg(&g.initramfs)
-            .args(["--memory", case.memory, "--vcpus", "1", "--cmdline"])
-            .arg(cmdline(case))
-            .arg("--api-socket")
-            .arg(sock(n))
-            .arg("--debug-console")
-            .arg(fifo),
-        beats,
-    )?;
+    let mut cmd = Command::new(ferry);
+    cmd.arg("run").arg("--kernel").arg(&kernel);
+    if let Some(initrd) = &initrd {
+        cmd.arg("--initrd").arg(initrd);
+    }
+    cmd.args(["--memory", case.memory, "--vcpus", "1", "--cmdline"])
+        .arg(&cmdline)
+        .arg("--api-socket")
+        .arg(sock(n))
+        .arg("--debug-console")
+        .arg(fifo);
+    let mut src = Proc::spawn(&mut cmd, beats)?;
     boot(&src)?;
     let interval = src.heartbeat_interval_ms(500);
     eprintln!("ferry, {}: heartbeat interval {interval:.2} ms", case.name);
@@ -510,7 +532,7 @@ impl Qmp {
 }
 
 fn qemu_cmd(case: &Case, qmp: &Path, debugcon: &Path, incoming: bool) -> Command {
-    let g = ferry_tests::guest::guest();
+    let (kernel, initrd, cmdline) = boot_files(case);
     let mut c = Command::new("qemu-system-x86_64");
     c.args(["-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host"])
         .args(["-m", case.memory, "-smp", "1"])
@@ -522,12 +544,11 @@ fn qemu_cmd(case: &Case, qmp: &Path, debugcon: &Path, incoming: bool) -> Command
             "stdio",
         ])
         .arg("-kernel")
-        .arg(&g.vmlinux)
-        .arg("-initrd")
-        .arg(&g.initramfs)
-        .arg("-append")
-        .arg(cmdline(case))
-        .arg("-qmp")
+        .arg(&kernel);
+    if let Some(initrd) = &initrd {
+        c.arg("-initrd").arg(initrd).arg("-append").arg(&cmdline);
+    }
+    c.arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp.display()))
         .arg("-debugcon")
         .arg(format!("file:{}", debugcon.display()));
@@ -660,7 +681,9 @@ fn main() -> Result<()> {
     md += &format!(
         "Test guest (tests/guest: Linux 6.1, PVH ELF vmlinux), 1 vCPU, asked for a heartbeat \
          every 1 ms on the debug port (`hb_us=1000 hb_port`; the interval it achieves on this \
-         host is given per case), migrated over loopback TCP from one process to a new one, {} runs per mode; \
+         host is given per case: its kernel runs emulated here); the heaviest case boots \
+         tests/tiny/pvh_storm.S instead (a PVH ELF both VMMs boot: ring 3 rewriting 256 MiB at \
+         native speed, a 1 ms local APIC timer heartbeat), migrated over loopback TCP from one process to a new one, {} runs per mode; \
          per case and VMM the guest boots once and each migration moves it on. Cells are \
          min / **median** / max. Total time and downtime as each VMM reports them (ferry: \
          pause to Restored; QEMU: query-migrate); blackout: host time from the last heartbeat \

@@ -240,7 +240,9 @@ pub fn decode(payload: &[u8]) -> Result<Batch<'_>, Error> {
 /// head and run table are built at [`BatchWriter::finish`].
 #[derive(Debug)]
 pub struct BatchWriter {
+    /// Room for a frame's pages, allocated (and zeroed) once; `filled` bytes are in use.
     data: Vec<u8>,
+    filled: usize,
     head: Vec<u8>,
     /// (gpa, pages, zero)
     runs: Vec<(u64, u32, bool)>,
@@ -303,7 +305,8 @@ impl Default for BatchWriter {
 impl BatchWriter {
     pub fn new() -> Self {
         BatchWriter {
-            data: Vec::with_capacity(MAX_DATA_PAGES * PAGE_SIZE),
+            data: vec![0; MAX_DATA_PAGES * PAGE_SIZE],
+            filled: 0,
             head: Vec::with_capacity(16 + MAX_RUNS * RUN_SIZE),
             runs: Vec::new(),
             data_pages: 0,
@@ -333,21 +336,22 @@ impl BatchWriter {
     }
 
     /// A page-sized slot at the end of the frame's data for the caller to fill, then
-    /// [`BatchWriter::commit_page`]. Must not be full.
+    /// [`BatchWriter::commit_page`]. Must not be full. The slot holds stale bytes (it is not
+    /// cleared: the caller overwrites all of it).
     pub fn page_slot(&mut self) -> &mut [u8] {
-        debug_assert!(!self.is_full());
-        let at = self.data.len();
-        self.data.resize(at + PAGE_SIZE, 0);
-        &mut self.data[at..]
+        assert!(!self.is_full(), "page_slot on a full frame");
+        let at = self.filled;
+        self.filled += PAGE_SIZE;
+        &mut self.data[at..at + PAGE_SIZE]
     }
 
     /// Takes the page just written into the slot as guest page `gpa`. A zero page is kept as
     /// a ZERO flag, or dropped when `skip_zero` (the receiver already holds zeros there).
     /// Returns whether the page was zero.
     pub fn commit_page(&mut self, gpa: u64, skip_zero: bool) -> bool {
-        let at = self.data.len() - PAGE_SIZE;
-        if is_zero(&self.data[at..]) {
-            self.data.truncate(at);
+        let at = self.filled - PAGE_SIZE;
+        if is_zero(&self.data[at..self.filled]) {
+            self.filled = at;
             if !skip_zero {
                 self.push(gpa, true);
             }
@@ -377,7 +381,7 @@ impl BatchWriter {
     /// Completes the frame (head, run table, CRC); write it, then [`BatchWriter::reset`].
     pub fn finish(&mut self) -> Frame<'_> {
         self.head.clear();
-        let payload_len = 8 + self.runs.len() * RUN_SIZE + self.data.len() + 4;
+        let payload_len = 8 + self.runs.len() * RUN_SIZE + self.filled + 4;
         self.head.extend_from_slice(&TAG);
         self.head
             .extend_from_slice(&(payload_len as u32).to_le_bytes());
@@ -391,17 +395,17 @@ impl BatchWriter {
         }
         let mut crc = crc32fast::Hasher::new();
         crc.update(&self.head[8..]);
-        crc.update(&self.data);
+        crc.update(&self.data[..self.filled]);
         Frame {
             head: &self.head,
-            data: &self.data,
+            data: &self.data[..self.filled],
             crc: crc.finalize().to_le_bytes(),
         }
     }
 
     /// Starts the next frame.
     pub fn reset(&mut self) {
-        self.data.clear();
+        self.filled = 0;
         self.runs.clear();
         self.data_pages = 0;
         self.pages = 0;
