@@ -243,6 +243,9 @@ pub struct BatchWriter {
     /// Room for a frame's pages, allocated (and zeroed) once; `filled` bytes are in use.
     data: Vec<u8>,
     filled: usize,
+    /// The CRC of the data so far, each page added just after it was copied (while it is
+    /// in cache); joined to the head's at [`BatchWriter::finish`].
+    data_crc: crc32fast::Hasher,
     head: Vec<u8>,
     /// (gpa, pages, zero)
     runs: Vec<(u64, u32, bool)>,
@@ -307,6 +310,7 @@ impl BatchWriter {
         BatchWriter {
             data: vec![0; MAX_DATA_PAGES * PAGE_SIZE],
             filled: 0,
+            data_crc: crc32fast::Hasher::new(),
             head: Vec::with_capacity(16 + MAX_RUNS * RUN_SIZE),
             runs: Vec::new(),
             data_pages: 0,
@@ -357,6 +361,7 @@ impl BatchWriter {
             }
             return true;
         }
+        self.data_crc.update(&self.data[at..self.filled]);
         self.data_pages += 1;
         self.push(gpa, false);
         false
@@ -395,7 +400,7 @@ impl BatchWriter {
         }
         let mut crc = crc32fast::Hasher::new();
         crc.update(&self.head[8..]);
-        crc.update(&self.data[..self.filled]);
+        crc.combine(&self.data_crc);
         Frame {
             head: &self.head,
             data: &self.data[..self.filled],
@@ -406,6 +411,7 @@ impl BatchWriter {
     /// Starts the next frame.
     pub fn reset(&mut self) {
         self.filled = 0;
+        self.data_crc.reset();
         self.runs.clear();
         self.data_pages = 0;
         self.pages = 0;

@@ -185,6 +185,8 @@ const IDLE_ROUND: Duration = Duration::from_millis(5);
 /// How often the progress callback runs at most.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 const PAGE: u64 = migration::pages::PAGE_SIZE as u64;
+/// How much page data the destination reads before adding it to the frame's CRC.
+const CRC_PIECE: usize = 128 << 10;
 
 /// How a migration should go.
 #[derive(Debug, Clone)]
@@ -1176,9 +1178,12 @@ fn receive_pages(
         // into this memory (the thread building the VM only registers it with KVM), so the
         // mutable slice is the only access while it lives.
         let bytes = unsafe { std::slice::from_raw_parts_mut(host, len) };
-        conn.read_exact(bytes)
-            .map_err(io(phase, "receiving memory"))?;
-        head.crc_update(bytes);
+        // In pieces that stay in cache between the copy from the socket and the CRC.
+        for piece in bytes.chunks_mut(CRC_PIECE) {
+            conn.read_exact(piece)
+                .map_err(io(phase, "receiving memory"))?;
+            head.crc_update(piece);
+        }
     }
     head.check_crc(conn)
         .map_err(|e| proto(phase, "receiving memory")(e.into()))?;
