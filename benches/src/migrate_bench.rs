@@ -374,6 +374,18 @@ fn boot(p: &Proc) -> Result<()> {
     p.wait_beats(500, BOOT_LIMIT)
 }
 
+/// Heartbeats a guest gives at its current host before it is migrated again: a guest that
+/// just arrived runs slowly for a while (on hosts that emulate guest ring 0, its kernel's
+/// memory is mapped anew page by page), and a blackout measured then would be that
+/// warm-up, not the migration's.
+const SETTLE_BEATS: usize = 50;
+
+/// Waits for [`SETTLE_BEATS`] more heartbeats at `p`.
+fn settle(p: &Proc) -> Result<()> {
+    let n = p.beats.lock().unwrap().len();
+    p.wait_beats(n + SETTLE_BEATS, MIGRATION_LIMIT)
+}
+
 /// Blackout: from the source's last heartbeat to the destination's first. Heartbeats go on
 /// by one across the move (their low byte), or the run is reported.
 fn blackout(src: &Proc, dst: &Proc) -> Result<f64> {
@@ -418,6 +430,7 @@ fn ferry_case(ferry: &Path, case: &Case, runs: usize) -> Result<CaseResult> {
         };
         let mut samples = Vec::new();
         for run in 1..=runs {
+            settle(&src)?;
             n += 1;
             let url = format!("tcp:127.0.0.1:{}", free_port()?);
             let (fifo, beats) = debug_fifo(&format!("ferry-{n}.hb"))?;
@@ -597,6 +610,7 @@ fn qemu_case(case: &Case, runs: usize) -> Result<CaseResult> {
     for mode in QEMU_MODES {
         let mut samples = Vec::new();
         for run in 1..=runs {
+            settle(&src)?;
             n += 1;
             let (fifo, beats) = debug_fifo(&format!("qemu-{n}.hb"))?;
             let dst = Proc::spawn(&mut qemu_cmd(case, &qmp_path(n), &fifo, true), beats)?;
@@ -684,7 +698,8 @@ fn main() -> Result<()> {
          host is given per case: its kernel runs emulated here); the heaviest case boots \
          tests/tiny/pvh_storm.S instead (a PVH ELF both VMMs boot: ring 3 rewriting 256 MiB at \
          native speed, a 1 ms local APIC timer heartbeat), migrated over loopback TCP from one process to a new one, {} runs per mode; \
-         per case and VMM the guest boots once and each migration moves it on. Cells are \
+         per case and VMM the guest boots once and each migration moves it on, after 50 \
+         heartbeats at its new host (a guest that just arrived warms up first). Cells are \
          min / **median** / max. Total time and downtime as each VMM reports them (ferry: \
          pause to Restored; QEMU: query-migrate); blackout: host time from the last heartbeat \
          of the source to the first of the destination (debug-port bytes: the measure's \
