@@ -1,0 +1,314 @@
+//! Live migration to a peer ferry process by precopy (docs/migration-format.md, "Protocol"),
+//! on the handshake of migration::protocol:
+//!
+//! ```text
+//! source                                         destination
+//! Hello ------------------------------------->   checks the CPU profile, creates the VM
+//!       <-------------------------------------   Accept | Refuse
+//! dirty tracking on; round 0: every touched, non-zero page (pagemap, no reads of the rest)
+//! round n: the pages dirtied during round n-1 (KVM's log | ferry's own writes)
+//!   ... until migration::converge says switch over (or cancel; throttle meanwhile)
+//! pause; the last dirty pages; State + VM stream ->   loads the state
+//!       <-------------------------------------   Restored | Failed
+//! Commit ------------------------------------>   runs the guest
+//!       <-------------------------------------   Running | Failed
+//! ```
+//! The guest runs on exactly one side: before Commit any failure or cancel leaves it
+//! running on the source (dirty tracking off, throttle off, vCPUs resumed); after Commit it
+//! belongs to the destination, which confirms with Running (the source then ends its copy)
+//! or, if it could not start it, Failed (the source resumes it). A source that sent Commit
+//! and hears neither keeps the guest paused: the destination may be running it, so only
+//! the operator can tell whether to resume it here ([`Error::Unconfirmed`]).
+//!
+//! Either side gives up on a peer that closes the connection, or sends or takes nothing for
+//! the peer timeout; every error names the [`Phase`] it happened in.
+
+mod destination;
+mod net;
+mod source;
+
+pub use destination::{receive, receive_from, receive_over, receive_with, ReceiveOptions};
+pub use net::{check_local, Address, Listener};
+pub use source::{send, send_over};
+
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use migration::auth::{self, Key};
+use migration::protocol;
+
+use crate::vm::Vm;
+
+/// How long either side waits, by default, for the peer to send or take anything.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where a migration is, as its errors name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Connecting, authenticating, Hello and Accept.
+    Handshake,
+    /// Precopy: the guest runs at the source while its memory goes over.
+    Memory { round: u32 },
+    /// The guest is paused at the source; the last pages and the state go over.
+    Switchover,
+    /// The destination has restored the guest (paused) and waits for Commit.
+    AwaitCommit,
+    /// Commit sent (source) or received (destination).
+    AfterCommit,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Phase::Handshake => write!(f, "handshake"),
+            Phase::Memory { round } => write!(f, "memory round {round}"),
+            Phase::Switchover => write!(f, "after the pause, before Restored"),
+            Phase::AwaitCommit => write!(f, "after Restored, before Commit"),
+            Phase::AfterCommit => write!(f, "after Commit"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bad migration address {0:?}: expected tcp:HOST:PORT or unix:PATH")]
+    Address(String),
+    #[error("{what} {addr}: {source}")]
+    Connect {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{what} (phase: {phase}): {source}")]
+    Protocol {
+        phase: Phase,
+        what: &'static str,
+        source: protocol::Error,
+    },
+    #[error("the destination refused the VM: {0}")]
+    Refused(String),
+    #[error("the destination failed (phase: {phase}): {reason}")]
+    DestinationFailed { phase: Phase, reason: String },
+    #[error("refused: {0}")]
+    RefusedHere(String),
+    #[error("restoring: {0}")]
+    Restore(String),
+    #[error("saving the VM: {0}")]
+    Save(String),
+    #[error("no Commit from the source (phase: after Restored, before Commit): {0}; the guest stays with the source")]
+    NoCommit(String),
+    #[error("no word from the destination after Commit (phase: after Commit): {0}; the guest stays paused here, as it may run there: if the destination does not run it, `ferry ctl resume` runs it here")]
+    Unconfirmed(String),
+    #[error("migration cancelled: {reason}; the VM runs here as before")]
+    Cancelled { reason: String, report: Box<Report> },
+    #[error("the source cancelled the migration: {0}")]
+    CancelledBySource(String),
+    #[error("a migration of this VM is already in progress")]
+    Busy,
+    #[error("authentication: {0}")]
+    Auth(String),
+    #[error("refusing to listen on {0} without --key-file: anyone who can reach it could hand this ferry a VM; use a Unix socket or a loopback address, or give a shared key")]
+    Unauthenticated(String),
+    #[error("the source sent pages at {gpa:#x} ({len} bytes) outside guest RAM")]
+    PagesOutsideRam { gpa: u64, len: u64 },
+}
+
+/// Defaults of `ferry ctl migrate`.
+pub const DEFAULT_MAX_DOWNTIME: Duration = Duration::from_millis(20);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a throttled vCPU is sent out of the guest: it runs this long, then sleeps.
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+/// The vCPU and device state sent at switchover, estimated per vCPU and for the rest.
+const STATE_BYTES_PER_VCPU: u64 = 16 << 10;
+const STATE_BYTES_FIXED: u64 = 16 << 10;
+/// Pages (in 64-page words) write-protected again at once before they are sent, with manual
+/// dirty-log protection: 2 MiB.
+const CLEAR_WORDS: usize = 8;
+/// Rounds whose page counts the report lists (it counts all).
+const MAX_ROUNDS_REPORTED: usize = 1000;
+/// The pause after a round that found nothing to send.
+const IDLE_ROUND: Duration = Duration::from_millis(5);
+/// How often the progress callback runs at most.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+const PAGE: u64 = migration::pages::PAGE_SIZE as u64;
+/// How much page data the destination reads before adding it to the frame's CRC.
+const CRC_PIECE: usize = 128 << 10;
+
+/// How a migration should go.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Switch over once the predicted downtime fits this.
+    pub max_downtime: Duration,
+    /// Give up (the guest stays here) if it has not switched over by then.
+    pub timeout: Duration,
+    /// Send at most this many bytes per second (None: as fast as the connection goes).
+    pub max_bandwidth: Option<u64>,
+    /// Most vCPU time throttling may take, percent (0: never throttle).
+    pub max_throttle: u8,
+    /// Prove this shared key to the destination, and have it prove it (migration::auth).
+    pub key: Option<Key>,
+    /// Give up on a destination that sends or takes nothing for this long.
+    pub peer_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_downtime: DEFAULT_MAX_DOWNTIME,
+            timeout: DEFAULT_TIMEOUT,
+            max_bandwidth: None,
+            max_throttle: 99,
+            key: None,
+            peer_timeout: PEER_TIMEOUT,
+        }
+    }
+}
+
+/// Where a running migration is (for progress lines and `status`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Progress {
+    pub round: u32,
+    /// Bytes on the wire so far.
+    pub sent_bytes: u64,
+    /// Guest bytes of this round not sent yet.
+    pub remaining_bytes: u64,
+    /// Measured rate, MB/s (10^6 bytes).
+    pub rate_mbps: f64,
+    pub predicted_downtime_ms: f64,
+    pub throttle_pct: u8,
+    pub elapsed_ms: f64,
+}
+
+/// What a migration measured, finished or not.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Report {
+    /// "completed" (the destination has the guest) or "cancelled" (the guest runs here).
+    pub outcome: &'static str,
+    /// Why it was cancelled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub total_ms: f64,
+    /// From pausing the guest here to the destination's Restored (it resumes on Commit).
+    pub downtime_ms: f64,
+    /// Bytes on the wire, both directions' frames included.
+    pub bytes: u64,
+    pub rounds: u32,
+    /// Pages sent in each round, the first 1000 rounds (the last is sent with the guest
+    /// paused).
+    pub pages_per_round: Vec<u64>,
+    /// Zero pages not sent as data (skipped in round 0, a flag later).
+    pub zero_pages: u64,
+    /// Pages never touched (pagemap), skipped without being read.
+    pub untouched_pages: u64,
+    /// The highest throttle applied, percent of vCPU time.
+    pub throttle_pct: u8,
+    pub max_downtime_ms: f64,
+    pub predicted_downtime_ms: f64,
+    /// Measured while sending, MB/s.
+    pub bandwidth_mbps: f64,
+    /// Where the downtime went.
+    pub downtime_phases: DowntimePhases,
+    /// From the start to the destination's Accept (connecting, the CPU check and the new VM
+    /// there), ms.
+    pub handshake_ms: f64,
+    /// How long each round took (the first 1000), ms.
+    pub round_ms: Vec<f64>,
+}
+
+/// The downtime, phase by phase (ms).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DowntimePhases {
+    /// Until every vCPU was out of the guest.
+    pub pause_ms: f64,
+    /// The pages dirtied since the last round.
+    pub last_round_ms: f64,
+    /// Saving vCPU and device state.
+    pub save_ms: f64,
+    /// Writing it.
+    pub send_state_ms: f64,
+    /// Until the destination answered Restored (reading and loading the state there).
+    pub destination_ms: f64,
+}
+
+/// The outgoing migration of a VM: one at a time, cancellable from another thread.
+#[derive(Debug, Default)]
+pub struct Control {
+    active: AtomicBool,
+    cancel: AtomicBool,
+    progress: Mutex<Option<Progress>>,
+}
+
+/// Marks a migration active for its lifetime.
+struct Active<'a>(&'a Control);
+
+impl Control {
+    fn begin(&self) -> Option<Active<'_>> {
+        self.active
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()?;
+        self.cancel.store(false, Ordering::SeqCst);
+        Some(Active(self))
+    }
+
+    fn set_progress(&self, p: Option<Progress>) {
+        *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = p;
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.set_progress(None);
+        self.0.active.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Vm {
+    /// Asks the running outgoing migration to stop (the guest stays here); false if none runs.
+    pub fn cancel_migration(&self) -> bool {
+        let active = self.migration.active.load(Ordering::SeqCst);
+        if active {
+            self.migration.cancel.store(true, Ordering::SeqCst);
+        }
+        active
+    }
+
+    /// The running outgoing migration's progress.
+    pub fn migration_progress(&self) -> Option<Progress> {
+        self.migration
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+fn proto(phase: Phase, what: &'static str) -> impl FnOnce(protocol::Error) -> Error {
+    move |source| Error::Protocol {
+        phase,
+        what,
+        source,
+    }
+}
+
+fn io(phase: Phase, what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::Protocol {
+        phase,
+        what,
+        source: e.into(),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// 32 bytes from the kernel's random source.
+fn nonce() -> Result<[u8; auth::NONCE_SIZE], Error> {
+    let mut n = [0u8; auth::NONCE_SIZE];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut n))
+        .map_err(|e| Error::Auth(format!("reading /dev/urandom: {e}")))?;
+    Ok(n)
+}
