@@ -244,6 +244,13 @@ pub fn free_tcp_port() -> u16 {
         .port()
 }
 
+/// The heartbeat number of the Linux test guest's `HB <n> ...` console line (after the
+/// printk timestamp).
+pub fn heartbeat(line: &str) -> Option<u64> {
+    let rest = &line[line.find("] HB ")? + 5..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
 /// A value the counting tiny guest (tests/tiny/long_count.S) printed: a line of 16 hex digits.
 pub fn count_line(l: &str) -> Option<u64> {
     (l.len() == 16)

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use ferry_tests::guest::guest;
-use ferry_tests::process::{run_guest, temp_path};
+use ferry_tests::process::{heartbeat, run_guest, temp_path};
 use ferry_tests::require_kvm;
 
 /// Hang guard for a boot: ~10 s on our CI hosts; a slow host gets ample room.
@@ -16,12 +16,6 @@ fn field(line: &str, key: &str) -> Option<u64> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
         .and_then(|v| v.parse().ok())
-}
-
-/// The heartbeat number of an `HB <n> ...` console line (after the printk timestamp).
-fn heartbeat(line: &str) -> Option<u64> {
-    let rest = &line[line.find("] HB ")? + 5..];
-    rest.split_whitespace().next()?.parse().ok()
 }
 
 fn boot_and_check(vcpus: u32, kernel: &std::path::Path, name: &str) {

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use ferry_tests::process::{ferry_bin, free_tcp_port, run_guest, temp_path, Ferry};
+use ferry_tests::process::{ferry_bin, free_tcp_port, heartbeat, run_guest, temp_path, Ferry};
 use ferry_tests::relay::{At, Relay};
 
 const BOOT_LIMIT: Duration = Duration::from_secs(600);
@@ -33,14 +33,6 @@ enum Fault {
     KillSource,
     Close,
     Stall,
-}
-
-fn heartbeat(line: &str) -> Option<u64> {
-    line[line.find("] HB ")? + 5..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }
 
 /// The test guest (2 vCPUs, dirtying memory, heartbeat every 100 ms), booted once, running,

@@ -6,19 +6,11 @@
 
 use std::time::Duration;
 
-use ferry_tests::process::{run_guest, temp_path, Ferry};
+use ferry_tests::process::{heartbeat, run_guest, temp_path, Ferry};
 use ferry_tests::tiny::wait_for;
 
 const BOOT_LIMIT: Duration = Duration::from_secs(600);
 const LIMIT: Duration = Duration::from_secs(120);
-
-fn heartbeat(line: &str) -> Option<u64> {
-    line[line.find("] HB ")? + 5..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
 
 fn free_url() -> String {
     format!("tcp:127.0.0.1:{}", ferry_tests::process::free_tcp_port())
