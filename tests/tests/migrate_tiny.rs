@@ -1,7 +1,8 @@
 //! Live migration of the heavy ring-3 dirtier (tests/tiny/long_storm.S) inside one process,
 //! over a socket pair: the destination's memory equals the source's at switchover; a target
 //! that cannot be met is throttled, then met or cancelled with the guest running on, and the
-//! report says which; a cancel in the middle of a round leaves the guest on the source.
+//! report says which; a cancel in the middle of a round leaves the guest on the source; a
+//! guest that dirties a page per round converges over a link with latency.
 
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -226,4 +227,59 @@ fn a_cancel_in_the_middle_of_a_round_leaves_the_guest_here() {
         other => panic!("the destination must end: {other:?}"),
     }
     assert!(!src.vm.cancel_migration(), "nothing left to cancel");
+}
+
+/// A stream whose every flush (the end of each protocol message) takes 50 ms: a link with
+/// latency, where a round of a page or two lasts a round trip whatever the bandwidth.
+struct Slow(UnixStream);
+
+impl std::io::Read for Slow {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl std::io::Write for Slow {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::thread::sleep(Duration::from_millis(50));
+        self.0.flush()
+    }
+}
+
+#[test]
+fn a_guest_dirtying_a_page_per_round_converges_over_a_link_with_latency() {
+    ferry_tests::require_kvm();
+    let src = TinyVm::new(&LONG_COUNT, 1);
+    src.vm.start().unwrap();
+    // tests/tiny/long_count.S keeps its counter at 0x300000.
+    let count = |vm: &Vm| -> u64 { vm.memory().read_obj(GuestAddress(0x30_0000)).unwrap() };
+    wait_for("the counting guest to count", LIMIT, || {
+        count(&src.vm) > 100
+    });
+    let (a, b) = UnixStream::pair().unwrap();
+    for s in [&a, &b] {
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+    }
+    let dest =
+        std::thread::spawn(move || migrate::receive_over(b, None, Box::new(Console::default())));
+    let opts = Options {
+        timeout: Duration::from_secs(10),
+        ..Options::default()
+    };
+    let sent = migrate::send_over(&src.vm, Slow(a), &opts, &mut |_| {});
+    let report = sent.expect(
+        "rounds of a page or two last a round trip: they must not make the bandwidth look like \
+         a page per round trip, or the migration never switches over",
+    );
+    eprintln!("over a slow link: {report:?}");
+    assert_eq!(report.outcome, "completed");
+    let dst = dest
+        .join()
+        .expect("the receiving thread")
+        .expect("received");
+    assert_eq!(count(&dst), count(&src.vm), "the counter came along");
+    assert!(report.rounds < 100, "it switched over soon: {report:?}");
 }

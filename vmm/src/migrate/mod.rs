@@ -130,6 +130,8 @@ const CLEAR_WORDS: usize = 8;
 const MAX_ROUNDS_REPORTED: usize = 1000;
 /// The pause after a round that found nothing to send.
 const IDLE_ROUND: Duration = Duration::from_millis(5);
+/// Rounds that put fewer bytes on the wire than this do not count in the bandwidth measure.
+const BULK_ROUND: u64 = 1 << 20;
 /// How often the progress callback runs at most.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 const PAGE: u64 = migration::pages::PAGE_SIZE as u64;

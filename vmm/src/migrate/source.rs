@@ -157,7 +157,7 @@ struct Sender<'a, C: Read + Write> {
     round_started: Instant,
     round_bytes: u64,
     round_pages: u64,
-    /// Bytes and time of the rounds that sent something: the bandwidth measure.
+    /// Bytes and time of the rounds that sent at least [`BULK_ROUND`]: the bandwidth measure.
     busy_bytes: u64,
     busy_time: Duration,
     /// Time this round slept to keep to --max-bandwidth (not part of the bandwidth measure).
@@ -409,7 +409,7 @@ impl<C: Read + Write> Sender<'_, C> {
             self.round_bytes += 16;
             self.report.bytes += 16;
         }
-        if self.round_bytes > 0 {
+        if self.round_bytes >= BULK_ROUND {
             self.busy_bytes += self.round_bytes;
             self.busy_time += self.round_started.elapsed().saturating_sub(self.paced);
         }
@@ -496,12 +496,16 @@ impl<C: Read + Write> Sender<'_, C> {
         }
     }
 
-    /// Bytes per second on the wire while sending: the rounds that sent something, and the
-    /// current one (rounds that found nothing dirty do not dilute it).
+    /// Bytes per second on the wire while sending: the rounds that sent at least
+    /// [`BULK_ROUND`], and the current one once it has. A round of a few pages takes about
+    /// one round trip whatever the link's speed; counted, such rounds would drag the measure
+    /// down to bytes per round trip, and predict a downtime the next round could never meet
+    /// (0 until measured: converge then assumes its default).
     fn bandwidth(&self) -> f64 {
-        let bytes = self.busy_bytes + self.round_bytes;
+        let mut bytes = self.busy_bytes;
         let mut t = self.busy_time;
-        if self.round_bytes > 0 {
+        if self.round_bytes >= BULK_ROUND {
+            bytes += self.round_bytes;
             t += self.round_started.elapsed().saturating_sub(self.paced);
         }
         if bytes == 0 || t.is_zero() {
