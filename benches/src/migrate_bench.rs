@@ -128,7 +128,12 @@ fn boot_files(case: &Case) -> (PathBuf, Option<PathBuf>, String) {
         }
         CaseGuest::Storm => {
             static ELF: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-            let elf = ELF.get_or_init(|| ferry_tests::tiny::PVH_STORM.write_to_temp());
+            let elf = ELF.get_or_init(|| {
+                // In this run's temporary directory, which main removes at the end.
+                let path = temp("pvh_storm.elf");
+                std::fs::write(&path, ferry_tests::tiny::PVH_STORM.elf).expect("write the ELF");
+                path
+            });
             (elf.clone(), None, String::new())
         }
     }

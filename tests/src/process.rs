@@ -173,6 +173,16 @@ impl Ferry {
         }
     }
 
+    /// Starts `ferry receive --listen url` with `extra` arguments and returns once it says
+    /// it is waiting (its listener is bound then).
+    pub fn receive(url: &str, extra: &[&str]) -> Ferry {
+        let mut args = vec!["receive", "--listen", url];
+        args.extend_from_slice(extra);
+        let mut f = Ferry::spawn(&args);
+        f.wait_line_err(Duration::from_secs(120), |l| l.contains("waiting for a VM"));
+        f
+    }
+
     /// Kills the process with SIGKILL (nothing of it runs on) and reaps it.
     pub fn kill9(&mut self) {
         self.child.kill().expect("kill -9 ferry");

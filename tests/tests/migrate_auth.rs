@@ -27,13 +27,10 @@ fn source(sock: &Path) -> Ferry {
 }
 
 fn destination(url: &str, key: Option<&Path>) -> Ferry {
-    let mut args = vec!["receive", "--listen", url];
-    if let Some(k) = key {
-        args.extend(["--key-file", k.to_str().unwrap()]);
+    match key {
+        Some(k) => Ferry::receive(url, &["--key-file", k.to_str().unwrap()]),
+        None => Ferry::receive(url, &[]),
     }
-    let mut f = Ferry::spawn(&args);
-    f.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
-    f
 }
 
 /// The source still runs its guest: its count goes on.

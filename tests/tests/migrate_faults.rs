@@ -94,16 +94,15 @@ fn row(at: At, fault: Fault) {
     ]);
     src.wait_line(LIMIT, |l| heartbeat(l).is_some());
     let port = free_tcp_port();
-    let mut dst = Ferry::spawn(&[
-        "receive",
-        "--listen",
+    let mut dst = Ferry::receive(
         &format!("tcp:127.0.0.1:{port}"),
-        "--peer-timeout",
-        PEER_TIMEOUT,
-        "--api-socket",
-        dst_sock.to_str().unwrap(),
-    ]);
-    dst.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
+        &[
+            "--peer-timeout",
+            PEER_TIMEOUT,
+            "--api-socket",
+            dst_sock.to_str().unwrap(),
+        ],
+    );
     let relay = Relay::start(at, port);
 
     let mut ctl = std::process::Command::new(ferry_bin());

@@ -20,8 +20,7 @@ fn free_url() -> String {
 /// once part of round 0 is out, and checks that the guest stays on the source.
 fn cancel_mid_round(src: &mut Ferry, text: &str) {
     let url = free_url();
-    let mut dst = Ferry::spawn(&["receive", "--listen", &url]);
-    dst.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
+    let mut dst = Ferry::receive(&url, &[]);
     let mut ctl = std::process::Command::new(ferry_tests::process::ferry_bin());
     ctl.args(["ctl", "--api-socket"])
         .arg(src.api_socket.as_ref().unwrap())
@@ -88,14 +87,7 @@ fn a_cancel_mid_round_keeps_the_guest_here_then_ten_hops_and_it_never_notices() 
     for hop in 1..=10 {
         let url = free_url();
         let api = temp_path(&format!("hop{hop}.sock"));
-        let mut dst = Ferry::spawn(&[
-            "receive",
-            "--listen",
-            &url,
-            "--api-socket",
-            api.to_str().unwrap(),
-        ]);
-        dst.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
+        let mut dst = Ferry::receive(&url, &["--api-socket", api.to_str().unwrap()]);
         let (ok, out) = src.ctl(&["--json", "migrate", &url]);
         assert!(ok, "hop {hop}: {out}\n{}", src.transcript());
         let answer: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");

@@ -23,14 +23,7 @@ fn migrate_and_check(url: &str, tag: &str) {
     );
     let mut src = source(&s_sock);
     src.wait_line(LIMIT, |l| count(l).is_some_and(|n| n >= 100));
-    let mut dst = Ferry::spawn(&[
-        "receive",
-        "--listen",
-        url,
-        "--api-socket",
-        d_sock.to_str().unwrap(),
-    ]);
-    dst.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
+    let mut dst = Ferry::receive(url, &["--api-socket", d_sock.to_str().unwrap()]);
     let (ok, out) = src.ctl(&["migrate", url]);
     assert!(
         ok && out.contains("migration completed"),
@@ -85,14 +78,7 @@ fn a_destination_that_cannot_run_the_profile_refuses_and_the_source_runs_on() {
     let url = format!("unix:{}", temp_path("refuse.sock").display());
     let mut src = source(&s_sock);
     src.wait_line(LIMIT, |l| count(l).is_some_and(|n| n >= 50));
-    let mut dst = Ferry::spawn(&[
-        "receive",
-        "--listen",
-        &url,
-        "--host",
-        opteron.to_str().unwrap(),
-    ]);
-    dst.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
+    let mut dst = Ferry::receive(&url, &["--host", opteron.to_str().unwrap()]);
     // The default profile (x86-64-v2) has ssse3, which the Opteron 2378 lacks.
     let (ok, out) = src.ctl(&["migrate", &url]);
     assert!(
@@ -141,14 +127,7 @@ fn a_host_profile_guest_is_refused_by_a_host_of_the_other_vendor() {
     let url = format!("unix:{}", temp_path("hostcpu.mig").display());
     let mut src = run_tiny(&LONG_COUNT, &["--cpu", "host"], &s_sock);
     src.wait_line(LIMIT, |l| count(l).is_some());
-    let mut dst = Ferry::spawn(&[
-        "receive",
-        "--listen",
-        &url,
-        "--host",
-        other.to_str().unwrap(),
-    ]);
-    dst.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
+    let mut dst = Ferry::receive(&url, &["--host", other.to_str().unwrap()]);
     let (ok, out) = src.ctl(&["migrate", &url]);
     assert!(
         !ok && out.contains("not migratable to a host of another vendor"),
@@ -218,14 +197,7 @@ fn the_storm_guest_moves_between_processes_with_every_page_intact() {
         storm_pass(&src, "storm-before.snap") >= 3
     });
     let before = storm_pass(&src, "storm-before.snap");
-    let mut dst = Ferry::spawn(&[
-        "receive",
-        "--listen",
-        &url,
-        "--api-socket",
-        d_sock.to_str().unwrap(),
-    ]);
-    dst.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
+    let mut dst = Ferry::receive(&url, &["--api-socket", d_sock.to_str().unwrap()]);
     let (ok, out) = src.ctl(&["--json", "migrate", &url, "--max-downtime", "5ms"]);
     assert!(ok, "{out}");
     let report = json_report(&out);
@@ -257,8 +229,7 @@ fn an_unreachable_target_throttles_then_cancels_and_the_guest_runs_on_at_the_sou
     wait_for("the storm guest to run", LIMIT, || {
         storm_pass(&src, "storm-cancel0.snap") >= 3
     });
-    let mut dst = Ferry::spawn(&["receive", "--listen", &url]);
-    dst.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
+    let mut dst = Ferry::receive(&url, &[]);
     let (ok, out) = src.ctl(&[
         "--json",
         "migrate",

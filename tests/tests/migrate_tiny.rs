@@ -282,4 +282,8 @@ fn a_guest_dirtying_a_page_per_round_converges_over_a_link_with_latency() {
         .expect("received");
     assert_eq!(count(&dst), count(&src.vm), "the counter came along");
     assert!(report.rounds < 100, "it switched over soon: {report:?}");
+    assert!(
+        report.bandwidth_mbps > 0.0,
+        "the report gives the rate the link delivered: {report:?}"
+    );
 }

@@ -42,16 +42,15 @@ fn the_ring3_storm_boots_heartbeats_and_migrates_with_its_timer() {
     }
 
     let url = format!("tcp:127.0.0.1:{}", free_tcp_port());
-    let mut dst = Ferry::spawn(&[
-        "receive",
-        "--listen",
+    let mut dst = Ferry::receive(
         &url,
-        "--debug-console",
-        hb_dst.to_str().unwrap(),
-        "--api-socket",
-        sock_dst.to_str().unwrap(),
-    ]);
-    dst.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
+        &[
+            "--debug-console",
+            hb_dst.to_str().unwrap(),
+            "--api-socket",
+            sock_dst.to_str().unwrap(),
+        ],
+    );
     let (ok, out) = src.ctl(&["--json", "migrate", &url]);
     assert!(ok, "{out}\n{}", src.transcript());
     let r: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");

@@ -111,7 +111,7 @@ fn send_on(
         };
         let r = s.run();
         drop(stop_throttle);
-        let bandwidth_mbps = s.bandwidth() / 1e6;
+        let bandwidth_mbps = s.reported_bandwidth() / 1e6;
         r.map_err(|e| (e, Box::new(s.report), bandwidth_mbps))
     });
     match result {
@@ -302,7 +302,7 @@ impl<C: Read + Write> Sender<'_, C> {
         r.outcome = "completed";
         r.downtime_ms = ms(downtime);
         r.total_ms = ms(self.started.elapsed());
-        r.bandwidth_mbps = self.bandwidth() / 1e6;
+        r.bandwidth_mbps = self.reported_bandwidth() / 1e6;
         Ok(r)
     }
 
@@ -493,6 +493,15 @@ impl<C: Read + Write> Sender<'_, C> {
             Phase::Memory {
                 round: self.report.rounds,
             }
+        }
+    }
+
+    /// The rate the report gives: the bandwidth measure, or where no round was large enough
+    /// for one, what the whole migration moved per second (latency-bound, but not 0).
+    fn reported_bandwidth(&self) -> f64 {
+        match self.bandwidth() {
+            b if b > 0.0 => b,
+            _ => self.report.bytes as f64 / self.started.elapsed().as_secs_f64().max(1e-9),
         }
     }
 
