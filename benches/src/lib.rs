@@ -78,11 +78,33 @@ pub fn host_facts(qemu: &str) -> String {
         "unknown".into()
     };
     format!(
-        "- CPU: {model} ({}, family {} model {}), {cores} cores\n- Host kernel: {kernel}\n- KVM: {kvm}\n- QEMU: {qemu}\n",
+        "- CPU: {model} ({}, family {} model {}), {cores} cores\n- Host kernel: {kernel}\n- KVM: {kvm}\n- Memory: {}\n- QEMU: {qemu}\n",
         family("vendor_id"),
         family("cpu family"),
         family("model\t"),
+        page_reporting(),
     )
+}
+
+/// Whether this host, itself a virtual machine, hands free memory back to the host under
+/// it (free page reporting): then RAM a process touches for the first time is sometimes
+/// memory the outer host must back again, at a cost that varies from run to run.
+pub fn page_reporting() -> String {
+    let param = |p: &str| {
+        std::fs::read_to_string(format!("/sys/module/page_reporting/parameters/{p}"))
+            .map(|s| s.trim().to_string())
+            .ok()
+    };
+    match param("page_reporting_order") {
+        Some(order) => format!(
+            "free page reporting to the outer host is on (blocks of order {order}{}): fresh \
+             RAM is sometimes backed anew by the outer host on first touch",
+            param("min_free_ms")
+                .map(|ms| format!(", reported after {ms} ms free"))
+                .unwrap_or_default()
+        ),
+        None => "no free page reporting".into(),
+    }
 }
 
 /// Replaces the text between `begin` and `end` markers in the file at `path` with `md`

@@ -7,8 +7,17 @@
 //!     cargo build --release --workspace
 //!     target/release/page-throughput [--memory 1G] [--runs 5]
 //!
+//! Each run is paired with a floor, measured just before it on the same host: the same bytes
+//! moved by the least work any page path over TCP can do, one `write` per 2 MiB straight
+//! from the source VM's RAM and `read`s straight into a fresh VM's RAM (no frames, no CRC,
+//! no dirty log), so the destination's kernel still zeroes its new RAM on first touch as it
+//! does for ferry. The ratio ferry / floor is what the page path costs above the host's own
+//! limit; the floor is what the host allows at all. A first pair warms up and is not
+//! counted; then the floor goes first in odd runs and ferry in even ones.
+//!
 //! Needs /dev/kvm. Run by hand, never in CI.
 
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 
 use anyhow::{bail, Context, Result};
@@ -29,63 +38,34 @@ fn main() -> Result<()> {
         }
     }
     ferry_tests::require_kvm();
-    let (mut rates, mut totals) = (Vec::new(), Vec::new());
-    for run in 1..=runs {
-        let image = ferry_tests::tiny::LONG_STORM;
-        let mut src = vmm::Vm::new(memory, 1, Box::new(std::io::sink()))?;
-        src.boot_raw(
-            image.bytes,
-            image.addr,
-            EntryPoint::Long64 {
-                rip: image.addr,
-                rsp: BOOT_STACK_TOP,
-            },
-        )?;
-        // Every page distinct and not zero; the guest never runs.
-        let mut chunk = vec![0u8; 1 << 20];
-        for (start, len) in src.ram_regions() {
-            for off in (0..len).step_by(chunk.len()) {
-                let gpa = start + off;
-                for (i, w) in chunk.chunks_exact_mut(8).enumerate() {
-                    w.copy_from_slice(&(gpa + 8 * i as u64 + 1).to_le_bytes());
-                }
-                src.memory().write_slice(&chunk, GuestAddress(gpa))?;
-            }
-        }
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let addr = listener.local_addr()?;
-        let dest = std::thread::spawn(move || -> Result<vmm::Vm> {
-            let (s, _) = listener.accept()?;
-            s.set_nodelay(true)?;
-            Ok(vmm::migrate::receive_over(
-                s,
-                None,
-                Box::new(std::io::sink()),
-            )?)
-        });
-        let conn = TcpStream::connect(addr)?;
-        conn.set_nodelay(true)?;
-        let report =
-            vmm::migrate::send_over(&src, conn, &vmm::migrate::Options::default(), &mut |_| {})?;
-        let dest = dest.join().expect("receiver thread")?;
-        let mut a = vec![0u8; 4096];
-        let mut b = vec![0u8; 4096];
-        for gpa in [0u64, memory / 2, memory - 4096] {
-            src.memory().read_slice(&mut a, GuestAddress(gpa))?;
-            dest.memory().read_slice(&mut b, GuestAddress(gpa))?;
-            if a != b {
-                bail!("page {gpa:#x} differs at the destination");
-            }
-        }
+    let (mut rates, mut totals, mut floors, mut ratios) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Run 0 warms up and is not counted: the first RAM a process touches is the slowest
+    // here (see the floor above). Then the floor goes first in odd runs, ferry in even ones.
+    for run in 0..=runs {
+        let src = source(memory)?;
+        let (floor, report) = if run % 2 == 1 {
+            let floor = floor(&src, memory)?;
+            (floor, ferry(&src, memory)?)
+        } else {
+            let report = ferry(&src, memory)?;
+            (floor(&src, memory)?, report)
+        };
+        let ratio = report.bandwidth_mbps / floor;
         eprintln!(
-            "run {run}: {:.0} MB/s, {:.1} MiB in {:.1} ms, {} rounds",
+            "{}: {:.0} MB/s, {:.1} MiB in {:.1} ms, {} rounds; floor {floor:.0} MB/s; ratio {ratio:.2}",
+            if run == 0 { "warm-up".to_string() } else { format!("run {run}") },
             report.bandwidth_mbps,
             report.bytes as f64 / 1048576.0,
             report.total_ms,
-            report.rounds
+            report.rounds,
         );
-        rates.push(report.bandwidth_mbps);
-        totals.push(report.total_ms);
+        if run > 0 {
+            rates.push(report.bandwidth_mbps);
+            totals.push(report.total_ms);
+            floors.push(floor);
+            ratios.push(ratio);
+        }
     }
     let (lo, med, hi) = stats(&rates);
     println!(
@@ -93,5 +73,114 @@ fn main() -> Result<()> {
         memory >> 20,
         stats(&totals).1
     );
+    let (lo, med, hi) = stats(&floors);
+    println!("floor (plain writes and reads, RAM to fresh RAM): {lo:.0} / {med:.0} / {hi:.0} MB/s");
+    let (lo, med, hi) = stats(&ratios);
+    println!("ferry / floor, run by run: {lo:.2} / {med:.2} / {hi:.2}");
+    println!("host memory: {}", ferry_benches::page_reporting());
     Ok(())
+}
+
+/// A VM whose RAM holds no zero page (every page distinct) and whose vCPU never runs.
+fn source(memory: u64) -> Result<vmm::Vm> {
+    let image = ferry_tests::tiny::LONG_STORM;
+    let mut src = vmm::Vm::new(memory, 1, Box::new(std::io::sink()))?;
+    src.boot_raw(
+        image.bytes,
+        image.addr,
+        EntryPoint::Long64 {
+            rip: image.addr,
+            rsp: BOOT_STACK_TOP,
+        },
+    )?;
+    let mut chunk = vec![0u8; 1 << 20];
+    for (start, len) in src.ram_regions() {
+        for off in (0..len).step_by(chunk.len()) {
+            let gpa = start + off;
+            for (i, w) in chunk.chunks_exact_mut(8).enumerate() {
+                w.copy_from_slice(&(gpa + 8 * i as u64 + 1).to_le_bytes());
+            }
+            src.memory().write_slice(&chunk, GuestAddress(gpa))?;
+        }
+    }
+    Ok(src)
+}
+
+/// One ferry migration of `src` to a receiver thread; checks a few pages arrived.
+fn ferry(src: &vmm::Vm, memory: u64) -> Result<vmm::migrate::Report> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let dest = std::thread::spawn(move || -> Result<vmm::Vm> {
+        let (s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        Ok(vmm::migrate::receive_over(
+            s,
+            None,
+            Box::new(std::io::sink()),
+        )?)
+    });
+    let conn = TcpStream::connect(addr)?;
+    conn.set_nodelay(true)?;
+    let report =
+        vmm::migrate::send_over(src, conn, &vmm::migrate::Options::default(), &mut |_| {})?;
+    let dest = dest.join().expect("receiver thread")?;
+    let mut a = vec![0u8; 4096];
+    let mut b = vec![0u8; 4096];
+    for gpa in [0u64, memory / 2, memory - 4096] {
+        src.memory().read_slice(&mut a, GuestAddress(gpa))?;
+        dest.memory().read_slice(&mut b, GuestAddress(gpa))?;
+        if a != b {
+            bail!("page {gpa:#x} differs at the destination");
+        }
+    }
+    Ok(report)
+}
+
+/// The floor: all of `src`'s RAM over a loopback TCP connection into a fresh VM's RAM with
+/// plain writes and reads of 2 MiB, timed from the first write until the receiver has read
+/// the last byte; MB/s.
+fn floor(src: &vmm::Vm, memory: u64) -> Result<f64> {
+    const CHUNK: u64 = 2 << 20;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let regions = src.ram_regions();
+    let dest = std::thread::spawn(move || -> Result<()> {
+        let dest = vmm::Vm::new(memory, 1, Box::new(std::io::sink()))?;
+        let (mut s, _) = listener.accept()?;
+        for (start, len) in dest.ram_regions() {
+            let mut off = 0;
+            while off < len {
+                let n = CHUNK.min(len - off) as usize;
+                match dest
+                    .memory()
+                    .read_volatile_from(GuestAddress(start + off), &mut s, n)?
+                {
+                    0 => bail!("the floor's sender closed early"),
+                    got => off += got as u64,
+                }
+            }
+        }
+        s.write_all(b"k")?;
+        Ok(())
+    });
+    let send = || -> Result<f64> {
+        let mut conn = TcpStream::connect(addr)?;
+        conn.set_nodelay(true)?;
+        let started = std::time::Instant::now();
+        let mut bytes = 0;
+        for (start, len) in regions {
+            for off in (0..len).step_by(CHUNK as usize) {
+                let n = CHUNK.min(len - off) as usize;
+                src.memory()
+                    .write_all_volatile_to(GuestAddress(start + off), &mut conn, n)?;
+                bytes += n;
+            }
+        }
+        let mut ack = [0u8; 1];
+        conn.read_exact(&mut ack)?;
+        Ok(bytes as f64 / started.elapsed().as_secs_f64() / 1e6)
+    };
+    let sent = send();
+    dest.join().expect("floor receiver thread")?;
+    sent
 }
