@@ -7,8 +7,11 @@
 //!     target/release/migrate-bench --runs 5 --write BENCHMARKS.md
 //!
 //! Per case and VMM the guest boots once; every migration then moves it from the current
-//! process to a new one (the destination becomes the next source), so runs and modes follow
-//! each other on the same running guest. Metrics per migration:
+//! process to a new one (the destination becomes the next source). Modes are interleaved:
+//! each run migrates once in every mode, ferry's modes first in odd runs and QEMU's in even
+//! ones, so that the host's load drifting over a case (this kind of host is a VM on a shared
+//! server) falls on both VMMs alike; the guest of the VMM not migrating is paused meanwhile.
+//! Metrics per migration:
 //! - total time and downtime as the VMM reports them (ferry's report; QEMU's query-migrate);
 //! - guest-visible blackout: host time between the last heartbeat read from the source and
 //!   the first from the destination. The guest asks for a heartbeat every millisecond
@@ -408,101 +411,112 @@ fn blackout(src: &Proc, dst: &Proc) -> Result<f64> {
     Ok(first.saturating_duration_since(last).as_secs_f64() * 1e3)
 }
 
-fn ferry_case(ferry: &Path, case: &Case, runs: usize) -> Result<CaseResult> {
-    let (kernel, initrd, cmdline) = boot_files(case);
-    let sock = |n: usize| temp(&format!("ferry-{n}.sock"));
-    let mut n = 0;
-    let (fifo, beats) = debug_fifo("ferry-0.hb")?;
-    let mut cmd = Command::new(ferry);
-    cmd.arg("run").arg("--kernel").arg(&kernel);
-    if let Some(initrd) = &initrd {
-        cmd.arg("--initrd").arg(initrd);
+/// A case's guest under ferry, kept running across its migrations: `src` is the process
+/// that holds it now, listening on API socket `n`.
+struct FerryGuest {
+    ferry: PathBuf,
+    src: Proc,
+    n: usize,
+}
+
+impl FerryGuest {
+    fn sock(n: usize) -> PathBuf {
+        temp(&format!("ferry-{n}.sock"))
     }
-    cmd.args(["--memory", case.memory, "--vcpus", "1", "--cmdline"])
-        .arg(&cmdline)
-        .arg("--api-socket")
-        .arg(sock(n))
-        .arg("--debug-console")
-        .arg(fifo);
-    let mut src = Proc::spawn(&mut cmd, beats)?;
-    boot(&src)?;
-    let interval = src.heartbeat_interval_ms(500);
-    eprintln!("ferry, {}: heartbeat interval {interval:.2} ms", case.name);
-    let mut out = Vec::new();
-    for mode in FERRY_MODES {
+
+    fn boot(ferry: &Path, case: &Case) -> Result<FerryGuest> {
+        let (kernel, initrd, cmdline) = boot_files(case);
+        let (fifo, beats) = debug_fifo("ferry-0.hb")?;
+        let mut cmd = Command::new(ferry);
+        cmd.arg("run").arg("--kernel").arg(&kernel);
+        if let Some(initrd) = &initrd {
+            cmd.arg("--initrd").arg(initrd);
+        }
+        cmd.args(["--memory", case.memory, "--vcpus", "1", "--cmdline"])
+            .arg(&cmdline)
+            .arg("--api-socket")
+            .arg(Self::sock(0))
+            .arg("--debug-console")
+            .arg(fifo);
+        let src = Proc::spawn(&mut cmd, beats)?;
+        boot(&src)?;
+        Ok(FerryGuest {
+            ferry: ferry.to_path_buf(),
+            src,
+            n: 0,
+        })
+    }
+
+    fn ctl(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new(&self.ferry)
+            .arg("ctl")
+            .arg("--api-socket")
+            .arg(Self::sock(self.n))
+            .args(args)
+            .output()?)
+    }
+
+    /// Pauses or resumes the guest's vCPUs.
+    fn run(&self, on: bool) -> Result<()> {
+        let o = self.ctl(&[if on { "resume" } else { "pause" }])?;
+        if !o.status.success() {
+            bail!("ferry ctl: {}", String::from_utf8_lossy(&o.stderr).trim());
+        }
+        Ok(())
+    }
+
+    /// One migration to a new process, which then holds the guest (unless it failed).
+    fn migrate(&mut self, case: &Case, mode: &Mode, run: usize) -> Result<Option<Sample>> {
         let Mode::Ferry(_, extra) = mode else {
             unreachable!()
         };
-        let mut samples = Vec::new();
-        for run in 1..=runs {
-            settle(&src)?;
-            n += 1;
-            let url = format!("tcp:127.0.0.1:{}", free_port()?);
-            let (fifo, beats) = debug_fifo(&format!("ferry-{n}.hb"))?;
-            let dst = Proc::spawn(
-                Command::new(ferry)
-                    .args(["receive", "--listen", &url, "--api-socket"])
-                    .arg(sock(n))
-                    .arg("--debug-console")
-                    .arg(fifo),
-                beats,
-            )?;
-            dst.wait_line(0, MIGRATION_LIMIT, "the destination", |l| {
-                l.contains("waiting for a VM")
-            })?;
-            let o = Command::new(ferry)
-                .arg("ctl")
-                .arg("--api-socket")
-                .arg(sock(n - 1))
-                .args(["--json", "migrate", &url, "--timeout", "30s"])
-                .args(extra)
-                .output()?;
-            let answer: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-            let r = &answer["report"];
-            if answer["ok"] != true {
-                eprintln!(
-                    "{}: run {run}: {}",
-                    mode.name(),
-                    String::from_utf8_lossy(&o.stdout)
-                );
-                samples.push(None);
-                n -= 1;
-                continue;
-            }
-            src.wait_exit(MIGRATION_LIMIT)?;
-            let s = Sample {
-                total_ms: r["total_ms"].as_f64().unwrap_or(f64::NAN),
-                downtime_ms: r["downtime_ms"].as_f64().unwrap_or(f64::NAN),
-                blackout_ms: blackout(&src, &dst)?,
-                bytes: r["bytes"].as_f64().unwrap_or(f64::NAN),
-                rounds: r["rounds"].as_f64().unwrap_or(f64::NAN),
-            };
-            eprintln!("{}, {}: run {run}: {s:?}", case.name, mode.name());
-            if let Ok((_, got)) = dst.wait_line(0, MIGRATION_LIMIT, "received", |l| {
-                l.contains("received the VM")
-            }) {
-                let first = dst.beats.lock().unwrap()[0].0;
-                let last = src.beats.lock().unwrap().last().unwrap().0;
-                eprintln!(
-                    "  last source beat -> destination has it {:.1} ms -> first beat {:.1} ms; handshake {} ms, rounds {} ms, downtime {}",
-                    got.saturating_duration_since(last).as_secs_f64() * 1e3,
-                    first.saturating_duration_since(got).as_secs_f64() * 1e3,
-                    r["handshake_ms"],
-                    r["round_ms"],
-                    r["downtime_phases"]
-                );
-                for (_, l) in dst.lines.lock().unwrap().iter() {
-                    if l.contains("DEBUG") || l.contains("received the VM") {
-                        eprintln!("  destination: {l}");
-                    }
-                }
-            }
-            samples.push(Some(s));
-            src = dst;
+        let n = self.n + 1;
+        let url = format!("tcp:127.0.0.1:{}", free_port()?);
+        let (fifo, beats) = debug_fifo(&format!("ferry-{n}.hb"))?;
+        let dst = Proc::spawn(
+            Command::new(&self.ferry)
+                .args(["receive", "--listen", &url, "--api-socket"])
+                .arg(Self::sock(n))
+                .arg("--debug-console")
+                .arg(fifo),
+            beats,
+        )?;
+        dst.wait_line(0, MIGRATION_LIMIT, "the destination", |l| {
+            l.contains("waiting for a VM")
+        })?;
+        let mut args = vec!["--json", "migrate", &url, "--timeout", "30s"];
+        args.extend_from_slice(extra);
+        let o = self.ctl(&args)?;
+        let answer: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        let r = &answer["report"];
+        if answer["ok"] != true {
+            eprintln!(
+                "{}, {}: run {run}: {}",
+                case.name,
+                mode.name(),
+                String::from_utf8_lossy(&o.stdout)
+            );
+            return Ok(None);
         }
-        out.push((mode, samples));
+        self.src.wait_exit(MIGRATION_LIMIT)?;
+        let s = Sample {
+            total_ms: r["total_ms"].as_f64().unwrap_or(f64::NAN),
+            downtime_ms: r["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+            blackout_ms: blackout(&self.src, &dst)?,
+            bytes: r["bytes"].as_f64().unwrap_or(f64::NAN),
+            rounds: r["rounds"].as_f64().unwrap_or(f64::NAN),
+        };
+        eprintln!(
+            "{}, {}: run {run}: {s:?}; rounds {} ms, downtime {}",
+            case.name,
+            mode.name(),
+            r["round_ms"],
+            r["downtime_phases"]
+        );
+        self.src = dst;
+        self.n = n;
+        Ok(Some(s))
     }
-    Ok((interval, out))
 }
 
 /// A QMP connection.
@@ -602,68 +616,148 @@ fn qemu_setup(q: &mut Qmp, mode: &Mode) -> Result<()> {
     Ok(())
 }
 
-fn qemu_case(case: &Case, runs: usize) -> Result<CaseResult> {
-    let qmp_path = |n: usize| temp(&format!("qemu-{n}.qmp"));
-    let mut n = 0;
-    let (fifo, beats) = debug_fifo("qemu-0.hb")?;
-    let mut src = Proc::spawn(&mut qemu_cmd(case, &qmp_path(n), &fifo, false), beats)?;
-    let mut src_qmp = Qmp::connect(&qmp_path(n))?;
-    boot(&src)?;
-    let interval = src.heartbeat_interval_ms(500);
-    eprintln!("QEMU, {}: heartbeat interval {interval:.2} ms", case.name);
-    let mut out = Vec::new();
-    for mode in QEMU_MODES {
-        let mut samples = Vec::new();
-        for run in 1..=runs {
-            settle(&src)?;
-            n += 1;
-            let (fifo, beats) = debug_fifo(&format!("qemu-{n}.hb"))?;
-            let dst = Proc::spawn(&mut qemu_cmd(case, &qmp_path(n), &fifo, true), beats)?;
-            let mut dst_qmp = Qmp::connect(&qmp_path(n))?;
-            qemu_setup(&mut dst_qmp, &mode)?;
-            let uri = format!("tcp:127.0.0.1:{}", free_port()?);
-            dst_qmp.exec("migrate-incoming", json!({ "uri": uri }))?;
-            qemu_setup(&mut src_qmp, &mode)?;
-            src_qmp.exec("migrate", json!({ "uri": uri }))?;
-            let deadline = Instant::now() + MIGRATION_LIMIT;
-            let info = loop {
-                let info = src_qmp.exec("query-migrate", json!({}))?;
-                match info["status"].as_str() {
-                    Some("completed") => break Some(info),
-                    Some("failed") | Some("cancelled") => bail!("QEMU migration: {info}"),
-                    _ if Instant::now() > deadline => break None,
-                    _ => std::thread::sleep(Duration::from_millis(1)),
-                }
-            };
-            let Some(info) = info else {
-                eprintln!(
-                    "{}, {}: run {run}: did not finish in {MIGRATION_LIMIT:?}",
-                    case.name,
-                    mode.name()
-                );
-                src_qmp.exec("migrate_cancel", json!({}))?;
-                samples.push(None);
-                drop(dst);
-                n -= 1;
-                continue;
-            };
-            let s = Sample {
-                total_ms: info["total-time"].as_f64().unwrap_or(f64::NAN),
-                downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
-                blackout_ms: blackout(&src, &dst)?,
-                bytes: info["ram"]["transferred"].as_f64().unwrap_or(f64::NAN),
-                rounds: info["ram"]["dirty-sync-count"].as_f64().unwrap_or(f64::NAN),
-            };
-            eprintln!("{}, {}: run {run}: {s:?}", case.name, mode.name());
-            samples.push(Some(s));
-            let _ = src_qmp.exec("quit", json!({}));
-            src = dst;
-            src_qmp = dst_qmp;
-        }
-        out.push((mode, samples));
+/// A case's guest under QEMU, kept running across its migrations.
+struct QemuGuest {
+    src: Proc,
+    qmp: Qmp,
+    n: usize,
+}
+
+impl QemuGuest {
+    fn qmp_path(n: usize) -> PathBuf {
+        temp(&format!("qemu-{n}.qmp"))
     }
-    drop(src);
-    Ok((interval, out))
+
+    fn boot(case: &Case) -> Result<QemuGuest> {
+        let (fifo, beats) = debug_fifo("qemu-0.hb")?;
+        let src = Proc::spawn(&mut qemu_cmd(case, &Self::qmp_path(0), &fifo, false), beats)?;
+        let qmp = Qmp::connect(&Self::qmp_path(0))?;
+        boot(&src)?;
+        Ok(QemuGuest { src, qmp, n: 0 })
+    }
+
+    /// Pauses or resumes the guest's vCPUs.
+    fn run(&mut self, on: bool) -> Result<()> {
+        self.qmp.exec(if on { "cont" } else { "stop" }, json!({}))?;
+        Ok(())
+    }
+
+    /// One migration to a new process, which then holds the guest (unless it did not
+    /// finish in time: then it is cancelled and the guest stays).
+    fn migrate(&mut self, case: &Case, mode: &Mode, run: usize) -> Result<Option<Sample>> {
+        let n = self.n + 1;
+        let (fifo, beats) = debug_fifo(&format!("qemu-{n}.hb"))?;
+        let dst = Proc::spawn(&mut qemu_cmd(case, &Self::qmp_path(n), &fifo, true), beats)?;
+        let mut dst_qmp = Qmp::connect(&Self::qmp_path(n))?;
+        qemu_setup(&mut dst_qmp, mode)?;
+        let uri = format!("tcp:127.0.0.1:{}", free_port()?);
+        dst_qmp.exec("migrate-incoming", json!({ "uri": uri }))?;
+        qemu_setup(&mut self.qmp, mode)?;
+        self.qmp.exec("migrate", json!({ "uri": uri }))?;
+        let deadline = Instant::now() + MIGRATION_LIMIT;
+        let info = loop {
+            let info = self.qmp.exec("query-migrate", json!({}))?;
+            match info["status"].as_str() {
+                Some("completed") => break Some(info),
+                Some("failed") | Some("cancelled") => bail!("QEMU migration: {info}"),
+                _ if Instant::now() > deadline => break None,
+                _ => std::thread::sleep(Duration::from_millis(1)),
+            }
+        };
+        let Some(info) = info else {
+            eprintln!(
+                "{}, {}: run {run}: did not finish in {MIGRATION_LIMIT:?}",
+                case.name,
+                mode.name()
+            );
+            self.qmp.exec("migrate_cancel", json!({}))?;
+            // The source runs on once the cancel has taken effect.
+            let deadline = Instant::now() + MIGRATION_LIMIT;
+            while self.qmp.exec("query-status", json!({}))?["status"] != "running" {
+                if Instant::now() > deadline {
+                    bail!("QEMU did not run again after migrate_cancel");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            return Ok(None);
+        };
+        let s = Sample {
+            total_ms: info["total-time"].as_f64().unwrap_or(f64::NAN),
+            downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
+            blackout_ms: blackout(&self.src, &dst)?,
+            bytes: info["ram"]["transferred"].as_f64().unwrap_or(f64::NAN),
+            rounds: info["ram"]["dirty-sync-count"].as_f64().unwrap_or(f64::NAN),
+        };
+        eprintln!("{}, {}: run {run}: {s:?}", case.name, mode.name());
+        let _ = self.qmp.exec("quit", json!({}));
+        self.src = dst;
+        self.qmp = dst_qmp;
+        self.n = n;
+        Ok(Some(s))
+    }
+}
+
+/// Both VMMs through every mode of a case, interleaved: each run migrates once in every
+/// mode, ferry's modes first in odd runs and QEMU's first in even ones, so that a change in
+/// the host's load in the course of the case falls on every mode alike. Each VMM's guest
+/// boots once; the one not migrating is paused (the heaviest case's guest keeps a core
+/// busy), and resumed and given [`SETTLE_BEATS`] before its next migration.
+fn run_case(ferry: &Path, case: &Case, args: &Args) -> Result<(CaseResult, CaseResult)> {
+    let want = |vmm: &str| args.only.as_deref().is_none_or(|o| o == vmm);
+    let mut f = want("ferry")
+        .then(|| FerryGuest::boot(ferry, case))
+        .transpose()?;
+    let f_beat = f
+        .as_ref()
+        .map_or(f64::NAN, |g| g.src.heartbeat_interval_ms(500));
+    if let Some(g) = &f {
+        g.run(false)?;
+    }
+    let mut q = want("qemu").then(|| QemuGuest::boot(case)).transpose()?;
+    let q_beat = q
+        .as_ref()
+        .map_or(f64::NAN, |g| g.src.heartbeat_interval_ms(500));
+    if let Some(g) = &mut q {
+        g.run(false)?;
+    }
+    eprintln!(
+        "{}: heartbeat interval ferry {f_beat:.2} ms, QEMU {q_beat:.2} ms",
+        case.name
+    );
+    let mut fs: Vec<Vec<Option<Sample>>> = vec![Vec::new(); FERRY_MODES.len()];
+    let mut qs: Vec<Vec<Option<Sample>>> = vec![Vec::new(); QEMU_MODES.len()];
+    for run in 1..=args.runs {
+        for ferry_turn in [run % 2 == 1, run % 2 == 0] {
+            if ferry_turn {
+                let Some(g) = &mut f else { continue };
+                g.run(true)?;
+                for (mode, samples) in FERRY_MODES.iter().zip(&mut fs) {
+                    settle(&g.src)?;
+                    samples.push(g.migrate(case, mode, run)?);
+                }
+                g.run(false)?;
+            } else {
+                let Some(g) = &mut q else { continue };
+                g.run(true)?;
+                for (mode, samples) in QEMU_MODES.iter().zip(&mut qs) {
+                    settle(&g.src)?;
+                    samples.push(g.migrate(case, mode, run)?);
+                }
+                g.run(false)?;
+            }
+        }
+    }
+    let results = |modes: &[Mode], samples: Vec<Vec<Option<Sample>>>, on: bool| {
+        if on {
+            modes.iter().copied().zip(samples).collect()
+        } else {
+            Vec::new()
+        }
+    };
+    Ok((
+        (f_beat, results(&FERRY_MODES, fs, f.is_some())),
+        (q_beat, results(&QEMU_MODES, qs, q.is_some())),
+    ))
 }
 
 /// "min / median / max" of the finished samples' field, or "did not finish".
@@ -704,7 +798,9 @@ fn main() -> Result<()> {
          tests/tiny/pvh_storm.S instead (a PVH ELF both VMMs boot: ring 3 rewriting 256 MiB at \
          native speed, a 1 ms local APIC timer heartbeat), migrated over loopback TCP from one process to a new one, {} runs per mode; \
          per case and VMM the guest boots once and each migration moves it on, after 50 \
-         heartbeats at its new host (a guest that just arrived warms up first). Cells are \
+         heartbeats at its new host (a guest that just arrived warms up first). Modes are \
+         interleaved: every run migrates once in each mode, ferry's modes first in odd runs \
+         and QEMU's in even ones, the other VMM's guest paused meanwhile. Cells are \
          min / **median** / max. Total time and downtime as each VMM reports them (ferry: \
          pause to Restored; QEMU: query-migrate); blackout: host time from the last heartbeat \
          of the source to the first of the destination (debug-port bytes: the measure's \
@@ -714,17 +810,7 @@ fn main() -> Result<()> {
     );
     let mut summary = String::new();
     for case in cases {
-        let skip = |vmm: &str| args.only.as_deref().is_some_and(|o| o != vmm);
-        let (f_beat, f) = if skip("ferry") {
-            (f64::NAN, Vec::new())
-        } else {
-            ferry_case(&ferry, case, args.runs)?
-        };
-        let (q_beat, q) = if skip("qemu") {
-            (f64::NAN, Vec::new())
-        } else {
-            qemu_case(case, args.runs)?
-        };
+        let ((f_beat, f), (q_beat, q)) = run_case(&ferry, case, &args)?;
         if f.is_empty() || q.is_empty() {
             continue;
         }
