@@ -79,6 +79,39 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64)> {
     ranges
 }
 
+/// Backs `[gpa, gpa + len)` of guest RAM with memory now, as a first write would (the kernel
+/// allocates and zeroes it), without changing what it holds: MADV_POPULATE_WRITE. The range
+/// is clipped to RAM; a part outside RAM is skipped. Fails where the kernel has no
+/// MADV_POPULATE_WRITE (before Linux 5.14).
+pub fn populate(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> std::io::Result<()> {
+    for region in mem.iter() {
+        let start = region.start_addr().0;
+        let from = gpa.max(start);
+        let to = gpa.saturating_add(len).min(start + region.len());
+        if from >= to {
+            continue;
+        }
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(from - start))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        // SAFETY: [host, host + (to - from)) lies inside this region's mapping (clipped
+        // above), which `mem` keeps alive for the call. MADV_POPULATE_WRITE only faults the
+        // pages in as writable, never changes their contents, so a vCPU or another thread
+        // writing them at the same time sees nothing different.
+        let rc = unsafe {
+            libc::madvise(
+                host.cast::<libc::c_void>(),
+                (to - from) as usize,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Guest RAM and the KVM memslots over it.
 #[derive(Debug)]
 pub struct GuestRam {
@@ -374,6 +407,28 @@ mod tests {
             assert!(set.contains(&p), "{p}: {set:?}");
         }
         assert!(set.iter().all(|p| !(600..1500).contains(p)), "{set:?}");
+    }
+
+    #[test]
+    fn populate_backs_ram_without_changing_it() {
+        let ram = GuestRam::new(8 << 20).unwrap();
+        ram.memory()
+            .write_obj(0x5au8, GuestAddress(10 * PAGE_SIZE + 1))
+            .unwrap();
+        // Past the end of RAM: clipped.
+        populate(ram.memory(), 4 << 20, 8 << 20).unwrap();
+        let bits = &ram.touched_pages()[0];
+        assert!(
+            bits[1024 / 64..].iter().all(|w| *w == u64::MAX),
+            "{bits:x?}"
+        );
+        let got: u8 = ram
+            .memory()
+            .read_obj(GuestAddress(10 * PAGE_SIZE + 1))
+            .unwrap();
+        assert_eq!(got, 0x5a);
+        let got: u64 = ram.memory().read_obj(GuestAddress(6 << 20)).unwrap();
+        assert_eq!(got, 0, "populated RAM reads as zero");
     }
 
     #[test]

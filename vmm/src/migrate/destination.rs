@@ -170,6 +170,8 @@ pub fn receive_with(
         }
         Ok(())
     };
+    // Round 0 fills fresh RAM: back it ahead of the pages (super::prefault).
+    let mut readahead = Some(super::prefault::Prefault::start(mem.clone()));
     // The round of the last page frame: the phase errors name.
     let mut round = 0;
     loop {
@@ -177,15 +179,21 @@ pub fn receive_with(
         match protocol::recv_precopy(&mut conn).map_err(proto(phase, "receiving memory"))? {
             Precopy::Pages(head) => {
                 round = head.round;
+                if let Some(r) = &mut readahead {
+                    r.frame(&head.runs);
+                }
                 receive_pages(&mem, &regions, head, &mut conn, Phase::Memory { round })?
             }
             Precopy::Cancel(reason) => return Err(Error::CancelledBySource(reason)),
             Precopy::Sync => {
+                // The end of round 0: later rounds rewrite pages already there.
+                readahead = None;
                 finish_building(&mut conn)?;
                 protocol::send(&mut conn, &Message::Synced)
                     .map_err(proto(phase, "sending Synced"))?
             }
             Precopy::State => {
+                drop(readahead);
                 finish_building(&mut conn)?;
                 break;
             }

@@ -25,6 +25,7 @@
 
 mod destination;
 mod net;
+mod prefault;
 mod source;
 
 pub use destination::{receive, receive_from, receive_over, receive_with, ReceiveOptions};
