@@ -411,6 +411,17 @@ fn blackout(src: &Proc, dst: &Proc) -> Result<f64> {
     Ok(first.saturating_duration_since(last).as_secs_f64() * 1e3)
 }
 
+/// A case's guest under one VMM, kept running across its migrations.
+trait Guest {
+    /// The process that holds the guest now.
+    fn src(&self) -> &Proc;
+    /// Pauses or resumes the guest's vCPUs.
+    fn run(&mut self, on: bool) -> Result<()>;
+    /// One migration to a new process, which then holds the guest; None if it did not
+    /// finish (the guest stays where it was).
+    fn migrate(&mut self, case: &Case, mode: &Mode, run: usize) -> Result<Option<Sample>>;
+}
+
 /// A case's guest under ferry, kept running across its migrations: `src` is the process
 /// that holds it now, listening on API socket `n`.
 struct FerryGuest {
@@ -455,9 +466,14 @@ impl FerryGuest {
             .args(args)
             .output()?)
     }
+}
 
-    /// Pauses or resumes the guest's vCPUs.
-    fn run(&self, on: bool) -> Result<()> {
+impl Guest for FerryGuest {
+    fn src(&self) -> &Proc {
+        &self.src
+    }
+
+    fn run(&mut self, on: bool) -> Result<()> {
         let o = self.ctl(&[if on { "resume" } else { "pause" }])?;
         if !o.status.success() {
             bail!("ferry ctl: {}", String::from_utf8_lossy(&o.stderr).trim());
@@ -465,7 +481,6 @@ impl FerryGuest {
         Ok(())
     }
 
-    /// One migration to a new process, which then holds the guest (unless it failed).
     fn migrate(&mut self, case: &Case, mode: &Mode, run: usize) -> Result<Option<Sample>> {
         let Mode::Ferry(_, extra) = mode else {
             unreachable!()
@@ -635,15 +650,19 @@ impl QemuGuest {
         boot(&src)?;
         Ok(QemuGuest { src, qmp, n: 0 })
     }
+}
 
-    /// Pauses or resumes the guest's vCPUs.
+impl Guest for QemuGuest {
+    fn src(&self) -> &Proc {
+        &self.src
+    }
+
     fn run(&mut self, on: bool) -> Result<()> {
         self.qmp.exec(if on { "cont" } else { "stop" }, json!({}))?;
         Ok(())
     }
 
-    /// One migration to a new process, which then holds the guest (unless it did not
-    /// finish in time: then it is cancelled and the guest stays).
+    /// A migration that does not finish in time is cancelled; the guest runs on.
     fn migrate(&mut self, case: &Case, mode: &Mode, run: usize) -> Result<Option<Sample>> {
         let n = self.n + 1;
         let (fifo, beats) = debug_fifo(&format!("qemu-{n}.hb"))?;
@@ -710,7 +729,7 @@ fn run_case(ferry: &Path, case: &Case, args: &Args) -> Result<(CaseResult, CaseR
     let f_beat = f
         .as_ref()
         .map_or(f64::NAN, |g| g.src.heartbeat_interval_ms(500));
-    if let Some(g) = &f {
+    if let Some(g) = &mut f {
         g.run(false)?;
     }
     let mut q = want("qemu").then(|| QemuGuest::boot(case)).transpose()?;
@@ -728,23 +747,18 @@ fn run_case(ferry: &Path, case: &Case, args: &Args) -> Result<(CaseResult, CaseR
     let mut qs: Vec<Vec<Option<Sample>>> = vec![Vec::new(); QEMU_MODES.len()];
     for run in 1..=args.runs {
         for ferry_turn in [run % 2 == 1, run % 2 == 0] {
-            if ferry_turn {
-                let Some(g) = &mut f else { continue };
-                g.run(true)?;
-                for (mode, samples) in FERRY_MODES.iter().zip(&mut fs) {
-                    settle(&g.src)?;
-                    samples.push(g.migrate(case, mode, run)?);
-                }
-                g.run(false)?;
+            let (g, modes, samples): (Option<&mut dyn Guest>, &[Mode], _) = if ferry_turn {
+                (f.as_mut().map(|g| g as _), &FERRY_MODES, &mut fs)
             } else {
-                let Some(g) = &mut q else { continue };
-                g.run(true)?;
-                for (mode, samples) in QEMU_MODES.iter().zip(&mut qs) {
-                    settle(&g.src)?;
-                    samples.push(g.migrate(case, mode, run)?);
-                }
-                g.run(false)?;
+                (q.as_mut().map(|g| g as _), &QEMU_MODES, &mut qs)
+            };
+            let Some(g) = g else { continue };
+            g.run(true)?;
+            for (mode, samples) in modes.iter().zip(samples) {
+                settle(g.src())?;
+                samples.push(g.migrate(case, mode, run)?);
             }
+            g.run(false)?;
         }
     }
     let results = |modes: &[Mode], samples: Vec<Vec<Option<Sample>>>, on: bool| {
