@@ -260,21 +260,27 @@ impl<C: Read + Write> Sender<'_, C> {
         })
     }
 
+    /// Reads the destination's answer, which must be `expected` (by name): its Failed, or
+    /// any other message, fails the migration in `phase`.
+    fn answer(
+        &mut self,
+        phase: Phase,
+        expected: &'static str,
+        what: &'static str,
+    ) -> Result<(), Error> {
+        match protocol::expect(&mut *self.conn, expected).map_err(proto(phase, what))? {
+            Message::Failed(reason) => Err(Error::DestinationFailed { phase, reason }),
+            m if m.name() == expected => Ok(()),
+            other => Err(Error::DestinationFailed {
+                phase,
+                reason: format!("expected {expected}, got {}", other.name()),
+            }),
+        }
+    }
+
     /// Waits for Restored, commits, waits for Running, and completes the report.
     fn finish(&mut self, paused_at: Instant) -> Result<Report, Error> {
-        let phase = Phase::Switchover;
-        match protocol::expect(&mut *self.conn, "Restored")
-            .map_err(proto(phase, "waiting for Restored"))?
-        {
-            Message::Restored => {}
-            Message::Failed(reason) => return Err(Error::DestinationFailed { phase, reason }),
-            other => {
-                return Err(Error::DestinationFailed {
-                    phase,
-                    reason: format!("unexpected {}", other.name()),
-                })
-            }
-        }
+        self.answer(Phase::Switchover, "Restored", "waiting for Restored")?;
         let downtime = paused_at.elapsed();
         // A Commit the socket did not take never reached the destination: the guest is
         // still only here, and the caller resumes it.
@@ -396,16 +402,7 @@ impl<C: Read + Write> Sender<'_, C> {
             // the bandwidth is end to end, and no backlog there lands in the downtime.
             let phase = self.phase();
             protocol::send(self.conn, &Message::Sync).map_err(proto(phase, "sending memory"))?;
-            match protocol::recv(self.conn).map_err(proto(phase, "waiting for Synced"))? {
-                Message::Synced => {}
-                Message::Failed(reason) => return Err(Error::DestinationFailed { phase, reason }),
-                other => {
-                    return Err(Error::DestinationFailed {
-                        phase,
-                        reason: format!("expected Synced, got {}", other.name()),
-                    })
-                }
-            }
+            self.answer(phase, "Synced", "waiting for Synced")?;
             self.round_bytes += 16;
             self.report.bytes += 16;
         }
