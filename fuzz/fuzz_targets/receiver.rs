@@ -32,6 +32,9 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             Ok(Precopy::Sync) => continue,
+            Ok(Precopy::Touched(words)) => {
+                assert!(words.len() <= protocol::MAX_TOUCHED_WORDS)
+            }
             Ok(Precopy::Cancel(_)) => return,
             Ok(Precopy::State) => break,
             Err(_) => return,

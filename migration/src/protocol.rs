@@ -4,6 +4,7 @@
 //! source                                   destination
 //! Hello {version, memory, vcpus, profile} ->
 //!                                          <- Accept | Refuse {reason}   (before any memory)
+//! Touched {2 MiB blocks in use}           ->   a hint: backs that RAM ahead of the pages
 //! Pages {round, runs} x n (precopy)       ->   written into the new VM's RAM
 //! Sync (after each round)                 ->
 //!                                          <- Synced   (every page so far is in RAM)
@@ -24,6 +25,10 @@ use crate::stream::{FORMAT_VERSION, MAX_PROFILE_JSON};
 
 /// Largest control payload (the Hello carries the CPU profile).
 pub const MAX_MESSAGE: u32 = MAX_PROFILE_JSON + 64;
+/// Most words in a Touched map: one bit per 2 MiB block of the largest guest-physical
+/// range a Hello can describe (stream::MAX_MEMORY plus the room above an MMIO hole).
+pub const MAX_TOUCHED_WORDS: usize =
+    ((crate::stream::MAX_MEMORY + crate::stream::MMIO_GAP_ALLOWANCE) >> 21).div_ceil(64) as usize;
 /// Largest reason string in Refuse/Failed.
 pub const MAX_REASON: u32 = 4096;
 
@@ -92,6 +97,10 @@ pub enum Message {
     State,
     /// Answer Synced once every page sent before this is in guest RAM.
     Sync,
+    /// Before round 0: which 2 MiB blocks of guest-physical memory hold a page the source
+    /// has touched (bit i of word i / 64: [i x 2 MiB, (i + 1) x 2 MiB)). A hint for the
+    /// destination to back that RAM ahead of the pages; round 0 itself decides what is sent.
+    Touched(Vec<u64>),
     /// The answer to Sync.
     Synced,
     /// Authentication (crate::auth): the source's nonce.
@@ -110,6 +119,7 @@ pub enum Precopy {
     Cancel(String),
     State,
     Sync,
+    Touched(Vec<u64>),
 }
 
 impl Message {
@@ -125,6 +135,7 @@ impl Message {
             Message::Cancel(_) => b"CNCL",
             Message::State => b"VMST",
             Message::Sync => b"SYNC",
+            Message::Touched(_) => b"TUCH",
             Message::Synced => b"SYND",
             Message::AuthChallenge(_) => b"AUT1",
             Message::AuthResponse(..) => b"AUT2",
@@ -145,6 +156,7 @@ impl Message {
             Message::Cancel(_) => "Cancel",
             Message::State => "State",
             Message::Sync => "Sync",
+            Message::Touched(_) => "Touched",
             Message::Synced => "Synced",
             Message::AuthChallenge(_) => "AuthChallenge",
             Message::AuthResponse(..) => "AuthResponse",
@@ -185,6 +197,16 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<(), Error> {
         | Message::State
         | Message::Sync
         | Message::Synced => {}
+        Message::Touched(words) => {
+            if words.len() > MAX_TOUCHED_WORDS {
+                return Err(Error::TooLarge {
+                    tag: "TUCH".into(),
+                    len: (4 + 8 * words.len()).try_into().unwrap_or(u32::MAX),
+                });
+            }
+            e.u32(words.len() as u32);
+            words.iter().for_each(|w| e.u64(*w));
+        }
         Message::AuthChallenge(n) | Message::AuthProof(n) => e.bytes(n),
         Message::AuthResponse(n, p) => {
             e.bytes(n);
@@ -230,8 +252,9 @@ pub fn recv_precopy(r: &mut impl Read) -> Result<Precopy, Error> {
         Message::Cancel(reason) => Ok(Precopy::Cancel(reason)),
         Message::State => Ok(Precopy::State),
         Message::Sync => Ok(Precopy::Sync),
+        Message::Touched(words) => Ok(Precopy::Touched(words)),
         other => Err(Error::Unexpected {
-            expected: "Pages, Sync, Cancel or State",
+            expected: "Pages, Sync, Touched, Cancel or State",
             found: other.name().into(),
         }),
     }
@@ -263,6 +286,17 @@ fn message(r: &mut impl Read, tag: [u8; 4], len: u32) -> Result<Message, Error> 
         b"VMST" => Message::State,
         b"SYNC" => Message::Sync,
         b"SYND" => Message::Synced,
+        b"TUCH" => {
+            let n = d.u32("Touched words")?;
+            if n as usize > MAX_TOUCHED_WORDS {
+                return Err(Error::TooLarge { tag: tag_s, len });
+            }
+            Message::Touched(
+                (0..n)
+                    .map(|_| d.u64("Touched word"))
+                    .collect::<Result<_, _>>()?,
+            )
+        }
         b"AUT1" => Message::AuthChallenge(d.array("auth nonce")?),
         b"AUT2" => Message::AuthResponse(d.array("auth nonce")?, d.array("auth proof")?),
         b"AUT3" => Message::AuthProof(d.array("auth proof")?),
@@ -309,6 +343,8 @@ mod tests {
             Message::State,
             Message::Sync,
             Message::Synced,
+            Message::Touched(vec![0b1011, u64::MAX]),
+            Message::Touched(Vec::new()),
             Message::AuthChallenge([1; 32]),
             Message::AuthResponse([2; 32], [3; 32]),
             Message::AuthProof([4; 32]),
@@ -335,6 +371,24 @@ mod tests {
         for cut in 0..buf.len() {
             assert!(recv(&mut &buf[..cut]).is_err(), "truncated at {cut}");
         }
+        // A Touched map longer than any Hello's RAM, or claiming more words than it holds.
+        let mut long = b"TUCH".to_vec();
+        long.extend_from_slice(&4u32.to_le_bytes());
+        long.extend_from_slice(&(MAX_TOUCHED_WORDS as u32 + 1).to_le_bytes());
+        assert!(matches!(
+            recv(&mut long.as_slice()),
+            Err(Error::TooLarge { .. })
+        ));
+        let mut short = b"TUCH".to_vec();
+        short.extend_from_slice(&12u32.to_le_bytes());
+        short.extend_from_slice(&2u32.to_le_bytes());
+        short.extend_from_slice(&7u64.to_le_bytes());
+        assert!(recv(&mut short.as_slice()).is_err());
+        assert!(send(
+            &mut Vec::new(),
+            &Message::Touched(vec![0; MAX_TOUCHED_WORDS + 1])
+        )
+        .is_err());
         let mut trailing = Vec::new();
         send(&mut trailing, &Message::Accept).unwrap();
         trailing[4] = 1;

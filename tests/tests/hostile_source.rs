@@ -103,6 +103,29 @@ fn an_unknown_or_misplaced_frame_is_refused() {
 }
 
 #[test]
+fn a_touched_map_not_of_this_ram_or_out_of_place_is_refused() {
+    // 64 MiB of RAM: 32 blocks, one word.
+    for words in [vec![], vec![u64::MAX; 2]] {
+        let e = against_destination(true, |a| {
+            let _ = protocol::send(a, &Message::Touched(words.clone()));
+        });
+        assert!(
+            e.contains("map of touched RAM has") && e.contains("needs 1"),
+            "{} words: {e}",
+            words.len()
+        );
+    }
+    // After round 0 it would back RAM the guest's pages are already in.
+    let e = against_destination(true, |a| {
+        let _ = a.write_all(&one_page_frame(0x10000));
+        let _ = protocol::send(a, &Message::Sync);
+        let _ = protocol::recv(a);
+        let _ = protocol::send(a, &Message::Touched(vec![1]));
+    });
+    assert!(e.contains("Touched") && e.contains("round"), "{e}");
+}
+
+#[test]
 fn a_stream_cut_anywhere_in_a_frame_is_an_error() {
     let frame = one_page_frame(0x10000);
     for cut in [1, 8, 12, 20, 100, frame.len() - 1] {

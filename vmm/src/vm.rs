@@ -489,6 +489,11 @@ impl Vm {
             .clear_dirty_log(&self.fd, region as u32, first_page, bits)?)
     }
 
+    /// The 2 MiB blocks of RAM the guest has touched (see [`GuestRam::resident_blocks`]).
+    pub fn resident_blocks(&self) -> Vec<u64> {
+        self.ram.resident_blocks()
+    }
+
     /// Pages ever touched, per RAM region (see [`GuestRam::touched_pages`]).
     pub fn touched_pages(&self) -> Vec<Vec<u64>> {
         self.ram.touched_pages()

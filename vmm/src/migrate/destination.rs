@@ -184,6 +184,26 @@ pub fn receive_with(
                 }
                 receive_pages(&mem, &regions, head, &mut conn, Phase::Memory { round })?
             }
+            Precopy::Touched(words) => {
+                // Before round 0's pages only: it says which RAM they will fill.
+                let Some(r) = readahead.as_mut().filter(|_| round == 0) else {
+                    return Err(proto(phase, "receiving memory")(
+                        protocol::Error::Unexpected {
+                            expected: "Pages, Sync, Cancel or State",
+                            found: "Touched".into(),
+                        },
+                    ));
+                };
+                let ram_end = regions.iter().map(|&(s, l)| s + l).max().unwrap_or(0);
+                let expected = ram_end.div_ceil(2 << 20).div_ceil(64);
+                if words.len() as u64 != expected {
+                    return Err(Error::BadTouchedMap {
+                        words: words.len(),
+                        expected,
+                    });
+                }
+                r.touched(&words);
+            }
             Precopy::Cancel(reason) => return Err(Error::CancelledBySource(reason)),
             Precopy::Sync => {
                 // The end of round 0: later rounds rewrite pages already there.

@@ -25,11 +25,16 @@ pub const AHEAD: u64 = 16 << 20;
 /// The helper's step: a transparent huge page.
 const BLOCK: u64 = 2 << 20;
 
-/// What the helper is asked to back: [next, end).
+/// What the helper is asked to back: [next, end) first, then the source's touched blocks
+/// from the top down while they lie at or above `floor`.
 #[derive(Debug, Default)]
 struct Window {
     next: u64,
     end: u64,
+    /// Blocks the source's guest touched, ascending; the helper takes them from the end.
+    plan: Vec<u64>,
+    /// The end of the highest frame received: the receiving thread works below it.
+    floor: u64,
     stop: bool,
 }
 
@@ -42,6 +47,10 @@ pub struct Prefault {
     last_end: u64,
     /// The current readahead, bytes (0: closed).
     window: u64,
+    /// A plan is being worked through: frames move the helper's floor.
+    planned: bool,
+    /// The end of the highest frame so far.
+    high: u64,
 }
 
 impl Prefault {
@@ -59,7 +68,31 @@ impl Prefault {
             helper,
             last_end: 0,
             window: 0,
+            planned: false,
+            high: 0,
         }
+    }
+
+    /// The source's map of touched 2 MiB blocks (bit i: guest addresses [i x 2 MiB,
+    /// (i + 1) x 2 MiB)): the helper backs them from the highest down, while the receiving
+    /// thread fills RAM from the lowest up, until the two meet (a block below the highest
+    /// frame received so far is the receiver's). Blocks outside RAM are skipped.
+    pub fn touched(&mut self, words: &[u64]) {
+        let plan: Vec<u64> = words
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &w)| {
+                (0..64)
+                    .filter(move |b| w >> b & 1 == 1)
+                    .map(move |b| (i as u64 * 64 + b) * BLOCK)
+            })
+            .collect();
+        self.planned = !plan.is_empty();
+        let (lock, wake) = &*self.shared;
+        let mut w = lock.lock().unwrap_or_else(|e| e.into_inner());
+        w.plan = plan;
+        w.floor = self.high;
+        wake.notify_one();
     }
 
     /// A frame's runs have arrived: a dense frame (its pages span at most twice their own
@@ -83,11 +116,16 @@ impl Prefault {
             _ => 0,
         };
         self.last_end = if dense { end } else { 0 };
-        if self.window == 0 {
+        self.high = self.high.max(end);
+        if self.window == 0 && !self.planned {
             return;
         }
         let (lock, wake) = &*self.shared;
         let mut w = lock.lock().unwrap_or_else(|e| e.into_inner());
+        w.floor = w.floor.max(end);
+        if self.window == 0 {
+            return;
+        }
         // Blocks below `end` hold this frame's pages: the receiving thread backed them.
         w.next = w.next.max(end.next_multiple_of(BLOCK));
         w.end = w.end.max(end.saturating_add(self.window));
@@ -116,15 +154,22 @@ fn run(mem: &GuestMemoryMmap, shared: &(Mutex<Window>, Condvar)) {
     loop {
         let block = {
             let mut w = lock.lock().unwrap_or_else(|e| e.into_inner());
-            while !w.stop && w.next >= w.end {
-                w = wake.wait(w).unwrap_or_else(|e| e.into_inner());
+            loop {
+                if w.stop {
+                    return;
+                }
+                if w.next < w.end {
+                    let at = w.next;
+                    w.next += BLOCK;
+                    break at;
+                }
+                match w.plan.pop() {
+                    Some(at) if at >= w.floor => break at,
+                    // The receiver has passed it, and every lower one.
+                    Some(_) => w.plan.clear(),
+                    None => w = wake.wait(w).unwrap_or_else(|e| e.into_inner()),
+                }
             }
-            if w.stop {
-                return;
-            }
-            let at = w.next;
-            w.next += BLOCK;
-            at
         };
         if let Err(e) = crate::memory::populate(mem, block, BLOCK) {
             log::info!("readahead of guest RAM off: {e}");
@@ -198,6 +243,23 @@ mod tests {
             p.frame(&frame(at, 512, 1));
         }
         assert_eq!(p.window, AHEAD, "the window stops doubling at AHEAD");
+    }
+
+    #[test]
+    fn touched_blocks_are_backed_from_the_top_down_to_the_receiver() {
+        let ram = GuestRam::new(64 * MIB).unwrap();
+        let mut p = Prefault::start(ram.memory().clone());
+        // The receiver is at 10 MiB: blocks 2 (4 MiB) and 4 (8 MiB) are below it.
+        p.frame(&frame(8 * MIB, 512, 1));
+        // Blocks 2, 4, 12, 20 and 31 (62 MiB, RAM's last).
+        p.touched(&[1 << 2 | 1 << 4 | 1 << 12 | 1 << 20 | 1 << 31]);
+        for gpa in [24 * MIB, 40 * MIB, 62 * MIB] {
+            assert!(wait_backed(&ram, gpa + 2 * MIB - PAGE_SIZE), "{gpa:#x}");
+        }
+        p.stop();
+        assert!(!backed(&ram, 4 * MIB), "a block below the receiver");
+        assert!(!backed(&ram, 8 * MIB), "the receiver's own block");
+        assert!(!backed(&ram, 30 * MIB), "a block not in the map");
     }
 
     #[test]

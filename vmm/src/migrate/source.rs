@@ -174,6 +174,16 @@ struct Sender<'a, C: Read + Write> {
 impl<C: Read + Write> Sender<'_, C> {
     fn run(&mut self) -> Result<Report, Error> {
         let vm = self.vm;
+        // First what round 0 will fill, so that the destination backs it meanwhile.
+        let t = Instant::now();
+        let map = self.touched_blocks();
+        log::debug!(
+            "touched map: {} blocks in {:?}",
+            map.iter().map(|w| w.count_ones()).sum::<u32>(),
+            t.elapsed()
+        );
+        protocol::send(self.conn, &Message::Touched(map))
+            .map_err(proto(Phase::Memory { round: 0 }, "sending the touched RAM"))?;
         vm.set_dirty_tracking(true)
             .map_err(|e| Error::Save(format!("starting dirty tracking: {e}")))?;
         self.send_round(None)?;
@@ -258,6 +268,18 @@ impl<C: Read + Write> Sender<'_, C> {
             r.downtime_phases.destination_ms = ms(t_sent.elapsed());
             r
         })
+    }
+
+    /// The Touched map: each 2 MiB block of guest-physical memory that holds a page the
+    /// guest has touched, from address 0 to the end of RAM.
+    fn touched_blocks(&self) -> Vec<u64> {
+        const BLOCK: u64 = 2 << 20;
+        let end = self.regions.iter().map(|&(s, l)| s + l).max().unwrap_or(0);
+        let mut words = vec![0u64; end.div_ceil(BLOCK).div_ceil(64) as usize];
+        for block in self.vm.resident_blocks().into_iter().map(|gpa| gpa / BLOCK) {
+            words[(block / 64) as usize] |= 1 << (block % 64);
+        }
+        words
     }
 
     /// Reads the destination's answer, which must be `expected` (by name): its Failed, or
