@@ -271,7 +271,11 @@ pub fn count_line(l: &str) -> Option<u64> {
 /// `ferry run --image` of a tiny guest with 64 MiB, `extra` arguments and a control socket
 /// at `sock`; returns once the socket exists.
 pub fn run_tiny(image: &crate::tiny::TinyImage, extra: &[&str], sock: &Path) -> Ferry {
-    let img = temp_path(&format!("{}.bin", image.name));
+    // A file per call: tests run in parallel, and one rewriting the image another ferry is
+    // loading would hand that one a truncated guest.
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let img = temp_path(&format!("{}-{n}.bin", image.name));
     std::fs::write(&img, image.bytes).expect("write the image");
     let mut args = vec![
         "run",
