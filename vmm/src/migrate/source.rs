@@ -51,6 +51,8 @@ fn send_on(
     let hello = Hello::new(vm.memory_size(), vm.num_vcpus(), vm.cpu_profile().to_json());
     protocol::send(&mut conn, &Message::Hello(hello))
         .map_err(proto(Phase::Handshake, "sending Hello"))?;
+    // While the destination checks the Hello: the map of RAM round 0 will fill.
+    let touched = touched_map(vm);
     match protocol::expect(&mut conn, "Accept")
         .map_err(proto(Phase::Handshake, "waiting for Accept"))?
     {
@@ -108,6 +110,7 @@ fn send_on(
             last_progress: started,
             progress,
             paused: false,
+            touched,
         };
         let r = s.run();
         drop(stop_throttle);
@@ -136,6 +139,23 @@ fn send_on(
             Err(e)
         }
     }
+}
+
+/// The Touched map: each 2 MiB block of guest-physical memory that holds a page the guest
+/// has touched, from address 0 to the end of RAM.
+fn touched_map(vm: &Vm) -> Vec<u64> {
+    const BLOCK: u64 = 2 << 20;
+    let end = vm
+        .ram_regions()
+        .iter()
+        .map(|&(s, l)| s + l)
+        .max()
+        .unwrap_or(0);
+    let mut words = vec![0u64; end.div_ceil(BLOCK).div_ceil(64) as usize];
+    for block in vm.resident_blocks().into_iter().map(|gpa| gpa / BLOCK) {
+        words[(block / 64) as usize] |= 1 << (block % 64);
+    }
+    words
 }
 
 fn count_pages(bits: &[Vec<u64>]) -> u64 {
@@ -169,20 +189,16 @@ struct Sender<'a, C: Read + Write> {
     progress: &'a mut dyn FnMut(&Progress),
     /// The guest is paused: the last round, no timeout any more.
     paused: bool,
+    /// The Touched map, sent before round 0.
+    touched: Vec<u64>,
 }
 
 impl<C: Read + Write> Sender<'_, C> {
     fn run(&mut self) -> Result<Report, Error> {
         let vm = self.vm;
         // First what round 0 will fill, so that the destination backs it meanwhile.
-        let t = Instant::now();
-        let map = self.touched_blocks();
-        log::debug!(
-            "touched map: {} blocks in {:?}",
-            map.iter().map(|w| w.count_ones()).sum::<u32>(),
-            t.elapsed()
-        );
-        protocol::send(self.conn, &Message::Touched(map))
+        let map = Message::Touched(std::mem::take(&mut self.touched));
+        protocol::send(self.conn, &map)
             .map_err(proto(Phase::Memory { round: 0 }, "sending the touched RAM"))?;
         vm.set_dirty_tracking(true)
             .map_err(|e| Error::Save(format!("starting dirty tracking: {e}")))?;
@@ -268,18 +284,6 @@ impl<C: Read + Write> Sender<'_, C> {
             r.downtime_phases.destination_ms = ms(t_sent.elapsed());
             r
         })
-    }
-
-    /// The Touched map: each 2 MiB block of guest-physical memory that holds a page the
-    /// guest has touched, from address 0 to the end of RAM.
-    fn touched_blocks(&self) -> Vec<u64> {
-        const BLOCK: u64 = 2 << 20;
-        let end = self.regions.iter().map(|&(s, l)| s + l).max().unwrap_or(0);
-        let mut words = vec![0u64; end.div_ceil(BLOCK).div_ceil(64) as usize];
-        for block in self.vm.resident_blocks().into_iter().map(|gpa| gpa / BLOCK) {
-            words[(block / 64) as usize] |= 1 << (block % 64);
-        }
-        words
     }
 
     /// Reads the destination's answer, which must be `expected` (by name): its Failed, or
