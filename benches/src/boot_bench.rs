@@ -38,9 +38,16 @@ fn parse_args() -> Result<Args> {
             "--runs" => a.runs = val()?.parse().context("--runs")?,
             "--memory" => a.memory = val()?,
             "--write" => a.write = Some(PathBuf::from(val()?)),
-            other => {
-                bail!("unknown argument {other:?} (expected --runs N, --memory SIZE, --write FILE)")
+            "--help" | "-h" => {
+                print!(
+                    "usage: boot-bench [--runs N] [--memory SIZE] [--write FILE]\n  \
+                     --runs N       boots per VMM (default 5)\n  \
+                     --memory SIZE  guest RAM (default 256M)\n  \
+                     --write FILE   replace the boot section of FILE (BENCHMARKS.md)\n"
+                );
+                std::process::exit(0);
             }
+            other => bail!("unknown argument {other:?} (see --help)"),
         }
     }
     if a.runs == 0 {

@@ -39,6 +39,14 @@ const END: &str = "<!-- migrate-bench end -->";
 const MIGRATION_LIMIT: Duration = Duration::from_secs(30);
 const BOOT_LIMIT: Duration = Duration::from_secs(900);
 
+const USAGE: &str = "\
+usage: migrate-bench [--runs N] [--write FILE] [--case NAME]... [--only ferry|qemu]
+  --runs N       migrations per mode and case (default 5)
+  --write FILE   replace the migration section of FILE (BENCHMARKS.md) with the table
+  --case NAME    only the cases whose name contains NAME (repeatable; default all)
+  --only VMM     only ferry's or only QEMU's modes (default both)
+";
+
 struct Args {
     runs: usize,
     write: Option<PathBuf>,
@@ -62,13 +70,26 @@ fn parse_args() -> Result<Args> {
             "--write" => a.write = Some(PathBuf::from(val()?)),
             "--case" => a.cases.push(val()?),
             "--only" => a.only = Some(val()?),
-            other => bail!(
-                "unknown argument {other:?} (expected --runs N, --write FILE, --case NAME...)"
-            ),
+            "--help" | "-h" => {
+                print!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (see --help)"),
         }
     }
     if a.runs == 0 {
         bail!("--runs must be at least 1");
+    }
+    if let Some(o) = a.only.as_deref().filter(|o| !["ferry", "qemu"].contains(o)) {
+        bail!("--only {o:?}: expected ferry or qemu");
+    }
+    if let Some(c) = a
+        .cases
+        .iter()
+        .find(|n| !CASES.iter().any(|c| c.name.contains(n.as_str())))
+    {
+        let names: Vec<&str> = CASES.iter().map(|c| c.name).collect();
+        bail!("--case {c:?} matches no case (cases: {})", names.join("; "));
     }
     Ok(a)
 }

@@ -34,7 +34,15 @@ fn main() -> Result<()> {
         match a.as_str() {
             "--memory" => memory = vmm::config::parse_size(&val()?)?,
             "--runs" => runs = val()?.parse()?,
-            other => bail!("unknown argument {other:?} (expected --memory SIZE, --runs N)"),
+            "--help" | "-h" => {
+                print!(
+                    "usage: page-throughput [--memory SIZE] [--runs N]\n  \
+                     --memory SIZE  guest RAM moved per run (default 1G)\n  \
+                     --runs N       runs, each paired with the host's floor (default 5)\n"
+                );
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (see --help)"),
         }
     }
     ferry_tests::require_kvm();
