@@ -25,10 +25,18 @@ use crate::stream::{FORMAT_VERSION, MAX_PROFILE_JSON};
 
 /// Largest control payload (the Hello carries the CPU profile).
 pub const MAX_MESSAGE: u32 = MAX_PROFILE_JSON + 64;
-/// Most words in a Touched map: one bit per 2 MiB block of the largest guest-physical
-/// range a Hello can describe (stream::MAX_MEMORY plus the room above an MMIO hole).
+/// The Touched map's unit: bit b of word w stands for guest addresses
+/// [(64 w + b) x TOUCHED_BLOCK, (64 w + b + 1) x TOUCHED_BLOCK).
+pub const TOUCHED_BLOCK: u64 = 2 << 20;
+/// Most words in a Touched map: that of the largest guest-physical range a Hello can
+/// describe (stream::MAX_MEMORY plus the room above an MMIO hole).
 pub const MAX_TOUCHED_WORDS: usize =
-    ((crate::stream::MAX_MEMORY + crate::stream::MMIO_GAP_ALLOWANCE) >> 21).div_ceil(64) as usize;
+    touched_words(crate::stream::MAX_MEMORY + crate::stream::MMIO_GAP_ALLOWANCE);
+
+/// The words of the Touched map of RAM that ends at guest address `ram_end`.
+pub const fn touched_words(ram_end: u64) -> usize {
+    ram_end.div_ceil(TOUCHED_BLOCK).div_ceil(64) as usize
+}
 /// Largest reason string in Refuse/Failed.
 pub const MAX_REASON: u32 = 4096;
 
@@ -97,8 +105,8 @@ pub enum Message {
     State,
     /// Answer Synced once every page sent before this is in guest RAM.
     Sync,
-    /// Before round 0: which 2 MiB blocks of guest-physical memory hold a page the source
-    /// has touched (bit i of word i / 64: [i x 2 MiB, (i + 1) x 2 MiB)). A hint for the
+    /// Before round 0: which blocks of guest-physical memory hold a page the source has
+    /// touched ([`TOUCHED_BLOCK`], [`touched_words`] of them). A hint for the
     /// destination to back that RAM ahead of the pages; round 0 itself decides what is sent.
     Touched(Vec<u64>),
     /// The answer to Sync.

@@ -185,8 +185,8 @@ pub fn receive_with(
                 receive_pages(&mem, &regions, head, &mut conn, Phase::Memory { round })?
             }
             Precopy::Touched(words) => {
-                // Before round 0's pages only: it says which RAM they will fill.
-                let Some(r) = readahead.as_mut().filter(|_| round == 0) else {
+                // In round 0 only (the readahead's lifetime): it says which RAM it fills.
+                let Some(r) = readahead.as_mut() else {
                     return Err(proto(phase, "receiving memory")(
                         protocol::Error::Unexpected {
                             expected: "Pages, Sync, Cancel or State",
@@ -195,8 +195,8 @@ pub fn receive_with(
                     ));
                 };
                 let ram_end = regions.iter().map(|&(s, l)| s + l).max().unwrap_or(0);
-                let expected = ram_end.div_ceil(2 << 20).div_ceil(64);
-                if words.len() as u64 != expected {
+                let expected = protocol::touched_words(ram_end);
+                if words.len() != expected {
                     return Err(Error::BadTouchedMap {
                         words: words.len(),
                         expected,

@@ -115,7 +115,7 @@ pub enum Error {
     #[error("the source sent pages at {gpa:#x} ({len} bytes) outside guest RAM")]
     PagesOutsideRam { gpa: u64, len: u64 },
     #[error("the source's map of touched RAM has {words} words, where this guest's RAM needs {expected}")]
-    BadTouchedMap { words: usize, expected: u64 },
+    BadTouchedMap { words: usize, expected: usize },
 }
 
 /// Defaults of `ferry ctl migrate`.

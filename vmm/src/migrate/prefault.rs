@@ -17,6 +17,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use migration::pages::{RunHead, PAGE_SIZE};
+use migration::protocol::TOUCHED_BLOCK;
 
 use crate::memory::GuestMemoryMmap;
 
@@ -24,6 +25,8 @@ use crate::memory::GuestMemoryMmap;
 pub const AHEAD: u64 = 16 << 20;
 /// The helper's step: a transparent huge page.
 const BLOCK: u64 = 2 << 20;
+// The helper backs one BLOCK per block of the source's Touched map.
+const _: () = assert!(TOUCHED_BLOCK == BLOCK);
 
 /// What the helper is asked to back: [next, end) first, then the source's touched blocks
 /// from the top down while they lie at or above `floor`.
@@ -73,8 +76,8 @@ impl Prefault {
         }
     }
 
-    /// The source's map of touched 2 MiB blocks (bit i: guest addresses [i x 2 MiB,
-    /// (i + 1) x 2 MiB)): the helper backs them from the highest down, while the receiving
+    /// The source's map of touched blocks (migration::protocol::TOUCHED_BLOCK): the helper
+    /// backs them from the highest down, while the receiving
     /// thread fills RAM from the lowest up, until the two meet (a block below the highest
     /// frame received so far is the receiver's). Blocks outside RAM are skipped.
     pub fn touched(&mut self, words: &[u64]) {
@@ -84,7 +87,7 @@ impl Prefault {
             .flat_map(|(i, &w)| {
                 (0..64)
                     .filter(move |b| w >> b & 1 == 1)
-                    .map(move |b| (i as u64 * 64 + b) * BLOCK)
+                    .map(move |b| (i as u64 * 64 + b) * TOUCHED_BLOCK)
             })
             .collect();
         self.planned = !plan.is_empty();

@@ -144,15 +144,13 @@ fn send_on(
 /// The Touched map: each 2 MiB block of guest-physical memory that holds a page the guest
 /// has touched, from address 0 to the end of RAM.
 fn touched_map(vm: &Vm) -> Vec<u64> {
-    const BLOCK: u64 = 2 << 20;
-    let end = vm
-        .ram_regions()
-        .iter()
-        .map(|&(s, l)| s + l)
-        .max()
-        .unwrap_or(0);
-    let mut words = vec![0u64; end.div_ceil(BLOCK).div_ceil(64) as usize];
-    for block in vm.resident_blocks().into_iter().map(|gpa| gpa / BLOCK) {
+    let end = vm.ram_regions().iter().map(|&(s, l)| s + l).max();
+    let mut words = vec![0u64; protocol::touched_words(end.unwrap_or(0))];
+    for block in vm
+        .resident_blocks()
+        .into_iter()
+        .map(|gpa| gpa / protocol::TOUCHED_BLOCK)
+    {
         words[(block / 64) as usize] |= 1 << (block % 64);
     }
     words
@@ -197,9 +195,11 @@ impl<C: Read + Write> Sender<'_, C> {
     fn run(&mut self) -> Result<Report, Error> {
         let vm = self.vm;
         // First what round 0 will fill, so that the destination backs it meanwhile.
-        let map = Message::Touched(std::mem::take(&mut self.touched));
-        protocol::send(self.conn, &map)
+        let words = std::mem::take(&mut self.touched);
+        let n = words.len() as u64;
+        protocol::send(self.conn, &Message::Touched(words))
             .map_err(proto(Phase::Memory { round: 0 }, "sending the touched RAM"))?;
+        self.report.bytes += 12 + 8 * n;
         vm.set_dirty_tracking(true)
             .map_err(|e| Error::Save(format!("starting dirty tracking: {e}")))?;
         self.send_round(None)?;
