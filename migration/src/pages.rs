@@ -11,7 +11,9 @@
 //! payload before it. The run table comes first so that a receiver can check every run
 //! against its memory map before it reads any page, and then read the pages straight into
 //! guest RAM ([`read_head`]); a sender gathers the head, the table and the pages with one
-//! vectored write ([`Frame`]).
+//! vectored write ([`Frame`]), the pages copied into the frame ([`BatchWriter::page_slot`])
+//! or, where nothing can change them meanwhile, taken where they lie
+//! ([`BatchWriter::commit_in_place`]).
 //!
 //! Invariants of a decoded head: every run is page aligned, has 1 or more pages, does not
 //! wrap; the payload length is exactly the head, the table, the data runs' pages and the CRC;
@@ -252,21 +254,26 @@ pub struct BatchWriter {
     data_pages: usize,
     pages: usize,
     round: u32,
+    /// Bytes of pages taken in place (not copied), which the caller writes.
+    in_place: usize,
 }
 
 /// A finished frame: head (frame head, round, run table), page data and CRC, to be written
-/// in that order ([`Frame::write_to`]).
+/// in that order ([`Frame::write_to`], or [`Frame::write_with`] for pages taken in place).
 #[derive(Debug)]
 pub struct Frame<'a> {
     pub head: &'a [u8],
+    /// The copied pages.
     pub data: &'a [u8],
+    /// Bytes of pages taken in place, which the writer supplies.
+    pub in_place: usize,
     pub crc: [u8; 4],
 }
 
 impl Frame<'_> {
     /// Bytes on the wire.
     pub fn len(&self) -> usize {
-        self.head.len() + self.data.len() + 4
+        self.head.len() + self.data.len() + self.in_place + 4
     }
 
     /// Never true: a frame has a head.
@@ -274,13 +281,31 @@ impl Frame<'_> {
         false
     }
 
-    /// Writes the frame with vectored writes (no copy into one buffer).
+    /// Writes a frame of copied pages with vectored writes (no copy into one buffer).
     pub fn write_to(&self, w: &mut impl Write) -> std::io::Result<()> {
-        let mut bufs = [
-            IoSlice::new(self.head),
-            IoSlice::new(self.data),
-            IoSlice::new(&self.crc),
-        ];
+        self.write_with(w, &[])
+    }
+
+    /// Writes the frame, the bytes of the pages taken in place being `pages`, in run order,
+    /// with vectored writes. `pages` must hold exactly those bytes (at most 1000 slices: a
+    /// writer joins the pages that lie next to each other).
+    pub fn write_with(&self, w: &mut impl Write, pages: &[&[u8]]) -> std::io::Result<()> {
+        let n: usize = pages.iter().map(|p| p.len()).sum();
+        if n != self.in_place || pages.len() > 1000 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{n} bytes in {} slices for a frame with {} bytes of pages in place",
+                    pages.len(),
+                    self.in_place
+                ),
+            ));
+        }
+        let mut bufs = Vec::with_capacity(pages.len() + 3);
+        bufs.push(IoSlice::new(self.head));
+        bufs.push(IoSlice::new(self.data));
+        bufs.extend(pages.iter().map(|p| IoSlice::new(p)));
+        bufs.push(IoSlice::new(&self.crc));
         let mut bufs = &mut bufs[..];
         while !bufs.is_empty() {
             match w.write_vectored(bufs) {
@@ -293,7 +318,7 @@ impl Frame<'_> {
         Ok(())
     }
 
-    /// The frame as one byte vector.
+    /// A frame of copied pages as one byte vector.
     pub fn to_vec(&self) -> Vec<u8> {
         [self.head, self.data, &self.crc].concat()
     }
@@ -316,6 +341,7 @@ impl BatchWriter {
             data_pages: 0,
             pages: 0,
             round: 0,
+            in_place: 0,
         }
     }
 
@@ -344,6 +370,7 @@ impl BatchWriter {
     /// cleared: the caller overwrites all of it).
     pub fn page_slot(&mut self) -> &mut [u8] {
         assert!(!self.is_full(), "page_slot on a full frame");
+        assert_eq!(self.in_place, 0, "page_slot on a frame of pages in place");
         let at = self.filled;
         self.filled += PAGE_SIZE;
         &mut self.data[at..at + PAGE_SIZE]
@@ -367,6 +394,28 @@ impl BatchWriter {
         false
     }
 
+    /// Takes guest page `gpa` where it lies, without copying it: `page` is its bytes, which
+    /// must not change until the frame is written ([`Frame::write_with`], given the data
+    /// pages in the order they were taken). Zero pages as in [`BatchWriter::commit_page`];
+    /// returns whether the page was zero. Must not be full; a frame holds copied pages or
+    /// pages in place, not both.
+    pub fn commit_in_place(&mut self, gpa: u64, page: &[u8], skip_zero: bool) -> bool {
+        assert!(!self.is_full(), "commit_in_place on a full frame");
+        assert_eq!(self.filled, 0, "commit_in_place on a frame of copied pages");
+        assert_eq!(page.len(), PAGE_SIZE, "commit_in_place of a partial page");
+        if is_zero(page) {
+            if !skip_zero {
+                self.push(gpa, true);
+            }
+            return true;
+        }
+        self.data_crc.update(page);
+        self.data_pages += 1;
+        self.in_place += PAGE_SIZE;
+        self.push(gpa, false);
+        false
+    }
+
     /// Adds one zero page without bytes.
     pub fn push_zero(&mut self, gpa: u64) {
         self.push(gpa, true);
@@ -386,7 +435,7 @@ impl BatchWriter {
     /// Completes the frame (head, run table, CRC); write it, then [`BatchWriter::reset`].
     pub fn finish(&mut self) -> Frame<'_> {
         self.head.clear();
-        let payload_len = 8 + self.runs.len() * RUN_SIZE + self.filled + 4;
+        let payload_len = 8 + self.runs.len() * RUN_SIZE + self.filled + self.in_place + 4;
         self.head.extend_from_slice(&TAG);
         self.head
             .extend_from_slice(&(payload_len as u32).to_le_bytes());
@@ -404,6 +453,7 @@ impl BatchWriter {
         Frame {
             head: &self.head,
             data: &self.data[..self.filled],
+            in_place: self.in_place,
             crc: crc.finalize().to_le_bytes(),
         }
     }
@@ -415,6 +465,7 @@ impl BatchWriter {
         self.runs.clear();
         self.data_pages = 0;
         self.pages = 0;
+        self.in_place = 0;
     }
 }
 
@@ -506,6 +557,32 @@ mod tests {
         let mut written = Vec::new();
         frame.write_to(&mut written).unwrap();
         assert_eq!(written, g);
+    }
+
+    #[test]
+    fn pages_in_place_make_the_same_frame_as_copied_ones() {
+        let pages = [(0x1000, 1u8), (0x2000, 0), (0x3000, 2), (0x8000, 3)];
+        let copied = build(&pages.map(|(g, v)| (g, Some(v))), true);
+        let mut w = BatchWriter::new();
+        w.set_round(7);
+        let bytes: Vec<Vec<u8>> = pages.iter().map(|(_, v)| page(*v)).collect();
+        let mut data: Vec<&[u8]> = Vec::new();
+        for ((gpa, _), b) in pages.iter().zip(&bytes) {
+            if !w.commit_in_place(*gpa, b, true) {
+                data.push(b);
+            }
+        }
+        assert_eq!(data.len(), 3);
+        let frame = w.finish();
+        assert_eq!(frame.len(), copied.len());
+        let mut written = Vec::new();
+        frame.write_with(&mut written, &data).unwrap();
+        assert_eq!(written, copied);
+        // Page bytes that are not the frame's are refused before anything is written.
+        let mut out = Vec::new();
+        assert!(frame.write_with(&mut out, &data[..2]).is_err());
+        assert!(frame.write_to(&mut out).is_err());
+        assert!(out.is_empty());
     }
 
     #[test]

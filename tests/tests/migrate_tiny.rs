@@ -1,5 +1,6 @@
 //! Live migration of the heavy ring-3 dirtier (tests/tiny/long_storm.S) inside one process,
-//! over a socket pair: the destination's memory equals the source's at switchover; a target
+//! over a socket pair: the destination's memory equals the source's at switchover, also for
+//! a guest paused before the migration (its pages sent from where they lie); a target
 //! that cannot be met is throttled, then met or cancelled with the guest running on, and the
 //! report says which; a cancel in the middle of a round leaves the guest on the source; a
 //! guest that dirties a page per round converges over a link with latency.
@@ -141,6 +142,34 @@ fn the_destination_memory_equals_the_source_at_switchover() {
     dest.start().unwrap();
     assert_runs_on(&dest);
     assert!(status(&dest).0 > at_switchover);
+}
+
+#[test]
+fn a_guest_paused_before_the_migration_moves_byte_for_byte_and_stays_paused_here() {
+    // Every round of a paused guest sends its pages from where they lie, not copied.
+    let src = storm();
+    src.vm.pause().unwrap();
+    let pass = check_consistent(&src.vm);
+    let (sent, received) = migrate(&src.vm, Options::default(), &mut |_| {});
+    let report = sent.expect("the migration completes");
+    let dest = received.expect("the destination has the VM");
+    assert_eq!(report.outcome, "completed");
+    assert!(
+        report.pages_per_round[0] >= PAGES,
+        "round 0 sent the working set: {:?}",
+        report.pages_per_round
+    );
+    assert_eq!(
+        report.pages_per_round[1..].iter().sum::<u64>(),
+        0,
+        "a paused guest dirties nothing after round 0"
+    );
+    assert_eq!(src.vm.state(), vmm::RunState::Paused);
+    assert_same_memory(&src.vm, &dest);
+    assert_eq!(check_consistent(&dest), pass);
+    dest.start().unwrap();
+    assert_runs_on(&dest);
+    assert!(status(&dest).0 > pass);
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use migration::auth::Key;
 use migration::protocol::{self, Hello, Message};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::vcpu::RunState;
 use crate::vm::Vm;
@@ -110,6 +110,8 @@ fn send_on(
             last_progress: started,
             progress,
             paused: false,
+            quiescent: was_paused,
+            in_place: Vec::new(),
             touched,
         };
         let r = s.run();
@@ -187,11 +189,18 @@ struct Sender<'a, C: Read + Write> {
     progress: &'a mut dyn FnMut(&Progress),
     /// The guest is paused: the last round, no timeout any more.
     paused: bool,
+    /// Nothing writes guest RAM until the migration ends: the guest was paused when it
+    /// began (the lifecycle guard keeps it so), or is paused for the last round. Pages are
+    /// then sent from where they lie, not copied into the frame first.
+    quiescent: bool,
+    /// The frame's pages taken in place: pieces (a region's bytes, start, end) of pages
+    /// that lie next to each other.
+    in_place: Vec<(&'a [u8], usize, usize)>,
     /// The Touched map, sent before round 0.
     touched: Vec<u64>,
 }
 
-impl<C: Read + Write> Sender<'_, C> {
+impl<'a, C: Read + Write> Sender<'a, C> {
     fn run(&mut self) -> Result<Report, Error> {
         let vm = self.vm;
         // First what round 0 will fill, so that the destination backs it meanwhile.
@@ -247,6 +256,7 @@ impl<C: Read + Write> Sender<'_, C> {
         let paused_at = Instant::now();
         vm.pause().map_err(|e| Error::Save(e.to_string()))?;
         self.paused = true;
+        self.quiescent = true;
         let t_paused = Instant::now();
         let more = vm
             .take_dirty()
@@ -362,6 +372,10 @@ impl<C: Read + Write> Sender<'_, C> {
         const ALL: [u64; CLEAR_WORDS] = [u64::MAX; CLEAR_WORDS];
         for (region, &(start, len)) in regions.iter().enumerate() {
             let words = (len / PAGE).div_ceil(64) as usize;
+            let in_place = match self.quiescent {
+                true => Some(region_bytes(vm, start, len)?),
+                false => None,
+            };
             for chunk in (0..words).step_by(CLEAR_WORDS) {
                 let end = (chunk + CLEAR_WORDS).min(words);
                 if manual {
@@ -402,12 +416,25 @@ impl<C: Read + Write> Sender<'_, C> {
                             break;
                         }
                         let gpa = start + offset;
-                        vm.memory()
-                            .read_slice(self.batch.page_slot(), GuestAddress(gpa))
-                            .map_err(|e| {
-                                Error::Save(format!("reading guest page {gpa:#x}: {e}"))
-                            })?;
-                        let zero = self.batch.commit_page(gpa, round0);
+                        let zero = match in_place {
+                            Some(bytes) => {
+                                let at = offset as usize;
+                                let page = &bytes[at..at + PAGE as usize];
+                                let zero = self.batch.commit_in_place(gpa, page, round0);
+                                if !zero {
+                                    self.take_in_place(bytes, at);
+                                }
+                                zero
+                            }
+                            None => {
+                                vm.memory()
+                                    .read_slice(self.batch.page_slot(), GuestAddress(gpa))
+                                    .map_err(|e| {
+                                        Error::Save(format!("reading guest page {gpa:#x}: {e}"))
+                                    })?;
+                                self.batch.commit_page(gpa, round0)
+                            }
+                        };
                         if zero {
                             self.report.zero_pages += 1;
                         }
@@ -453,15 +480,17 @@ impl<C: Read + Write> Sender<'_, C> {
     fn flush(&mut self) -> Result<(), Error> {
         if !self.batch.is_empty() {
             let phase = self.phase();
+            let pages: Vec<&[u8]> = self.in_place.iter().map(|(b, s, e)| &b[*s..*e]).collect();
             let frame = self.batch.finish();
             frame
-                .write_to(&mut *self.conn)
+                .write_with(&mut *self.conn, &pages)
                 .map_err(io(phase, "sending memory"))?;
             let n = frame.len() as u64;
             self.report.bytes += n;
             self.round_bytes += n;
         }
         self.batch.reset();
+        self.in_place.clear();
         // Pace while the guest runs; once it is paused, every millisecond is downtime.
         if let Some(bw) = self.opts.max_bandwidth.filter(|b| *b > 0 && !self.paused) {
             let due =
@@ -508,6 +537,18 @@ impl<C: Read + Write> Sender<'_, C> {
         Ok(())
     }
 
+    /// Adds the page at `offset` of a region's `bytes`, taken in place, to the frame's
+    /// data: to the last piece where it follows it.
+    fn take_in_place(&mut self, bytes: &'a [u8], offset: usize) {
+        if let Some((b, _, end)) = self.in_place.last_mut() {
+            if std::ptr::eq(*b, bytes) && *end == offset {
+                *end += PAGE as usize;
+                return;
+            }
+        }
+        self.in_place.push((bytes, offset, offset + PAGE as usize));
+    }
+
     /// The phase the source is in.
     fn phase(&self) -> Phase {
         if self.paused {
@@ -546,6 +587,23 @@ impl<C: Read + Write> Sender<'_, C> {
             bytes as f64 / t.as_secs_f64()
         }
     }
+}
+
+/// The bytes of the RAM region at guest address `start`, `len` long, for a guest that is
+/// quiescent (see `Sender::quiescent`): pages are read and sent from here without a copy.
+fn region_bytes(vm: &Vm, start: u64, len: u64) -> Result<&[u8], Error> {
+    let host = vm
+        .memory()
+        .get_slice(GuestAddress(start), len as usize)
+        .map_err(|e| Error::Save(format!("mapping RAM at {start:#x}: {e}")))?
+        .ptr_guard()
+        .as_ptr();
+    // SAFETY: [host, host + len) is the mapping of one RAM region (get_slice checked that
+    // it lies in one), which lives as long as `vm`. Nothing writes it while the slice is
+    // used: it is taken only while the guest is quiescent (its vCPUs paused, held so by the
+    // lifecycle guard; ferry has no device that writes guest RAM, and ferry itself writes
+    // it only when booting or restoring a VM), and no piece of it is kept past the round.
+    Ok(unsafe { std::slice::from_raw_parts(host, len as usize) })
 }
 
 /// The source's side of migration::auth: challenge, check the destination's proof, prove.
