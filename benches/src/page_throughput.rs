@@ -1,11 +1,16 @@
-//! Non-zero page throughput of ferry's migration path over loopback TCP: a paused VM whose
-//! RAM holds no zero page is live-migrated, inside this process, to a receiver on another
-//! thread (real KVM VMs on both sides, a real TCP connection), and the report's end-to-end
+//! Non-zero page throughput of ferry's migration path over loopback TCP: a VM whose RAM
+//! holds no zero page is live-migrated, inside this process, to a receiver on another thread
+//! (real KVM VMs on both sides, a real TCP connection), and the report's end-to-end
 //! bandwidth is printed: bytes on the wire over the time spent sending them, the destination
 //! having written every page into its guest RAM (the Sync after each round).
 //!
 //!     cargo build --release --workspace
-//!     target/release/page-throughput [--memory 1G] [--runs 5]
+//!     target/release/page-throughput [--memory 1G] [--runs 5] [--running]
+//!
+//! By default the VM's vCPU never runs: the guest cannot write its RAM, so ferry sends each
+//! page from where it lies (as it does for any guest's last round). With `--running` the
+//! vCPU runs (halted in a loop of `hlt`, so that it takes no CPU from the migration): the
+//! rounds take the path of a running guest, each page copied into the frame first.
 //!
 //! Each run is paired with a floor, measured just before it on the same host: the same bytes
 //! moved by the least work any page path over TCP can do, one `write` per 2 MiB straight
@@ -28,17 +33,21 @@ use vmm::boot::{layout::BOOT_STACK_TOP, EntryPoint};
 fn main() -> Result<()> {
     let mut memory = 1u64 << 30;
     let mut runs = 5;
+    let mut running = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut val = || it.next().with_context(|| format!("{a} needs a value"));
         match a.as_str() {
             "--memory" => memory = vmm::config::parse_size(&val()?)?,
             "--runs" => runs = val()?.parse()?,
+            "--running" => running = true,
             "--help" | "-h" => {
                 print!(
-                    "usage: page-throughput [--memory SIZE] [--runs N]\n  \
+                    "usage: page-throughput [--memory SIZE] [--runs N] [--running]\n  \
                      --memory SIZE  guest RAM moved per run (default 1G)\n  \
-                     --runs N       runs, each paired with the host's floor (default 5)\n"
+                     --runs N       runs, each paired with the host's floor (default 5)\n  \
+                     --running      the source's vCPU runs (halted): the path of a running\n                 \
+                     guest, pages copied into the frame (default: a paused guest's)\n"
                 );
                 std::process::exit(0);
             }
@@ -51,7 +60,7 @@ fn main() -> Result<()> {
     // Run 0 warms up and is not counted: the first RAM a process touches is the slowest
     // here (see the floor above). Then the floor goes first in odd runs, ferry in even ones.
     for run in 0..=runs {
-        let src = source(memory)?;
+        let src = source(memory, running)?;
         let (floor, report) = if run % 2 == 1 {
             let floor = floor(&src, memory)?;
             (floor, ferry(&src, memory)?)
@@ -77,8 +86,9 @@ fn main() -> Result<()> {
     }
     let (lo, med, hi) = stats(&rates);
     println!(
-        "non-zero page throughput over loopback TCP, {} MiB: {lo:.0} / {med:.0} / {hi:.0} MB/s (min/median/max of {runs}); total {:.1} ms median",
+        "non-zero page throughput over loopback TCP, {} MiB, {} guest: {lo:.0} / {med:.0} / {hi:.0} MB/s (min/median/max of {runs}); total {:.1} ms median",
         memory >> 20,
+        if running { "running" } else { "paused" },
         stats(&totals).1
     );
     let (lo, med, hi) = stats(&floors);
@@ -89,18 +99,13 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// A VM whose RAM holds no zero page (every page distinct) and whose vCPU never runs.
-fn source(memory: u64) -> Result<vmm::Vm> {
-    let image = ferry_tests::tiny::LONG_STORM;
+/// A VM whose RAM holds no zero page (every page distinct, but for the few bytes booting
+/// wrote) and whose vCPU, if `running`, runs a loop of `hlt`, else never runs.
+fn source(memory: u64, running: bool) -> Result<vmm::Vm> {
+    /// hlt; jmp back to the hlt.
+    const HLT_LOOP: [u8; 3] = [0xf4, 0xeb, 0xfd];
+    const ADDR: u64 = 0x10_0000;
     let mut src = vmm::Vm::new(memory, 1, Box::new(std::io::sink()))?;
-    src.boot_raw(
-        image.bytes,
-        image.addr,
-        EntryPoint::Long64 {
-            rip: image.addr,
-            rsp: BOOT_STACK_TOP,
-        },
-    )?;
     let mut chunk = vec![0u8; 1 << 20];
     for (start, len) in src.ram_regions() {
         for off in (0..len).step_by(chunk.len()) {
@@ -110,6 +115,17 @@ fn source(memory: u64) -> Result<vmm::Vm> {
             }
             src.memory().write_slice(&chunk, GuestAddress(gpa))?;
         }
+    }
+    src.boot_raw(
+        &HLT_LOOP,
+        ADDR,
+        EntryPoint::Long64 {
+            rip: ADDR,
+            rsp: BOOT_STACK_TOP,
+        },
+    )?;
+    if running {
+        src.start()?;
     }
     Ok(src)
 }
