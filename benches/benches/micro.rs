@@ -51,6 +51,15 @@ fn pages(c: &mut Criterion) {
             w.reset();
         })
     });
+    g.bench_function("encode a 2 MiB frame in place (no copy)", |b| {
+        b.iter(|| {
+            for (i, p) in src.chunks_exact(PAGE_SIZE).enumerate() {
+                w.commit_in_place(i as u64 * PAGE_SIZE as u64, p, false);
+            }
+            black_box(w.finish().len());
+            w.reset();
+        })
+    });
     for (i, p) in src.chunks_exact(PAGE_SIZE).enumerate() {
         w.page_slot().copy_from_slice(p);
         w.commit_page(i as u64 * PAGE_SIZE as u64, false);
