@@ -373,7 +373,10 @@ impl<'a, C: Read + Write> Sender<'a, C> {
         for (region, &(start, len)) in regions.iter().enumerate() {
             let words = (len / PAGE).div_ceil(64) as usize;
             let in_place = match self.quiescent {
-                true => Some(region_bytes(vm, start, len)?),
+                // SAFETY: the guest is quiescent (see the field): nothing writes its RAM
+                // until the migration ends, and the pieces taken from these bytes are
+                // written and dropped by the round's last flush.
+                true => Some(unsafe { region_bytes(vm, start, len)? }),
                 false => None,
             };
             for chunk in (0..words).step_by(CLEAR_WORDS) {
@@ -589,9 +592,15 @@ impl<'a, C: Read + Write> Sender<'a, C> {
     }
 }
 
-/// The bytes of the RAM region at guest address `start`, `len` long, for a guest that is
-/// quiescent (see `Sender::quiescent`): pages are read and sent from here without a copy.
-fn region_bytes(vm: &Vm, start: u64, len: u64) -> Result<&[u8], Error> {
+/// The bytes of the RAM region at guest address `start`, `len` long: pages are read and
+/// sent from here without a copy.
+///
+/// # Safety
+///
+/// Nothing may write the region while the returned slice or a piece of it is used: the
+/// guest's vCPUs are paused and stay so (ferry has no device that writes guest RAM, and
+/// ferry itself writes it only when booting or restoring a VM).
+unsafe fn region_bytes(vm: &Vm, start: u64, len: u64) -> Result<&[u8], Error> {
     let host = vm
         .memory()
         .get_slice(GuestAddress(start), len as usize)
@@ -599,10 +608,8 @@ fn region_bytes(vm: &Vm, start: u64, len: u64) -> Result<&[u8], Error> {
         .ptr_guard()
         .as_ptr();
     // SAFETY: [host, host + len) is the mapping of one RAM region (get_slice checked that
-    // it lies in one), which lives as long as `vm`. Nothing writes it while the slice is
-    // used: it is taken only while the guest is quiescent (its vCPUs paused, held so by the
-    // lifecycle guard; ferry has no device that writes guest RAM, and ferry itself writes
-    // it only when booting or restoring a VM), and no piece of it is kept past the round.
+    // it lies in one), which lives as long as `vm`; the caller guarantees that nothing
+    // writes it while the slice is used.
     Ok(unsafe { std::slice::from_raw_parts(host, len as usize) })
 }
 
