@@ -112,6 +112,26 @@ pub fn populate(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> std::io::Result<()
     Ok(())
 }
 
+/// The bytes of guest RAM `[gpa, gpa + len)`, read in place (no copy); None unless that
+/// range lies in one RAM region.
+///
+/// # Safety
+///
+/// Nothing may write that RAM while the returned slice or a piece of it is used: the
+/// guest's vCPUs are paused and stay so (ferry has no device that writes guest RAM, and
+/// ferry itself writes it only when booting or restoring a VM).
+pub unsafe fn ram_bytes(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Option<&[u8]> {
+    let host = mem
+        .get_slice(GuestAddress(gpa), len as usize)
+        .ok()?
+        .ptr_guard()
+        .as_ptr();
+    // SAFETY: [host, host + len) lies in the mapping of one RAM region (get_slice checked
+    // that), which lives as long as `mem`; the caller guarantees that nothing writes it
+    // while the slice is used.
+    Some(unsafe { std::slice::from_raw_parts(host, len as usize) })
+}
+
 /// Guest RAM and the KVM memslots over it.
 #[derive(Debug)]
 pub struct GuestRam {

@@ -32,13 +32,13 @@ pub use destination::{receive, receive_from, receive_over, receive_with, Receive
 pub use net::{check_local, Address, Listener};
 pub use source::{send, send_over};
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use migration::auth::{self, Key};
-use migration::protocol;
+use migration::protocol::{self, Message};
 
 use crate::vm::Vm;
 
@@ -316,4 +316,27 @@ fn nonce() -> Result<[u8; auth::NONCE_SIZE], Error> {
         .and_then(|mut f| f.read_exact(&mut n))
         .map_err(|e| Error::Auth(format!("reading /dev/urandom: {e}")))?;
     Ok(n)
+}
+
+/// The source's side of migration::auth: challenge, check the destination's proof, prove.
+fn authenticate_to(conn: &mut (impl Read + Write), key: &Key) -> Result<(), Error> {
+    let ns = nonce()?;
+    let auth = || proto(Phase::Handshake, "authenticating");
+    protocol::send(conn, &Message::AuthChallenge(ns)).map_err(auth())?;
+    let nd = match protocol::recv(conn).map_err(auth())? {
+        Message::AuthResponse(nd, proof) => {
+            key.check_destination(&ns, &nd, &proof).map_err(|_| {
+                Error::Auth("the destination could not prove the shared key".into())
+            })?;
+            nd
+        }
+        Message::Refuse(r) => return Err(Error::Refused(r)),
+        other => {
+            return Err(Error::Auth(format!(
+                "expected the destination's proof, got {}",
+                other.name()
+            )))
+        }
+    };
+    protocol::send(conn, &Message::AuthProof(key.source_proof(&nd, &ns))).map_err(auth())
 }

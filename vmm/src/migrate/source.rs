@@ -4,9 +4,8 @@ use std::io::{BufWriter, Read, Write};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
-use migration::auth::Key;
 use migration::protocol::{self, Hello, Message};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::vcpu::RunState;
 use crate::vm::Vm;
@@ -376,7 +375,11 @@ impl<'a, C: Read + Write> Sender<'a, C> {
                 // SAFETY: the guest is quiescent (see the field): nothing writes its RAM
                 // until the migration ends, and the pieces taken from these bytes are
                 // written and dropped by the round's last flush.
-                true => Some(unsafe { region_bytes(vm, start, len)? }),
+                true => Some(
+                    unsafe { crate::memory::ram_bytes(vm.memory(), start, len) }.ok_or_else(
+                        || Error::Save(format!("RAM at {start:#x} is not one region")),
+                    )?,
+                ),
                 false => None,
             };
             for chunk in (0..words).step_by(CLEAR_WORDS) {
@@ -590,48 +593,4 @@ impl<'a, C: Read + Write> Sender<'a, C> {
             bytes as f64 / t.as_secs_f64()
         }
     }
-}
-
-/// The bytes of the RAM region at guest address `start`, `len` long: pages are read and
-/// sent from here without a copy.
-///
-/// # Safety
-///
-/// Nothing may write the region while the returned slice or a piece of it is used: the
-/// guest's vCPUs are paused and stay so (ferry has no device that writes guest RAM, and
-/// ferry itself writes it only when booting or restoring a VM).
-unsafe fn region_bytes(vm: &Vm, start: u64, len: u64) -> Result<&[u8], Error> {
-    let host = vm
-        .memory()
-        .get_slice(GuestAddress(start), len as usize)
-        .map_err(|e| Error::Save(format!("mapping RAM at {start:#x}: {e}")))?
-        .ptr_guard()
-        .as_ptr();
-    // SAFETY: [host, host + len) is the mapping of one RAM region (get_slice checked that
-    // it lies in one), which lives as long as `vm`; the caller guarantees that nothing
-    // writes it while the slice is used.
-    Ok(unsafe { std::slice::from_raw_parts(host, len as usize) })
-}
-
-/// The source's side of migration::auth: challenge, check the destination's proof, prove.
-fn authenticate_to(conn: &mut (impl Read + Write), key: &Key) -> Result<(), Error> {
-    let ns = nonce()?;
-    let auth = || proto(Phase::Handshake, "authenticating");
-    protocol::send(conn, &Message::AuthChallenge(ns)).map_err(auth())?;
-    let nd = match protocol::recv(conn).map_err(auth())? {
-        Message::AuthResponse(nd, proof) => {
-            key.check_destination(&ns, &nd, &proof).map_err(|_| {
-                Error::Auth("the destination could not prove the shared key".into())
-            })?;
-            nd
-        }
-        Message::Refuse(r) => return Err(Error::Refused(r)),
-        other => {
-            return Err(Error::Auth(format!(
-                "expected the destination's proof, got {}",
-                other.name()
-            )))
-        }
-    };
-    protocol::send(conn, &Message::AuthProof(key.source_proof(&nd, &ns))).map_err(auth())
 }
