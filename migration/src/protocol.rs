@@ -184,8 +184,8 @@ impl Hello {
     }
 }
 
-/// Writes one message and flushes.
-pub fn send(w: &mut impl Write, m: &Message) -> Result<(), Error> {
+/// Writes one message and flushes; returns the bytes written.
+pub fn send(w: &mut impl Write, m: &Message) -> Result<u64, Error> {
     let mut e = Encoder::new();
     match m {
         Message::Hello(h) => {
@@ -228,7 +228,7 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<(), Error> {
     frame.extend_from_slice(&payload);
     w.write_all(&frame)?;
     w.flush()?;
-    Ok(())
+    Ok(frame.len() as u64)
 }
 
 /// Reads a frame head: tag and payload length.
@@ -358,7 +358,8 @@ mod tests {
             Message::AuthProof([4; 32]),
         ] {
             let mut buf = Vec::new();
-            send(&mut buf, &m).unwrap();
+            let n = send(&mut buf, &m).unwrap();
+            assert_eq!(n, buf.len() as u64, "{} bytes written", m.name());
             assert_eq!(recv(&mut buf.as_slice()).unwrap(), m);
         }
     }

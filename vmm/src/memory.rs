@@ -324,15 +324,18 @@ impl GuestRam {
             .collect()
     }
 
-    /// Guest addresses of the 2 MiB blocks of RAM (ascending) holding at least one page
-    /// resident in this process's memory (mincore: what the guest or ferry touched and the
-    /// kernel has not swapped out). Cheap (no per-page entries are built for untouched
-    /// RAM), and a hint only: a page swapped out counts as not resident. Where mincore
-    /// fails, every block counts.
-    pub fn resident_blocks(&self) -> Vec<u64> {
-        const BLOCK: u64 = 2 << 20;
+    /// Guest addresses of the blocks of `block` bytes (a power of two, 4 KiB to 64 MiB) of
+    /// RAM (ascending) holding at least one page resident in this process's memory
+    /// (mincore: what the guest or ferry touched and the kernel has not swapped out). Cheap
+    /// (no per-page entries are built for untouched RAM), and a hint only: a page swapped
+    /// out counts as not resident. Where mincore fails, every block counts.
+    pub fn resident_blocks(&self, block: u64) -> Vec<u64> {
         // Guest RAM looked at per call: 16 KiB of mincore vector.
         const PIECE: u64 = 64 << 20;
+        assert!(
+            block.is_power_of_two() && (PAGE_SIZE..=PIECE).contains(&block),
+            "resident_blocks of {block} bytes"
+        );
         let mut blocks = Vec::new();
         let mut vec = vec![0u8; (PIECE / PAGE_SIZE) as usize];
         for region in self.mem.iter() {
@@ -351,9 +354,9 @@ impl GuestRam {
                     libc::mincore(host.add(off as usize).cast(), n as usize, v.as_mut_ptr())
                 };
                 let failed = rc != 0;
-                for (i, pages) in v.chunks((BLOCK / PAGE_SIZE) as usize).enumerate() {
+                for (i, pages) in v.chunks((block / PAGE_SIZE) as usize).enumerate() {
                     if failed || pages.iter().any(|b| b & 1 != 0) {
-                        blocks.push((start + off) / BLOCK * BLOCK + i as u64 * BLOCK);
+                        blocks.push((start + off) / block * block + i as u64 * block);
                     }
                 }
             }
@@ -469,11 +472,12 @@ mod tests {
     #[test]
     fn resident_blocks_are_the_touched_ones() {
         let ram = GuestRam::new(72 << 20).unwrap();
-        assert_eq!(ram.resident_blocks(), Vec::<u64>::new());
+        assert_eq!(ram.resident_blocks(2 << 20), Vec::<u64>::new());
         for gpa in [5 * PAGE_SIZE, (6 << 20) + 1, (70 << 20) - 8] {
             ram.memory().write_obj(1u64, GuestAddress(gpa)).unwrap();
         }
-        assert_eq!(ram.resident_blocks(), vec![0, 6 << 20, 68 << 20]);
+        assert_eq!(ram.resident_blocks(2 << 20), vec![0, 6 << 20, 68 << 20]);
+        assert_eq!(ram.resident_blocks(64 << 20), vec![0, 64 << 20]);
     }
 
     #[test]

@@ -489,9 +489,10 @@ impl Vm {
             .clear_dirty_log(&self.fd, region as u32, first_page, bits)?)
     }
 
-    /// The 2 MiB blocks of RAM the guest has touched (see [`GuestRam::resident_blocks`]).
-    pub fn resident_blocks(&self) -> Vec<u64> {
-        self.ram.resident_blocks()
+    /// The blocks of `block` bytes of RAM the guest has touched (see
+    /// [`GuestRam::resident_blocks`]).
+    pub fn resident_blocks(&self, block: u64) -> Vec<u64> {
+        self.ram.resident_blocks(block)
     }
 
     /// Pages ever touched, per RAM region (see [`GuestRam::touched_pages`]).

@@ -210,7 +210,7 @@ pub fn receive_with(
                 readahead = None;
                 finish_building(&mut conn)?;
                 protocol::send(&mut conn, &Message::Synced)
-                    .map_err(proto(phase, "sending Synced"))?
+                    .map_err(proto(phase, "sending Synced"))?;
             }
             Precopy::State => {
                 drop(readahead);

@@ -338,5 +338,6 @@ fn authenticate_to(conn: &mut (impl Read + Write), key: &Key) -> Result<(), Erro
             )))
         }
     };
-    protocol::send(conn, &Message::AuthProof(key.source_proof(&nd, &ns))).map_err(auth())
+    protocol::send(conn, &Message::AuthProof(key.source_proof(&nd, &ns))).map_err(auth())?;
+    Ok(())
 }

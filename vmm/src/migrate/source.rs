@@ -142,13 +142,13 @@ fn send_on(
     }
 }
 
-/// The Touched map: each 2 MiB block of guest-physical memory that holds a page the guest
-/// has touched, from address 0 to the end of RAM.
+/// The Touched map: each block of guest-physical memory (protocol::TOUCHED_BLOCK) that
+/// holds a page the guest has touched, from address 0 to the end of RAM.
 fn touched_map(vm: &Vm) -> Vec<u64> {
     let end = vm.ram_regions().iter().map(|&(s, l)| s + l).max();
     let mut words = vec![0u64; protocol::touched_words(end.unwrap_or(0))];
     for block in vm
-        .resident_blocks()
+        .resident_blocks(protocol::TOUCHED_BLOCK)
         .into_iter()
         .map(|gpa| gpa / protocol::TOUCHED_BLOCK)
     {
@@ -204,10 +204,8 @@ impl<'a, C: Read + Write> Sender<'a, C> {
         let vm = self.vm;
         // First what round 0 will fill, so that the destination backs it meanwhile.
         let words = std::mem::take(&mut self.touched);
-        let n = words.len() as u64;
-        protocol::send(self.conn, &Message::Touched(words))
+        self.report.bytes += protocol::send(self.conn, &Message::Touched(words))
             .map_err(proto(Phase::Memory { round: 0 }, "sending the touched RAM"))?;
-        self.report.bytes += 12 + 8 * n;
         vm.set_dirty_tracking(true)
             .map_err(|e| Error::Save(format!("starting dirty tracking: {e}")))?;
         self.send_round(None)?;
@@ -271,14 +269,13 @@ impl<'a, C: Read + Write> Sender<'a, C> {
             .save_state_with(false)
             .map_err(|e| Error::Save(e.to_string()))?;
         let t_saved = Instant::now();
-        protocol::send(self.conn, &Message::State)
+        self.report.bytes += protocol::send(self.conn, &Message::State)
             .map_err(proto(Phase::Switchover, "sending the VM state"))?;
         let mut w = BufWriter::new(&mut *self.conn);
         self.report.bytes += migration::stream::write_vm(&mut w, &state)
             .and_then(|n| w.flush().map(|()| n))
             .map_err(io(Phase::Switchover, "sending the VM state"))?;
         drop(w);
-        self.report.bytes += 8;
         let t_sent = Instant::now();
         let ms_between = |a: Instant, b: Instant| ms(b.saturating_duration_since(a));
         self.report.downtime_phases = DowntimePhases {
@@ -460,10 +457,12 @@ impl<'a, C: Read + Write> Sender<'a, C> {
             // The destination has every page of the round in RAM before the next decision:
             // the bandwidth is end to end, and no backlog there lands in the downtime.
             let phase = self.phase();
-            protocol::send(self.conn, &Message::Sync).map_err(proto(phase, "sending memory"))?;
+            let sync = protocol::send(self.conn, &Message::Sync)
+                .map_err(proto(phase, "sending memory"))?;
             self.answer(phase, "Synced", "waiting for Synced")?;
-            self.round_bytes += 16;
-            self.report.bytes += 16;
+            // Sync, and Synced back (an empty message, as long).
+            self.round_bytes += 2 * sync;
+            self.report.bytes += 2 * sync;
         }
         if self.round_bytes >= BULK_ROUND {
             self.busy_bytes += self.round_bytes;
