@@ -131,6 +131,7 @@ fn state(c: &mut Criterion) {
                             64 << 20,
                             vcpus,
                             &saved.cpu_profile,
+                            saved.guest_cpu.as_ref(),
                             Box::new(std::io::sink()),
                         )
                         .unwrap()

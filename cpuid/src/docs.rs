@@ -62,6 +62,7 @@ pub fn markdown() -> String {
          offered: the hypercall instruction is vendor-specific, and on emulating KVM hosts it never\n\
          completes.\n\n",
     );
+    moving_between_hosts(&mut s);
     s.push_str("## The catalogue\n\nNames as Linux prints them in /proc/cpuinfo.\n\n| feature | leaf | subleaf | register | bit | vendor |\n|---|---|---|---|---|---|\n");
     for f in CATALOGUE {
         let v = match f.vendors {
@@ -80,6 +81,47 @@ pub fn markdown() -> String {
         );
     }
     s
+}
+
+/// The policies of crate::effective and crate::tsc.
+fn moving_between_hosts(s: &mut String) {
+    s.push_str(
+        "## Moving between hosts\n\n\
+         A snapshot or a migration carries the guest CPU as the saving host ran it (format version 2,\n\
+         GCPU): that host's vendor and signature, the guest's TSC rate, and vCPU 0's CPUID table as\n\
+         that host's KVM held it. The host that takes the guest in builds a vCPU of the same profile,\n\
+         reads back what its own KVM holds, and decides before any of the guest's memory is written\n\
+         (a migration: before it accepts the Hello). A snapshot of format version 1 carries none of\n\
+         this: only the profile is checked, and the guest's TSC runs at the new host's rate.\n\n\
+         ### The effective CPUID table\n\n\
+         | difference between the saved table and this host's | decision |\n|---|---|\n\
+         | vendor string or leaf 1 signature | refused: the guest would see another CPU |\n\
+         | a feature the profile offers, gone here | refused: the guest saw it at boot |\n\
+         | a feature the profile offers, here but not in the saved table | refused: the saving host's KVM took it away |\n\
+         | a feature the profile hides, forced by the saving host's KVM, gone here | reported, naming it |\n\
+         | a feature the profile hides, forced by this host's KVM | reported, naming it |\n\
+         | other bits (leaf 0xD sizes, max subleaves) | reported, naming leaf and register |\n\n\
+         Forced bits come from a KVM that emulates guest ring 0 (kvm_pvm): it ORs its host's feature\n\
+         bits into leaves 1, 7 and 0xD after KVM_SET_CPUID2, so an AMD EPYC host and an Intel Xeon\n\
+         host force different sets into the same profile. The profile hides them; a guest that uses\n\
+         what its CPUID offers must also be kept from using them (the test guest's command line\n\
+         clears what the emulator cannot run).\n\n\
+         ### TSC rate\n\n",
+    );
+    let _ = write!(
+        s,
+        "Two rates within {} parts per million are one rate (KVM's own tolerance). Otherwise:\n\n",
+        crate::tsc::TOLERANCE_PPM
+    );
+    s.push_str(
+        "| this host | the profile | decision |\n|---|---|---|\n\
+         | can scale (KVM_CAP_TSC_CONTROL) | any | KVM_SET_TSC_KHZ to the guest's rate on every vCPU |\n\
+         | cannot scale | promises an invariant TSC (`invtsc`) | refused: the promise would break |\n\
+         | cannot scale | offers no kvmclock | refused: nothing would keep the guest's time |\n\
+         | cannot scale | offers kvmclock, no `invtsc` | taken: the guest's TSC runs at this host's rate; kvmclock, whose parameters KVM computes for this host, keeps its time (said in the log) |\n\n\
+         Built-in profiles advertise `invtsc` only when every host of a baseline has it (never for\n\
+         the x86-64 levels), and every built-in offers kvmclock.\n\n",
+    );
 }
 
 #[cfg(test)]

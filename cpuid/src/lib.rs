@@ -5,6 +5,8 @@
 //! dump files / live host --parse--> CpuidDump (leaves) --features--> named feature set
 //! CpuidDump x N --baseline--> CpuProfile (identity + features + policies) --check(host)--> ok | missing
 //! CpuProfile + host + vCPU count --guest_table--> the CPUID table KVM gets
+//! saved effective table + this host's --effective::compare--> refused | reported
+//! guest TSC rate + this host's --tsc::plan--> keep | scale | unscaled | refused
 //! ```
 //! Pure: no /dev/kvm and no I/O besides reading dump files. The vmm crate applies what this
 //! crate computes.
@@ -13,9 +15,11 @@
 pub mod builtin;
 pub mod docs;
 pub mod dump;
+pub mod effective;
 pub mod features;
 pub mod leaf;
 pub mod profile;
 pub mod table;
+pub mod tsc;
 
 pub use leaf::{CpuidDump, Leaf, Reg, Vendor};

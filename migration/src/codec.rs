@@ -20,11 +20,12 @@
 //! The second half of this file encodes the state records of crate::state inside section
 //! payloads (crate-private; the stream module frames them).
 
-use crate::state::*;
-use crate::stream::{
-    IRQCHIP_SIZE, LAPIC_SIZE, MAX_CMDLINE, MAX_MEMR_RANGES, MAX_MSRS, MAX_PIT, MAX_RANGE_BYTES,
-    MAX_SERIAL_INPUT, MAX_XCRS, MAX_XSAVE_COMPONENT, MAX_XSAVE_COMPONENTS,
+use crate::limits::{
+    CPUID_ENTRY_SIZE, IRQCHIP_SIZE, LAPIC_SIZE, MAX_CMDLINE, MAX_CPUID_ENTRIES, MAX_MEMR_RANGES,
+    MAX_MSRS, MAX_PIT, MAX_RANGE_BYTES, MAX_SERIAL_INPUT, MAX_VENDOR, MAX_XCRS,
+    MAX_XSAVE_COMPONENT, MAX_XSAVE_COMPONENTS,
 };
+use crate::state::*;
 
 /// A codec error: what was being read or written, and where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -389,6 +390,40 @@ wire_record!(VcpuEvents: exception_injected, exception_nr, exception_has_error_c
     nmi_pending, nmi_masked, sipi_vector, smi_smm, smi_pending, smi_inside_nmi,
     smi_latched_init, triple_fault_pending, flags);
 
+wire_record!(CpuidEntry: function, index, eax, ebx, ecx, edx);
+
+/// GCPU (and the Hello from format version 2): host vendor and signature, TSC kHz, then
+/// the CPUID entries.
+pub(crate) fn enc_guest_cpu(e: &mut Encoder, g: &GuestCpu) -> Result<(), Error> {
+    e.str_u32("GuestCpu.host_vendor", &g.host_vendor, MAX_VENDOR)?;
+    e.u32(g.host_signature);
+    e.u32(g.tsc_khz);
+    e.count_u32("GuestCpu.cpuid", g.cpuid.len(), MAX_CPUID_ENTRIES)?;
+    g.cpuid.iter().for_each(|c| c.put(e));
+    Ok(())
+}
+
+pub(crate) fn dec_guest_cpu(d: &mut Decoder) -> Result<GuestCpu, Error> {
+    let host_vendor = d.str_u32("GuestCpu.host_vendor", MAX_VENDOR)?;
+    let host_signature = d.u32("GuestCpu.host_signature")?;
+    let tsc_khz = d.u32("GuestCpu.tsc_khz")?;
+    let n = d.count_u32(
+        "GuestCpu.cpuid",
+        MAX_CPUID_ENTRIES,
+        CPUID_ENTRY_SIZE as usize,
+    )?;
+    let mut cpuid = Vec::with_capacity(n);
+    for _ in 0..n {
+        cpuid.push(Wire::get(d, "CpuidEntry")?);
+    }
+    Ok(GuestCpu {
+        host_vendor,
+        host_signature,
+        tsc_khz,
+        cpuid,
+    })
+}
+
 /// CONF: memory, vcpus, cmdline.
 pub(crate) fn enc_config(e: &mut Encoder, c: &MachineConfig) -> Result<(), Error> {
     e.u64(c.memory);
@@ -558,6 +593,7 @@ mod tests {
         assert_eq!(size(&|e| Regs::default().put(e)), REGS_SIZE);
         assert_eq!(size(&|e| Sregs::default().put(e)), SREGS_SIZE);
         assert_eq!(size(&|e| DebugRegs::default().put(e)), DEBUG_SIZE);
+        assert_eq!(size(&|e| CpuidEntry::default().put(e)), CPUID_ENTRY_SIZE);
         assert_eq!(size(&|e| VcpuEvents::default().put(e)), EVENTS_SIZE);
     }
 

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod codec;
 pub mod converge;
+pub mod limits;
 pub mod pages;
 pub mod protocol;
 pub mod state;

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! source                                   destination
-//! Hello {version, memory, vcpus, profile} ->
+//! Hello {version, memory, vcpus, profile,  ->
+//!        guest CPU (TSC rate, CPUID as run)}
 //!                                          <- Accept | Refuse {reason}   (before any memory)
 //! Touched {2 MiB blocks in use}           ->   a hint: backs that RAM ahead of the pages
 //! Pages {round, runs} x n (precopy)       ->   written into the new VM's RAM
@@ -20,11 +21,12 @@
 
 use std::io::{Read, Write};
 
-use crate::codec::{Decoder, Encoder};
-use crate::stream::{FORMAT_VERSION, MAX_PROFILE_JSON};
+use crate::codec::{dec_guest_cpu, enc_guest_cpu, Decoder, Encoder};
+use crate::limits::{FORMAT_VERSION, MAX_GUEST_CPU, MAX_PROFILE_JSON};
+use crate::state::GuestCpu;
 
-/// Largest control payload (the Hello carries the CPU profile).
-pub const MAX_MESSAGE: u32 = MAX_PROFILE_JSON + 64;
+/// Largest control payload (the Hello carries the CPU profile and the guest CPU record).
+pub const MAX_MESSAGE: u32 = MAX_PROFILE_JSON + 64 + MAX_GUEST_CPU as u32;
 /// The Touched map's unit: bit b of word w stands for guest addresses
 /// [(64 w + b) x TOUCHED_BLOCK, (64 w + b + 1) x TOUCHED_BLOCK).
 pub const TOUCHED_BLOCK: u64 = 2 << 20;
@@ -86,6 +88,9 @@ pub struct Hello {
     pub vcpus: u32,
     /// The guest CPU profile, as its JSON file text.
     pub cpu_profile: String,
+    /// The guest CPU as the source runs it (format version 2 on; None from a version 1
+    /// source).
+    pub guest_cpu: Option<GuestCpu>,
 }
 
 /// A control message.
@@ -174,12 +179,13 @@ impl Message {
 }
 
 impl Hello {
-    pub fn new(memory: u64, vcpus: u32, cpu_profile: String) -> Self {
+    pub fn new(memory: u64, vcpus: u32, cpu_profile: String, guest_cpu: Option<GuestCpu>) -> Self {
         Hello {
             format_version: FORMAT_VERSION,
             memory,
             vcpus,
             cpu_profile,
+            guest_cpu,
         }
     }
 }
@@ -193,6 +199,13 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<u64, Error> {
             e.u64(h.memory);
             e.u32(h.vcpus);
             e.str_u32("Hello profile", &h.cpu_profile, MAX_PROFILE_JSON)?;
+            // From version 2: a presence byte, then the guest CPU record.
+            if h.format_version >= 2 {
+                e.u8(u8::from(h.guest_cpu.is_some()));
+                if let Some(g) = &h.guest_cpu {
+                    enc_guest_cpu(&mut e, g)?;
+                }
+            }
         }
         Message::Refuse(r) | Message::Failed(r) | Message::Cancel(r) => {
             let r: String = r.chars().take(MAX_REASON as usize / 4).collect();
@@ -278,12 +291,7 @@ fn message(r: &mut impl Read, tag: [u8; 4], len: u32) -> Result<Message, Error> 
     r.read_exact(&mut payload)?;
     let mut d = Decoder::new(&payload);
     let m = match &tag {
-        b"HELO" => Message::Hello(Hello {
-            format_version: d.u32("Hello version")?,
-            memory: d.u64("Hello memory")?,
-            vcpus: d.u32("Hello vcpus")?,
-            cpu_profile: d.str_u32("Hello profile", MAX_PROFILE_JSON)?,
-        }),
+        b"HELO" => Message::Hello(hello(&mut d)?),
         b"ACPT" => Message::Accept,
         b"RFSE" => Message::Refuse(d.str_u32("reason", MAX_REASON)?),
         b"RSTD" => Message::Restored,
@@ -319,6 +327,40 @@ fn message(r: &mut impl Read, tag: [u8; 4], len: u32) -> Result<Message, Error> 
     Ok(m)
 }
 
+/// A Hello's payload: the version 1 fields, then (version 2 on) the guest CPU record.
+fn hello(d: &mut Decoder) -> Result<Hello, Error> {
+    let format_version = d.u32("Hello version")?;
+    let memory = d.u64("Hello memory")?;
+    let vcpus = d.u32("Hello vcpus")?;
+    let cpu_profile = d.str_u32("Hello profile", MAX_PROFILE_JSON)?;
+    let guest_cpu = match format_version {
+        0 | 1 => None,
+        // A later version's fields are not this ferry's to read: the version alone is
+        // refused, by name (the receiver checks it first).
+        v if v > FORMAT_VERSION => {
+            d.take("Hello fields of a later version", d.remaining())?;
+            None
+        }
+        _ => match d.u8("Hello guest CPU present")? {
+            0 => None,
+            1 => Some(dec_guest_cpu(d)?),
+            other => {
+                return Err(Error::Unexpected {
+                    expected: "0 or 1 for the Hello's guest CPU presence byte",
+                    found: other.to_string(),
+                })
+            }
+        },
+    };
+    Ok(Hello {
+        format_version,
+        memory,
+        vcpus,
+        cpu_profile,
+        guest_cpu,
+    })
+}
+
 /// Reads a message and requires it to be `expected` (by name); Refuse and Failed come back
 /// as they are, for the caller to report.
 pub fn expect(r: &mut impl Read, expected: &'static str) -> Result<Message, Error> {
@@ -340,7 +382,22 @@ mod tests {
     #[test]
     fn messages_round_trip() {
         for m in [
-            Message::Hello(Hello::new(256 << 20, 2, "{\"x\":1}".into())),
+            Message::Hello(Hello::new(256 << 20, 2, "{\"x\":1}".into(), None)),
+            Message::Hello(Hello::new(
+                256 << 20,
+                2,
+                "{\"x\":1}".into(),
+                Some(crate::state::GuestCpu {
+                    host_vendor: "GenuineIntel".into(),
+                    host_signature: 0xc06f2,
+                    tsc_khz: 2_100_000,
+                    cpuid: vec![crate::state::CpuidEntry {
+                        function: 1,
+                        eax: 0x1_0676,
+                        ..Default::default()
+                    }],
+                }),
+            )),
             Message::Accept,
             Message::Refuse("missing features: ssse3".into()),
             Message::Restored,
@@ -376,7 +433,22 @@ mod tests {
         bad.extend_from_slice(&0u32.to_le_bytes());
         assert!(recv(&mut bad.as_slice()).is_err());
         let mut buf = Vec::new();
-        send(&mut buf, &Message::Hello(Hello::new(1, 1, "p".into()))).unwrap();
+        let h = Hello::new(
+            1,
+            1,
+            "p".into(),
+            Some(crate::state::GuestCpu {
+                host_vendor: "GenuineIntel".into(),
+                host_signature: 0xc06f2,
+                tsc_khz: 2_100_000,
+                cpuid: vec![crate::state::CpuidEntry {
+                    function: 1,
+                    eax: 0x1_0676,
+                    ..Default::default()
+                }],
+            }),
+        );
+        send(&mut buf, &Message::Hello(h)).unwrap();
         for cut in 0..buf.len() {
             assert!(recv(&mut &buf[..cut]).is_err(), "truncated at {cut}");
         }

@@ -171,12 +171,40 @@ pub struct MemoryRange {
     pub data: Vec<u8>,
 }
 
+/// One CPUID entry: the answer to (function, index).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuidEntry {
+    pub function: u32,
+    pub index: u32,
+    pub eax: u32,
+    pub ebx: u32,
+    pub ecx: u32,
+    pub edx: u32,
+}
+
+/// The guest CPU as the host that saved it ran it (format version 2 on): what a restoring
+/// or receiving host compares with its own before it takes the guest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuestCpu {
+    /// The saving host's CPU vendor string (`GenuineIntel`, `AuthenticAMD`) and CPUID leaf 1
+    /// EAX (family, model, stepping): where the state was made.
+    pub host_vendor: String,
+    pub host_signature: u32,
+    /// The guest's TSC rate in kHz (KVM_GET_TSC_KHZ), 0 if the host could not say.
+    pub tsc_khz: u32,
+    /// vCPU 0's CPUID table as the saving host's KVM held it (KVM_GET_CPUID2): the profile's
+    /// table plus whatever that KVM forced into it.
+    pub cpuid: Vec<CpuidEntry>,
+}
+
 /// A whole VM.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VmState {
     pub config: MachineConfig,
     /// The guest CPU profile as its JSON file text (cpuid crate).
     pub cpu_profile: String,
+    /// The guest CPU as the saving host ran it; None in a format version 1 stream.
+    pub guest_cpu: Option<GuestCpu>,
     pub vcpus: Vec<VcpuState>,
     pub irqchip: IrqchipState,
     pub serial: SerialState,

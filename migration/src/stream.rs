@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! "FERRYVM\0" | version u32 | flags u32
-//! CONF | CPUP | VCPU x config.vcpus (id 0..n) | IRQC | SERL | MEMR x 0.. | END
+//! CONF | CPUP | [GCPU] | VCPU x config.vcpus (id 0..n) | IRQC | SERL | MEMR x 0.. | END
 //! each section: tag [4] | version u16 | reserved u16 | length u64 | payload | CRC32 u32
 //! ```
 //!
@@ -13,6 +13,8 @@
 //!   that actually arrive by more than 1 MiB or the bytes already read;
 //! - anything unexpected (tag, order, count, version, reserved field, CRC, cap, range,
 //!   trailing byte) is an [`Error`] naming it; nothing panics on input;
+//! - every format version from [`OLDEST_FORMAT_VERSION`] to [`FORMAT_VERSION`] reads (GCPU
+//!   exists from version 2 on); any other version is refused by the header alone;
 //! - the writer validates the state with the same rules first ([`validate`]), so it never
 //!   writes a stream the reader refuses.
 
@@ -20,63 +22,12 @@ use std::fmt;
 use std::io::{self, Read, Write};
 
 use crate::codec::{self, Decoder, Encoder};
-use crate::codec::{dec_config, dec_irqchip, dec_memr, dec_serial, dec_vcpu};
-use crate::codec::{enc_config, enc_irqchip, enc_serial, enc_vcpu};
+use crate::codec::{dec_config, dec_guest_cpu, dec_irqchip, dec_memr, dec_serial, dec_vcpu};
+use crate::codec::{enc_config, enc_guest_cpu, enc_irqchip, enc_serial, enc_vcpu};
 use crate::codec::{DEBUG_SIZE, EVENTS_SIZE, PAIR_SIZE, REGS_SIZE, SREGS_SIZE};
 use crate::state::*;
 
-/// The first 8 bytes of every stream.
-pub const MAGIC: [u8; 8] = *b"FERRYVM\0";
-/// The stream format version this ferry writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
-/// The version of every section this ferry writes and reads.
-pub const SECTION_VERSION: u16 = 1;
-/// The stream header: magic, version, flags.
-pub const HEADER_SIZE: u64 = 16;
-/// A section's frame before its payload: tag, version, reserved, length.
-pub const FRAME_HEADER_SIZE: u64 = 16;
-/// The CRC32 after each payload.
-pub const CRC_SIZE: u64 = 4;
-
-/// Most vCPUs in a VM.
-pub const MAX_VCPUS: u32 = 256;
-/// Most guest RAM (config.memory), 1 TiB.
-pub const MAX_MEMORY: u64 = 1 << 40;
-/// Room above config.memory for RAM relocated above an MMIO hole: a range must end at or
-/// below config.memory + this. The vmm checks ranges against its real memory map.
-pub const MMIO_GAP_ALLOWANCE: u64 = 1 << 32;
-/// Longest kernel command line, bytes.
-pub const MAX_CMDLINE: u32 = 64 * 1024;
-/// Longest CPU profile JSON text, bytes.
-pub const MAX_PROFILE_JSON: u32 = 1 << 20;
-/// Most XSAVE components per vCPU, and the exclusive bound of their indices.
-pub const MAX_XSAVE_COMPONENTS: u32 = 64;
-/// Largest XSAVE component, bytes.
-pub const MAX_XSAVE_COMPONENT: u32 = 64 * 1024;
-/// XSAVE component 0 (x87): bytes 0..160 of the legacy region, MXCSR and MXCSR_MASK (bytes
-/// 24..32) included.
-pub const XSAVE_X87_SIZE: usize = 160;
-/// XSAVE component 1 (SSE): bytes 160..416 of the legacy region, XMM0-15 (MXCSR travels in
-/// component 0).
-pub const XSAVE_SSE_SIZE: usize = 256;
-/// Most MSRs per vCPU.
-pub const MAX_MSRS: u32 = 1024;
-/// Most XCRs per vCPU.
-pub const MAX_XCRS: u32 = 16;
-/// The local APIC page, exactly.
-pub const LAPIC_SIZE: usize = 1024;
-/// Each KVM irqchip payload (PIC master, PIC slave, IOAPIC), exactly.
-pub const IRQCHIP_SIZE: usize = 512;
-/// Largest PIT state, bytes.
-pub const MAX_PIT: u32 = 4096;
-/// Most unread serial input, bytes.
-pub const MAX_SERIAL_INPUT: u32 = 64 * 1024;
-/// Guest page size: memory ranges are aligned to and sized in pages.
-pub const PAGE_SIZE: u64 = 4096;
-/// Largest memory range in the stream, and most range bytes in one MEMR section (64 MiB).
-pub const MAX_RANGE_BYTES: u64 = 64 << 20;
-/// Most ranges in one MEMR section.
-pub const MAX_MEMR_RANGES: u32 = (MAX_RANGE_BYTES / PAGE_SIZE) as u32;
+pub use crate::limits::*;
 
 /// Payload caps per section: the largest payload the field caps allow.
 const CONF_CAP: u64 = 8 + 4 + 4 + MAX_CMDLINE as u64;
@@ -106,6 +57,7 @@ pub struct Tag(pub [u8; 4]);
 impl Tag {
     pub const CONF: Tag = Tag(*b"CONF");
     pub const CPUP: Tag = Tag(*b"CPUP");
+    pub const GCPU: Tag = Tag(*b"GCPU");
     pub const VCPU: Tag = Tag(*b"VCPU");
     pub const IRQC: Tag = Tag(*b"IRQC");
     pub const SERL: Tag = Tag(*b"SERL");
@@ -114,9 +66,10 @@ impl Tag {
 
     /// The position of this tag in the required order; None for an unknown tag.
     fn rank(self) -> Option<u8> {
-        const ORDER: [Tag; 7] = [
+        const ORDER: [Tag; 8] = [
             Tag::CONF,
             Tag::CPUP,
+            Tag::GCPU,
             Tag::VCPU,
             Tag::IRQC,
             Tag::SERL,
@@ -131,6 +84,7 @@ impl Tag {
         Some(match self {
             Tag::CONF => CONF_CAP,
             Tag::CPUP => CPUP_CAP,
+            Tag::GCPU => MAX_GUEST_CPU,
             Tag::VCPU => VCPU_CAP,
             Tag::IRQC => IRQC_CAP,
             Tag::SERL => SERL_CAP,
@@ -144,6 +98,7 @@ impl Tag {
         match self {
             Tag::CONF => "CONF payload",
             Tag::CPUP => "CPUP payload",
+            Tag::GCPU => "GCPU payload",
             Tag::VCPU => "VCPU payload",
             Tag::IRQC => "IRQC payload",
             Tag::SERL => "SERL payload",
@@ -186,8 +141,10 @@ pub enum Error {
     Truncated { offset: u64, what: &'static str },
     #[error("bad magic {found:02x?}: not a ferry VM stream")]
     BadMagic { found: [u8; 8] },
-    #[error("stream format version {found}, this ferry reads version {supported}")]
-    Version { found: u32, supported: u32 },
+    #[error("stream format version {found}, this ferry reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}")]
+    Version { found: u32 },
+    #[error("section {tag} at offset {offset} is not part of stream format version {version}")]
+    NotInVersion { tag: Tag, offset: u64, version: u32 },
     #[error("stream header flags {0:#x}: no flags are defined, must be 0")]
     Flags(u32),
     #[error("unknown section tag {tag} at offset {offset}")]
@@ -261,6 +218,9 @@ pub fn write_vm(w: &mut impl Write, vm: &VmState) -> io::Result<u64> {
     n += write_section(w, Tag::CONF, &[&encode(|e| enc_config(e, &vm.config))?])?;
     let profile = encode(|e| e.str_u32("cpu profile", &vm.cpu_profile, MAX_PROFILE_JSON))?;
     n += write_section(w, Tag::CPUP, &[&profile])?;
+    if let Some(g) = &vm.guest_cpu {
+        n += write_section(w, Tag::GCPU, &[&encode(|e| enc_guest_cpu(e, g))?])?;
+    }
     for vcpu in &vm.vcpus {
         n += write_section(w, Tag::VCPU, &[&encode(|e| enc_vcpu(e, vcpu))?])?;
     }
@@ -327,6 +287,9 @@ pub fn validate(vm: &VmState) -> Result<(), Error> {
             profile_len,
             MAX_PROFILE_JSON.into(),
         ));
+    }
+    if let Some(g) = &vm.guest_cpu {
+        check_guest_cpu(g)?;
     }
     let found = u32::try_from(vm.vcpus.len()).unwrap_or(u32::MAX);
     if found != vm.config.vcpus {
@@ -458,8 +421,8 @@ impl<R: Read> Input<'_, R> {
     }
 
     /// Magic, then version (so a stream of another version is named as such even when
-    /// truncated after it), then flags.
-    fn header(&mut self) -> Result<(), Error> {
+    /// truncated after it), then flags. Returns the version.
+    fn header(&mut self) -> Result<u32, Error> {
         let mut magic = [0u8; 8];
         self.exact(&mut magic, "stream magic")?;
         if magic != MAGIC {
@@ -468,15 +431,12 @@ impl<R: Read> Input<'_, R> {
         let mut word = [0u8; 4];
         self.exact(&mut word, "stream format version")?;
         let version = u32::from_le_bytes(word);
-        if version != FORMAT_VERSION {
-            return Err(Error::Version {
-                found: version,
-                supported: FORMAT_VERSION,
-            });
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
+            return Err(Error::Version { found: version });
         }
         self.exact(&mut word, "stream flags")?;
         match u32::from_le_bytes(word) {
-            0 => Ok(()),
+            0 => Ok(version),
             flags => Err(Error::Flags(flags)),
         }
     }
@@ -584,15 +544,32 @@ impl<R: Read> Input<'_, R> {
 
     /// The whole stream after the header's offset 0, through END.
     fn vm(&mut self) -> Result<VmState, Error> {
-        self.header()?;
+        let version = self.header()?;
         let f = self.expect(&[Tag::CONF], "CONF")?;
         let config = self.section(&f, dec_config)?;
         check_config(&config)?;
         let f = self.expect(&[Tag::CPUP], "CPUP")?;
         let cpu_profile = self.section(&f, |d| d.str_u32("cpu profile", MAX_PROFILE_JSON))?;
+        let mut next = self.frame()?;
+        let mut guest_cpu = None;
+        if next.tag == Tag::GCPU {
+            if version < 2 {
+                return Err(Error::NotInVersion {
+                    tag: next.tag,
+                    offset: next.offset,
+                    version,
+                });
+            }
+            guest_cpu = Some(self.section(&next, dec_guest_cpu)?);
+            next = self.frame()?;
+        }
+        let mut pending = Some(next);
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for id in 0..config.vcpus {
-            let f = self.frame()?;
+            let f = match pending.take() {
+                Some(f) => f,
+                None => self.frame()?,
+            };
             if f.tag == Tag::IRQC {
                 return Err(Error::VcpuCount {
                     expected: config.vcpus,
@@ -604,7 +581,10 @@ impl<R: Read> Input<'_, R> {
             check_vcpu(&vcpu, id)?;
             vcpus.push(vcpu);
         }
-        let f = self.frame()?;
+        let f = match pending.take() {
+            Some(f) => f,
+            None => self.frame()?,
+        };
         if f.tag == Tag::VCPU {
             return Err(Error::VcpuCount {
                 expected: config.vcpus,
@@ -640,6 +620,7 @@ impl<R: Read> Input<'_, R> {
         Ok(VmState {
             config,
             cpu_profile,
+            guest_cpu,
             vcpus,
             irqchip,
             serial,
@@ -682,6 +663,20 @@ fn check_config(c: &MachineConfig) -> Result<(), Error> {
     let len = c.cmdline.len() as u64;
     if len > u64::from(MAX_CMDLINE) {
         return Err(too_large("config.cmdline", len, MAX_CMDLINE.into()));
+    }
+    Ok(())
+}
+
+/// The rules for a GCPU record: a vendor string of at most 12 bytes, at most
+/// [`MAX_CPUID_ENTRIES`] entries.
+fn check_guest_cpu(g: &GuestCpu) -> Result<(), Error> {
+    let len = g.host_vendor.len() as u64;
+    if len > u64::from(MAX_VENDOR) {
+        return Err(too_large("GuestCpu.host_vendor", len, MAX_VENDOR.into()));
+    }
+    let n = g.cpuid.len() as u64;
+    if n > u64::from(MAX_CPUID_ENTRIES) {
+        return Err(too_large("GuestCpu.cpuid", n, MAX_CPUID_ENTRIES.into()));
     }
     Ok(())
 }

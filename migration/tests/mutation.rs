@@ -129,7 +129,18 @@ fn mutated_page_frames_never_panic() {
 fn mutated_protocol_messages_never_panic() {
     let mut corpus = Vec::new();
     for m in [
-        Message::Hello(Hello::new(256 << 20, 2, "{\"name\":\"x\"}".into())),
+        Message::Hello(Hello::new(256 << 20, 2, "{\"name\":\"x\"}".into(), None)),
+        Message::Hello(Hello::new(
+            1 << 30,
+            2,
+            "{\"name\":\"x\"}".into(),
+            Some(migration::GuestCpu {
+                host_vendor: "AuthenticAMD".into(),
+                host_signature: 0xa10f11,
+                tsc_khz: 2_596_096,
+                cpuid: vec![migration::CpuidEntry::default(); 3],
+            }),
+        )),
         Message::Accept,
         Message::Refuse("missing features: ssse3".into()),
         Message::Cancel("timed out".into()),

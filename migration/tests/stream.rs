@@ -3,14 +3,18 @@
 //! order, duplicates, trailing bytes, memory ranges outside the guest).
 //!
 //! `FERRY_UPDATE_GOLDEN=1 cargo test -p ferry-migration --test stream` rewrites the golden
-//! file from `golden_vm()`; review the diff of docs/migration-format.md with it.
+//! file of the current format version from `golden_vm()`; review the diff of
+//! docs/migration-format.md with it. The golden files of earlier versions are never
+//! rewritten: they are what ferry of that version wrote, and must keep reading.
 
 use std::io::{self, Read};
 
 use migration::stream::{self, Error, Tag, FORMAT_VERSION, MAX_RANGE_BYTES};
 use migration::*;
 
-const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/v1-small.bin");
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/v2-small.bin");
+/// Written by format version 1 (no GCPU section), from `golden_vm()` without `guest_cpu`.
+const GOLDEN_V1: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/v1-small.bin");
 
 /// Deterministic bytes (xorshift64*) so the golden file never changes by accident.
 fn fill(seed: u64, len: usize) -> Vec<u8> {
@@ -150,6 +154,29 @@ fn golden_vm() -> VmState {
             cmdline: "console=ttyS0 panic=-1 noxsave".into(),
         },
         cpu_profile: r#"{"name":"golden","vendor":"GenuineIntel","features":["sse2"]}"#.into(),
+        guest_cpu: Some(GuestCpu {
+            host_vendor: "AuthenticAMD".into(),
+            host_signature: 0x00a1_0f11,
+            tsc_khz: 2_596_096,
+            cpuid: vec![
+                CpuidEntry {
+                    function: 0,
+                    index: 0,
+                    eax: 0xd,
+                    ebx: 0x756e_6547,
+                    ecx: 0x6c65_746e,
+                    edx: 0x4965_6e69,
+                },
+                CpuidEntry {
+                    function: 1,
+                    index: 0,
+                    eax: 0x1_0676,
+                    ebx: 0x0002_0800,
+                    ecx: 0x8098_2201,
+                    edx: 0x078b_fbff,
+                },
+            ],
+        }),
         vcpus: vec![vcpu(0), vcpu(1)],
         irqchip: IrqchipState {
             pic_master: fill(50, 512),
@@ -208,6 +235,14 @@ fn encode(vm: &VmState) -> Vec<u8> {
 
 fn golden_bytes() -> Vec<u8> {
     std::fs::read(GOLDEN).expect("golden file (FERRY_UPDATE_GOLDEN=1 to create it)")
+}
+
+/// Both golden files: the current version's and version 1's.
+fn goldens() -> [Vec<u8>; 2] {
+    [
+        golden_bytes(),
+        std::fs::read(GOLDEN_V1).expect("the version 1 golden file"),
+    ]
 }
 
 /// A section of a stream: its tag and its byte range, frame header to CRC.
@@ -316,31 +351,64 @@ fn golden_file_matches_write_vm_byte_for_byte() {
     assert_eq!(decode_vm(&golden).unwrap(), golden_vm());
     let tags: Vec<[u8; 4]> = sections(&golden).iter().map(|s| s.tag).collect();
     let want = [
-        b"CONF", b"CPUP", b"VCPU", b"VCPU", b"IRQC", b"SERL", b"MEMR", b"END\0",
+        b"CONF", b"CPUP", b"GCPU", b"VCPU", b"VCPU", b"IRQC", b"SERL", b"MEMR", b"END\0",
     ];
     assert_eq!(tags, want.map(|t| *t));
+    assert_eq!(golden[8..12], FORMAT_VERSION.to_le_bytes());
+}
+
+#[test]
+fn a_version_1_stream_still_reads_without_a_guest_cpu() {
+    let [_, v1] = goldens();
+    assert_eq!(v1[8..12], 1u32.to_le_bytes(), "the file is version 1");
+    let mut want = golden_vm();
+    want.guest_cpu = None;
+    assert_eq!(decode_vm(&v1).unwrap(), want);
+    // The same state written today differs only by the version and the GCPU section.
+    let now = encode(&want);
+    assert_eq!(now[8..12], FORMAT_VERSION.to_le_bytes());
+    assert_eq!(
+        now[12..],
+        v1[12..],
+        "no GCPU: every section as version 1 wrote it"
+    );
+}
+
+#[test]
+fn a_gcpu_section_in_a_version_1_stream_is_refused() {
+    let mut bytes = golden_bytes();
+    bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let err = decode_vm(&bytes).unwrap_err();
+    assert!(
+        matches!(err, Error::NotInVersion { version: 1, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("GCPU"), "{err}");
 }
 
 #[test]
 fn every_truncation_is_an_error() {
-    let golden = golden_bytes();
-    for len in 0..golden.len() {
-        match decode_vm(&golden[..len]) {
-            Err(Error::Truncated { .. }) => {}
-            other => panic!("prefix of {len} bytes: {other:?}"),
+    for golden in goldens() {
+        for len in 0..golden.len() {
+            match decode_vm(&golden[..len]) {
+                Err(Error::Truncated { .. }) => {}
+                other => panic!("prefix of {len} bytes: {other:?}"),
+            }
         }
     }
 }
 
 #[test]
 fn every_single_byte_flip_is_an_error() {
-    let golden = golden_bytes();
-    let mut bytes = golden.clone();
-    for i in 0..golden.len() {
-        for x in [0x01, 0xff] {
-            bytes[i] ^= x;
-            assert!(decode_vm(&bytes).is_err(), "byte {i} ^ {x:#x} decoded");
-            bytes[i] ^= x;
+    for golden in goldens() {
+        let mut bytes = golden.clone();
+        for i in 0..golden.len() {
+            for x in [0x01, 0xff] {
+                bytes[i] ^= x;
+                // A version flipped to another readable version is refused by what follows.
+                assert!(decode_vm(&bytes).is_err(), "byte {i} ^ {x:#x} decoded");
+                bytes[i] ^= x;
+            }
         }
     }
 }
@@ -373,23 +441,22 @@ fn huge_claimed_lengths_fail_fast_with_too_large() {
 #[test]
 fn other_format_versions_are_refused_naming_both() {
     let mut bytes = golden_bytes();
-    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
     let err = decode_vm(&bytes).unwrap_err();
-    assert!(matches!(
-        err,
-        Error::Version {
-            found: 2,
-            supported: 1
-        }
-    ));
+    assert!(matches!(err, Error::Version { found: 3 }));
     assert_eq!(
         err.to_string(),
-        "stream format version 2, this ferry reads version 1"
+        "stream format version 3, this ferry reads versions 1 to 2"
     );
-    assert_eq!(FORMAT_VERSION, 1);
-    bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
-    let err = decode_vm(&bytes).unwrap_err().to_string();
-    assert_eq!(err, "stream format version 7, this ferry reads version 1");
+    assert_eq!(FORMAT_VERSION, 2);
+    for v in [0u32, 7, u32::MAX] {
+        bytes[8..12].copy_from_slice(&v.to_le_bytes());
+        let err = decode_vm(&bytes).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!("stream format version {v}, this ferry reads versions 1 to 2")
+        );
+    }
 }
 
 #[test]

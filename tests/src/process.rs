@@ -152,6 +152,36 @@ impl Ferry {
         }
     }
 
+    /// Returns the next stdout line satisfying `pred`, or the exit status if the process
+    /// ends first (its output drained); panics after `limit`.
+    pub fn wait_line_or_exit(
+        &mut self,
+        limit: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<String, ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            match self.lines.recv_timeout(Duration::from_millis(20)) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    match line {
+                        Line::Out(s) if pred(&s) => return Ok(s),
+                        _ => continue,
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
+            }
+            if self.child.try_wait().expect("wait for ferry").is_some() {
+                return Err(self.wait_exit(limit));
+            }
+        }
+        let _ = self.child.kill();
+        panic!(
+            "no matching line and no exit within {limit:?}; output:\n{}",
+            self.transcript()
+        )
+    }
+
     /// Waits for the process to exit; drains its output.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;

@@ -30,7 +30,7 @@ fn against_destination(hello: bool, script: impl FnOnce(&mut UnixStream)) -> Str
     let dest =
         std::thread::spawn(move || migrate::receive_over(b, None, Box::new(Console::default())));
     if hello {
-        let h = Hello::new(MEMORY, 1, profile_json());
+        let h = Hello::new(MEMORY, 1, profile_json(), None);
         protocol::send(&mut a, &Message::Hello(h)).unwrap();
         assert_eq!(protocol::recv(&mut a).unwrap(), Message::Accept);
     }
@@ -149,7 +149,7 @@ fn a_hello_the_destination_cannot_build_is_refused() {
         let dest = std::thread::spawn(move || {
             migrate::receive_over(b, None, Box::new(Console::default()))
         });
-        let h = Hello::new(memory, vcpus, profile_json());
+        let h = Hello::new(memory, vcpus, profile_json(), None);
         protocol::send(&mut a, &Message::Hello(h)).unwrap();
         match protocol::recv(&mut a).unwrap() {
             Message::Refuse(r) => assert!(r.contains("cannot create the VM"), "{r}"),

@@ -10,6 +10,7 @@
 //! ```
 //! This is the only crate of the workspace with `unsafe`; each block says why it is sound.
 
+pub mod admit;
 pub mod api;
 pub mod boot;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod cpu_model;
 pub mod devices;
 pub mod memory;
 pub mod migrate;
+pub mod msrs;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vcpu_state;

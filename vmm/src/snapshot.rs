@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use cpuid::profile::CpuProfile;
 use kvm_bindings::{kvm_clock_data, kvm_irqchip, kvm_pit_state2};
-use migration::{IrqchipState, MachineConfig, MemoryRange, VmState};
+use migration::{GuestCpu, IrqchipState, MachineConfig, MemoryRange, VmState};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::admit;
 use crate::cpu_model;
 use crate::memory::PAGE_SIZE;
 use crate::vcpu::{RunState, SaveRequest, VcpuCmd};
@@ -53,6 +54,10 @@ pub enum Error {
     },
     #[error("serial state: {0}")]
     Serial(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Admit(#[from] admit::Error),
 }
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -143,7 +148,7 @@ impl Vm {
             return Err(Error::NotPaused(state));
         }
         let host = Arc::new(self.host_cpu.clone());
-        let msrs = Arc::new(vcpu_state::msr_allowlist(&self.profile));
+        let msrs = Arc::new(crate::msrs::allowlist(&self.profile));
         let mut vcpus = Vec::new();
         for v in &self.vcpus {
             let (tx, rx) = channel();
@@ -182,6 +187,7 @@ impl Vm {
                 cmdline: String::new(),
             },
             cpu_profile: self.profile.to_json(),
+            guest_cpu: Some(self.guest_cpu()),
             vcpus,
             irqchip: IrqchipState {
                 ioapic: chips.pop().unwrap_or_default(),
@@ -203,22 +209,26 @@ impl Vm {
     /// Builds a new VM from a saved state, paused: `start` continues the guest.
     pub fn restore(state: &VmState, console: Box<dyn std::io::Write + Send>) -> Result<Vm, Error> {
         let cfg = &state.config;
-        let mut vm = Vm::for_restore(cfg.memory, cfg.vcpus, &state.cpu_profile, console)?;
+        let saved = state.guest_cpu.as_ref();
+        let mut vm = Vm::for_restore(cfg.memory, cfg.vcpus, &state.cpu_profile, saved, console)?;
         vm.load_state(state)?;
         Ok(vm)
     }
 
     /// An empty machine shaped as a saved one (RAM, vCPUs, CPU profile as its JSON text),
-    /// to receive memory into and then [`Vm::load_state`].
+    /// to receive memory into and then [`Vm::load_state`]. `saved` is the guest CPU as the
+    /// saving host ran it (None: not known); one this host would change is refused, and its
+    /// TSC rate set where this host can (see [`admit`]).
     pub fn for_restore(
         memory: u64,
         vcpus: u32,
         profile_json: &str,
+        saved: Option<&GuestCpu>,
         console: Box<dyn std::io::Write + Send>,
     ) -> Result<Vm, Error> {
         crate::config::validate_memory(memory).map_err(VmError::from)?;
         let ram = crate::memory::GuestRam::new(memory).map_err(VmError::from)?;
-        Self::for_restore_with_ram(ram, vcpus, profile_json, console)
+        Self::for_restore_with_ram(ram, vcpus, profile_json, saved, console)
     }
 
     /// [`Vm::for_restore`] around RAM allocated already.
@@ -226,6 +236,7 @@ impl Vm {
         ram: crate::memory::GuestRam,
         vcpus: u32,
         profile_json: &str,
+        saved: Option<&GuestCpu>,
         console: Box<dyn std::io::Write + Send>,
     ) -> Result<Vm, Error> {
         let profile = CpuProfile::from_json("the saved VM", profile_json)?;
@@ -237,6 +248,14 @@ impl Vm {
                 .map_err(VmError::from)?;
             fd.set_cpuid2(&table).map_err(kvm("KVM_SET_CPUID2"))?;
         }
+        let fd0 = vm.unstarted.first().ok_or(VmError::AlreadyBooted)?;
+        let here = admit::HostView {
+            effective: admit::effective_table(fd0)?,
+            tsc: admit::tsc_host(&vm.kvm, fd0),
+        };
+        let a = admit::admit(saved, &vm.profile, vcpus, &here).map_err(Error::Refused)?;
+        vm.tsc_khz = a.apply(&vm.unstarted, here.tsc.khz)?;
+        vm.effective = here.effective;
         Ok(vm)
     }
 

@@ -4,9 +4,8 @@
 //! ST0-7), 1 = bytes 160..416 (XMM0-15), and for every other component the bytes at the
 //! offset and size this host's CPUID leaf 0xD gives; restore lays them out at the
 //! destination host's offsets, which may differ (AVX-512 and PKRU differ between vendors).
-//! MSRs travel as (index, value) from [`msr_allowlist`], derived from the CPU profile.
+//! MSRs travel as (index, value) from [`crate::msrs::allowlist`], derived from the CPU profile.
 
-use cpuid::profile::CpuProfile;
 use cpuid::CpuidDump;
 use kvm_bindings::{
     kvm_debugregs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events,
@@ -25,7 +24,7 @@ pub enum Error {
         op: &'static str,
         source: kvm_ioctls::Error,
     },
-    #[error("vcpu{vcpu}: KVM_{op}_MSRS stopped at MSR {msr:#x} ({done} of {total} done)")]
+    #[error("vcpu{vcpu}: KVM_{op}_MSRS stopped at MSR {msr:#x}{} ({done} of {total} done): this host's KVM does not take it", crate::msrs::name(*.msr).map(|n| format!(" ({n})")).unwrap_or_default())]
     MsrCount {
         vcpu: u32,
         op: &'static str,
@@ -44,74 +43,6 @@ pub enum Error {
     },
     #[error("vcpu{vcpu}: {what}")]
     Invalid { vcpu: u32, what: String },
-}
-
-const MSR_TSC: u32 = 0x10;
-const MSR_TSC_DEADLINE: u32 = 0x6e0;
-
-/// The MSRs a guest of `profile` can observe, in restore order (IA32_TSC before
-/// TSC_DEADLINE). Vendor-only MSRs never enter the list.
-pub fn msr_allowlist(profile: &CpuProfile) -> Vec<u32> {
-    let mut l = vec![MSR_TSC, 0x174, 0x175, 0x176, 0x277, 0x1a0, 0x2ff];
-    l.extend(0x200..0x210); // variable MTRRs
-    l.extend([0x250, 0x258, 0x259]);
-    l.extend(0x268..0x270); // fixed MTRRs
-    if profile.has("lm") || profile.has("syscall") {
-        l.extend([
-            0xc000_0081,
-            0xc000_0082,
-            0xc000_0083,
-            0xc000_0084,
-            0xc000_0102,
-        ]);
-    }
-    if profile.has("rdtscp") || profile.has("rdpid") {
-        l.push(0xc000_0103);
-    }
-    if profile.has("tsc_adjust") {
-        l.push(0x3b);
-    }
-    if profile.has("xsaves") {
-        l.push(0xda0);
-    }
-    // Speculation control: Linux caches the value it wrote and skips unchanged writes, so a
-    // restore that dropped it would leave mitigations silently off.
-    if [
-        "spec_ctrl",
-        "spec_ctrl_ssbd",
-        "intel_stibp",
-        "amd_ibrs",
-        "amd_stibp",
-        "amd_ssbd",
-    ]
-    .iter()
-    .any(|f| profile.has(f))
-    {
-        l.push(0x48);
-    }
-    if profile.has("virt_ssbd") {
-        l.push(0xc001_011f);
-    }
-    let pv = |n: &str| profile.kvm_pv.contains(n);
-    if pv("clocksource") {
-        l.extend([0x11, 0x12]);
-    }
-    if pv("clocksource2") {
-        l.extend([0x4b56_4d00, 0x4b56_4d01]);
-    }
-    if pv("async_pf") {
-        l.extend([0x4b56_4d02, 0x4b56_4d06, 0x4b56_4d07]);
-    }
-    if pv("steal_time") {
-        l.push(0x4b56_4d03);
-    }
-    if pv("pv_eoi") {
-        l.push(0x4b56_4d04);
-    }
-    // KVM emulates the TSC deadline timer for every guest with an in-kernel LAPIC, whether
-    // or not CPUID advertises it. Last: after IA32_TSC.
-    l.push(MSR_TSC_DEADLINE);
-    l
 }
 
 fn seg_out(s: &kvm_segment) -> Segment {

@@ -93,7 +93,9 @@ pub struct Vm {
     pub(crate) profile: CpuProfile,
     /// The profile's guest table (APIC IDs 0) as requested, and as KVM holds it for vCPU 0.
     pub(crate) table: Vec<Leaf>,
-    effective: Vec<Leaf>,
+    pub(crate) effective: Vec<Leaf>,
+    /// The guest's TSC rate in kHz (0: unknown).
+    pub(crate) tsc_khz: u32,
     pub(crate) num_vcpus: u32,
     pub(crate) unstarted: Vec<VcpuFd>,
     pub(crate) vcpus: Vec<VcpuHandle>,
@@ -245,6 +247,7 @@ impl Vm {
             profile,
             table,
             effective: Vec::new(),
+            tsc_khz: 0,
             num_vcpus: vcpus,
             unstarted,
             vcpus: Vec::new(),
@@ -324,9 +327,16 @@ impl Vm {
                     .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
                     .map_err(kvm_op("KVM_GET_CPUID2"))?;
                 self.effective = cpu_model::from_kvm("KVM_GET_CPUID2", &back).leaves;
+                self.tsc_khz = crate::admit::tsc_host(&self.kvm, fd).khz;
             }
         }
         self.spawn_vcpus()
+    }
+
+    /// The guest CPU as this host runs it: what a snapshot or a migration carries for the
+    /// host that takes the guest in (crate::admit).
+    pub fn guest_cpu(&self) -> migration::GuestCpu {
+        crate::admit::record(&self.host_cpu, self.tsc_khz, &self.effective)
     }
 
     /// Lets every vCPU run.

@@ -140,10 +140,13 @@ pub fn receive_with(
         .map_err(|e| refuse(&mut conn, format!("cannot create the VM here: {e}")))?;
     let mem = ram.memory().clone();
     let (vcpus, profile_json) = (hello.vcpus, hello.cpu_profile.clone());
+    let saved = hello.guest_cpu.clone();
     let mut building = Some(
         std::thread::Builder::new()
             .name("mig-build".into())
-            .spawn(move || Vm::for_restore_with_ram(ram, vcpus, &profile_json, console))
+            .spawn(move || {
+                Vm::for_restore_with_ram(ram, vcpus, &profile_json, saved.as_ref(), console)
+            })
             .map_err(|e| refuse(&mut conn, format!("cannot create the VM here: {e}")))?,
     );
     let mut built: Option<Vm> = None;
@@ -335,11 +338,11 @@ fn receive_pages(
 
 /// Whether this host can take the VM a Hello describes; the reason if not.
 fn acceptable(h: &Hello, host: Option<&CpuidDump>) -> Result<(), String> {
-    if h.format_version != migration::stream::FORMAT_VERSION {
+    use migration::limits::{FORMAT_VERSION, OLDEST_FORMAT_VERSION};
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&h.format_version) {
         return Err(format!(
-            "stream format version {}, this ferry reads version {}",
+            "stream format version {}, this ferry reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}",
             h.format_version,
-            migration::stream::FORMAT_VERSION
         ));
     }
     // The machine's size, checked here so that a Hello this host cannot build is refused
@@ -365,5 +368,10 @@ fn acceptable(h: &Hello, host: Option<&CpuidDump>) -> Result<(), String> {
         ));
     }
     cpuid::profile::check(&profile, host)
-        .map_err(|m| format!("this host cannot run CPU profile {}: {m}", profile.name))
+        .map_err(|m| format!("this host cannot run CPU profile {}: {m}", profile.name))?;
+    // The guest CPU as the source runs it against what this host's KVM makes of the
+    // profile: refused here, before Accept, rather than by the machine built after it.
+    let here = crate::admit::probe(&kvm, &profile, h.vcpus)
+        .map_err(|e| format!("cannot create the VM here: {e}"))?;
+    crate::admit::admit(h.guest_cpu.as_ref(), &profile, h.vcpus, &here).map(|_| ())
 }

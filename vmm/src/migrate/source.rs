@@ -47,7 +47,12 @@ fn send_on(
     if let Some(key) = &opts.key {
         authenticate_to(&mut conn, key)?;
     }
-    let hello = Hello::new(vm.memory_size(), vm.num_vcpus(), vm.cpu_profile().to_json());
+    let hello = Hello::new(
+        vm.memory_size(),
+        vm.num_vcpus(),
+        vm.cpu_profile().to_json(),
+        Some(vm.guest_cpu()),
+    );
     protocol::send(&mut conn, &Message::Hello(hello))
         .map_err(proto(Phase::Handshake, "sending Hello"))?;
     // While the destination checks the Hello: the map of RAM round 0 will fill.
