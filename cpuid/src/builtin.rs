@@ -6,6 +6,10 @@
 //! | `x86-64-v2` | the psABI level: SSE4.2, POPCNT, CMPXCHG16B, LAHF; identity of the host's vendor |
 //! | `x86-64-v3` | v2 plus AVX2, BMI1/2, FMA, F16C, LZCNT, MOVBE, XSAVE (AVX state only) |
 //! | `host` | this host as KVM offers it; never migrated to another vendor |
+//!
+//! `NAME,vendor=intel|amd` gives a migratable built-in the other vendor's identity: the
+//! x86-64 levels that vendor's CPU of that level, `harpertown-shanghai` the Opteron 2378's
+//! (the same features either way).
 
 use crate::leaf::{CpuidDump, Vendor};
 use crate::profile::{
@@ -39,31 +43,57 @@ pub const XSAVE_AVX: XsaveComponent = XsaveComponent {
 
 /// The profile called `name`; `host` is this host's CPUID as KVM offers it (for `host` and
 /// for the vendor identity of the x86-64 levels). None if there is no such built-in.
-pub fn builtin(name: &str, host: &CpuidDump) -> Option<Result<CpuProfile, Error>> {
-    Some(match name {
-        "harpertown-shanghai" => harpertown_shanghai(),
-        "x86-64-v2" => level(name, host, &[X86_64_BASE, V2]),
-        "x86-64-v3" => level(name, host, &[X86_64_BASE, V2, V3]),
-        "host" => host_profile(host),
-        _ => return None,
-    })
+pub fn builtin(spec: &str, host: &CpuidDump) -> Option<Result<CpuProfile, Error>> {
+    let (name, option) = match spec.split_once(',') {
+        Some((n, o)) => (n, Some(o)),
+        None => (spec, None),
+    };
+    if !NAMES.contains(&name) {
+        return None;
+    }
+    let vendor = match option.map(|o| vendor_option(spec, o)).transpose() {
+        Ok(v) => v,
+        Err(e) => return Some(Err(e)),
+    };
+    let host_vendor = host.vendor().unwrap_or(Vendor::Intel);
+    let mut p = match name {
+        "harpertown-shanghai" => harpertown_shanghai(vendor.unwrap_or(Vendor::Intel)),
+        "x86-64-v2" => level(name, vendor.unwrap_or(host_vendor), &[X86_64_BASE, V2]),
+        "x86-64-v3" => level(name, vendor.unwrap_or(host_vendor), &[X86_64_BASE, V2, V3]),
+        _ if vendor.is_some() => {
+            let why = "`host` is this host's own identity; it takes no vendor";
+            return Some(Err(Error::Option(spec.into(), why.into())));
+        }
+        _ => host_profile(host),
+    };
+    if let (Ok(p), Some(_)) = (&mut p, vendor) {
+        p.name = spec.to_string();
+    }
+    Some(p)
 }
 
-fn harpertown_shanghai() -> Result<CpuProfile, Error> {
+/// The one option a built-in takes: `vendor=intel` or `vendor=amd`.
+fn vendor_option(spec: &str, option: &str) -> Result<Vendor, Error> {
+    match option {
+        "vendor=intel" => Ok(Vendor::Intel),
+        "vendor=amd" => Ok(Vendor::Amd),
+        _ => Err(Error::Option(
+            spec.into(),
+            format!("unknown option {option:?} (built-ins take vendor=intel or vendor=amd)"),
+        )),
+    }
+}
+
+fn harpertown_shanghai(vendor: Vendor) -> Result<CpuProfile, Error> {
     let parse = |name: &str, text: &str| {
         crate::dump::parse_any(name, text).map_err(|e| Error::Parse(name.into(), e.to_string()))
     };
     let e5420 = parse("intel-xeon-e5420-harpertown-libcpuid.txt", E5420)?;
     let opteron = parse("amd-opteron-2378-shanghai-instlatx64.txt", OPTERON_2378)?;
-    baseline(
-        "harpertown-shanghai",
-        &[e5420, opteron],
-        Some(Vendor::Intel),
-    )
+    baseline("harpertown-shanghai", &[e5420, opteron], Some(vendor))
 }
 
-fn level(name: &str, host: &CpuidDump, sets: &[&[&str]]) -> Result<CpuProfile, Error> {
-    let vendor = host.vendor().unwrap_or(Vendor::Intel);
+fn level(name: &str, vendor: Vendor, sets: &[&[&str]]) -> Result<CpuProfile, Error> {
     let v3 = sets.len() > 2;
     // A real CPU of each vendor at that level, so that the guest's model-specific code
     // paths see a plausible CPU: Nehalem-EP / Haswell-EP, Bulldozer / Zen.

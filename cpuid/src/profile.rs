@@ -198,6 +198,8 @@ pub enum Error {
     UnknownVendor(String, String),
     #[error("no host of vendor {0:?} among the inputs")]
     NoHostOfVendor(Vendor),
+    #[error("CPU profile {0:?}: {1}")]
+    Option(String, String),
 }
 
 impl CpuProfile {

@@ -172,3 +172,39 @@ fn guest_table_identity_and_topology() {
         .collect();
     assert_eq!(diff, vec![1, 0xb, 0xb, 0xb]);
 }
+
+#[test]
+fn a_builtin_takes_the_other_vendors_identity_on_request() {
+    let intel_host = dump(CASCADE);
+    let v2 = builtin("x86-64-v2", &intel_host).unwrap().unwrap();
+    let amd = builtin("x86-64-v2,vendor=amd", &intel_host)
+        .unwrap()
+        .unwrap();
+    assert_eq!(v2.identity.vendor, Vendor::Intel);
+    assert_eq!(amd.identity.vendor, Vendor::Amd);
+    assert_eq!((amd.identity.family, amd.identity.model), (0x15, 0x01));
+    assert_eq!(amd.features, v2.features, "the same features");
+    assert_eq!(amd.name, "x86-64-v2,vendor=amd");
+    let ht = builtin("harpertown-shanghai", &intel_host)
+        .unwrap()
+        .unwrap();
+    let sh = builtin("harpertown-shanghai,vendor=amd", &intel_host)
+        .unwrap()
+        .unwrap();
+    assert_eq!(sh.identity.vendor, Vendor::Amd);
+    assert_eq!(
+        (sh.identity.family, sh.identity.model),
+        (0x10, 0x04),
+        "Opteron 2378"
+    );
+    assert_eq!(sh.features, ht.features);
+    let same = builtin("harpertown-shanghai,vendor=intel", &intel_host)
+        .unwrap()
+        .unwrap();
+    assert_eq!(same.identity, ht.identity);
+    for bad in ["host,vendor=amd", "x86-64-v2,vendor=via", "x86-64-v3,fast"] {
+        let e = builtin(bad, &intel_host).unwrap().unwrap_err().to_string();
+        assert!(e.starts_with(&format!("CPU profile {bad:?}")), "{e}");
+    }
+    assert!(builtin("penryn,vendor=amd", &intel_host).is_none());
+}

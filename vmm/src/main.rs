@@ -100,7 +100,7 @@ impl DebugConsoleArg {
 
 #[derive(Parser, Debug)]
 struct RestoreArgs {
-    /// A snapshot written by `ferry ctl snapshot`.
+    /// A snapshot written by `ferry ctl snapshot`, or the same compressed with zstd.
     file: PathBuf,
     /// Keep the guest paused until `ferry ctl ... resume`.
     #[arg(long)]
@@ -353,9 +353,7 @@ fn serve(
 }
 
 fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
-    let file =
-        std::fs::File::open(&a.file).with_context(|| format!("snapshot {}", a.file.display()))?;
-    let state = migration::stream::read_vm(&mut std::io::BufReader::new(file))
+    let state = vmm::snapshot::read_file(&a.file)
         .with_context(|| format!("snapshot {}", a.file.display()))?;
     let vm = vmm::Vm::restore(&state, Box::new(FlushingWriter(std::io::stdout())))
         .with_context(|| format!("restoring {}", a.file.display()))?;

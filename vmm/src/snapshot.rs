@@ -60,6 +60,39 @@ pub enum Error {
     Admit(#[from] admit::Error),
 }
 
+/// Why a snapshot file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{0}")]
+    Open(#[source] std::io::Error),
+    #[error("zstd: {0}")]
+    Zstd(String),
+    #[error(transparent)]
+    Stream(#[from] migration::stream::Error),
+}
+
+/// The first bytes of a zstd frame.
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// Reads a snapshot file: a VM stream as `ferry ctl snapshot` writes it, or the same
+/// compressed with zstd (told by its first bytes, whatever its name). Decompression is
+/// streaming, its window capped at 100 MiB by the decoder; the stream reader's caps apply
+/// to what comes out.
+pub fn read_file(path: &std::path::Path) -> Result<VmState, FileError> {
+    use std::io::{BufReader, Read, Seek};
+    let mut file = std::fs::File::open(path).map_err(FileError::Open)?;
+    let mut magic = [0u8; 4];
+    let n = file.read(&mut magic).map_err(FileError::Open)?;
+    file.rewind().map_err(FileError::Open)?;
+    let file = BufReader::new(file);
+    if n == magic.len() && magic == ZSTD_MAGIC {
+        let mut z = ruzstd::decoding::StreamingDecoder::new(file)
+            .map_err(|e| FileError::Zstd(e.to_string()))?;
+        return Ok(migration::stream::read_vm(&mut BufReader::new(&mut z))?);
+    }
+    Ok(migration::stream::read_vm(&mut { file })?)
+}
+
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { op, source }
 }
