@@ -97,7 +97,7 @@ fn moving_between_hosts(s: &mut String) {
          | difference between the saved table and this host's | decision |\n|---|---|\n\
          | vendor string or leaf 1 signature | refused: the guest would see another CPU |\n\
          | a feature the profile offers, gone here | refused: the guest saw it at boot |\n\
-         | a feature the profile offers, here but not in the saved table | refused: the saving host's KVM took it away |\n\
+         | a feature the profile offers, withheld by the saving host's KVM, given here | reported: the guest never saw it, and a feature that appears breaks nothing |\n\
          | a feature the profile hides, forced by the saving host's KVM, gone here | reported, naming it |\n\
          | a feature the profile hides, forced by this host's KVM | reported, naming it |\n\
          | other bits (leaf 0xD sizes, max subleaves) | reported, naming leaf and register |\n\n\

@@ -7,6 +7,8 @@
 //! feature the profile offers: gone here                          -> refused (the guest saw it)
 //! feature the profile hides, forced by the saving host's KVM: gone here -> reported
 //! feature the profile hides, forced by this host's KVM          -> reported
+//! feature the profile offers, withheld by the saving host's KVM, here -> reported (a
+//!   feature that appears cannot break a guest that never saw it)
 //! other register bits                                            -> reported
 //! ```
 //! A KVM that emulates guest ring 0 (kvm_pvm) ORs its host's feature bits into leaves 1, 7
@@ -26,6 +28,8 @@ pub struct Comparison {
     pub gone_forced: Vec<&'static str>,
     /// Features this host's KVM forces (not in the profile) that the saving host's did not.
     pub new_forced: Vec<&'static str>,
+    /// Features the profile offers that the saving host's KVM withheld and this one gives.
+    pub regained: Vec<&'static str>,
     /// Other bits that differ: (function, index, register).
     pub registers: Vec<(u32, u32, Reg)>,
 }
@@ -51,6 +55,12 @@ impl Comparison {
                 self.new_forced.join(" ")
             ));
         }
+        if !self.regained.is_empty() {
+            parts.push(format!(
+                "offered by the profile, withheld by the saving host's KVM, given here: {}",
+                self.regained.join(" ")
+            ));
+        }
         if !self.registers.is_empty() {
             let regs: Vec<String> = self
                 .registers
@@ -61,7 +71,7 @@ impl Comparison {
         }
         (!parts.is_empty()).then(|| {
             format!(
-                "the guest's CPUID differs from the saving host's only where an emulating KVM forces host bits (the profile hides them): {}",
+                "the guest's CPUID differs from the saving host's only where a KVM changed the profile's table (nothing the guest saw is gone): {}",
                 parts.join("; ")
             )
         })
@@ -112,10 +122,7 @@ pub fn compare(requested: &[Leaf], saved: &[Leaf], here: &[Leaf]) -> Comparison 
             )),
             (true, false, false) => c.gone_forced.push(f.name),
             (false, true, false) => c.new_forced.push(f.name),
-            (false, true, true) => c.refused.push(format!(
-                "+{} (the profile offers it but the guest never saw it: the saving host's KVM took it away)",
-                f.name
-            )),
+            (false, true, true) => c.regained.push(f.name),
             _ => {}
         }
     }
@@ -215,6 +222,16 @@ mod tests {
         let r = c.report().unwrap();
         assert!(r.contains("saving host's KVM, not here: avx2"), "{r}");
         assert!(r.contains("this host's KVM: rtm"), "{r}");
+    }
+
+    #[test]
+    fn a_feature_the_profile_offers_that_appears_here_is_reported() {
+        let req = table(INTEL, &["sse2", "ssse3"]);
+        let saved = table(INTEL, &["sse2"]);
+        let c = compare(&req, &saved, &req);
+        assert!(c.refused.is_empty(), "{c:?}");
+        assert_eq!(c.regained, ["ssse3"]);
+        assert!(c.report().unwrap().contains("given here: ssse3"));
     }
 
     #[test]

@@ -9,10 +9,14 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The `ferry` binary of this build (built on first use if cargo has not built it yet).
+/// The `ferry` binary of this build (built on first use if cargo has not built it yet), or
+/// the one `FERRY_BIN` names (to run the tests against a ferry built elsewhere).
 pub fn ferry_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("FERRY_BIN") {
+            return PathBuf::from(bin);
+        }
         let exe = std::env::current_exe().expect("test binary path");
         // target/<profile>/deps/<test> -> target/<profile>/ferry
         let profile_dir = exe
