@@ -2,7 +2,8 @@
 //! Linux test guest made on real hosts of both CPU vendors, each restored here by `ferry
 //! restore` straight from its zstd file. The guest must go on at the heartbeat after the one
 //! its sidecar names, verify its memory over two more dirty passes, never print HB-CORRUPT or
-//! a second GUEST-READY, and still have its profile's vendor and signature; then it is
+//! a second GUEST-READY, keep its clock going forward, and still have its profile's vendor
+//! and signature; then it is
 //! snapshotted again by this ferry and that snapshot restored too.
 //!
 //! Prints `made on <vendor family/model> -> restored on <vendor family/model>` for each, and
@@ -109,6 +110,15 @@ fn entry(sidecar: &Path) -> Entry {
     }
 }
 
+/// The printk time of a heartbeat line, in seconds.
+fn printk_time(line: &str) -> Option<f64> {
+    heartbeat(line)?;
+    line.get(line.find('[')? + 1..line.find(']')?)?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The dirty workload's completed passes in a heartbeat line.
 fn pass(line: &str) -> Option<u64> {
     line.split_whitespace()
@@ -210,6 +220,15 @@ fn check(e: &Entry, here: &Cpu) -> Outcome {
     assert_eq!(beats.first(), Some(&(e.heartbeat + 1)), "{}", e.name);
     for w in beats.windows(2) {
         assert_eq!(w[1], w[0] + 1, "{}: heartbeats by one:\n{text}", e.name);
+    }
+    // The guest's clock (printk time, kvmclock) goes on across hosts whose TSC rates differ.
+    let times: Vec<f64> = text.lines().filter_map(printk_time).collect();
+    for w in times.windows(2) {
+        assert!(
+            w[1] >= w[0],
+            "{}: the guest clock went backwards:\n{text}",
+            e.name
+        );
     }
     assert!(!text.contains("HB-CORRUPT"), "{}:\n{text}", e.name);
     assert!(!text.contains("GUEST-READY"), "{}:\n{text}", e.name);

@@ -322,8 +322,9 @@ impl Vm {
                 })?;
         }
         let started = std::time::Instant::now();
+        let guest_xsave = vcpu_state::guest_xsave_mask(&vm.profile);
         for (id, fd) in vm.unstarted.iter().enumerate() {
-            vcpu_state::restore(fd, &state.vcpus[id], &vm.host_cpu)?;
+            vcpu_state::restore(fd, &state.vcpus[id], &vm.host_cpu, guest_xsave)?;
         }
         let vcpus_done = started.elapsed();
         let irq = &state.irqchip;

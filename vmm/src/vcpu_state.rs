@@ -262,8 +262,24 @@ fn xsave_out(x: &kvm_xsave, host: &CpuidDump) -> Xsave {
     }
 }
 
-fn xsave_in(vcpu: u32, x: &Xsave, host: &CpuidDump) -> Result<kvm_xsave, Error> {
+/// The XSAVE components a guest of `profile` can hold state in: x87, SSE, the profile's
+/// components, and PKRU where it offers `pku` (RDPKRU/WRPKRU need CR4.PKE, which KVM lets a
+/// guest set only then).
+pub fn guest_xsave_mask(profile: &cpuid::profile::CpuProfile) -> u64 {
+    let mut m = 0b11 | profile.xsave.iter().fold(0u64, |m, c| m | (1 << c.index));
+    if profile.has("pku") {
+        m |= 1 << 9;
+    }
+    m
+}
+
+/// Lays the neutral XSAVE state out at this host's offsets. A component outside `guest`
+/// (see [`guest_xsave_mask`]) that this host lacks is dropped and marked initial: the saving
+/// host's KVM hands out state the guest cannot use (PKRU, on every host with PKU), and it
+/// must not keep the guest from a host without it. One inside `guest` is an error.
+fn xsave_in(vcpu: u32, x: &Xsave, host: &CpuidDump, guest: u64) -> Result<kvm_xsave, Error> {
     let mut b = vec![0u8; 4096];
+    let mut xstate_bv = x.xstate_bv;
     for c in &x.components {
         let bad = |why: String| Error::Xsave {
             vcpu,
@@ -271,7 +287,15 @@ fn xsave_in(vcpu: u32, x: &Xsave, host: &CpuidDump) -> Result<kvm_xsave, Error> 
             len: c.bytes.len(),
             why,
         };
-        let (off, size) = layout(host, c.index).ok_or_else(|| bad("not supported".into()))?;
+        let usable = guest & 1u64.checked_shl(c.index).unwrap_or(0) != 0;
+        let Some((off, size)) = layout(host, c.index) else {
+            if usable {
+                return Err(bad("not supported".into()));
+            }
+            log::debug!("vcpu{vcpu}: XSAVE component {} dropped: the guest cannot use it and this host lacks it", c.index);
+            xstate_bv &= !1u64.checked_shl(c.index).unwrap_or(0);
+            continue;
+        };
         if c.bytes.len() != size || off + size > b.len() {
             return Err(bad(format!(
                 "this host's component is {size} bytes at offset {off}"
@@ -279,7 +303,7 @@ fn xsave_in(vcpu: u32, x: &Xsave, host: &CpuidDump) -> Result<kvm_xsave, Error> 
         }
         b[off..off + size].copy_from_slice(&c.bytes);
     }
-    b[512..520].copy_from_slice(&x.xstate_bv.to_le_bytes());
+    b[512..520].copy_from_slice(&xstate_bv.to_le_bytes());
     let mut k = kvm_xsave::default();
     for (w, chunk) in k.region.iter_mut().zip(b.chunks_exact(4)) {
         *w = u32::from_le_bytes(chunk.try_into().expect("4 bytes"));
@@ -365,7 +389,12 @@ pub fn save(fd: &VcpuFd, id: u32, host: &CpuidDump, msrs: &[u32]) -> Result<Vcpu
 /// 5. LAPIC: after SREGS (APIC base), before MSRs (TSC_DEADLINE is armed against it);
 /// 6. MSRs in allowlist order: IA32_TSC before TSC_DEADLINE; every count checked;
 /// 7. vCPU events last (setting REGS clears pending exceptions).
-pub fn restore(fd: &VcpuFd, s: &VcpuState, host: &CpuidDump) -> Result<(), Error> {
+pub fn restore(
+    fd: &VcpuFd,
+    s: &VcpuState,
+    host: &CpuidDump,
+    guest_xsave: u64,
+) -> Result<(), Error> {
     let id = s.id;
     let op = |op: &'static str| {
         move |source| Error::Ioctl {
@@ -381,7 +410,7 @@ pub fn restore(fd: &VcpuFd, s: &VcpuState, host: &CpuidDump) -> Result<(), Error
     fd.set_regs(&regs_in(&s.regs)).map_err(op("KVM_SET_REGS"))?;
     fd.set_sregs(&sregs_in(&s.sregs))
         .map_err(op("KVM_SET_SREGS"))?;
-    let xsave = xsave_in(id, &s.xsave, host)?;
+    let xsave = xsave_in(id, &s.xsave, host, guest_xsave)?;
     // SAFETY: `xsave` is a complete 4096-byte kvm_xsave built above; KVM reads exactly that
     // much (ferry does not enable KVM_CAP_XSAVE2's larger areas).
     unsafe { fd.set_xsave(&xsave) }.map_err(op("KVM_SET_XSAVE"))?;
@@ -502,13 +531,13 @@ mod tests {
             comps
         );
 
-        let on_genoa = xsave_in(0, &neutral, &genoa).unwrap();
+        let on_genoa = xsave_in(0, &neutral, &genoa, !0).unwrap();
         assert_eq!(
             xsave_bytes(&on_genoa),
             xsave_bytes(&area(&genoa, &comps)),
             "Genoa's layout"
         );
-        let back = xsave_in(0, &xsave_out(&on_genoa, &genoa), &spr).unwrap();
+        let back = xsave_in(0, &xsave_out(&on_genoa, &genoa), &spr, !0).unwrap();
         assert_eq!(
             xsave_bytes(&back),
             xsave_bytes(&original),
@@ -521,7 +550,32 @@ mod tests {
         let spr = dump("intel-xeon-w7-2475x-sapphirerapids-instlatx64.txt");
         let milan = dump("amd-epyc-7763-milan-instlatx64.txt"); // no AVX-512
         let neutral = xsave_out(&area(&spr, &[0, 1, 2, 5]), &spr);
-        let e = xsave_in(3, &neutral, &milan).unwrap_err().to_string();
+        let e = xsave_in(3, &neutral, &milan, !0).unwrap_err().to_string();
         assert!(e.contains("vcpu3") && e.contains("component 5"), "{e}");
+    }
+
+    #[test]
+    fn state_the_guest_cannot_use_does_not_keep_it_from_a_host_without_it() {
+        // Saved on a host with PKU (KVM hands out PKRU whatever the guest's CPUID), restored
+        // on one without any XSAVE leaf: PKRU is dropped for a guest without pku.
+        let spr = dump("intel-xeon-w7-2475x-sapphirerapids-instlatx64.txt");
+        let old = dump("intel-xeon-e5462-harpertown-instlatx64.txt");
+        let neutral = xsave_out(&area(&spr, &[0, 1, 9]), &spr);
+        assert_eq!(neutral.xstate_bv, 0b10_0000_0011);
+        let k = xsave_in(0, &neutral, &old, 0b11).unwrap();
+        let b = xsave_bytes(&k);
+        assert_eq!(b[512..520], 0b11u64.to_le_bytes(), "PKRU marked initial");
+        assert_eq!(
+            b[..416],
+            xsave_bytes(&area(&spr, &[0, 1]))[..416],
+            "x87 and SSE kept"
+        );
+        let e = xsave_in(0, &neutral, &old, 0b10_0000_0011)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("component 9") && e.contains("not supported"),
+            "{e}"
+        );
     }
 }
