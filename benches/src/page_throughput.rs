@@ -145,8 +145,13 @@ fn ferry(src: &vmm::Vm, memory: u64) -> Result<vmm::migrate::Report> {
     });
     let conn = TcpStream::connect(addr)?;
     conn.set_nodelay(true)?;
-    let report =
-        vmm::migrate::send_over(src, conn, &vmm::migrate::Options::default(), &mut |_| {})?;
+    let report = vmm::migrate::send_over(
+        src,
+        &Default::default(),
+        conn,
+        &vmm::migrate::Options::default(),
+        &mut |_| {},
+    )?;
     let dest = dest.join().expect("receiver thread")?;
     let mut a = vec![0u8; 4096];
     let mut b = vec![0u8; 4096];

@@ -1,4 +1,5 @@
-//! The control socket protocol (docs/api.md) against a tiny guest in this process.
+//! The control socket protocol (docs/api.md) against a tiny guest in this process, through
+//! the typed client and as raw lines.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -7,8 +8,10 @@ use std::time::Duration;
 
 use ferry_tests::process::temp_path;
 use ferry_tests::tiny::*;
-use serde_json::{json, Value};
-use vmm::api::{request, ApiServer, MAX_REQUEST};
+use serde_json::Value;
+use vmm::api::client::call;
+use vmm::api::wire::{Request, StateAnswer, Status, VmStatus};
+use vmm::api::{ApiServer, MAX_REQUEST};
 use vmm::VmEvent;
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -25,23 +28,35 @@ fn status_pause_resume_stop_and_bad_requests() {
     );
     vm.start().unwrap();
 
-    let ask = |cmd: &str| request(&path, &json!({ "cmd": cmd }), LIMIT).unwrap();
-    let status = ask("status");
-    assert_eq!(status["ok"], true);
-    assert_eq!(status["state"], "running");
-    assert_eq!(status["vcpus"], json!(["running", "running"]));
-    assert_eq!(status["memory"], 64 << 20);
+    let status = call::<Status>(&path, &Request::Status, LIMIT, &mut |_| {})
+        .unwrap()
+        .answer
+        .unwrap();
+    assert_eq!(status.state, VmStatus::Running);
+    assert_eq!(status.vcpus, [VmStatus::Running, VmStatus::Running]);
+    assert_eq!(status.memory, 64 << 20);
+    assert_eq!(status.migration, None);
 
-    assert_eq!(ask("pause"), json!({"ok": true, "state": "paused"}));
-    assert_eq!(ask("status")["vcpus"], json!(["paused", "paused"]));
-    assert_eq!(ask("resume"), json!({"ok": true, "state": "running"}));
-
-    let unknown = ask("reboot");
-    assert_eq!(unknown["ok"], false);
-    assert!(
-        unknown["error"].as_str().unwrap().contains("\"reboot\""),
-        "{unknown}"
+    let state = |req: Request| {
+        let r = call::<StateAnswer>(&path, &req, LIMIT, &mut |_| {}).unwrap();
+        (r.line, r.answer.unwrap().state)
+    };
+    let (line, paused) = state(Request::Pause);
+    assert_eq!(paused, VmStatus::Paused);
+    assert_eq!(
+        line, r#"{"ok":true,"state":"paused"}"#,
+        "the documented line"
     );
+    let st = call::<Status>(&path, &Request::Status, LIMIT, &mut |_| {}).unwrap();
+    assert_eq!(st.answer.unwrap().vcpus, [VmStatus::Paused; 2]);
+    assert_eq!(state(Request::Resume).1, VmStatus::Running);
+
+    let unknown =
+        vmm::api::client::call_raw::<Value>(&path, br#"{"cmd":"reboot"}"#, LIMIT, &mut |_| {})
+            .unwrap()
+            .answer
+            .unwrap_err();
+    assert!(unknown.error.contains("\"reboot\""), "{unknown:?}");
 
     // Several requests on one connection, then malformed ones.
     let mut conn = UnixStream::connect(&path).unwrap();
@@ -62,7 +77,7 @@ fn status_pause_resume_stop_and_bad_requests() {
     assert!(r["error"].as_str().unwrap().contains("longer than"), "{r}");
 
     // stop is answered, then the VM gets its stop request.
-    assert_eq!(ask("stop"), json!({"ok": true, "state": "stopped"}));
+    assert_eq!(state(Request::Stop).1, VmStatus::Stopped);
     assert_eq!(
         vm.next_event(LIMIT),
         Some(VmEvent::StopRequested {

@@ -60,6 +60,7 @@ fn storm() -> TinyVm {
 /// Migrates `src` over a socket pair to a new VM made on another thread.
 fn migrate(
     src: &Vm,
+    control: &migrate::Control,
     opts: Options,
     on_progress: &mut dyn FnMut(&migrate::Progress),
 ) -> (Result<Report, migrate::Error>, Result<Vm, migrate::Error>) {
@@ -69,7 +70,7 @@ fn migrate(
     }
     let dest =
         std::thread::spawn(move || migrate::receive_over(b, None, Box::new(Console::default())));
-    let sent = migrate::send_over(src, a, &opts, on_progress);
+    let sent = migrate::send_over(src, control, a, &opts, on_progress);
     (sent, dest.join().expect("the receiving thread"))
 }
 
@@ -105,7 +106,7 @@ fn assert_cancelled_here(src: &mut TinyVm, sent: Result<Report, migrate::Error>)
         Err(migrate::Error::Cancelled { report, .. }) => *report,
         other => panic!("expected a cancelled migration, got {other:?}"),
     };
-    assert_eq!(report.outcome, "cancelled");
+    assert_eq!(report.outcome, migrate::Outcome::Cancelled);
     assert_eq!(
         src.vm.state(),
         vmm::RunState::Running,
@@ -123,11 +124,16 @@ fn assert_cancelled_here(src: &mut TinyVm, sent: Result<Report, migrate::Error>)
 fn the_destination_memory_equals_the_source_at_switchover() {
     let src = storm();
     let mut updates = 0;
-    let (sent, received) = migrate(&src.vm, Options::default(), &mut |_| updates += 1);
+    let (sent, received) = migrate(
+        &src.vm,
+        &Default::default(),
+        Options::default(),
+        &mut |_| updates += 1,
+    );
     let report = sent.expect("the migration completes");
     let dest = received.expect("the destination has the VM");
     eprintln!("{report:?}");
-    assert_eq!(report.outcome, "completed");
+    assert_eq!(report.outcome, migrate::Outcome::Completed);
     assert!(report.rounds >= 2, "round 0 and the last round at least");
     assert_eq!(report.pages_per_round.len() as u32, report.rounds);
     assert!(
@@ -150,10 +156,15 @@ fn a_guest_paused_before_the_migration_moves_byte_for_byte_and_stays_paused_here
     let src = storm();
     src.vm.pause().unwrap();
     let pass = check_consistent(&src.vm);
-    let (sent, received) = migrate(&src.vm, Options::default(), &mut |_| {});
+    let (sent, received) = migrate(
+        &src.vm,
+        &Default::default(),
+        Options::default(),
+        &mut |_| {},
+    );
     let report = sent.expect("the migration completes");
     let dest = received.expect("the destination has the VM");
-    assert_eq!(report.outcome, "completed");
+    assert_eq!(report.outcome, migrate::Outcome::Completed);
     assert!(
         report.pages_per_round[0] >= PAGES,
         "round 0 sent the working set: {:?}",
@@ -182,7 +193,7 @@ fn an_unreachable_target_is_throttled_then_cancelled_and_the_guest_runs_on() {
         max_bandwidth: Some(50_000_000),
         ..Options::default()
     };
-    let (sent, received) = migrate(&src.vm, opts, &mut |_| {});
+    let (sent, received) = migrate(&src.vm, &Default::default(), opts, &mut |_| {});
     let report = assert_cancelled_here(&mut src, sent);
     eprintln!("{report:?}");
     assert!(report.throttle_pct > 0, "{report:?}");
@@ -207,11 +218,11 @@ fn a_tight_target_is_met_by_throttling_or_cancelled_and_the_report_says_which() 
         max_bandwidth: Some(50_000_000),
         ..Options::default()
     };
-    let (sent, received) = migrate(&src.vm, opts, &mut |_| {});
+    let (sent, received) = migrate(&src.vm, &Default::default(), opts, &mut |_| {});
     match sent {
         Ok(report) => {
             eprintln!("{report:?}");
-            assert_eq!(report.outcome, "completed");
+            assert_eq!(report.outcome, migrate::Outcome::Completed);
             assert!(report.throttle_pct > 0, "the working set needs throttling");
             let dest = received.expect("the destination has the VM");
             assert_same_memory(&src.vm, &dest);
@@ -237,10 +248,11 @@ fn a_cancel_in_the_middle_of_a_round_leaves_the_guest_here() {
     };
     let mut seen = None;
     let vm = &src.vm;
-    let (sent, received) = migrate(vm, opts, &mut |p| {
+    let control = migrate::Control::default();
+    let (sent, received) = migrate(vm, &control, opts, &mut |p| {
         if p.sent_bytes > 2 << 20 && seen.is_none() {
             seen = Some(p.clone());
-            assert!(vm.cancel_migration());
+            assert!(control.cancel());
         }
     });
     let at_cancel = seen.expect("progress during round 0");
@@ -255,7 +267,7 @@ fn a_cancel_in_the_middle_of_a_round_leaves_the_guest_here() {
         Err(migrate::Error::CancelledBySource(why)) => assert!(why.contains("round 0"), "{why}"),
         other => panic!("the destination must end: {other:?}"),
     }
-    assert!(!src.vm.cancel_migration(), "nothing left to cancel");
+    assert!(!control.cancel(), "nothing left to cancel");
 }
 
 /// A stream whose every flush (the end of each protocol message) takes 50 ms: a link with
@@ -298,13 +310,13 @@ fn a_guest_dirtying_a_page_per_round_converges_over_a_link_with_latency() {
         timeout: Duration::from_secs(10),
         ..Options::default()
     };
-    let sent = migrate::send_over(&src.vm, Slow(a), &opts, &mut |_| {});
+    let sent = migrate::send_over(&src.vm, &Default::default(), Slow(a), &opts, &mut |_| {});
     let report = sent.expect(
         "rounds of a page or two last a round trip: they must not make the bandwidth look like \
          a page per round trip, or the migration never switches over",
     );
     eprintln!("over a slow link: {report:?}");
-    assert_eq!(report.outcome, "completed");
+    assert_eq!(report.outcome, migrate::Outcome::Completed);
     let dst = dest
         .join()
         .expect("the receiving thread")

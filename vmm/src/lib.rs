@@ -17,6 +17,7 @@ pub mod config;
 pub mod cpu;
 pub mod cpu_model;
 pub mod devices;
+pub mod event;
 pub mod memory;
 pub mod migrate;
 pub mod msrs;
@@ -26,5 +27,6 @@ pub mod vcpu_state;
 pub mod vm;
 
 pub use config::VmConfig;
-pub use vcpu::{RunState, VmEvent};
+pub use event::VmEvent;
+pub use vcpu::RunState;
 pub use vm::Vm;

@@ -60,7 +60,7 @@ pub enum Error {
     Admit(#[from] admit::Error),
 }
 
-/// Why a snapshot file could not be read.
+/// Why a snapshot file could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
     #[error("{0}")]
@@ -69,6 +69,58 @@ pub enum FileError {
     Zstd(String),
     #[error(transparent)]
     Stream(#[from] migration::stream::Error),
+    #[error(transparent)]
+    Save(#[from] Error),
+    #[error("{path}: {source}")]
+    Write {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Saves the paused `vm` and writes it to `<path>.partial` (a new file, never through an
+/// existing one or a link), syncs it, renames it over `path` and syncs the directory;
+/// removes the partial file on failure. Returns the bytes written and the memory ranges.
+pub fn write_file(vm: &Vm, path: &std::path::Path) -> Result<(u64, usize), FileError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let state = vm.save_state()?;
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".partial");
+    let tmp = std::path::PathBuf::from(tmp_name);
+    let at = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| FileError::Write { path, source }
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(at(&tmp))?;
+    let written = (|| -> Result<u64, FileError> {
+        let mut w = std::io::BufWriter::new(file);
+        let bytes = migration::stream::write_vm(&mut w, &state).map_err(at(&tmp))?;
+        let file = w.into_inner().map_err(|e| at(&tmp)(e.into_error()))?;
+        file.sync_all().map_err(at(&tmp))?;
+        std::fs::rename(&tmp, path).map_err(at(path))?;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(at(dir))?;
+        Ok(bytes)
+    })();
+    match written {
+        Ok(bytes) => Ok((bytes, state.memory.len())),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
 }
 
 /// The first bytes of a zstd frame.

@@ -24,6 +24,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::devices::IoBuses;
+use crate::event::VmEvent;
 
 /// The real-time signal used to kick vCPU threads out of KVM_RUN.
 pub fn kick_signal() -> i32 {
@@ -70,19 +71,6 @@ pub struct VcpuRegs {
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
     pub mp_state: kvm_mp_state,
-}
-
-/// Something the VM as a whole must react to, sent by vCPU threads and devices.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmEvent {
-    /// The guest asked to reset the machine (ferry treats it as a clean stop).
-    Reset { source: &'static str },
-    /// The guest powered the machine off.
-    Poweroff,
-    /// Someone asked ferry to end the VM (control socket `stop`, a signal).
-    StopRequested { by: &'static str },
-    /// A vCPU hit something it cannot continue from.
-    GuestFailure { vcpu: u32, reason: String, rip: u64 },
 }
 
 /// Counts of each kind of exit, per vCPU.

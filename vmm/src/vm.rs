@@ -29,10 +29,9 @@ use crate::cpu_model;
 use crate::devices::{
     i8042::I8042, serial, Bus, DebugOutput, DebugPort, IoBuses, Sink, DEBUG_PORT,
 };
+use crate::event::VmEvent;
 use crate::memory::{self, GuestMemoryMmap, GuestRam};
-use crate::vcpu::{
-    self, ExitCounts, RunState, Vcpu, VcpuCmd, VcpuHandle, VcpuRegs, VcpuShared, VmEvent,
-};
+use crate::vcpu::{self, ExitCounts, RunState, Vcpu, VcpuCmd, VcpuHandle, VcpuRegs, VcpuShared};
 
 /// How long pause waits for every vCPU to leave the guest.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -103,8 +102,6 @@ pub struct Vm {
     events_rx: Mutex<Receiver<VmEvent>>,
     /// Held across multi-step lifecycle changes (pause, save, resume) by their callers.
     lifecycle: Mutex<()>,
-    /// The outgoing migration in progress, if any: cancel flag and progress.
-    pub(crate) migration: crate::migrate::Control,
     /// Where the debug port's bytes go.
     debug_output: DebugOutput,
 }
@@ -254,7 +251,6 @@ impl Vm {
             events_tx,
             events_rx: Mutex::new(events_rx),
             lifecycle: Mutex::new(()),
-            migration: Default::default(),
             debug_output,
         })
     }

@@ -7,7 +7,7 @@ use std::sync::mpsc::Sender;
 use vm_superio::{I8042Device, Trigger};
 
 use super::BusDevice;
-use crate::vcpu::VmEvent;
+use crate::event::VmEvent;
 
 /// The controller's data port; its command/status port is 4 above.
 pub const I8042_BASE: u64 = 0x60;

@@ -40,8 +40,6 @@ use std::time::Duration;
 use migration::auth::{self, Key};
 use migration::protocol::{self, Message};
 
-use crate::vm::Vm;
-
 /// How long either side waits, by default, for the peer to send or take anything.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -172,7 +170,7 @@ impl Default for Options {
 }
 
 /// Where a running migration is (for progress lines and `status`).
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
     pub round: u32,
     /// Bytes on the wire so far.
@@ -186,13 +184,32 @@ pub struct Progress {
     pub elapsed_ms: f64,
 }
 
+/// How a migration ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The destination has the guest.
+    Completed,
+    /// The guest runs here.
+    #[default]
+    Cancelled,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outcome::Completed => "completed",
+            Outcome::Cancelled => "cancelled",
+        })
+    }
+}
+
 /// What a migration measured, finished or not.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Report {
-    /// "completed" (the destination has the guest) or "cancelled" (the guest runs here).
-    pub outcome: &'static str,
+    pub outcome: Outcome,
     /// Why it was cancelled.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub total_ms: f64,
     /// From pausing the guest here to the destination's Restored (it resumes on Commit).
@@ -223,7 +240,7 @@ pub struct Report {
 }
 
 /// The downtime, phase by phase (ms).
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DowntimePhases {
     /// Until every vCPU was out of the guest.
     pub pause_ms: f64,
@@ -260,32 +277,29 @@ impl Control {
     fn set_progress(&self, p: Option<Progress>) {
         *self.progress.lock().unwrap_or_else(|e| e.into_inner()) = p;
     }
+
+    /// Asks the running outgoing migration to stop (the guest stays here); false if none runs.
+    pub fn cancel(&self) -> bool {
+        let active = self.active.load(Ordering::SeqCst);
+        if active {
+            self.cancel.store(true, Ordering::SeqCst);
+        }
+        active
+    }
+
+    /// The running outgoing migration's progress.
+    pub fn progress(&self) -> Option<Progress> {
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 impl Drop for Active<'_> {
     fn drop(&mut self) {
         self.0.set_progress(None);
         self.0.active.store(false, Ordering::SeqCst);
-    }
-}
-
-impl Vm {
-    /// Asks the running outgoing migration to stop (the guest stays here); false if none runs.
-    pub fn cancel_migration(&self) -> bool {
-        let active = self.migration.active.load(Ordering::SeqCst);
-        if active {
-            self.migration.cancel.store(true, Ordering::SeqCst);
-        }
-        active
-    }
-
-    /// The running outgoing migration's progress.
-    pub fn migration_progress(&self) -> Option<Progress> {
-        self.migration
-            .progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
     }
 }
 

@@ -13,32 +13,36 @@ use crate::vm::Vm;
 use super::net::connect;
 use super::*;
 
-/// Source side: moves `vm` to the ferry listening at `addr`. On success the VM is paused and
+/// Source side: moves `vm` to the ferry listening at `addr`, one migration at a time per
+/// `control` (which another thread may cancel it through). On success the VM is paused and
 /// belongs to the destination (the caller ends it); on failure it runs here as before.
 pub fn send(
     vm: &Vm,
+    control: &Control,
     addr: &Address,
     opts: &Options,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, Error> {
-    let _active = vm.migration.begin().ok_or(Error::Busy)?;
+    let _active = control.begin().ok_or(Error::Busy)?;
     let conn = connect(addr, opts.peer_timeout)?;
-    send_on(vm, conn, opts, progress)
+    send_on(vm, control, conn, opts, progress)
 }
 
 /// [`send`] over a connected stream (a socket pair in tests).
 pub fn send_over(
     vm: &Vm,
+    control: &Control,
     conn: impl Read + Write + Send,
     opts: &Options,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, Error> {
-    let _active = vm.migration.begin().ok_or(Error::Busy)?;
-    send_on(vm, conn, opts, progress)
+    let _active = control.begin().ok_or(Error::Busy)?;
+    send_on(vm, control, conn, opts, progress)
 }
 
 fn send_on(
     vm: &Vm,
+    control: &Control,
     mut conn: impl Read + Write + Send,
     opts: &Options,
     progress: &mut dyn FnMut(&Progress),
@@ -93,6 +97,7 @@ fn send_on(
             })?;
         let mut s = Sender {
             vm,
+            control,
             conn: &mut conn,
             opts: opts.clone(),
             started,
@@ -136,7 +141,7 @@ fn send_on(
             if let Error::Cancelled { reason, .. } = e {
                 // Tell the destination, so that it ends at once and says why.
                 let _ = protocol::send(&mut conn, &Message::Cancel(reason.clone()));
-                report.outcome = "cancelled";
+                report.outcome = Outcome::Cancelled;
                 report.total_ms = ms(started.elapsed());
                 report.bandwidth_mbps = bandwidth_mbps;
                 report.reason = Some(reason.clone());
@@ -172,6 +177,7 @@ fn count_pages(bits: &[Vec<u64>]) -> u64 {
 /// The source's side of one migration.
 struct Sender<'a, C: Read + Write> {
     vm: &'a Vm,
+    control: &'a Control,
     conn: &'a mut C,
     opts: Options,
     started: Instant,
@@ -342,7 +348,7 @@ impl<'a, C: Read + Write> Sender<'a, C> {
             Err(e) => return Err(Error::Unconfirmed(e.to_string())),
         }
         let mut r = self.report.clone();
-        r.outcome = "completed";
+        r.outcome = Outcome::Completed;
         r.downtime_ms = ms(downtime);
         r.total_ms = ms(self.started.elapsed());
         r.bandwidth_mbps = self.reported_bandwidth() / 1e6;
@@ -523,9 +529,9 @@ impl<'a, C: Read + Write> Sender<'a, C> {
                 elapsed_ms: ms(self.started.elapsed()),
             };
             (self.progress)(&p);
-            self.vm.migration.set_progress(Some(p));
+            self.control.set_progress(Some(p));
         }
-        if self.vm.migration.cancel.load(Ordering::SeqCst) {
+        if self.control.cancel.load(Ordering::SeqCst) {
             return Err(Error::Cancelled {
                 reason: format!(
                     "cancelled by request in round {} after {} bytes",

@@ -1,0 +1,194 @@
+//! The command line's arguments (clap): `ferry run | restore | receive | ctl | cpu`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use vmm::config::DEFAULT_CMDLINE;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ferry",
+    version,
+    about = "A KVM virtual machine monitor that live-migrates guests across CPU vendors"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Boot a Linux guest; its console is this terminal (stdout, stdin).
+    Run(RunArgs),
+    /// Send a command to a running ferry's control socket.
+    Ctl(CtlArgs),
+    /// Continue a VM from a snapshot file in this process.
+    Restore(RestoreArgs),
+    /// Wait for one VM from a migrating ferry, check it, restore it and run it.
+    Receive(ReceiveArgs),
+    /// The guest CPU model: dump this host, baseline hosts, check and show profiles.
+    #[command(subcommand)]
+    Cpu(super::cpu::CpuCmd),
+}
+
+#[derive(Parser, Debug)]
+pub struct RunArgs {
+    /// The kernel: an ELF vmlinux with a PVH entry note, or a bzImage.
+    #[arg(long, required_unless_present = "image", conflicts_with = "image")]
+    pub kernel: Option<PathBuf>,
+    /// Instead of a kernel, a raw machine-code image: `real` mode images load and start at
+    /// 0x1000, `long64` ones at 0x10000 in 64-bit mode with identity paging (tests/tiny).
+    #[arg(long, value_name = "FILE")]
+    pub image: Option<PathBuf>,
+    /// How to enter --image.
+    #[arg(long, value_parser = ["real", "long64"], default_value = "long64")]
+    pub entry: String,
+    /// An initramfs.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Guest RAM, like 512M or 1G.
+    #[arg(long, default_value = "512M")]
+    pub memory: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Serve the control socket at this path.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    /// The guest CPU profile: a built-in name (see `ferry cpu show`) or a profile file.
+    #[arg(long)]
+    pub cpu: Option<String>,
+    #[command(flatten)]
+    pub debug: DebugConsoleArg,
+}
+
+#[derive(Parser, Debug)]
+pub struct DebugConsoleArg {
+    /// Append the bytes the guest writes to I/O port 0xe9 (the debug console) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub debug_console: Option<PathBuf>,
+}
+
+impl DebugConsoleArg {
+    /// Attaches the debug console file, if one was given, to `vm`.
+    pub fn attach(&self, vm: &vmm::Vm) -> anyhow::Result<()> {
+        if let Some(p) = &self.debug_console {
+            let f = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(p)
+                .with_context(|| format!("--debug-console {}", p.display()))?;
+            vm.set_debug_console(Box::new(f));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Parser, Debug)]
+pub struct RestoreArgs {
+    /// A snapshot written by `ferry ctl snapshot`, or the same compressed with zstd.
+    pub file: PathBuf,
+    /// Keep the guest paused until `ferry ctl ... resume`.
+    #[arg(long)]
+    pub paused: bool,
+    /// Serve the control socket at this path.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub debug: DebugConsoleArg,
+}
+
+#[derive(Parser, Debug)]
+pub struct ReceiveArgs {
+    /// Where to listen: tcp:ADDR:PORT or unix:PATH.
+    #[arg(long)]
+    pub listen: String,
+    /// Serve the control socket at this path once the VM runs.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
+    /// Check the incoming CPU profile against this recorded host (a CPU dump) instead of
+    /// this one.
+    #[arg(long)]
+    pub host: Option<PathBuf>,
+    /// Take only a source that proves this shared key (16 to 4096 bytes), and prove it to
+    /// the source. Without one, ferry listens on a Unix socket or a loopback address only.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Give up on a source that sends or takes nothing for this long (the guest then stays
+    /// with the source).
+    #[arg(long, default_value = "60s", value_parser = vmm::config::parse_duration)]
+    pub peer_timeout: Duration,
+    #[command(flatten)]
+    pub debug: DebugConsoleArg,
+}
+
+/// Reads and checks a shared key file.
+pub fn read_key(path: &std::path::Path) -> anyhow::Result<migration::auth::Key> {
+    let bytes = std::fs::read(path).with_context(|| format!("--key-file {}", path.display()))?;
+    migration::auth::Key::new(&bytes).with_context(|| format!("--key-file {}", path.display()))
+}
+
+#[derive(Parser, Debug)]
+pub struct CtlArgs {
+    /// The control socket of the ferry to talk to.
+    #[arg(long)]
+    pub api_socket: PathBuf,
+    /// Print the answer as JSON (before or after the command).
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub cmd: CtlCmd,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum CtlCmd {
+    /// Live-migrate the VM to a ferry waiting with `ferry receive` (tcp:HOST:PORT or
+    /// unix:PATH); this ferry exits 0 once the destination has it. On a terminal a progress
+    /// line shows the round, bytes left, rate, predicted downtime and throttle.
+    Migrate {
+        url: String,
+        /// Switch over once the predicted downtime fits this (like 5ms).
+        #[arg(long, default_value = "20ms", value_parser = vmm::config::parse_duration)]
+        max_downtime: Duration,
+        /// Cancel (the guest stays here) if it has not switched over by then.
+        #[arg(long, default_value = "60s", value_parser = vmm::config::parse_duration)]
+        timeout: Duration,
+        /// Send at most this many bytes per second (like 100M); unlimited by default.
+        #[arg(long)]
+        max_bandwidth: Option<String>,
+        /// Most vCPU time throttling may take, percent (0: never throttle).
+        #[arg(long, default_value_t = 99, value_parser = clap::value_parser!(u8).range(0..=99))]
+        max_throttle: u8,
+        /// Prove this shared key to the destination (`ferry receive --key-file`).
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+        /// Give up on a destination that sends or takes nothing for this long (before
+        /// Commit the guest then runs on here).
+        #[arg(long, default_value = "60s", value_parser = vmm::config::parse_duration)]
+        peer_timeout: Duration,
+    },
+    /// Cancel the migration in progress; the guest keeps running here.
+    Cancel,
+    /// Pause, write the whole VM to FILE, and resume (or end the VM with --stop).
+    Snapshot {
+        file: PathBuf,
+        /// End the VM after writing (ferry then exits 0).
+        #[arg(long)]
+        stop: bool,
+    },
+    /// The VM's state.
+    Status,
+    /// Pause every vCPU.
+    Pause,
+    /// Resume every vCPU.
+    Resume,
+    /// The guest CPU: profile, and the CPUID table requested and as KVM holds it.
+    Cpuid,
+    /// End the VM; that ferry exits with status 0.
+    Stop,
+}

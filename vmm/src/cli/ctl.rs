@@ -1,0 +1,229 @@
+//! `ferry ctl`: one request to a running ferry's control socket, its answer printed for
+//! people (or as the JSON line with `--json`). Exit 0 when the answer is ok.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::de::DeserializeOwned;
+use vmm::api::client::{self, Reply};
+use vmm::api::wire::{self, MigrateRequest, Request};
+use vmm::config::parse_size;
+use vmm::migrate::{Progress, Report};
+
+use super::args::{CtlArgs, CtlCmd};
+
+/// How long ferry ctl waits for each line of an answer.
+const WAIT: Duration = Duration::from_secs(600);
+
+/// Prints a line to stdout; a reader that went away (`| head`) is not an error.
+fn say(line: &str) {
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
+pub fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
+    let req = request(&a.cmd)?;
+    let name = command_name(&req);
+    let show_progress = !a.json && std::io::stderr().is_terminal();
+    let mut shown = false;
+    let mut on_progress = |p: &Progress| {
+        if show_progress {
+            shown = true;
+            eprint!("\r\x1b[K{}", progress_line(p));
+        }
+    };
+    let s = &a.api_socket;
+    let result = match &req {
+        Request::Status => call(s, &req, a.json, &mut on_progress, |st: wire::Status| {
+            format!(
+                "state: {}, vcpus: {}, memory: {} MiB",
+                st.state,
+                st.vcpus.len(),
+                st.memory >> 20
+            )
+        }),
+        Request::Pause | Request::Resume | Request::Stop => call(
+            s,
+            &req,
+            a.json,
+            &mut on_progress,
+            |st: wire::StateAnswer| format!("state: {}", st.state),
+        ),
+        Request::Cancel => call(s, &req, a.json, &mut on_progress, |_: wire::Cancelled| {
+            "migration cancelled; the guest runs here".to_string()
+        }),
+        Request::Cpuid => call(s, &req, a.json, &mut on_progress, |c: wire::Cpuid| {
+            cpuid_text(&c)
+        }),
+        Request::Snapshot { .. } => call(s, &req, a.json, &mut on_progress, |r: wire::Snapshot| {
+            format!(
+                "snapshot: {} bytes to {} in {:.1} ms ({} memory ranges); VM {}",
+                r.bytes,
+                r.path.display(),
+                r.ms,
+                r.memory_ranges,
+                r.state
+            )
+        }),
+        Request::Migrate(_) => call(s, &req, a.json, &mut on_progress, |m: wire::Migrated| {
+            report_line(&m.report)
+        }),
+    };
+    if shown {
+        eprintln!();
+    }
+    match result? {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(failure) => {
+            // A cancelled migration's report is printed for people, then its error.
+            if let (false, Some(r)) = (a.json, &failure.report) {
+                say(&report_line(r));
+            }
+            anyhow::bail!("{name}: {}", failure.error)
+        }
+    }
+}
+
+/// Sends `req`, prints the ok answer (the line with `json`, else `text` of it) and returns
+/// the failure, if the answer is one, for the caller to report.
+fn call<T: DeserializeOwned>(
+    socket: &Path,
+    req: &Request,
+    json: bool,
+    progress: &mut dyn FnMut(&Progress),
+    text: impl FnOnce(T) -> String,
+) -> anyhow::Result<Result<(), wire::Failure>> {
+    let Reply { line, answer } = client::call::<T>(socket, req, WAIT, progress)?;
+    if json {
+        say(&line);
+    }
+    Ok(match answer {
+        Ok(t) => {
+            if !json {
+                say(&text(t));
+            }
+            Ok(())
+        }
+        Err(f) => Err(f),
+    })
+}
+
+fn command_name(req: &Request) -> &'static str {
+    match req {
+        Request::Status => "status",
+        Request::Cpuid => "cpuid",
+        Request::Pause => "pause",
+        Request::Resume => "resume",
+        Request::Stop => "stop",
+        Request::Cancel => "cancel",
+        Request::Snapshot { .. } => "snapshot",
+        Request::Migrate(_) => "migrate",
+    }
+}
+
+/// The request a `ferry ctl` command line asks for. Paths go absolute: the server resolves
+/// them in its own working directory.
+fn request(cmd: &CtlCmd) -> anyhow::Result<Request> {
+    let absolute = |p: &Path| std::path::absolute(p).with_context(|| format!("{}", p.display()));
+    Ok(match cmd {
+        CtlCmd::Status => Request::Status,
+        CtlCmd::Pause => Request::Pause,
+        CtlCmd::Resume => Request::Resume,
+        CtlCmd::Stop => Request::Stop,
+        CtlCmd::Cpuid => Request::Cpuid,
+        CtlCmd::Cancel => Request::Cancel,
+        CtlCmd::Snapshot { file, stop } => Request::Snapshot {
+            path: absolute(file)?,
+            stop: *stop,
+        },
+        CtlCmd::Migrate {
+            url,
+            max_downtime,
+            timeout,
+            max_bandwidth,
+            max_throttle,
+            key_file,
+            peer_timeout,
+        } => Request::Migrate(MigrateRequest {
+            url: url.clone(),
+            max_downtime_ms: Some(max_downtime.as_secs_f64() * 1e3),
+            timeout_ms: Some(timeout.as_secs_f64() * 1e3),
+            max_bandwidth: max_bandwidth
+                .as_deref()
+                .map(|b| parse_size(b).context("--max-bandwidth"))
+                .transpose()?,
+            max_throttle: Some(*max_throttle),
+            key_file: key_file.as_deref().map(absolute).transpose()?,
+            peer_timeout_ms: Some(peer_timeout.as_secs_f64() * 1e3),
+            progress: true,
+        }),
+    })
+}
+
+/// One progress line of a running migration.
+pub fn progress_line(p: &Progress) -> String {
+    format!(
+        "migrating: round {}, {:.1} MiB sent, {:.1} MiB left in the round, {:.0} MB/s, predicted downtime {:.1} ms, throttle {}%",
+        p.round,
+        p.sent_bytes as f64 / 1048576.0,
+        p.remaining_bytes as f64 / 1048576.0,
+        p.rate_mbps,
+        p.predicted_downtime_ms,
+        p.throttle_pct
+    )
+}
+
+/// The final report of a migration, for people.
+pub fn report_line(r: &Report) -> String {
+    let all: Vec<String> = r.pages_per_round.iter().map(|v| v.to_string()).collect();
+    // The first rounds and the last ones; a long middle is elided.
+    let pages = if all.len() > 12 {
+        let mut p = all[..8].to_vec();
+        p.push("...".into());
+        p.extend_from_slice(&all[all.len() - 4..]);
+        p
+    } else {
+        all
+    };
+    let mut line = format!(
+        "migration {}: total {:.1} ms, downtime {:.1} ms (target {:.1} ms), {:.1} MiB on the wire at {:.0} MB/s, {} rounds (pages per round: {}), {} zero and {} untouched pages skipped, throttle {}%",
+        r.outcome,
+        r.total_ms,
+        r.downtime_ms,
+        r.max_downtime_ms,
+        r.bytes as f64 / 1048576.0,
+        r.bandwidth_mbps,
+        r.rounds,
+        pages.join(" "),
+        r.zero_pages,
+        r.untouched_pages,
+        r.throttle_pct
+    );
+    if let Some(why) = &r.reason {
+        line.push_str(&format!("; {why}"));
+    }
+    line
+}
+
+fn cpuid_text(c: &wire::Cpuid) -> String {
+    let id = &c.profile.identity;
+    let mut text = format!(
+        "profile: {} ({} family {} model {} stepping {}, {} features)",
+        c.profile.name,
+        id.vendor.id_string(),
+        id.family,
+        id.model,
+        id.stepping,
+        c.profile.features.len()
+    );
+    if !c.forced.is_empty() {
+        text.push_str(&format!(
+            "\nchanged by this host's KVM: {}",
+            c.forced.join(" ")
+        ));
+    }
+    text.push_str("\n(--json prints both tables)");
+    text
+}

@@ -1,0 +1,190 @@
+//! `ferry run`, `ferry restore` and `ferry receive`: build or take in a VM, then run it until
+//! it ends (control socket, console input, VM events).
+
+use std::io::Read;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use vmm::config::{parse_size, VmConfig};
+use vmm::devices::serial::FlushingWriter;
+use vmm::{api, vm, VmEvent};
+
+use super::args::{read_key, ReceiveArgs, RestoreArgs, RunArgs};
+
+pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let memory = parse_size(&a.memory).context("--memory")?;
+    let console = Box::new(FlushingWriter(std::io::stdout()));
+    let vm = match (a.kernel, a.image) {
+        (Some(kernel), _) => {
+            let cfg = VmConfig {
+                memory,
+                vcpus: a.vcpus,
+                kernel,
+                initrd: a.initrd,
+                cmdline: a.cmdline,
+                cpu: a.cpu,
+            };
+            vm::build(&cfg, console)?
+        }
+        (None, Some(image)) => {
+            boot_image(&image, &a.entry, memory, a.vcpus, a.cpu.as_deref(), console)?
+        }
+        (None, None) => anyhow::bail!("give --kernel or --image"),
+    };
+    a.debug.attach(&vm)?;
+    serve(vm, a.api_socket.as_deref(), true)
+}
+
+fn boot_image(
+    image: &std::path::Path,
+    entry: &str,
+    memory: u64,
+    vcpus: u32,
+    cpu: Option<&str>,
+    console: Box<dyn std::io::Write + Send>,
+) -> anyhow::Result<vmm::Vm> {
+    use vmm::boot::{layout::BOOT_STACK_TOP, EntryPoint};
+    let bytes = std::fs::read(image).with_context(|| format!("image {}", image.display()))?;
+    let (addr, entry) = match entry {
+        "real" => (0x1000, EntryPoint::Real { rip: 0x1000 }),
+        _ => (
+            0x10000,
+            EntryPoint::Long64 {
+                rip: 0x10000,
+                rsp: BOOT_STACK_TOP,
+            },
+        ),
+    };
+    let kvm = vm::open_kvm()?;
+    vmm::config::validate_memory(memory)?;
+    vmm::config::validate_vcpus(vcpus, vm::max_vcpus(&kvm))?;
+    drop(kvm);
+    let mut vm = vmm::Vm::new(memory, vcpus, console)?;
+    if let Some(spec) = cpu {
+        let p = vmm::cpu_model::load_profile(spec, vm.host_cpu())?;
+        vm.set_cpu_profile(p)?;
+    }
+    vm.boot_raw(&bytes, addr, entry)?;
+    Ok(vm)
+}
+
+/// Runs a built (or restored) VM until it ends: control socket, console input, events.
+fn serve(
+    vm: vmm::Vm,
+    api_socket: Option<&std::path::Path>,
+    start: bool,
+) -> anyhow::Result<ExitCode> {
+    let vm = Arc::new(vm);
+    let _api = match api_socket {
+        Some(p) => Some(api::ApiServer::start(p, vm.clone())?),
+        None => None,
+    };
+    let input = vm.clone();
+    std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            let mut stdin = std::io::stdin();
+            while let Ok(n @ 1..) = stdin.read(&mut buf) {
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    let took = input.serial_input(rest);
+                    rest = &rest[took..];
+                    if took == 0 {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        })
+        .context("starting the console input thread")?;
+    if start {
+        vm.start()?;
+    }
+    let event = loop {
+        if let Some(e) = vm.next_event(Duration::from_secs(1)) {
+            break e;
+        }
+    };
+    vm.shutdown();
+    match event {
+        VmEvent::Reset { source } => {
+            eprintln!("ferry: guest reset ({source}); VM ended");
+            Ok(ExitCode::SUCCESS)
+        }
+        VmEvent::Poweroff => {
+            eprintln!("ferry: guest powered off; VM ended");
+            Ok(ExitCode::SUCCESS)
+        }
+        VmEvent::StopRequested { by } => {
+            eprintln!("ferry: stopped by {by}; VM ended");
+            Ok(ExitCode::SUCCESS)
+        }
+        VmEvent::GuestFailure { vcpu, reason, rip } => {
+            anyhow::bail!("guest failed: vcpu{vcpu}: {reason} at rip {rip:#x}")
+        }
+    }
+}
+
+pub fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
+    let state = vmm::snapshot::read_file(&a.file)
+        .with_context(|| format!("snapshot {}", a.file.display()))?;
+    let vm = vmm::Vm::restore(&state, Box::new(FlushingWriter(std::io::stdout())))
+        .with_context(|| format!("restoring {}", a.file.display()))?;
+    a.debug.attach(&vm)?;
+    serve(vm, a.api_socket.as_deref(), !a.paused)
+}
+
+pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
+    let addr: vmm::migrate::Address = a.listen.parse()?;
+    let host = match &a.host {
+        Some(p) => Some(cpuid::dump::load(p).with_context(|| format!("--host {}", p.display()))?),
+        None => None,
+    };
+    let key = a.key_file.as_deref().map(read_key).transpose()?;
+    if key.is_none() {
+        vmm::migrate::check_local(&addr)?;
+    }
+    anyhow::ensure!(
+        !a.peer_timeout.is_zero(),
+        "--peer-timeout must be more than 0"
+    );
+    let listener = vmm::migrate::Listener::bind(&addr)?;
+    let opts = vmm::migrate::ReceiveOptions {
+        host,
+        key,
+        peer_timeout: a.peer_timeout,
+    };
+    eprintln!(
+        "ferry: waiting for a VM on {} ({})",
+        a.listen,
+        if opts.key.is_some() {
+            "the source must prove the shared key"
+        } else {
+            "no key: local connections only"
+        }
+    );
+    // Run the guest as soon as the source commits: the control socket and the rest follow.
+    let mut commit_to_run = Duration::ZERO;
+    let vm = vmm::migrate::receive_from(
+        listener,
+        &opts,
+        Box::new(FlushingWriter(std::io::stdout())),
+        |vm| {
+            let committed = std::time::Instant::now();
+            a.debug.attach(vm).map_err(|e| format!("{e:#}"))?;
+            vm.start().map_err(|e| e.to_string())?;
+            commit_to_run = committed.elapsed();
+            Ok(())
+        },
+    )?;
+    eprintln!(
+        "ferry: received the VM ({} MiB, {} vCPUs, CPU profile {}); running it ({:.1} ms after Commit)",
+        vm.memory_size() >> 20,
+        vm.num_vcpus(),
+        vm.cpu_profile().name,
+        commit_to_run.as_secs_f64() * 1e3
+    );
+    serve(vm, a.api_socket.as_deref(), false)
+}
