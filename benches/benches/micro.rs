@@ -23,17 +23,16 @@ const GIB: u64 = 1 << 30;
 fn vm(memory: u64, vcpus: u32) -> vmm::Vm {
     ferry_tests::require_kvm();
     let image = ferry_tests::tiny::LONG_STORM;
-    let mut vm = vmm::Vm::new(memory, vcpus, Box::new(std::io::sink())).expect("create a VM");
-    vm.boot_raw(
-        image.bytes,
-        image.addr,
-        EntryPoint::Long64 {
-            rip: image.addr,
-            rsp: BOOT_STACK_TOP,
-        },
-    )
-    .expect("load the guest");
-    vm
+    vmm::vm::VmBuilder::new(memory, vcpus)
+        .build(vmm::vm::Boot::Raw {
+            image: image.bytes,
+            addr: image.addr,
+            entry: EntryPoint::Long64 {
+                rip: image.addr,
+                rsp: BOOT_STACK_TOP,
+            },
+        })
+        .expect("a VM with the guest loaded")
 }
 
 fn pages(c: &mut Criterion) {
@@ -84,14 +83,14 @@ fn pages(c: &mut Criterion) {
 
 fn dirty(c: &mut Criterion) {
     let vm = vm(GIB, 1);
-    vm.set_dirty_tracking(true).expect("dirty tracking");
+    vm.ram().set_dirty_tracking(true).expect("dirty tracking");
     let mut g = c.benchmark_group("memory tracking, 1 GiB");
     g.throughput(Throughput::Bytes(GIB));
     g.bench_function("harvest KVM_GET_DIRTY_LOG and the VMM bitmap", |b| {
-        b.iter(|| black_box(vm.take_dirty().unwrap()))
+        b.iter(|| black_box(vm.ram().take_dirty().unwrap()))
     });
     g.bench_function("untouched pages from pagemap", |b| {
-        b.iter(|| black_box(vm.touched_pages()))
+        b.iter(|| black_box(vm.ram().touched_pages()))
     });
     let words = (GIB / PAGE_SIZE as u64 / 64) as usize;
     let bits: Vec<u64> = (0..words)
@@ -127,17 +126,16 @@ fn state(c: &mut Criterion) {
             |b, _| {
                 b.iter_batched(
                     || {
-                        vmm::Vm::for_restore(
-                            64 << 20,
-                            vcpus,
-                            &saved.cpu_profile,
-                            saved.guest_cpu.as_ref(),
-                            Box::new(std::io::sink()),
-                        )
-                        .unwrap()
+                        vmm::vm::VmBuilder::new(64 << 20, vcpus)
+                            .cpu(vmm::vm::CpuChoice::Saved {
+                                profile_json: saved.cpu_profile.clone(),
+                                guest_cpu: saved.guest_cpu.clone(),
+                            })
+                            .build(vmm::vm::Boot::Restored)
+                            .unwrap()
                     },
                     |mut v| {
-                        v.load_state(&saved).unwrap();
+                        v.restore_state(&saved).unwrap();
                         v
                     },
                     BatchSize::PerIteration,

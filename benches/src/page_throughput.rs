@@ -105,25 +105,27 @@ fn source(memory: u64, running: bool) -> Result<vmm::Vm> {
     /// hlt; jmp back to the hlt.
     const HLT_LOOP: [u8; 3] = [0xf4, 0xeb, 0xfd];
     const ADDR: u64 = 0x10_0000;
-    let mut src = vmm::Vm::new(memory, 1, Box::new(std::io::sink()))?;
+    let ram = vmm::memory::GuestRam::new(memory)?;
     let mut chunk = vec![0u8; 1 << 20];
-    for (start, len) in src.ram_regions() {
+    for (start, len) in ram.regions() {
         for off in (0..len).step_by(chunk.len()) {
             let gpa = start + off;
             for (i, w) in chunk.chunks_exact_mut(8).enumerate() {
                 w.copy_from_slice(&(gpa + 8 * i as u64 + 1).to_le_bytes());
             }
-            src.memory().write_slice(&chunk, GuestAddress(gpa))?;
+            ram.memory().write_slice(&chunk, GuestAddress(gpa))?;
         }
     }
-    src.boot_raw(
-        &HLT_LOOP,
-        ADDR,
-        EntryPoint::Long64 {
-            rip: ADDR,
-            rsp: BOOT_STACK_TOP,
-        },
-    )?;
+    let src = vmm::vm::VmBuilder::new(memory, 1)
+        .ram(ram)
+        .build(vmm::vm::Boot::Raw {
+            image: &HLT_LOOP,
+            addr: ADDR,
+            entry: EntryPoint::Long64 {
+                rip: ADDR,
+                rsp: BOOT_STACK_TOP,
+            },
+        })?;
     if running {
         src.start()?;
     }
@@ -172,11 +174,11 @@ fn floor(src: &vmm::Vm, memory: u64) -> Result<f64> {
     const CHUNK: u64 = 2 << 20;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    let regions = src.ram_regions();
+    let regions = src.ram().regions();
     let dest = std::thread::spawn(move || -> Result<()> {
-        let dest = vmm::Vm::new(memory, 1, Box::new(std::io::sink()))?;
+        let dest = vmm::vm::VmBuilder::new(memory, 1).build(vmm::vm::Boot::Restored)?;
         let (mut s, _) = listener.accept()?;
-        for (start, len) in dest.ram_regions() {
+        for (start, len) in dest.ram().regions() {
             let mut off = 0;
             while off < len {
                 let n = CHUNK.min(len - off) as usize;

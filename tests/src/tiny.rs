@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use vmm::boot::layout::BOOT_STACK_TOP;
 use vmm::boot::EntryPoint;
+use vmm::devices::manager::BusKind;
 use vmm::devices::BusDevice;
+use vmm::vm::{Boot, CpuChoice};
 use vmm::Vm;
 
 /// How a tiny image is entered.
@@ -132,18 +134,8 @@ impl TinyVm {
     ) -> TinyVm {
         crate::require_kvm();
         let console = Console::default();
-        let mut vm = Vm::new(64 << 20, vcpus, Box::new(console.clone())).expect("create VM");
-        if let Some(p) = cpu {
-            vm.set_cpu_profile(p).expect("this host runs the profile");
-        }
         let ports = Arc::new(Mutex::new(Recorder::default()));
         let mmio = Arc::new(Mutex::new(Recorder::default()));
-        vm.pio_bus()
-            .insert(TEST_PORT_OUT, 2, ports.clone())
-            .expect("test ports");
-        vm.mmio_bus()
-            .insert(TEST_MMIO, 0x1000, mmio.clone())
-            .expect("test MMIO page");
         let entry = match image.mode {
             TinyMode::Real => EntryPoint::Real { rip: image.addr },
             TinyMode::Long64 => EntryPoint::Long64 {
@@ -151,8 +143,23 @@ impl TinyVm {
                 rsp: BOOT_STACK_TOP,
             },
         };
-        vm.boot_raw(image.bytes, image.addr, entry)
-            .expect("load tiny guest");
+        let vm = vmm::vm::VmBuilder::new(64 << 20, vcpus)
+            .console(Box::new(console.clone()))
+            .cpu(cpu.map_or(CpuChoice::Default, CpuChoice::Profile))
+            .device(BusKind::Pio, TEST_PORT_OUT, 2, ports.clone(), "test ports")
+            .device(
+                BusKind::Mmio,
+                TEST_MMIO,
+                0x1000,
+                mmio.clone(),
+                "test MMIO page",
+            )
+            .build(Boot::Raw {
+                image: image.bytes,
+                addr: image.addr,
+                entry,
+            })
+            .expect("a VM with the tiny guest");
         TinyVm {
             vm,
             console,

@@ -20,14 +20,14 @@ fn pages_in(bitmaps: &[Vec<u64>], first: u64, count: u64) -> Vec<u64> {
 
 #[test]
 fn guest_and_vmm_writes_are_reported_exactly() {
-    let mut t = TinyVm::new(&LONG_DIRTY, 1);
+    let t = TinyVm::new(&LONG_DIRTY, 1);
     t.mmio.lock().unwrap().reply = N;
     {
-        let (ram, fd) = t.vm.ram_mut();
+        let ram = t.vm.ram();
         assert!(!ram.dirty_logging());
-        ram.set_dirty_logging(fd, true)
+        ram.set_dirty_logging(true)
             .expect("switch dirty logging on");
-        ram.take_dirty_log(fd).expect("clear the log");
+        ram.take_dirty_log().expect("clear the log");
         ram.take_vmm_dirty();
     }
     t.vm.start().unwrap();
@@ -37,13 +37,13 @@ fn guest_and_vmm_writes_are_reported_exactly() {
         || t.mmio_accesses().iter().any(|a| a.write),
     );
     t.vm.pause().unwrap();
-    let (ram, fd) = t.vm.ram_mut();
-    let log = ram.take_dirty_log(fd).unwrap();
+    let ram = t.vm.ram();
+    let log = ram.take_dirty_log().unwrap();
     let first = BUF / 4096;
     let dirty = pages_in(&log, first, 1024);
     assert_eq!(dirty, (first..first + N).collect::<Vec<_>>());
     // Harvesting cleared the log.
-    assert!(pages_in(&ram.take_dirty_log(fd).unwrap(), first, 1024).is_empty());
+    assert!(pages_in(&ram.take_dirty_log().unwrap(), first, 1024).is_empty());
 
     // A write by the VMM is not in KVM's log but in the VMM bitmap.
     ram.memory()
@@ -53,12 +53,12 @@ fn guest_and_vmm_writes_are_reported_exactly() {
         pages_in(&ram.take_vmm_dirty(), first, 4096),
         vec![first + 2000]
     );
-    assert!(pages_in(&ram.take_dirty_log(fd).unwrap(), first, 4096).is_empty());
+    assert!(pages_in(&ram.take_dirty_log().unwrap(), first, 4096).is_empty());
 
     // Switched off, there is no log to read, and the memory is intact.
-    ram.set_dirty_logging(fd, false)
+    ram.set_dirty_logging(false)
         .expect("switch dirty logging off");
-    assert!(ram.take_dirty_log(fd).is_err());
+    assert!(ram.take_dirty_log().is_err());
     for p in 0..N {
         let b: u8 = ram.memory().read_obj(GuestAddress(BUF + p * 4096)).unwrap();
         assert_eq!(b, 0xa5, "page {p}");

@@ -76,10 +76,10 @@ fn migrate(
 
 /// Every byte of guest RAM of two paused VMs is equal.
 fn assert_same_memory(a: &Vm, b: &Vm) {
-    assert_eq!(a.ram_regions(), b.ram_regions());
+    assert_eq!(a.ram().regions(), b.ram().regions());
     let mut x = vec![0u8; 1 << 20];
     let mut y = vec![0u8; 1 << 20];
-    for (start, len) in a.ram_regions() {
+    for (start, len) in a.ram().regions() {
         for off in (0..len).step_by(x.len()) {
             a.memory()
                 .read_slice(&mut x, GuestAddress(start + off))
@@ -112,10 +112,7 @@ fn assert_cancelled_here(src: &mut TinyVm, sent: Result<Report, migrate::Error>)
         vmm::RunState::Running,
         "the guest runs here"
     );
-    assert!(
-        !src.vm.ram_mut().0.dirty_logging(),
-        "dirty logging is off again"
-    );
+    assert!(!src.vm.ram().dirty_logging(), "dirty logging is off again");
     assert_runs_on(&src.vm);
     report
 }

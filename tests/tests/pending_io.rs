@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_tests::tiny::*;
+use vmm::devices::manager::BusKind;
 use vmm::devices::BusDevice;
 
 /// Port 0xf5 hands out 1, 2, 3, ... (slowly, so that pauses land during the exit);
@@ -31,17 +32,18 @@ impl BusDevice for SlowCounter {
 fn a_paused_vcpu_has_finished_its_last_in() {
     ferry_tests::require_kvm();
     let console = Console::default();
-    let mut vm = vmm::Vm::new(64 << 20, 1, Box::new(console)).unwrap();
     let dev = Arc::new(Mutex::new(SlowCounter::default()));
-    vm.pio_bus().insert(TEST_PORT_OUT, 2, dev.clone()).unwrap();
-    vm.boot_raw(
-        REAL_IO_LOOP.bytes,
-        REAL_IO_LOOP.addr,
-        vmm::boot::EntryPoint::Real {
-            rip: REAL_IO_LOOP.addr,
-        },
-    )
-    .unwrap();
+    let vm = vmm::vm::VmBuilder::new(64 << 20, 1)
+        .console(Box::new(console))
+        .device(BusKind::Pio, TEST_PORT_OUT, 2, dev.clone(), "slow counter")
+        .build(vmm::vm::Boot::Raw {
+            image: REAL_IO_LOOP.bytes,
+            addr: REAL_IO_LOOP.addr,
+            entry: vmm::boot::EntryPoint::Real {
+                rip: REAL_IO_LOOP.addr,
+            },
+        })
+        .unwrap();
     vm.start().unwrap();
     for round in 0..20 {
         std::thread::sleep(Duration::from_millis(2));

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use ferry_tests::tiny::*;
 use vm_memory::{Bytes, GuestAddress};
+use vmm::devices::manager::BusKind;
 use vmm::Vm;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -31,8 +32,14 @@ fn a_counting_guest_continues_in_a_new_vm_with_equal_registers_and_memory() {
     // A new VM from the saved state, with its own test device.
     let vm2 = Vm::restore(&saved, Box::new(Console::default())).expect("restore");
     let mmio2 = Arc::new(Mutex::new(Recorder::default()));
-    vm2.mmio_bus()
-        .insert(TEST_MMIO, 0x1000, mmio2.clone())
+    vm2.devices()
+        .add(
+            BusKind::Mmio,
+            TEST_MMIO,
+            0x1000,
+            mmio2.clone(),
+            "test MMIO page",
+        )
         .unwrap();
 
     // Before it runs, it is the same machine: registers and memory equal, and a second save

@@ -24,8 +24,8 @@ pub enum Error {
         #[source]
         source: kvm_ioctls::Error,
     },
-    #[error(transparent)]
-    CpuModel(#[from] crate::cpu_model::Error),
+    #[error("probing this host's KVM: {0}")]
+    Probe(#[from] crate::cpu_model::Error),
 }
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -99,25 +99,16 @@ pub fn tsc_host(kvm: &Kvm, fd: &VcpuFd) -> TscHost {
     }
 }
 
-/// vCPU `fd`'s table as KVM holds it.
-pub fn effective_table(fd: &VcpuFd) -> Result<Vec<Leaf>, Error> {
-    let back = fd
-        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm("KVM_GET_CPUID2"))?;
-    Ok(crate::cpu_model::from_kvm("KVM_GET_CPUID2", &back).leaves)
-}
-
 /// What this host's KVM makes of `profile` for a guest of `vcpus` vCPUs, read from a scratch
 /// VM with one vCPU (about a millisecond): for a destination that must answer before it
 /// builds the machine.
 pub fn probe(kvm: &Kvm, profile: &CpuProfile, vcpus: u32) -> Result<HostView, Error> {
     let vm = kvm.create_vm().map_err(self::kvm("KVM_CREATE_VM"))?;
     let fd = vm.create_vcpu(0).map_err(self::kvm("KVM_CREATE_VCPU"))?;
-    let table = cpuid::table::for_vcpu(&cpuid::table::guest_table(profile, vcpus), 0);
-    fd.set_cpuid2(&crate::cpu_model::to_kvm(&table)?)
-        .map_err(self::kvm("KVM_SET_CPUID2"))?;
+    let table = cpuid::table::guest_table(profile, vcpus);
+    let effective = crate::cpu_model::set_cpuid(std::slice::from_ref(&fd), &table)?;
     Ok(HostView {
-        effective: effective_table(&fd)?,
+        effective,
         tsc: tsc_host(kvm, &fd),
     })
 }

@@ -76,6 +76,11 @@ impl VmConfig {
     pub fn validate(&self, max_vcpus: u32) -> Result<(), Error> {
         validate_memory(self.memory)?;
         validate_vcpus(self.vcpus, max_vcpus)?;
+        self.check_files()
+    }
+
+    /// Checks that the kernel and the initrd are readable files.
+    pub fn check_files(&self) -> Result<(), Error> {
         check_readable(&self.kernel).map_err(|source| Error::Kernel {
             path: self.kernel.clone(),
             source,

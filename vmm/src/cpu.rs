@@ -1,8 +1,7 @@
-//! Per-vCPU setup before the first KVM_RUN: CPUID (the guest table of the CPU profile with
-//! this vCPU's APIC ID, see cpu_model.rs), FPU, the local APIC's LINT pins, and the boot
-//! vCPU's registers.
+//! Per-vCPU setup before the first KVM_RUN of a booted (not restored) machine, after the
+//! builder has set its CPUID: FPU, the local APIC's LINT pins, and the boot vCPU's registers.
 
-use kvm_bindings::{kvm_fpu, kvm_mp_state, CpuId, KVM_MP_STATE_RUNNABLE};
+use kvm_bindings::{kvm_fpu, kvm_mp_state, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryBackend;
 
@@ -41,16 +40,14 @@ fn set_delivery_mode(regs: &mut [libc::c_char], offset: usize, mode: u32) {
     }
 }
 
-/// Sets up vCPU `id`: CPUID (`cpuid`, already this vCPU's table), FPU, LINT0 = ExtINT and LINT1 = NMI (the PC wiring the MP
-/// table describes), and, for the boot vCPU or a raw image, the entry registers.
+/// Sets up vCPU `id`: FPU, LINT0 = ExtINT and LINT1 = NMI (the PC wiring the MP table
+/// describes), and, for the boot vCPU or a raw image, the entry registers.
 pub fn setup_vcpu<M: GuestMemoryBackend>(
     fd: &VcpuFd,
     id: u32,
-    cpuid: &CpuId,
     entry: &EntryPoint,
     mem: &M,
 ) -> Result<(), Error> {
-    fd.set_cpuid2(cpuid).map_err(ioctl(id, "KVM_SET_CPUID2"))?;
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,

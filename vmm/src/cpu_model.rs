@@ -30,6 +30,30 @@ pub enum Error {
     },
     #[error("the CPU table has {0} entries, more than KVM accepts ({KVM_MAX_CPUID_ENTRIES})")]
     TooManyLeaves(usize),
+    #[error("{0} failed: {1}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+}
+
+/// Gives every vCPU its CPUID table (the one KVM_SET_CPUID2 of ferry: KVM checks the state
+/// set later against it) and returns vCPU 0's as KVM holds it.
+pub fn set_cpuid(vcpus: &[kvm_ioctls::VcpuFd], table: &[Leaf]) -> Result<Vec<Leaf>, Error> {
+    for (id, fd) in vcpus.iter().enumerate() {
+        let t = to_kvm(&cpuid::table::for_vcpu(table, id as u32))?;
+        fd.set_cpuid2(&t)
+            .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
+    }
+    match vcpus.first() {
+        Some(fd) => effective_table(fd),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// vCPU `fd`'s table as KVM holds it (KVM_GET_CPUID2).
+pub fn effective_table(fd: &kvm_ioctls::VcpuFd) -> Result<Vec<Leaf>, Error> {
+    let back = fd
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| Error::Kvm("KVM_GET_CPUID2", e))?;
+    Ok(from_kvm("KVM_GET_CPUID2", &back).leaves)
 }
 
 /// Functions whose subleaf (ECX in) selects the answer.
@@ -251,31 +275,3 @@ pub fn check_host(p: &CpuProfile, host: &CpuidDump) -> Result<(), Error> {
         missing,
     })
 }
-
-/// Sets `table` on a scratch vCPU of a scratch VM and reads it back: the bits this host's
-/// KVM changes (as [`cpuid::table::diff`] names them), before any guest runs.
-pub fn probe_forced(kvm: &Kvm, table: &[Leaf]) -> Result<cpuid::table::TableDiff, ProbeError> {
-    let vm = kvm
-        .create_vm()
-        .map_err(|e| ProbeError("KVM_CREATE_VM", e))?;
-    let vcpu = vm
-        .create_vcpu(0)
-        .map_err(|e| ProbeError("KVM_CREATE_VCPU", e))?;
-    let requested = cpuid::table::for_vcpu(table, 0);
-    let kvm_table = to_kvm(&requested)
-        .map_err(|_| ProbeError("building the table", kvm_ioctls::Error::new(libc::E2BIG)))?;
-    vcpu.set_cpuid2(&kvm_table)
-        .map_err(|e| ProbeError("KVM_SET_CPUID2", e))?;
-    let back = vcpu
-        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| ProbeError("KVM_GET_CPUID2", e))?;
-    Ok(cpuid::table::diff(
-        &requested,
-        &from_kvm("KVM_GET_CPUID2", &back).leaves,
-    ))
-}
-
-/// A failed step of [`probe_forced`].
-#[derive(Debug, thiserror::Error)]
-#[error("probing this host's KVM: {0} failed: {1}")]
-pub struct ProbeError(&'static str, kvm_ioctls::Error);

@@ -11,6 +11,7 @@
 //! same guest address; slot i is region i.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use kvm_bindings::{
     kvm_clear_dirty_log, kvm_enable_cap, kvm_userspace_memory_region, KVMIO,
@@ -49,10 +50,48 @@ pub enum Error {
         source: kvm_ioctls::Error,
     },
     #[error("cannot clear the dirty log of slot {slot}: {source}")]
-    ClearDirtyLog { slot: u32, source: std::io::Error },
+    ClearDirtyLog {
+        slot: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("guest RAM is not attached to a VM yet")]
+    NotAttached,
+}
+
+/// The pages whose bits are set in `words` (bit i of word w is page 64 w + i), counted from
+/// `first_page`, ascending: how the dirty log's and pagemap's bitmaps are read.
+pub fn set_pages(words: &[u64], first_page: u64) -> impl Iterator<Item = u64> + '_ {
+    words.iter().enumerate().flat_map(move |(w, &word)| {
+        let base = first_page + w as u64 * 64;
+        let mut rest = word;
+        std::iter::from_fn(move || {
+            (rest != 0).then(|| {
+                let bit = u64::from(rest.trailing_zeros());
+                rest &= rest - 1;
+                base + bit
+            })
+        })
+    })
 }
 
 vmm_sys_util::ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+
+/// Switches `vm` to manual dirty-log protection with an initially set log where its KVM has
+/// it; returns whether it is on (see [`GuestRam::manual_protect`]).
+fn enable_manual_protect(vm: &VmFd) -> bool {
+    let want = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET;
+    let supported = vm.check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
+    if supported < 0 || (supported as u32) & want != want {
+        return false;
+    }
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        ..Default::default()
+    };
+    cap.args[0] = u64::from(want);
+    vm.enable_cap(&cap).is_ok()
+}
 
 /// This process's /proc/self/pagemap, opened once for many lookups (None where it cannot
 /// be read: then every page counts as touched).
@@ -135,9 +174,11 @@ pub unsafe fn ram_bytes(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Option<&[u
 /// Guest RAM and the KVM memslots over it.
 #[derive(Debug)]
 pub struct GuestRam {
+    /// The VM whose memslots these are, once attached (dropped before `mem` is unmapped).
+    vm: OnceLock<Arc<VmFd>>,
     mem: GuestMemoryMmap,
     dirty_logging: AtomicBool,
-    /// KVM's manual dirty-log protection is on (see [`GuestRam::enable_manual_protect`]).
+    /// KVM's manual dirty-log protection is on (see [`GuestRam::manual_protect`]).
     manual_protect: bool,
 }
 
@@ -175,6 +216,7 @@ impl GuestRam {
             }
         }
         Ok(GuestRam {
+            vm: OnceLock::new(),
             mem,
             dirty_logging: AtomicBool::new(false),
             manual_protect: false,
@@ -191,35 +233,39 @@ impl GuestRam {
         self.mem.iter().map(|r| r.len()).sum()
     }
 
+    /// Each region's guest address and length, in the order of the bitmaps below.
+    pub fn regions(&self) -> Vec<(u64, u64)> {
+        self.mem
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect()
+    }
+
+    /// Makes this RAM the memory of `vm`: manual dirty-log protection where KVM has it (see
+    /// [`GuestRam::manual_protect`]), then every region as a memslot. Once per RAM.
+    pub fn attach(&mut self, vm: Arc<VmFd>) -> Result<(), Error> {
+        self.manual_protect = enable_manual_protect(&vm);
+        self.register(&vm)?;
+        let _ = self.vm.set(vm);
+        Ok(())
+    }
+
+    fn vm(&self) -> Result<&VmFd, Error> {
+        self.vm.get().map(|v| &**v).ok_or(Error::NotAttached)
+    }
+
     /// Whether KVM is logging dirty pages.
     pub fn dirty_logging(&self) -> bool {
         self.dirty_logging.load(Ordering::SeqCst)
     }
 
-    /// Switches KVM to manual dirty-log protection with an initially set log, where KVM has
-    /// it (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2); call before [`GuestRam::register`]. Then
-    /// switching logging on write-protects nothing: every page reads as dirty until
-    /// [`GuestRam::clear_dirty_log`] protects it, which a migration does chunk by chunk just
-    /// before it sends the chunk, and reading the log no longer clears it. Without it,
-    /// switching logging on write-protects all of RAM at once (a stall for the guest, which
-    /// then faults on every first write) and each read of the log re-protects every page
-    /// found dirty. Returns whether it is on.
-    pub fn enable_manual_protect(&mut self, vm: &VmFd) -> bool {
-        let want = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET;
-        let supported = vm.check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
-        if supported < 0 || (supported as u32) & want != want {
-            return false;
-        }
-        let mut cap = kvm_enable_cap {
-            cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-            ..Default::default()
-        };
-        cap.args[0] = u64::from(want);
-        self.manual_protect = vm.enable_cap(&cap).is_ok();
-        self.manual_protect
-    }
-
-    /// Whether the dirty log is protected manually.
+    /// Whether the dirty log is protected manually: KVM's manual protection with an initially
+    /// set log (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2). Then switching logging on write-protects
+    /// nothing: every page reads as dirty until [`GuestRam::clear_dirty_log`] protects it,
+    /// which a migration does chunk by chunk just before it sends the chunk, and reading the
+    /// log no longer clears it. Without it, switching logging on write-protects all of RAM
+    /// at once (a stall for the guest, which then faults on every first write) and each read
+    /// of the log re-protects every page found dirty. Set up by [`GuestRam::attach`].
     pub fn manual_protect(&self) -> bool {
         self.manual_protect
     }
@@ -227,13 +273,8 @@ impl GuestRam {
     /// Write-protects again, and clears in KVM's log, the pages of slot `slot` whose bits are
     /// set in `bits`, starting at page `first_page` (a multiple of 64); `bits` covers whole
     /// words of pages, or reaches the end of the slot. Only with manual protection.
-    pub fn clear_dirty_log(
-        &self,
-        vm: &VmFd,
-        slot: u32,
-        first_page: u64,
-        bits: &[u64],
-    ) -> Result<(), Error> {
+    pub fn clear_dirty_log(&self, slot: u32, first_page: u64, bits: &[u64]) -> Result<(), Error> {
+        let vm = self.vm()?;
         let slot_pages = self
             .mem
             .iter()
@@ -264,7 +305,7 @@ impl GuestRam {
     }
 
     /// Registers (or re-registers) every slot with KVM, with dirty logging as currently set.
-    pub fn register(&self, vm: &VmFd) -> Result<(), Error> {
+    fn register(&self, vm: &VmFd) -> Result<(), Error> {
         let flags = if self.dirty_logging() {
             KVM_MEM_LOG_DIRTY_PAGES
         } else {
@@ -292,7 +333,8 @@ impl GuestRam {
 
     /// Switches KVM's dirty page logging on or off for every slot, keeping the memory.
     /// Callers serialize changes (the VM's lifecycle lock).
-    pub fn set_dirty_logging(&self, vm: &VmFd, on: bool) -> Result<(), Error> {
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), Error> {
+        let vm = self.vm()?;
         let before = self.dirty_logging.swap(on, Ordering::SeqCst);
         self.register(vm)
             .inspect_err(|_| self.dirty_logging.store(before, Ordering::SeqCst))
@@ -300,11 +342,11 @@ impl GuestRam {
 
     /// Fetches and clears KVM's dirty bitmap of every slot: one bit per page, bit i of word w
     /// is page 64 * w + i of the slot; the pages found dirty are write-protected again.
-    pub fn take_dirty_log(&self, vm: &VmFd) -> Result<Vec<Vec<u64>>, Error> {
-        let bits = self.peek_dirty_log(vm)?;
+    pub fn take_dirty_log(&self) -> Result<Vec<Vec<u64>>, Error> {
+        let bits = self.peek_dirty_log()?;
         if self.manual_protect {
             for (slot, b) in bits.iter().enumerate() {
-                self.clear_dirty_log(vm, slot as u32, 0, b)?;
+                self.clear_dirty_log(slot as u32, 0, b)?;
             }
         }
         Ok(bits)
@@ -312,7 +354,8 @@ impl GuestRam {
 
     /// Fetches KVM's dirty bitmap of every slot as [`GuestRam::take_dirty_log`] does; with
     /// manual protection it stays set (clear it with [`GuestRam::clear_dirty_log`]).
-    pub fn peek_dirty_log(&self, vm: &VmFd) -> Result<Vec<Vec<u64>>, Error> {
+    pub fn peek_dirty_log(&self) -> Result<Vec<Vec<u64>>, Error> {
+        let vm = self.vm()?;
         self.mem
             .iter()
             .enumerate()
@@ -420,6 +463,35 @@ impl GuestRam {
         bits
     }
 
+    /// Switches dirty tracking on (KVM's log of every slot, and ferry's own bitmap, both
+    /// starting empty) or off. Callers serialize changes (the VM's lifecycle lock).
+    pub fn set_dirty_tracking(&self, on: bool) -> Result<(), Error> {
+        self.set_dirty_logging(on)?;
+        if on {
+            // Classic: clear what logging found so far. Manual: every page reads as dirty
+            // until a migration clears it, chunk by chunk.
+            if !self.manual_protect {
+                self.take_dirty_log()?;
+            }
+            self.take_vmm_dirty();
+        }
+        Ok(())
+    }
+
+    /// Pages written since the last call (or since tracking started), by the guest (KVM's
+    /// log) or by ferry: one bitmap per region, bit i of word w = page 64 * w + i. With
+    /// manual protection KVM's part stays set until [`GuestRam::clear_dirty_log`] clears it:
+    /// at the start every page is dirty.
+    pub fn take_dirty(&self) -> Result<Vec<Vec<u64>>, Error> {
+        let mut bits = self.peek_dirty_log()?;
+        for (k, v) in bits.iter_mut().zip(self.take_vmm_dirty()) {
+            for (a, b) in k.iter_mut().zip(v) {
+                *a |= b;
+            }
+        }
+        Ok(bits)
+    }
+
     /// Fetches and clears the bitmap of pages the VMM wrote through `memory()`.
     pub fn take_vmm_dirty(&self) -> Vec<Vec<u64>> {
         self.mem
@@ -500,6 +572,14 @@ mod tests {
         assert_eq!(got, 0x5a);
         let got: u64 = ram.memory().read_obj(GuestAddress(6 << 20)).unwrap();
         assert_eq!(got, 0, "populated RAM reads as zero");
+    }
+
+    #[test]
+    fn set_pages_reads_a_bitmap_in_order() {
+        let words = [0b1001u64, 0, 1 << 63];
+        let pages: Vec<u64> = set_pages(&words, 128).collect();
+        assert_eq!(pages, [128, 131, 128 + 191]);
+        assert_eq!(set_pages(&[], 0).count(), 0);
     }
 
     #[test]

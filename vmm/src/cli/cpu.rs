@@ -109,11 +109,12 @@ pub fn run(cmd: CpuCmd) -> anyhow::Result<ExitCode> {
             };
             if !recorded {
                 let kvm = vmm::vm::open_kvm()?;
-                let table = cpuid::table::guest_table(&p, 1);
+                let requested = cpuid::table::for_vcpu(&cpuid::table::guest_table(&p, 1), 0);
+                let here = vmm::admit::probe(&kvm, &p, 1)?;
                 let cpuid::table::TableDiff {
                     features: forced,
                     registers: other,
-                } = cpu_model::probe_forced(&kvm, &table)?;
+                } = cpuid::table::diff(&requested, &here.effective);
                 if !forced.is_empty() || !other.is_empty() {
                     println!(
                         "note: this host's KVM changes the table after KVM_SET_CPUID2; the guest \

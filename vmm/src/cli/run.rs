@@ -57,16 +57,18 @@ fn boot_image(
             },
         ),
     };
-    let kvm = vm::open_kvm()?;
-    vmm::config::validate_memory(memory)?;
-    vmm::config::validate_vcpus(vcpus, vm::max_vcpus(&kvm))?;
-    drop(kvm);
-    let mut vm = vmm::Vm::new(memory, vcpus, console)?;
-    if let Some(spec) = cpu {
-        let p = vmm::cpu_model::load_profile(spec, vm.host_cpu())?;
-        vm.set_cpu_profile(p)?;
-    }
-    vm.boot_raw(&bytes, addr, entry)?;
+    let cpu = match cpu {
+        Some(spec) => vm::CpuChoice::Named(spec.to_string()),
+        None => vm::CpuChoice::Default,
+    };
+    let vm = vm::VmBuilder::new(memory, vcpus)
+        .console(console)
+        .cpu(cpu)
+        .build(vm::Boot::Raw {
+            image: &bytes,
+            addr,
+            entry,
+        })?;
     Ok(vm)
 }
 

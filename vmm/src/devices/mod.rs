@@ -5,6 +5,7 @@
 //! ignored, as on a real machine with nothing decoding the address.
 
 pub mod i8042;
+pub mod manager;
 pub mod serial;
 
 use std::sync::{Arc, Mutex, RwLock};

@@ -80,7 +80,7 @@ impl SerialDevice {
     }
 
     /// The UART's registers and unread input.
-    pub fn state(&self) -> migration::SerialState {
+    pub fn registers(&self) -> migration::SerialState {
         let s = self.uart.state();
         migration::SerialState {
             baud_divisor_low: s.baud_divisor_low,
@@ -97,7 +97,7 @@ impl SerialDevice {
     }
 
     /// Replaces the UART's registers and input with a saved state.
-    pub fn restore(&mut self, s: &migration::SerialState) -> Result<(), String> {
+    pub fn load_registers(&mut self, s: &migration::SerialState) -> Result<(), String> {
         let state = vm_superio::SerialState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,

@@ -145,7 +145,14 @@ pub fn receive_with(
         std::thread::Builder::new()
             .name("mig-build".into())
             .spawn(move || {
-                Vm::for_restore_with_ram(ram, vcpus, &profile_json, saved.as_ref(), console)
+                crate::vm::VmBuilder::new(0, vcpus)
+                    .ram(ram)
+                    .console(console)
+                    .cpu(crate::vm::CpuChoice::Saved {
+                        profile_json,
+                        guest_cpu: saved,
+                    })
+                    .build(crate::vm::Boot::Restored)
             })
             .map_err(|e| refuse(&mut conn, format!("cannot create the VM here: {e}")))?,
     );
@@ -242,7 +249,7 @@ pub fn receive_with(
     {
         Err("the VM state does not match the Hello (memory, vCPUs or CPU profile)".to_string())
     } else {
-        vm.load_state(&state).map_err(|e| e.to_string())
+        vm.restore_state(&state).map_err(|e| e.to_string())
     };
     if let Err(e) = loaded {
         let _ = protocol::send(&mut conn, &Message::Failed(e.clone()));

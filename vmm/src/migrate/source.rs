@@ -102,7 +102,7 @@ fn send_on(
             opts: opts.clone(),
             started,
             batch: migration::pages::BatchWriter::new(),
-            regions: vm.ram_regions(),
+            regions: vm.ram().regions(),
             report: Report {
                 max_downtime_ms: ms(opts.max_downtime),
                 handshake_ms: ms(started.elapsed()),
@@ -131,7 +131,7 @@ fn send_on(
     match result {
         Ok(report) => Ok(report),
         Err((e, mut report, bandwidth_mbps)) => {
-            let _ = vm.set_dirty_tracking(false);
+            let _ = vm.ram().set_dirty_tracking(false);
             // After Commit without an answer the guest may run there: it stays paused here.
             if !was_paused && !matches!(e, Error::Unconfirmed(_)) {
                 if let Err(r) = vm.resume() {
@@ -155,9 +155,10 @@ fn send_on(
 /// The Touched map: each block of guest-physical memory (protocol::TOUCHED_BLOCK) that
 /// holds a page the guest has touched, from address 0 to the end of RAM.
 fn touched_map(vm: &Vm) -> Vec<u64> {
-    let end = vm.ram_regions().iter().map(|&(s, l)| s + l).max();
+    let end = vm.ram().regions().iter().map(|&(s, l)| s + l).max();
     let mut words = vec![0u64; protocol::touched_words(end.unwrap_or(0))];
     for block in vm
+        .ram()
         .resident_blocks(protocol::TOUCHED_BLOCK)
         .into_iter()
         .map(|gpa| gpa / protocol::TOUCHED_BLOCK)
@@ -217,7 +218,8 @@ impl<'a, C: Read + Write> Sender<'a, C> {
         let words = std::mem::take(&mut self.touched);
         self.report.bytes += protocol::send(self.conn, &Message::Touched(words))
             .map_err(proto(Phase::Memory { round: 0 }, "sending the touched RAM"))?;
-        vm.set_dirty_tracking(true)
+        vm.ram()
+            .set_dirty_tracking(true)
             .map_err(|e| Error::Save(format!("starting dirty tracking: {e}")))?;
         self.send_round(None)?;
         let target = migration::converge::Target {
@@ -229,6 +231,7 @@ impl<'a, C: Read + Write> Sender<'a, C> {
         let mut dirty;
         loop {
             dirty = vm
+                .ram()
                 .take_dirty()
                 .map_err(|e| Error::Save(format!("reading the dirty log: {e}")))?;
             let observed = migration::converge::Observed {
@@ -267,6 +270,7 @@ impl<'a, C: Read + Write> Sender<'a, C> {
         self.quiescent = true;
         let t_paused = Instant::now();
         let more = vm
+            .ram()
             .take_dirty()
             .map_err(|e| Error::Save(format!("reading the dirty log: {e}")))?;
         for (a, b) in dirty.iter_mut().zip(more) {
@@ -373,7 +377,7 @@ impl<'a, C: Read + Write> Sender<'a, C> {
         };
         self.batch.set_round(self.report.rounds);
         let regions = self.regions.clone();
-        let manual = vm.manual_dirty_protect() && !self.paused;
+        let manual = vm.ram().manual_protect() && !self.paused;
         // Round 0 only: later rounds take their pages from the dirty log.
         let pagemap = round0.then(crate::memory::Pagemap::open);
         const ALL: [u64; CLEAR_WORDS] = [u64::MAX; CLEAR_WORDS];
@@ -401,7 +405,8 @@ impl<'a, C: Read + Write> Sender<'a, C> {
                         None => &ALL[..end - chunk],
                     };
                     if mask.iter().any(|m| *m != 0) {
-                        vm.clear_dirty(region, chunk as u64 * 64, mask)
+                        vm.ram()
+                            .clear_dirty_log(region as u32, chunk as u64 * 64, mask)
                             .map_err(|e| Error::Save(format!("clearing the dirty log: {e}")))?;
                     }
                 }
@@ -410,7 +415,9 @@ impl<'a, C: Read + Write> Sender<'a, C> {
                     Some(b) => &b[region][chunk..end],
                     None => {
                         let pagemap = pagemap.as_ref().expect("opened for round 0");
-                        touched = vm.touched_range(pagemap, region, chunk as u64 * 64, end - chunk);
+                        touched =
+                            vm.ram()
+                                .touched_range(pagemap, region, chunk as u64 * 64, end - chunk);
                         let n = count_pages(std::slice::from_ref(&touched));
                         let chunk_pages =
                             ((end - chunk) as u64 * 64).min(len / PAGE - chunk as u64 * 64);
@@ -419,47 +426,12 @@ impl<'a, C: Read + Write> Sender<'a, C> {
                         &touched[..]
                     }
                 };
-                for (i, word) in chunk_bits.iter().enumerate() {
-                    let w = chunk + i;
-                    let mut word = *word;
-                    while word != 0 {
-                        let bit = u64::from(word.trailing_zeros());
-                        word &= word - 1;
-                        let offset = (w as u64 * 64 + bit) * PAGE;
-                        if offset >= len {
-                            break;
-                        }
-                        let gpa = start + offset;
-                        let zero = match in_place {
-                            Some(bytes) => {
-                                let at = offset as usize;
-                                let page = &bytes[at..at + PAGE as usize];
-                                let zero = self.batch.commit_in_place(gpa, page, round0);
-                                if !zero {
-                                    self.take_in_place(bytes, at);
-                                }
-                                zero
-                            }
-                            None => {
-                                vm.memory()
-                                    .read_slice(self.batch.page_slot(), GuestAddress(gpa))
-                                    .map_err(|e| {
-                                        Error::Save(format!("reading guest page {gpa:#x}: {e}"))
-                                    })?;
-                                self.batch.commit_page(gpa, round0)
-                            }
-                        };
-                        if zero {
-                            self.report.zero_pages += 1;
-                        }
-                        if !(zero && round0) {
-                            self.round_pages += 1;
-                        }
-                        self.remaining = self.remaining.saturating_sub(PAGE);
-                        if self.batch.is_full() {
-                            self.flush()?;
-                        }
+                let first = chunk as u64 * 64;
+                for page in crate::memory::set_pages(chunk_bits, first) {
+                    if page * PAGE >= len {
+                        break;
                     }
+                    self.send_page(start, page * PAGE, in_place, round0)?;
                 }
             }
         }
@@ -487,6 +459,48 @@ impl<'a, C: Read + Write> Sender<'a, C> {
         if self.round_pages == 0 && !self.paused {
             // Nothing was dirty: give the guest a moment rather than spin on the log.
             std::thread::sleep(IDLE_ROUND);
+        }
+        Ok(())
+    }
+
+    /// Puts the page at `offset` of the RAM region at `start` into the frame: read in place
+    /// from `in_place` (a quiescent guest's region) or copied; zero pages as a flag (round
+    /// 0: not at all). Sends the frame when it is full.
+    fn send_page(
+        &mut self,
+        start: u64,
+        offset: u64,
+        in_place: Option<&'a [u8]>,
+        round0: bool,
+    ) -> Result<(), Error> {
+        let gpa = start + offset;
+        let zero = match in_place {
+            Some(bytes) => {
+                let at = offset as usize;
+                let page = &bytes[at..at + PAGE as usize];
+                let zero = self.batch.commit_in_place(gpa, page, round0);
+                if !zero {
+                    self.take_in_place(bytes, at);
+                }
+                zero
+            }
+            None => {
+                self.vm
+                    .memory()
+                    .read_slice(self.batch.page_slot(), GuestAddress(gpa))
+                    .map_err(|e| Error::Save(format!("reading guest page {gpa:#x}: {e}")))?;
+                self.batch.commit_page(gpa, round0)
+            }
+        };
+        if zero {
+            self.report.zero_pages += 1;
+        }
+        if !(zero && round0) {
+            self.round_pages += 1;
+        }
+        self.remaining = self.remaining.saturating_sub(PAGE);
+        if self.batch.is_full() {
+            self.flush()?;
         }
         Ok(())
     }

@@ -1,0 +1,196 @@
+//! The machine's devices, in one place: where each sits on the port I/O and MMIO buses, and
+//! the list of those whose state travels, which drives save and restore (as Firecracker's
+//! device manager and its `Persist` trait do). A new device is registered here once.
+//!
+//! ```text
+//! Devices::new: COM1 (0x3f8, irqfd GSI 4) | i8042 (0x60..0x64) | POST port 0x80 | debug 0xe9
+//!               persistent: [COM1]
+//! save_state(&mut VmState) / restore_state(&VmState): every persistent device, in order
+//! ```
+
+use std::io::Write;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::VmFd;
+use migration::VmState;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::i8042::{I8042, I8042_BASE};
+use super::serial::{SerialDevice, COM1_BASE, COM1_IRQ};
+use super::{Bus, DebugOutput, DebugPort, IoBuses, SharedDevice, Sink, DEBUG_PORT};
+use crate::event::VmEvent;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{device}: {source}")]
+    EventFd {
+        device: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{device}: KVM_IRQFD failed: {source}")]
+    Irqfd {
+        device: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("{device}: {source}")]
+    Place {
+        device: &'static str,
+        #[source]
+        source: super::Error,
+    },
+    #[error("{device} state: {why}")]
+    Restore { device: &'static str, why: String },
+}
+
+/// A device whose state a snapshot or a migration carries: it fills its own part of the VM
+/// state, and takes it back.
+pub trait Persist: Send {
+    fn save_state(&self, into: &mut VmState);
+    fn restore_state(&mut self, from: &VmState) -> Result<(), String>;
+}
+
+impl Persist for SerialDevice {
+    fn save_state(&self, into: &mut VmState) {
+        into.serial = self.registers();
+    }
+    fn restore_state(&mut self, from: &VmState) -> Result<(), String> {
+        self.load_registers(&from.serial)
+    }
+}
+
+/// Which bus a device sits on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusKind {
+    Pio,
+    Mmio,
+}
+
+/// The machine's devices and buses.
+pub struct Devices {
+    buses: Arc<IoBuses>,
+    serial: Arc<Mutex<SerialDevice>>,
+    debug_output: DebugOutput,
+    persistent: Vec<(&'static str, Arc<Mutex<dyn Persist>>)>,
+}
+
+impl std::fmt::Debug for Devices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Devices")
+            .field("buses", &self.buses)
+            .field(
+                "persistent",
+                &self.persistent.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Devices {
+    /// The PC devices every ferry machine has, on `vm` (which owns the irqchip their lines
+    /// go to); the guest's console output goes to `console`, a reset to `events`.
+    pub fn new(
+        vm: &VmFd,
+        events: Sender<VmEvent>,
+        console: Box<dyn Write + Send>,
+    ) -> Result<Devices, Error> {
+        let place = |device| move |source| Error::Place { device, source };
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
+            device: "COM1",
+            source,
+        })?;
+        vm.register_irqfd(&irq, COM1_IRQ)
+            .map_err(|source| Error::Irqfd {
+                device: "COM1",
+                source,
+            })?;
+        let serial = SerialDevice::new(irq, console).map_err(|source| Error::EventFd {
+            device: "COM1",
+            source,
+        })?;
+        let serial = Arc::new(Mutex::new(serial));
+        let buses = Arc::new(IoBuses::default());
+        buses
+            .pio
+            .insert(COM1_BASE, 8, serial.clone())
+            .map_err(place("COM1"))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(events)));
+        buses
+            .pio
+            .insert(I8042_BASE, 5, i8042)
+            .map_err(place("i8042"))?;
+        buses
+            .pio
+            .insert(0x80, 1, Arc::new(Mutex::new(Sink)))
+            .map_err(place("port 0x80"))?;
+        let debug_output: DebugOutput = Arc::new(Mutex::new(None));
+        let debug = Arc::new(Mutex::new(DebugPort(debug_output.clone())));
+        buses
+            .pio
+            .insert(DEBUG_PORT, 1, debug)
+            .map_err(place("debug port"))?;
+        let persistent: Vec<(&'static str, Arc<Mutex<dyn Persist>>)> =
+            vec![("COM1", serial.clone())];
+        Ok(Devices {
+            buses,
+            serial,
+            debug_output,
+            persistent,
+        })
+    }
+
+    /// Places one more device (tests' recorders, for one).
+    pub fn add(
+        &self,
+        bus: BusKind,
+        base: u64,
+        len: u64,
+        dev: SharedDevice,
+        device: &'static str,
+    ) -> Result<(), Error> {
+        let bus: &Bus = match bus {
+            BusKind::Pio => &self.buses.pio,
+            BusKind::Mmio => &self.buses.mmio,
+        };
+        bus.insert(base, len, dev)
+            .map_err(|source| Error::Place { device, source })
+    }
+
+    /// The buses, for the vCPU threads.
+    pub fn buses(&self) -> &Arc<IoBuses> {
+        &self.buses
+    }
+
+    /// Every persistent device's state into `into`.
+    pub fn save_state(&self, into: &mut VmState) {
+        for (_, d) in &self.persistent {
+            d.lock().unwrap_or_else(|e| e.into_inner()).save_state(into);
+        }
+    }
+
+    /// Every persistent device's state from `from`.
+    pub fn restore_state(&self, from: &VmState) -> Result<(), Error> {
+        for (device, d) in &self.persistent {
+            d.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restore_state(from)
+                .map_err(|why| Error::Restore { device, why })?;
+        }
+        Ok(())
+    }
+
+    /// Queues console input for COM1; returns how many bytes fit.
+    pub fn serial_input(&self, bytes: &[u8]) -> usize {
+        self.serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .input(bytes)
+    }
+
+    /// Sends the bytes the guest writes to the debug port to `w` from now on.
+    pub fn set_debug_console(&self, w: Box<dyn Write + Send>) {
+        *self.debug_output.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
+    }
+}

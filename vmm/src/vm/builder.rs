@@ -1,0 +1,289 @@
+//! Building a machine: the one way a [`Vm`] comes to be, whatever it boots from.
+//!
+//! ```text
+//! VmBuilder::new(memory, vcpus).console(..).cpu(..)[.ram(..)][.device(..)].build(boot)
+//!   /dev/kvm opened once; memory and vCPU count checked once
+//!   the CPU profile resolved once (CpuChoice: default, a name or file, a profile, a saved one)
+//!   KVM VM, TSS, irqchip, PIT; RAM as memslots (manual dirty-log protection where KVM has it)
+//!   devices (devices::manager), vCPU fds
+//!   the guest CPUID table built once; KVM_SET_CPUID2 on every vCPU (cpu_model::set_cpuid,
+//!   its one call site); the effective table read back (KVM_GET_CPUID2)
+//!   boot: Linux kernel | raw image  -> loaded, entry registers set
+//!         Restored (saved CPU)      -> admitted (crate::admit: refused, or its TSC rate set)
+//!   vCPU threads spawned, paused: Vm::start runs them (a restored one after restore_state)
+//! ```
+
+use std::io::Write;
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+
+use cpuid::profile::CpuProfile;
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm};
+use migration::GuestCpu;
+
+use super::{Error, Vm};
+use crate::boot::{self, layout, EntryPoint};
+use crate::config::{self, VmConfig};
+use crate::devices::manager::{BusKind, Devices};
+use crate::devices::SharedDevice;
+use crate::memory::GuestRam;
+use crate::{admit, cpu, cpu_model, vcpu};
+
+/// The guest CPU profile a machine gets.
+#[derive(Debug, Clone, Default)]
+pub enum CpuChoice {
+    /// x86-64-v2 in this host vendor's identity (cpu_model::default_profile).
+    #[default]
+    Default,
+    /// A built-in name (`harpertown-shanghai`, `x86-64-v2,vendor=amd`) or a profile file.
+    Named(String),
+    /// A profile already made.
+    Profile(CpuProfile),
+    /// A saved guest's: its profile's JSON text and the guest CPU as the saving host ran it
+    /// (None: a format version 1 state, which does not say).
+    Saved {
+        profile_json: String,
+        guest_cpu: Option<GuestCpu>,
+    },
+}
+
+/// What the machine starts from.
+#[derive(Debug, Clone, Copy)]
+pub enum Boot<'a> {
+    /// A Linux kernel (ELF vmlinux with a PVH note, or a bzImage), initrd and command line.
+    Linux(&'a VmConfig),
+    /// A raw machine-code image copied to `addr`, every vCPU entering at `entry`.
+    Raw {
+        image: &'a [u8],
+        addr: u64,
+        entry: EntryPoint,
+    },
+    /// Nothing yet: a saved state comes next ([`Vm::restore_state`]).
+    Restored,
+}
+
+/// Builds a [`Vm`]; see the module doc.
+pub struct VmBuilder {
+    memory: u64,
+    vcpus: u32,
+    cpu: CpuChoice,
+    console: Box<dyn Write + Send>,
+    ram: Option<GuestRam>,
+    devices: Vec<(BusKind, u64, u64, SharedDevice, &'static str)>,
+}
+
+impl std::fmt::Debug for VmBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmBuilder")
+            .field("memory", &self.memory)
+            .field("vcpus", &self.vcpus)
+            .field("cpu", &self.cpu)
+            .finish()
+    }
+}
+
+impl VmBuilder {
+    /// A machine of `memory` bytes of RAM and `vcpus` vCPUs, its console discarded.
+    pub fn new(memory: u64, vcpus: u32) -> Self {
+        VmBuilder {
+            memory,
+            vcpus,
+            cpu: CpuChoice::Default,
+            console: Box::new(std::io::sink()),
+            ram: None,
+            devices: Vec::new(),
+        }
+    }
+
+    /// Where the guest's console (COM1) output goes.
+    pub fn console(mut self, console: Box<dyn Write + Send>) -> Self {
+        self.console = console;
+        self
+    }
+
+    /// The guest CPU profile.
+    pub fn cpu(mut self, cpu: CpuChoice) -> Self {
+        self.cpu = cpu;
+        self
+    }
+
+    /// RAM allocated already (a migration destination fills it while the rest is built:
+    /// registering a large memslot takes milliseconds). Its size is the machine's.
+    pub fn ram(mut self, ram: GuestRam) -> Self {
+        self.memory = ram.size();
+        self.ram = Some(ram);
+        self
+    }
+
+    /// One more device on a bus, before the vCPUs can reach it.
+    pub fn device(
+        mut self,
+        bus: BusKind,
+        base: u64,
+        len: u64,
+        dev: SharedDevice,
+        name: &'static str,
+    ) -> Self {
+        self.devices.push((bus, base, len, dev, name));
+        self
+    }
+
+    /// Builds the machine and readies its vCPUs (paused).
+    pub fn build(self, boot: Boot) -> Result<Vm, Error> {
+        let kvm = super::open_kvm()?;
+        config::validate_memory(self.memory)?;
+        config::validate_vcpus(self.vcpus, super::max_vcpus(&kvm))?;
+        if let Boot::Linux(cfg) = boot {
+            cfg.check_files()?;
+        }
+        check_caps(&kvm)?;
+        let host_cpu = cpu_model::host_dump(&kvm)?;
+        let (profile, saved) = resolve(self.cpu, &host_cpu)?;
+        cpu_model::check_host(&profile, &host_cpu)?;
+        super::check_address_width(&profile, self.memory)?;
+        let table = cpuid::table::guest_table(&profile, self.vcpus);
+        vcpu::install_kick_handler().map_err(Error::KickHandler)?;
+        let fd = Arc::new(kvm.create_vm().map_err(super::kvm_op("KVM_CREATE_VM"))?);
+        fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+            .map_err(super::kvm_op("KVM_SET_TSS_ADDR"))?;
+        if kvm.check_extension(Cap::SetIdentityMapAddr) {
+            fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+                .map_err(super::kvm_op("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        }
+        fd.create_irq_chip()
+            .map_err(super::kvm_op("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(super::kvm_op("KVM_CREATE_PIT2"))?;
+        let mut ram = match self.ram {
+            Some(ram) => ram,
+            None => GuestRam::new(self.memory)?,
+        };
+        ram.attach(fd.clone())?;
+        let (events_tx, events_rx) = channel();
+        let devices = Devices::new(&fd, events_tx.clone(), self.console)?;
+        for (bus, base, len, dev, name) in self.devices {
+            devices.add(bus, base, len, dev, name)?;
+        }
+        let unstarted = (0..self.vcpus)
+            .map(|id| {
+                fd.create_vcpu(u64::from(id))
+                    .map_err(super::kvm_op("KVM_CREATE_VCPU"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let effective = cpu_model::set_cpuid(&unstarted, &table)?;
+        let mut vm = Vm {
+            kvm,
+            fd,
+            ram,
+            devices,
+            host_cpu,
+            profile,
+            table,
+            effective,
+            tsc_khz: 0,
+            num_vcpus: self.vcpus,
+            unstarted,
+            vcpus: Vec::new(),
+            events_tx,
+            events_rx: Mutex::new(events_rx),
+            lifecycle: Mutex::new(()),
+        };
+        vm.boot(boot, saved.as_ref())?;
+        // A restored machine's vCPU threads start once its state is in (restore_state).
+        if !matches!(boot, Boot::Restored) {
+            vm.spawn_vcpus()?;
+        }
+        Ok(vm)
+    }
+}
+
+/// The KVM capabilities ferry cannot do without.
+fn check_caps(kvm: &Kvm) -> Result<(), Error> {
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::MissingCap(name));
+        }
+    }
+    Ok(())
+}
+
+/// The profile a choice names, and for a saved guest how it ran.
+fn resolve(
+    choice: CpuChoice,
+    host: &cpuid::CpuidDump,
+) -> Result<(CpuProfile, Option<GuestCpu>), Error> {
+    Ok(match choice {
+        CpuChoice::Default => (cpu_model::default_profile(host)?, None),
+        CpuChoice::Named(spec) => (cpu_model::load_profile(&spec, host)?, None),
+        CpuChoice::Profile(p) => (p, None),
+        CpuChoice::Saved {
+            profile_json,
+            guest_cpu,
+        } => (
+            CpuProfile::from_json("the saved VM", &profile_json).map_err(Error::SavedProfile)?,
+            guest_cpu,
+        ),
+    })
+}
+
+impl Vm {
+    /// Loads what the machine starts from into its RAM and vCPUs (not yet running).
+    fn boot(&mut self, boot: Boot, saved: Option<&GuestCpu>) -> Result<(), Error> {
+        let fd0 = self.unstarted.first().ok_or(Error::NoSuchVcpu(0))?;
+        let host_tsc = admit::tsc_host(&self.kvm, fd0);
+        let entry = match boot {
+            Boot::Linux(cfg) => boot::load_linux(self.ram.memory(), cfg)?,
+            Boot::Raw { image, addr, entry } => {
+                boot::load_raw(self.ram.memory(), image, addr)?;
+                entry
+            }
+            Boot::Restored => {
+                let here = admit::HostView {
+                    effective: self.effective.clone(),
+                    tsc: host_tsc,
+                };
+                let a = admit::admit(saved, &self.profile, self.num_vcpus, &here)
+                    .map_err(Error::Refused)?;
+                self.tsc_khz = a.apply(&self.unstarted, host_tsc.khz)?;
+                return Ok(());
+            }
+        };
+        self.tsc_khz = host_tsc.khz;
+        for (id, fd) in self.unstarted.iter().enumerate() {
+            cpu::setup_vcpu(fd, id as u32, &entry, self.ram.memory())?;
+        }
+        let forced = self.cpuid_forced();
+        if matches!(boot, Boot::Linux(_)) && !forced.is_empty() {
+            log::warn!(
+                "this host's KVM changed the guest CPUID after KVM_SET_CPUID2: features {}; other registers {:?}",
+                forced.features.join(" "),
+                forced.registers
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Builds a VM for `cfg` and boots its kernel: the `ferry run --kernel` path.
+pub fn build(cfg: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vm, Error> {
+    let cpu = match &cfg.cpu {
+        Some(spec) => CpuChoice::Named(spec.clone()),
+        None => CpuChoice::Default,
+    };
+    VmBuilder::new(cfg.memory, cfg.vcpus)
+        .console(console)
+        .cpu(cpu)
+        .build(Boot::Linux(cfg))
+}
