@@ -21,8 +21,9 @@
 
 use std::io::{Read, Write};
 
-use crate::codec::{dec_guest_cpu, enc_guest_cpu, Decoder, Encoder};
+use crate::codec::{Decoder, Encoder};
 use crate::limits::{FORMAT_VERSION, MAX_GUEST_CPU, MAX_PROFILE_JSON};
+use crate::records::{dec_guest_cpu, enc_guest_cpu};
 use crate::state::GuestCpu;
 
 /// Largest control payload (the Hello carries the CPU profile and the guest CPU record).

@@ -148,7 +148,7 @@ fn serve(stream: UnixStream, vm: &Vm, control: &Control) {
             let e = format!("request longer than {MAX_REQUEST} bytes");
             (Answer::Failure(Failure::new(e)), After::Close)
         } else {
-            match parse_request(&line) {
+            match wire::parse_request(&line) {
                 Ok(req) => {
                     // A migration asked for progress gets one line per update first.
                     let mut progress = |p: &crate::migrate::Progress| {
@@ -187,36 +187,6 @@ pub enum After {
     Stop,
     /// End the VM here: it now runs on a migration destination.
     Migrated,
-}
-
-/// The commands, for the error that names an unknown one.
-const COMMANDS: &str = "status, cpuid, pause, resume, snapshot, migrate, cancel or stop";
-
-/// A request line as a [`Request`], or the one-line reason it is not one.
-pub fn parse_request(line: &[u8]) -> Result<Request, String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(line).map_err(|e| format!("request is not JSON: {e}"))?;
-    let Some(cmd) = v.get("cmd").and_then(|c| c.as_str()).map(str::to_string) else {
-        return Err("request has no \"cmd\" string".into());
-    };
-    let req: Request = serde_json::from_value(v.clone()).map_err(|e| {
-        if e.to_string().starts_with("unknown variant") {
-            format!("unknown command {cmd:?} (expected {COMMANDS})")
-        } else {
-            format!("bad {cmd} request: {e}")
-        }
-    })?;
-    // A field the request type does not know (serde keeps quiet about extra fields of a
-    // unit variant): whatever it meant would be ignored, so refuse it.
-    let known = serde_json::to_value(&req).unwrap_or_default();
-    if let Some(fields) = v.as_object() {
-        for (k, value) in fields {
-            if !value.is_null() && known.get(k).is_none() {
-                return Err(format!("bad {cmd} request: unknown field `{k}`"));
-            }
-        }
-    }
-    Ok(req)
 }
 
 fn state(vm: &Vm) -> VmStatus {

@@ -187,6 +187,36 @@ pub enum Answer {
     Failure(Failure),
 }
 
+/// The commands, for the error that names an unknown one.
+const COMMANDS: &str = "status, cpuid, pause, resume, snapshot, migrate, cancel or stop";
+
+/// A request line as a [`Request`], or the one-line reason it is not one.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(line).map_err(|e| format!("request is not JSON: {e}"))?;
+    let Some(cmd) = v.get("cmd").and_then(|c| c.as_str()).map(str::to_string) else {
+        return Err("request has no \"cmd\" string".into());
+    };
+    let req: Request = serde_json::from_value(v.clone()).map_err(|e| {
+        if e.to_string().starts_with("unknown variant") {
+            format!("unknown command {cmd:?} (expected {COMMANDS})")
+        } else {
+            format!("bad {cmd} request: {e}")
+        }
+    })?;
+    // A field the request type does not know (serde keeps quiet about extra fields of a
+    // unit variant): whatever it meant would be ignored, so refuse it.
+    let known = serde_json::to_value(&req).unwrap_or_default();
+    if let Some(fields) = v.as_object() {
+        for (k, value) in fields {
+            if !value.is_null() && known.get(k).is_none() {
+                return Err(format!("bad {cmd} request: unknown field `{k}`"));
+            }
+        }
+    }
+    Ok(req)
+}
+
 /// An answer with its `"ok"` field: the line the server writes.
 pub fn answer_line(a: &Answer) -> String {
     #[derive(Serialize)]
@@ -231,7 +261,6 @@ pub fn parse_line<T: DeserializeOwned>(line: &str) -> Result<Incoming<T>, serde_
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::server::parse_request;
     use serde_json::Value;
 
     /// `line` parsed as an answer to a request of answer type `T`, written back by the

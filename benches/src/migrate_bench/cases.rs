@@ -1,0 +1,151 @@
+//! The cases (guest, memory, dirtying) and the migration modes of each VMM.
+
+use std::path::PathBuf;
+
+use super::*;
+
+/// A guest and what it does.
+pub(crate) struct Case {
+    pub(crate) name: &'static str,
+    pub(crate) memory: &'static str,
+    pub(crate) guest: CaseGuest,
+}
+
+/// Which guest a case boots.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CaseGuest {
+    /// The Linux test guest with this workload option.
+    Linux(&'static str),
+    /// tests/tiny/pvh_storm.S: ring 3 rewriting 256 MiB at native speed, a 1 ms heartbeat
+    /// from its local APIC timer.
+    Storm,
+}
+
+pub(crate) const CASES: [Case; 5] = [
+    Case {
+        name: "256 MiB idle",
+        memory: "256M",
+        guest: CaseGuest::Linux("workload=idle"),
+    },
+    Case {
+        name: "1 GiB idle",
+        memory: "1G",
+        guest: CaseGuest::Linux("workload=idle"),
+    },
+    Case {
+        name: "256 MiB, 16 MiB dirtied",
+        memory: "256M",
+        guest: CaseGuest::Linux("workload=dirty:16"),
+    },
+    Case {
+        name: "1 GiB, 128 MiB dirtied",
+        memory: "1G",
+        guest: CaseGuest::Linux("workload=dirty:128"),
+    },
+    Case {
+        name: "1 GiB, 256 MiB rewritten from ring 3 (the heaviest dirtying here)",
+        memory: "1G",
+        guest: CaseGuest::Storm,
+    },
+];
+
+/// The kernel (or PVH ELF), initrd and command line a case boots.
+pub(crate) fn boot_files(case: &Case) -> (PathBuf, Option<PathBuf>, String) {
+    match case.guest {
+        CaseGuest::Linux(workload) => {
+            let g = ferry_tests::guest::guest();
+            (
+                g.vmlinux.clone(),
+                Some(g.initramfs.clone()),
+                g.cmdline_with(&format!("{workload} hb_us=1000 hb_port hb_print=1000")),
+            )
+        }
+        CaseGuest::Storm => {
+            static ELF: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+            let elf = ELF.get_or_init(|| {
+                // In this run's temporary directory, which main removes at the end.
+                let path = temp("pvh_storm.elf");
+                std::fs::write(&path, ferry_tests::tiny::PVH_STORM.elf).expect("write the ELF");
+                path
+            });
+            (elf.clone(), None, String::new())
+        }
+    }
+}
+
+/// How one VMM migrates.
+#[derive(Clone, Copy)]
+pub(crate) enum Mode {
+    /// `ferry ctl migrate` with these extra arguments.
+    Ferry(&'static str, &'static [&'static str]),
+    /// QEMU with these migration parameters and capabilities.
+    Qemu {
+        name: &'static str,
+        unthrottled: bool,
+        downtime_ms: Option<u64>,
+        capability: Option<&'static str>,
+    },
+}
+
+impl Mode {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Mode::Ferry(n, _) | Mode::Qemu { name: n, .. } => n,
+        }
+    }
+}
+
+pub(crate) const FERRY_MODES: [Mode; 3] = [
+    Mode::Ferry("ferry defaults (20 ms target)", &[]),
+    Mode::Ferry("ferry --max-downtime 10ms", &["--max-downtime", "10ms"]),
+    Mode::Ferry("ferry --max-downtime 1ms", &["--max-downtime", "1ms"]),
+];
+
+pub(crate) const QEMU_MODES: [Mode; 6] = [
+    Mode::Qemu {
+        name: "QEMU defaults",
+        unthrottled: false,
+        downtime_ms: None,
+        capability: None,
+    },
+    Mode::Qemu {
+        name: "QEMU unthrottled",
+        unthrottled: true,
+        downtime_ms: None,
+        capability: None,
+    },
+    Mode::Qemu {
+        name: "QEMU unthrottled, downtime-limit 10 ms",
+        unthrottled: true,
+        downtime_ms: Some(10),
+        capability: None,
+    },
+    Mode::Qemu {
+        name: "QEMU unthrottled, downtime-limit 1 ms",
+        unthrottled: true,
+        downtime_ms: Some(1),
+        capability: None,
+    },
+    Mode::Qemu {
+        name: "QEMU unthrottled, auto-converge",
+        unthrottled: true,
+        downtime_ms: None,
+        capability: Some("auto-converge"),
+    },
+    Mode::Qemu {
+        name: "QEMU unthrottled, multifd (2 channels)",
+        unthrottled: true,
+        downtime_ms: None,
+        capability: Some("multifd"),
+    },
+];
+
+/// One migration's numbers; None where it did not finish.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Sample {
+    pub(crate) total_ms: f64,
+    pub(crate) downtime_ms: f64,
+    pub(crate) blackout_ms: f64,
+    pub(crate) bytes: f64,
+    pub(crate) rounds: f64,
+}

@@ -1,0 +1,274 @@
+//! Migration benchmark: ferry and QEMU (driven over QMP) live-migrate the same test guest
+//! through the same cases over loopback TCP, in one run, and the numbers are measured the
+//! same way for both. Prints a Markdown table and, with `--write`, replaces the migration
+//! section of BENCHMARKS.md.
+//!
+//!     cargo build --release --workspace
+//!     target/release/migrate-bench --runs 5 --write BENCHMARKS.md
+//!
+//! Per case and VMM the guest boots once; every migration then moves it from the current
+//! process to a new one (the destination becomes the next source). Modes are interleaved:
+//! each run migrates once in every mode, ferry's modes first in odd runs and QEMU's in even
+//! ones, so that the host's load drifting over a case (this kind of host is a VM on a shared
+//! server) falls on both VMMs alike; the guest of the VMM not migrating is paused meanwhile.
+//! Metrics per migration:
+//! - total time and downtime as the VMM reports them (ferry's report; QEMU's query-migrate);
+//! - guest-visible blackout: host time between the last heartbeat read from the source and
+//!   the first from the destination. The guest asks for a heartbeat every millisecond
+//!   (`hb_us=1000`) and writes each one's number to the debug console port 0xe9 (`hb_port`),
+//!   which both VMMs send to a FIFO the benchmark reads (ferry `--debug-console`, QEMU
+//!   `-debugcon`); the interval the guest achieves is measured and reported;
+//! - bytes on the wire and rounds (QEMU: ram.transferred and dirty-sync-count).
+//!
+//! Needs /dev/kvm and `qemu-system-x86_64` (Debian: qemu-system-x86). Run by hand, never in CI.
+
+mod cases;
+mod ferry;
+mod proc;
+mod qemu;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use ferry_benches::{ferry_binary, host_facts, qemu_version, replace_section, stats};
+
+use cases::*;
+use ferry::FerryGuest;
+use proc::*;
+use qemu::QemuGuest;
+
+const BEGIN: &str = "<!-- migrate-bench begin -->";
+const END: &str = "<!-- migrate-bench end -->";
+/// A migration that has not finished by then counts as not finished (and is cancelled).
+const MIGRATION_LIMIT: Duration = Duration::from_secs(30);
+const BOOT_LIMIT: Duration = Duration::from_secs(900);
+
+const USAGE: &str = "\
+usage: migrate-bench [--runs N] [--write FILE] [--case NAME]... [--only ferry|qemu]
+  --runs N       migrations per mode and case (default 5)
+  --write FILE   replace the migration section of FILE (BENCHMARKS.md) with the table
+  --case NAME    only the cases whose name contains NAME (repeatable; default all)
+  --only VMM     only ferry's or only QEMU's modes (default both)
+";
+
+struct Args {
+    runs: usize,
+    write: Option<PathBuf>,
+    cases: Vec<String>,
+    /// Only this VMM ("ferry" or "qemu"); both by default.
+    only: Option<String>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        runs: 5,
+        write: None,
+        cases: Vec::new(),
+        only: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = || it.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--runs" => a.runs = val()?.parse().context("--runs")?,
+            "--write" => a.write = Some(PathBuf::from(val()?)),
+            "--case" => a.cases.push(val()?),
+            "--only" => a.only = Some(val()?),
+            "--help" | "-h" => {
+                print!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?} (see --help)"),
+        }
+    }
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    if let Some(o) = a.only.as_deref().filter(|o| !["ferry", "qemu"].contains(o)) {
+        bail!("--only {o:?}: expected ferry or qemu");
+    }
+    if let Some(c) = a
+        .cases
+        .iter()
+        .find(|n| !CASES.iter().any(|c| c.name.contains(n.as_str())))
+    {
+        let names: Vec<&str> = CASES.iter().map(|c| c.name).collect();
+        bail!("--case {c:?} matches no case (cases: {})", names.join("; "));
+    }
+    Ok(a)
+}
+
+/// Both VMMs through every mode of a case, interleaved: each run migrates once in every
+/// mode, ferry's modes first in odd runs and QEMU's first in even ones, so that a change in
+/// the host's load in the course of the case falls on every mode alike. Each VMM's guest
+/// boots once; the one not migrating is paused (the heaviest case's guest keeps a core
+/// busy), and resumed and given [`SETTLE_BEATS`] before its next migration.
+fn run_case(ferry: &Path, case: &Case, args: &Args) -> Result<(CaseResult, CaseResult)> {
+    let want = |vmm: &str| args.only.as_deref().is_none_or(|o| o == vmm);
+    let mut f = want("ferry")
+        .then(|| FerryGuest::boot(ferry, case))
+        .transpose()?;
+    let f_beat = f
+        .as_ref()
+        .map_or(f64::NAN, |g| g.src.heartbeat_interval_ms(500));
+    if let Some(g) = &mut f {
+        g.run(false)?;
+    }
+    let mut q = want("qemu").then(|| QemuGuest::boot(case)).transpose()?;
+    let q_beat = q
+        .as_ref()
+        .map_or(f64::NAN, |g| g.src.heartbeat_interval_ms(500));
+    if let Some(g) = &mut q {
+        g.run(false)?;
+    }
+    eprintln!(
+        "{}: heartbeat interval ferry {f_beat:.2} ms, QEMU {q_beat:.2} ms",
+        case.name
+    );
+    let mut fs: Vec<Vec<Option<Sample>>> = vec![Vec::new(); FERRY_MODES.len()];
+    let mut qs: Vec<Vec<Option<Sample>>> = vec![Vec::new(); QEMU_MODES.len()];
+    for run in 1..=args.runs {
+        for ferry_turn in [run % 2 == 1, run % 2 == 0] {
+            let (g, modes, samples): (Option<&mut dyn Guest>, &[Mode], _) = if ferry_turn {
+                (f.as_mut().map(|g| g as _), &FERRY_MODES, &mut fs)
+            } else {
+                (q.as_mut().map(|g| g as _), &QEMU_MODES, &mut qs)
+            };
+            let Some(g) = g else { continue };
+            g.run(true)?;
+            for (mode, samples) in modes.iter().zip(samples) {
+                settle(g.src())?;
+                samples.push(g.migrate(case, mode, run)?);
+            }
+            g.run(false)?;
+        }
+    }
+    let results = |modes: &[Mode], samples: Vec<Vec<Option<Sample>>>, on: bool| {
+        if on {
+            modes.iter().copied().zip(samples).collect()
+        } else {
+            Vec::new()
+        }
+    };
+    Ok((
+        (f_beat, results(&FERRY_MODES, fs, f.is_some())),
+        (q_beat, results(&QEMU_MODES, qs, q.is_some())),
+    ))
+}
+
+/// "min / median / max" of the finished samples' field, or "did not finish".
+fn cell(samples: &[Option<Sample>], f: impl Fn(&Sample) -> f64, digits: usize) -> String {
+    let v: Vec<f64> = samples.iter().flatten().map(&f).collect();
+    if v.is_empty() {
+        return "did not finish".into();
+    }
+    let (lo, med, hi) = stats(&v);
+    let unfinished = samples.len() - v.len();
+    let mut s = format!("{lo:.digits$} / **{med:.digits$}** / {hi:.digits$}");
+    if unfinished > 0 {
+        s += &format!(" ({unfinished} did not finish)");
+    }
+    s
+}
+
+fn median(samples: &[Option<Sample>], f: impl Fn(&Sample) -> f64) -> Option<f64> {
+    let v: Vec<f64> = samples.iter().flatten().map(&f).collect();
+    (v.len() == samples.len() && !v.is_empty()).then(|| stats(&v).1)
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    ferry_tests::require_kvm();
+    let g = ferry_tests::guest::guest();
+    let ferry = ferry_binary()?;
+    let qemu_version = qemu_version()?;
+    let cases: Vec<&Case> = CASES
+        .iter()
+        .filter(|c| args.cases.is_empty() || args.cases.iter().any(|n| c.name.contains(n.as_str())))
+        .collect();
+    let mut md = format!("{BEGIN}\n## Live migration: ferry and QEMU side by side\n\n");
+    md += &format!(
+        "Test guest (tests/guest: Linux 6.1, PVH ELF vmlinux), 1 vCPU, asked for a heartbeat \
+         every 1 ms on the debug port (`hb_us=1000 hb_port`; the interval it achieves on this \
+         host is given per case: its kernel runs emulated here); the heaviest case boots \
+         tests/tiny/pvh_storm.S instead (a PVH ELF both VMMs boot: ring 3 rewriting 256 MiB at \
+         native speed, a 1 ms local APIC timer heartbeat), migrated over loopback TCP from one process to a new one, {} runs per mode; \
+         per case and VMM the guest boots once and each migration moves it on, after 50 \
+         heartbeats at its new host (a guest that just arrived warms up first). Modes are \
+         interleaved: every run migrates once in each mode, ferry's modes first in odd runs \
+         and QEMU's in even ones, the other VMM's guest paused meanwhile. Cells are \
+         min / **median** / max. Total time and downtime as each VMM reports them (ferry: \
+         pause to Restored; QEMU: query-migrate); blackout: host time from the last heartbeat \
+         of the source to the first of the destination (debug-port bytes: the measure's \
+         resolution is the heartbeat interval); MiB on the wire; rounds (QEMU: \
+         dirty-sync-count). QEMU `-M microvm,acpi=off -cpu host`, `-incoming defer`.\n\n",
+        args.runs
+    );
+    let mut summary = String::new();
+    for case in cases {
+        let ((f_beat, f), (q_beat, q)) = run_case(&ferry, case, &args)?;
+        if f.is_empty() || q.is_empty() {
+            continue;
+        }
+        md += &format!("### {}\n\nHeartbeat interval the guest achieved (median): ferry {f_beat:.1} ms, QEMU {q_beat:.1} ms.\n\n| mode | total ms | downtime ms | blackout ms | MiB | rounds |\n|---|---|---|---|---|---|\n", case.name);
+        for (mode, s) in f.iter().chain(&q) {
+            md += &format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                mode.name(),
+                cell(s, |x| x.total_ms, 1),
+                cell(s, |x| x.downtime_ms, 1),
+                cell(s, |x| x.blackout_ms, 1),
+                cell(s, |x| x.bytes / 1048576.0, 1),
+                cell(s, |x| x.rounds, 0),
+            );
+        }
+        // ferry's defaults against QEMU's best mode on each metric (by median).
+        let best = |f: &dyn Fn(&Sample) -> f64| -> Option<(f64, &'static str)> {
+            q.iter()
+                .filter_map(|(m, s)| median(s, f).map(|v| (v, m.name())))
+                .min_by(|a, b| a.0.total_cmp(&b.0))
+        };
+        let mut line = format!(
+            "\n{}: ferry defaults / QEMU's best mode (medians): ",
+            case.name
+        );
+        for (what, get) in [
+            (
+                "total",
+                &(|x: &Sample| x.total_ms) as &dyn Fn(&Sample) -> f64,
+            ),
+            ("blackout", &|x: &Sample| x.blackout_ms),
+        ] {
+            match (median(&f[0].1, get), best(get)) {
+                (Some(a), Some((b, who))) => {
+                    line += &format!("{what} {a:.1} / {b:.1} ms = {:.2} ({who}); ", a / b)
+                }
+                _ => line += &format!("{what}: n/a; "),
+            }
+        }
+        if let (Some(a), Some(b)) = (
+            median(&f[0].1, |x| x.total_ms),
+            median(&q[1].1, |x| x.total_ms),
+        ) {
+            line += &format!("total vs QEMU unthrottled {:.2}", a / b);
+        }
+        md += &line;
+        md += "\n\n";
+        summary += &line;
+        summary += "\n";
+    }
+    md += &format!("Host:\n\n{}\n", host_facts(&qemu_version));
+    md += &format!(
+        "Guest: {}. Reproduce: `cargo build --release --workspace && target/release/migrate-bench --runs {} --write BENCHMARKS.md`\n{END}\n",
+        g.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        args.runs
+    );
+    print!("{md}");
+    eprint!("{summary}");
+    if let Some(path) = &args.write {
+        replace_section(path, BEGIN, END, &md)?;
+    }
+    let _ = std::fs::remove_dir_all(temp(""));
+    Ok(())
+}

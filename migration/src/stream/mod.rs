@@ -1,0 +1,330 @@
+//! The snapshot / migration stream: a header, then tagged, versioned, length-framed and
+//! CRC-checked sections carrying a whole [`VmState`]. Byte tables: docs/migration-format.md.
+//!
+//! ```text
+//! "FERRYVM\0" | version u32 | flags u32
+//! CONF | CPUP | [GCPU] | VCPU x config.vcpus (id 0..n) | IRQC | SERL | MEMR x 0.. | END
+//! each section: tag [4] | version u16 | reserved u16 | length u64 | payload | CRC32 u32
+//! ```
+//!
+//! Invariants:
+//! - the reader reads one section at a time; a payload is read only after its length has
+//!   been checked against that section's cap, and nothing is allocated ahead of the bytes
+//!   that actually arrive by more than 1 MiB or the bytes already read;
+//! - anything unexpected (tag, order, count, version, reserved field, CRC, cap, range,
+//!   trailing byte) is an [`Error`] naming it; nothing panics on input;
+//! - every format version from [`OLDEST_FORMAT_VERSION`] to [`FORMAT_VERSION`] reads (GCPU
+//!   exists from version 2 on); any other version is refused by the header alone;
+//! - the writer validates the state with the same rules first ([`validate`]), so it never
+//!   writes a stream the reader refuses.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+
+mod error;
+mod reader;
+mod rules;
+
+use crate::codec::{self, Encoder};
+use crate::records::{enc_config, enc_guest_cpu, enc_irqchip, enc_serial, enc_vcpu};
+use crate::records::{DEBUG_SIZE, EVENTS_SIZE, PAIR_SIZE, REGS_SIZE, SREGS_SIZE};
+use crate::state::*;
+
+pub use crate::limits::*;
+use error::too_large;
+pub use error::Error;
+use reader::Input;
+pub use rules::validate;
+
+/// Payload caps per section: the largest payload the field caps allow.
+const CONF_CAP: u64 = 8 + 4 + 4 + MAX_CMDLINE as u64;
+const CPUP_CAP: u64 = 4 + MAX_PROFILE_JSON as u64;
+const XSAVE_CAP: u64 = 8 + 4 + MAX_XSAVE_COMPONENTS as u64 * (8 + MAX_XSAVE_COMPONENT as u64);
+const VCPU_CAP: u64 = 4
+    + REGS_SIZE
+    + SREGS_SIZE
+    + XSAVE_CAP
+    + 4
+    + MAX_XCRS as u64 * PAIR_SIZE
+    + DEBUG_SIZE
+    + 4
+    + LAPIC_SIZE as u64
+    + 4
+    + EVENTS_SIZE
+    + 4
+    + MAX_MSRS as u64 * PAIR_SIZE;
+const IRQC_CAP: u64 = 3 * (4 + IRQCHIP_SIZE as u64) + 4 + MAX_PIT as u64 + 8 + 4;
+const SERL_CAP: u64 = 9 + 4 + MAX_SERIAL_INPUT as u64;
+const MEMR_CAP: u64 = 4 + MAX_MEMR_RANGES as u64 * 16 + MAX_RANGE_BYTES;
+
+/// A section tag: four ASCII bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Tag(pub [u8; 4]);
+
+impl Tag {
+    pub const CONF: Tag = Tag(*b"CONF");
+    pub const CPUP: Tag = Tag(*b"CPUP");
+    pub const GCPU: Tag = Tag(*b"GCPU");
+    pub const VCPU: Tag = Tag(*b"VCPU");
+    pub const IRQC: Tag = Tag(*b"IRQC");
+    pub const SERL: Tag = Tag(*b"SERL");
+    pub const MEMR: Tag = Tag(*b"MEMR");
+    pub const END: Tag = Tag(*b"END\0");
+
+    /// The position of this tag in the required order; None for an unknown tag.
+    pub(crate) fn rank(self) -> Option<u8> {
+        const ORDER: [Tag; 8] = [
+            Tag::CONF,
+            Tag::CPUP,
+            Tag::GCPU,
+            Tag::VCPU,
+            Tag::IRQC,
+            Tag::SERL,
+            Tag::MEMR,
+            Tag::END,
+        ];
+        ORDER.iter().position(|t| *t == self).map(|i| i as u8)
+    }
+
+    /// The most payload bytes a section with this tag may hold; None for an unknown tag.
+    pub fn payload_cap(self) -> Option<u64> {
+        Some(match self {
+            Tag::CONF => CONF_CAP,
+            Tag::CPUP => CPUP_CAP,
+            Tag::GCPU => MAX_GUEST_CPU,
+            Tag::VCPU => VCPU_CAP,
+            Tag::IRQC => IRQC_CAP,
+            Tag::SERL => SERL_CAP,
+            Tag::MEMR => MEMR_CAP,
+            Tag::END => 0,
+            _ => return None,
+        })
+    }
+
+    pub(crate) fn payload_name(self) -> &'static str {
+        match self {
+            Tag::CONF => "CONF payload",
+            Tag::CPUP => "CPUP payload",
+            Tag::GCPU => "GCPU payload",
+            Tag::VCPU => "VCPU payload",
+            Tag::IRQC => "IRQC payload",
+            Tag::SERL => "SERL payload",
+            Tag::MEMR => "MEMR payload",
+            Tag::END => "END payload",
+            _ => "section payload",
+        }
+    }
+}
+
+impl fmt::Display for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for &b in &self.0 {
+            if b.is_ascii_graphic() {
+                write!(f, "{}", char::from(b))?;
+            } else {
+                write!(f, "\\x{b:02x}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tag({self})")
+    }
+}
+
+/// Writes `vm` as a stream: header, sections, END. Memory ranges longer than
+/// [`MAX_RANGE_BYTES`] are split into several ranges (so they read back split). Returns the
+/// bytes written. A state the reader would refuse (see [`validate`]) is an `InvalidInput`
+/// error wrapping [`Error`], and nothing is written. Writes are many and small: give it a
+/// `BufWriter` around a file or socket.
+pub fn write_vm(w: &mut impl Write, vm: &VmState) -> io::Result<u64> {
+    validate(vm).map_err(invalid_input)?;
+    let mut head = Encoder::new();
+    head.bytes(&MAGIC);
+    head.u32(FORMAT_VERSION);
+    head.u32(0);
+    w.write_all(head.as_slice())?;
+    let mut n = HEADER_SIZE;
+    n += write_section(w, Tag::CONF, &[&encode(|e| enc_config(e, &vm.config))?])?;
+    let profile = encode(|e| e.str_u32("cpu profile", &vm.cpu_profile, MAX_PROFILE_JSON))?;
+    n += write_section(w, Tag::CPUP, &[&profile])?;
+    if let Some(g) = &vm.guest_cpu {
+        n += write_section(w, Tag::GCPU, &[&encode(|e| enc_guest_cpu(e, g))?])?;
+    }
+    for vcpu in &vm.vcpus {
+        n += write_section(w, Tag::VCPU, &[&encode(|e| enc_vcpu(e, vcpu))?])?;
+    }
+    n += write_section(w, Tag::IRQC, &[&encode(|e| enc_irqchip(e, &vm.irqchip))?])?;
+    n += write_section(w, Tag::SERL, &[&encode(|e| enc_serial(e, &vm.serial))?])?;
+    let max_range = MAX_RANGE_BYTES as usize;
+    for pieces in memr_sections(&vm.memory, max_range, MAX_MEMR_RANGES as usize) {
+        let count = encode(|e| e.count_u32("MEMR count", pieces.len(), MAX_MEMR_RANGES))?;
+        let heads: Vec<[u8; 16]> = pieces
+            .iter()
+            .map(|(gpa, data)| range_head(*gpa, data))
+            .collect();
+        let mut parts: Vec<&[u8]> = vec![&count];
+        for (head, (_, data)) in heads.iter().zip(&pieces) {
+            parts.push(head);
+            parts.push(data);
+        }
+        n += write_section(w, Tag::MEMR, &parts)?;
+    }
+    n += write_section(w, Tag::END, &[])?;
+    Ok(n)
+}
+
+/// Reads a whole stream from `r` and requires that it ends right after END.
+pub fn read_vm(r: &mut impl Read) -> Result<VmState, Error> {
+    let mut input = Input { r, offset: 0 };
+    let vm = input.vm()?;
+    let mut byte = [0u8; 1];
+    loop {
+        return match input.r.read(&mut byte) {
+            Ok(0) => Ok(vm),
+            Ok(_) => Err(Error::Trailing {
+                offset: input.offset,
+            }),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(source) => Err(Error::Io {
+                offset: input.offset,
+                source,
+            }),
+        };
+    }
+}
+
+/// Reads a stream from `r` up to and including END, and reads nothing after it (for a
+/// stream embedded in a connection that carries more after it).
+pub fn read_vm_until_end(r: &mut impl Read) -> Result<VmState, Error> {
+    Input { r, offset: 0 }.vm()
+}
+
+/// Decodes a whole stream held in memory, as [`read_vm`].
+pub fn decode_vm(bytes: &[u8]) -> Result<VmState, Error> {
+    let mut r = bytes;
+    read_vm(&mut r)
+}
+
+fn invalid_input(e: Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, e)
+}
+
+/// Runs an encoder function into a fresh buffer.
+fn encode(f: impl FnOnce(&mut Encoder) -> Result<(), codec::Error>) -> io::Result<Vec<u8>> {
+    let mut e = Encoder::new();
+    f(&mut e).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    Ok(e.into_inner())
+}
+
+/// Writes one section whose payload is `parts` concatenated; returns the bytes written.
+fn write_section(w: &mut impl Write, tag: Tag, parts: &[&[u8]]) -> io::Result<u64> {
+    let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+    let cap = tag.payload_cap().unwrap_or(0);
+    if len > cap {
+        return Err(invalid_input(too_large(tag.payload_name(), len, cap)));
+    }
+    let mut head = Encoder::new();
+    head.bytes(&tag.0);
+    head.u16(SECTION_VERSION);
+    head.u16(0);
+    head.u64(len);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(head.as_slice());
+    w.write_all(head.as_slice())?;
+    for part in parts {
+        crc.update(part);
+        w.write_all(part)?;
+    }
+    w.write_all(&crc.finalize().to_le_bytes())?;
+    Ok(FRAME_HEADER_SIZE + len + CRC_SIZE)
+}
+
+/// A memory range's (gpa, length) as written before its bytes.
+fn range_head(gpa: u64, data: &[u8]) -> [u8; 16] {
+    let mut e = Encoder::new();
+    e.u64(gpa);
+    e.u64(data.len() as u64);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(e.as_slice());
+    out
+}
+
+/// Splits `ranges` into pieces of at most `max_range` bytes and groups the pieces into
+/// sections of at most `max_range` bytes and `max_count` pieces, in order.
+fn memr_sections(
+    ranges: &[MemoryRange],
+    max_range: usize,
+    max_count: usize,
+) -> Vec<Vec<(u64, &[u8])>> {
+    let mut sections = Vec::new();
+    let mut cur: Vec<(u64, &[u8])> = Vec::new();
+    let mut cur_bytes = 0usize;
+    for r in ranges {
+        let mut gpa = r.gpa;
+        for chunk in r.data.chunks(max_range.max(1)) {
+            if !cur.is_empty() && (cur_bytes + chunk.len() > max_range || cur.len() >= max_count) {
+                sections.push(std::mem::take(&mut cur));
+                cur_bytes = 0;
+            }
+            cur.push((gpa, chunk));
+            cur_bytes += chunk.len();
+            gpa = gpa.saturating_add(chunk.len() as u64);
+        }
+    }
+    if !cur.is_empty() {
+        sections.push(cur);
+    }
+    sections
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memr_sections_split_ranges_and_group_pieces() {
+        let ranges = [
+            MemoryRange {
+                gpa: 0,
+                data: vec![1; 5],
+            },
+            MemoryRange {
+                gpa: 100,
+                data: vec![2; 2],
+            },
+            MemoryRange {
+                gpa: 200,
+                data: vec![3; 1],
+            },
+        ];
+        let s = memr_sections(&ranges, 2, 2);
+        let got: Vec<Vec<(u64, usize)>> = s
+            .iter()
+            .map(|sec| sec.iter().map(|(g, d)| (*g, d.len())).collect())
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                vec![(0, 2)],
+                vec![(2, 2)],
+                vec![(4, 1)],
+                vec![(100, 2)],
+                vec![(200, 1)]
+            ]
+        );
+        let s = memr_sections(&ranges, 4, 2);
+        let got: Vec<usize> = s.iter().map(|sec| sec.len()).collect();
+        assert_eq!(got, vec![1, 2, 1], "[0..4] [4..5, 100..102] [200..201]");
+        assert!(memr_sections(&[], 4, 2).is_empty());
+    }
+
+    #[test]
+    fn tags_display_escaped() {
+        assert_eq!(Tag::END.to_string(), "END\\x00");
+        assert_eq!(Tag(*b"AB\xffC").to_string(), "AB\\xffC");
+    }
+}

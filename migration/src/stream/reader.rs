@@ -1,0 +1,275 @@
+//! The reading side of the stream: one frame at a time, each checked (tag, order, version,
+//! reserved field, cap, CRC) before its payload is read or decoded.
+
+use std::io::{self, Read};
+
+use super::error::{too_large, Error};
+use super::rules::{check_config, check_irqchip, check_serial, check_vcpu, MemCheck};
+use super::Tag;
+use crate::codec::{self, Decoder};
+use crate::limits::*;
+use crate::records::{dec_config, dec_guest_cpu, dec_irqchip, dec_memr, dec_serial, dec_vcpu};
+use crate::state::*;
+
+/// A frame header as read: where it starts and its 16 raw bytes (covered by the CRC).
+pub(super) struct Frame {
+    tag: Tag,
+    version: u16,
+    reserved: u16,
+    len: u64,
+    offset: u64,
+    raw: [u8; 16],
+}
+
+/// The reading side: a reader and the stream offset of its next byte.
+pub(super) struct Input<'r, R: Read> {
+    pub(super) r: &'r mut R,
+    pub(super) offset: u64,
+}
+
+impl<R: Read> Input<'_, R> {
+    fn exact(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), Error> {
+        match self.r.read_exact(buf) {
+            Ok(()) => {
+                self.offset += buf.len() as u64;
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(Error::Truncated {
+                offset: self.offset,
+                what,
+            }),
+            Err(source) => Err(Error::Io {
+                offset: self.offset,
+                source,
+            }),
+        }
+    }
+
+    /// Magic, then version (so a stream of another version is named as such even when
+    /// truncated after it), then flags. Returns the version.
+    fn header(&mut self) -> Result<u32, Error> {
+        let mut magic = [0u8; 8];
+        self.exact(&mut magic, "stream magic")?;
+        if magic != MAGIC {
+            return Err(Error::BadMagic { found: magic });
+        }
+        let mut word = [0u8; 4];
+        self.exact(&mut word, "stream format version")?;
+        let version = u32::from_le_bytes(word);
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
+            return Err(Error::Version { found: version });
+        }
+        self.exact(&mut word, "stream flags")?;
+        match u32::from_le_bytes(word) {
+            0 => Ok(version),
+            flags => Err(Error::Flags(flags)),
+        }
+    }
+
+    /// Reads the next frame header; refuses an unknown tag.
+    fn frame(&mut self) -> Result<Frame, Error> {
+        let offset = self.offset;
+        let mut raw = [0u8; 16];
+        self.exact(&mut raw, "section header")?;
+        let [t0, t1, t2, t3, v0, v1, r0, r1, l0, l1, l2, l3, l4, l5, l6, l7] = raw;
+        let tag = Tag([t0, t1, t2, t3]);
+        if tag.rank().is_none() {
+            return Err(Error::UnknownTag { tag, offset });
+        }
+        Ok(Frame {
+            tag,
+            version: u16::from_le_bytes([v0, v1]),
+            reserved: u16::from_le_bytes([r0, r1]),
+            len: u64::from_le_bytes([l0, l1, l2, l3, l4, l5, l6, l7]),
+            offset,
+            raw,
+        })
+    }
+
+    /// Reads the next frame header and requires one of `allowed`; `expected` names them.
+    fn expect(&mut self, allowed: &[Tag], expected: &'static str) -> Result<Frame, Error> {
+        let f = self.frame()?;
+        order(&f, allowed, expected)?;
+        Ok(f)
+    }
+
+    /// Checks a frame's version, reserved field and length cap, then reads its payload and
+    /// CRC and checks the CRC.
+    fn body(&mut self, f: &Frame) -> Result<Vec<u8>, Error> {
+        if f.version != SECTION_VERSION {
+            return Err(Error::SectionVersion {
+                tag: f.tag,
+                found: f.version,
+                supported: SECTION_VERSION,
+            });
+        }
+        if f.reserved != 0 {
+            return Err(Error::Reserved {
+                tag: f.tag,
+                offset: f.offset + 6,
+                value: f.reserved,
+            });
+        }
+        let cap = f.tag.payload_cap().unwrap_or(0);
+        if f.len > cap {
+            return Err(too_large(f.tag.payload_name(), f.len, cap));
+        }
+        let payload = self.payload(f.len, f.tag.payload_name())?;
+        let mut crc = [0u8; 4];
+        self.exact(&mut crc, "section CRC")?;
+        let stored = u32::from_le_bytes(crc);
+        let mut h = crc32fast::Hasher::new();
+        h.update(&f.raw);
+        h.update(&payload);
+        let computed = h.finalize();
+        if stored != computed {
+            return Err(Error::Crc {
+                tag: f.tag,
+                offset: f.offset,
+                stored,
+                computed,
+            });
+        }
+        Ok(payload)
+    }
+
+    /// Reads `len` (already checked against a cap) bytes, growing the buffer at most to
+    /// twice what has arrived (or 1 MiB) ahead of the data.
+    fn payload(&mut self, len: u64, what: &'static str) -> Result<Vec<u8>, Error> {
+        const CHUNK: usize = 1 << 20;
+        let len = usize::try_from(len).map_err(|_| too_large(what, len, usize::MAX as u64))?;
+        let mut buf = Vec::new();
+        while buf.len() < len {
+            let have = buf.len();
+            let target = len.min(have.saturating_mul(2).max(CHUNK));
+            buf.reserve_exact(target - have);
+            buf.resize(target, 0);
+            let chunk = buf.get_mut(have..).unwrap_or_default();
+            self.exact(chunk, what)?;
+        }
+        Ok(buf)
+    }
+
+    /// Reads one section (frame already read) and decodes its payload with `f`.
+    fn section<T>(
+        &mut self,
+        frame: &Frame,
+        f: impl FnOnce(&mut Decoder) -> Result<T, codec::Error>,
+    ) -> Result<T, Error> {
+        let payload = self.body(frame)?;
+        let mut d = Decoder::with_base(&payload, frame.offset + FRAME_HEADER_SIZE);
+        let codec = |source| Error::Codec {
+            tag: frame.tag,
+            source,
+        };
+        let value = f(&mut d).map_err(codec)?;
+        d.finish(frame.tag.payload_name()).map_err(codec)?;
+        Ok(value)
+    }
+
+    /// The whole stream after the header's offset 0, through END.
+    pub(super) fn vm(&mut self) -> Result<VmState, Error> {
+        let version = self.header()?;
+        let f = self.expect(&[Tag::CONF], "CONF")?;
+        let config = self.section(&f, dec_config)?;
+        check_config(&config)?;
+        let f = self.expect(&[Tag::CPUP], "CPUP")?;
+        let cpu_profile = self.section(&f, |d| d.str_u32("cpu profile", MAX_PROFILE_JSON))?;
+        let mut next = self.frame()?;
+        let mut guest_cpu = None;
+        if next.tag == Tag::GCPU {
+            if version < 2 {
+                return Err(Error::NotInVersion {
+                    tag: next.tag,
+                    offset: next.offset,
+                    version,
+                });
+            }
+            guest_cpu = Some(self.section(&next, dec_guest_cpu)?);
+            next = self.frame()?;
+        }
+        let mut pending = Some(next);
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for id in 0..config.vcpus {
+            let f = match pending.take() {
+                Some(f) => f,
+                None => self.frame()?,
+            };
+            if f.tag == Tag::IRQC {
+                return Err(Error::VcpuCount {
+                    expected: config.vcpus,
+                    found: id,
+                });
+            }
+            order(&f, &[Tag::VCPU], "VCPU")?;
+            let vcpu = self.section(&f, dec_vcpu)?;
+            check_vcpu(&vcpu, id)?;
+            vcpus.push(vcpu);
+        }
+        let f = match pending.take() {
+            Some(f) => f,
+            None => self.frame()?,
+        };
+        if f.tag == Tag::VCPU {
+            return Err(Error::VcpuCount {
+                expected: config.vcpus,
+                found: config.vcpus.saturating_add(1),
+            });
+        }
+        order(&f, &[Tag::IRQC], "IRQC")?;
+        let irqchip = self.section(&f, dec_irqchip)?;
+        check_irqchip(&irqchip)?;
+        let f = self.expect(&[Tag::SERL], "SERL")?;
+        let serial = self.section(&f, dec_serial)?;
+        check_serial(&serial)?;
+        let mut memory = Vec::new();
+        let mut mem = MemCheck::new(&config);
+        loop {
+            let f = self.expect(&[Tag::MEMR, Tag::END], "MEMR or END")?;
+            if f.tag == Tag::END {
+                self.body(&f)?;
+                break;
+            }
+            let ranges = self.section(&f, dec_memr)?;
+            if ranges.is_empty() {
+                let offset = f.offset;
+                return Err(Error::Invalid(format!(
+                    "MEMR at offset {offset}: no ranges"
+                )));
+            }
+            for r in &ranges {
+                mem.range(r.gpa, r.data.len() as u64)?;
+            }
+            memory.extend(ranges);
+        }
+        Ok(VmState {
+            config,
+            cpu_profile,
+            guest_cpu,
+            vcpus,
+            irqchip,
+            serial,
+            memory,
+        })
+    }
+}
+
+/// Requires `f`'s tag to be one of `allowed` (whose first tag is the current stage): an
+/// earlier stage's tag is a duplicate, a later one means `expected` is missing.
+fn order(f: &Frame, allowed: &[Tag], expected: &'static str) -> Result<(), Error> {
+    if allowed.contains(&f.tag) {
+        return Ok(());
+    }
+    let stage = allowed.first().and_then(|t| t.rank());
+    match (f.tag.rank(), stage) {
+        (Some(found), Some(stage)) if found < stage => Err(Error::Duplicate {
+            tag: f.tag,
+            offset: f.offset,
+        }),
+        _ => Err(Error::Order {
+            expected,
+            found: f.tag,
+            offset: f.offset,
+        }),
+    }
+}

@@ -1,0 +1,214 @@
+//! The house rules on structure, checked on the sources: no module imports a module that
+//! imports it back (directly or around a longer circle), and no source file grows past
+//! ~600 lines. A module and its own submodules count as one (a parent re-exporting what its
+//! children define, the children using the parent's types, is how Rust folders work); any
+//! other reference, `use crate::a::b` or a path `crate::a::b::f()`, is an arrow from the
+//! file's module to the deepest module of the path.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// Source roots of the workspace's crates.
+const CRATES: &[&str] = &[
+    "vmm/src",
+    "migration/src",
+    "cpuid/src",
+    "benches/src",
+    "tests/src",
+];
+
+/// The longest file the house style accepts (aim ~600 lines).
+const MAX_LINES: usize = 620;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// `a::b` for src/a/b.rs and src/a/b/mod.rs; "" for lib.rs and main.rs.
+fn module_of(root: &Path, file: &Path) -> String {
+    let rel = file.strip_prefix(root).unwrap().with_extension("");
+    let mut parts: Vec<String> = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    if matches!(
+        parts.last().map(String::as_str),
+        Some("mod" | "lib" | "main")
+    ) {
+        parts.pop();
+    }
+    parts.join("::")
+}
+
+/// Every `crate::` path in `text` (grouped `use crate::{a, b::c}` included), without the
+/// `crate::`, as its segments; `super::` paths resolved against `module`.
+fn paths(text: &str, module: &str) -> Vec<Vec<String>> {
+    let code: String = text
+        .lines()
+        .map(|l| l.split("//").next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut out = Vec::new();
+    let parent: Vec<String> = {
+        let mut p: Vec<String> = module
+            .split("::")
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+        p.pop();
+        p
+    };
+    for (prefix, base) in [("crate::", Vec::new()), ("super::", parent)] {
+        let mut rest = code.as_str();
+        while let Some(at) = rest.find(prefix) {
+            let before = rest[..at].chars().last();
+            rest = &rest[at + prefix.len()..];
+            if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':') {
+                continue;
+            }
+            if let Some(group) = rest.strip_prefix('{') {
+                let end = group.find('}').unwrap_or(group.len());
+                for item in group[..end].split(',') {
+                    let segs = segments(item.trim());
+                    out.push(base.iter().cloned().chain(segs).collect());
+                }
+            } else {
+                out.push(base.iter().cloned().chain(segments(rest)).collect());
+            }
+        }
+    }
+    out
+}
+
+fn segments(s: &str) -> Vec<String> {
+    let end = s
+        .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+        .unwrap_or(s.len());
+    s[..end]
+        .split("::")
+        .filter(|p| !p.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// The arrows between the modules of one crate.
+fn arrows(root: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    let mut files = Vec::new();
+    rust_files(root, &mut files);
+    let modules: BTreeSet<String> = files.iter().map(|f| module_of(root, f)).collect();
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for f in &files {
+        let from = module_of(root, f);
+        let text = std::fs::read_to_string(f).unwrap();
+        for path in paths(&text, &from) {
+            // The deepest module file the path names.
+            let to = (0..=path.len())
+                .rev()
+                .map(|n| path[..n].join("::"))
+                .find(|m| modules.contains(m))
+                .unwrap_or_default();
+            let related = to.is_empty()
+                || from == to
+                || from.starts_with(&format!("{to}::"))
+                || to.starts_with(&format!("{from}::"));
+            if !related {
+                graph.entry(from.clone()).or_default().insert(to);
+            }
+        }
+    }
+    graph
+}
+
+/// A circle of arrows, if there is one (depth-first search).
+fn circle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        g: &BTreeMap<String, BTreeSet<String>>,
+        node: &str,
+        stack: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(i) = stack.iter().position(|n| n == node) {
+            let mut c = stack[i..].to_vec();
+            c.push(node.to_string());
+            return Some(c);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        stack.push(node.to_string());
+        for next in g.get(node).into_iter().flatten() {
+            if let Some(c) = visit(g, next, stack, done) {
+                return Some(c);
+            }
+        }
+        stack.pop();
+        done.insert(node.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    graph
+        .keys()
+        .find_map(|n| visit(graph, n, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn no_module_imports_one_that_imports_it_back() {
+    let mut total = 0;
+    for c in CRATES {
+        let graph = arrows(&repo().join(c));
+        total += graph.values().map(BTreeSet::len).sum::<usize>();
+        if let Some(circle) = circle(&graph) {
+            panic!("{c}: an import circle: {}", circle.join(" -> "));
+        }
+    }
+    assert!(total > 50, "only {total} arrows found: the scan is broken");
+}
+
+#[test]
+fn the_scan_finds_a_circle_where_there_is_one() {
+    let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    g.entry("a".into()).or_default().insert("b".into());
+    g.entry("b".into()).or_default().insert("c".into());
+    assert_eq!(circle(&g), None);
+    g.entry("c".into()).or_default().insert("a".into());
+    assert_eq!(circle(&g).unwrap().len(), 4);
+    let p = paths(
+        "use crate::{vm::Vm, devices::manager::{A, B}};\nsuper::x::f()",
+        "m::n",
+    );
+    assert!(
+        p.contains(&vec!["vm".to_string(), "Vm".to_string()]),
+        "{p:?}"
+    );
+    assert!(
+        p.contains(&vec!["m".to_string(), "x".to_string(), "f".to_string()]),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn no_source_file_is_over_600_lines() {
+    let mut files = Vec::new();
+    for c in CRATES {
+        rust_files(&repo().join(c), &mut files);
+    }
+    let long: Vec<String> = files
+        .iter()
+        .filter_map(|f| {
+            let n = std::fs::read_to_string(f).unwrap().lines().count();
+            (n > MAX_LINES).then(|| format!("{} ({n} lines)", f.display()))
+        })
+        .collect();
+    assert!(long.is_empty(), "files over {MAX_LINES} lines: {long:?}");
+}
