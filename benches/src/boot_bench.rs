@@ -9,12 +9,13 @@
 //! Needs /dev/kvm and `qemu-system-x86_64` (Debian: qemu-system-x86). Run by hand, never in CI.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ferry_benches::{ferry_binary, host_facts, qemu_version, replace_section, stats};
+use ferry_tests::guest::Guest;
 
 const BEGIN: &str = "<!-- boot-bench begin -->";
 const END: &str = "<!-- boot-bench end -->";
@@ -101,63 +102,16 @@ fn main() -> Result<()> {
     let cmdline = guest
         .cmdline_with("workload=idle hb_ms=1000 earlyprintk=serial,ttyS0,115200")
         .replace(" quiet", "");
-
-    let ferry_cmd = || {
-        let mut c = Command::new(&ferry);
-        c.arg("run")
-            .arg("--kernel")
-            .arg(&guest.vmlinux)
-            .arg("--initrd")
-            .arg(&guest.initramfs);
-        c.args([
-            "--memory",
-            &args.memory,
-            "--vcpus",
-            "1",
-            "--cmdline",
-            &cmdline,
-        ]);
-        c
-    };
-    let qemu_cmd = || {
-        let mut c = Command::new("qemu-system-x86_64");
-        c.args([
-            "-M",
-            "microvm,acpi=off",
-            "-enable-kvm",
-            "-cpu",
-            "host",
-            "-m",
-            &args.memory,
-            "-smp",
-            "1",
-        ]);
-        c.args([
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-        ]);
-        c.arg("-kernel")
-            .arg(&guest.vmlinux)
-            .arg("-initrd")
-            .arg(&guest.initramfs)
-            .arg("-append")
-            .arg(&cmdline);
-        c
-    };
-
     let (mut f_first, mut f_ready, mut q_first, mut q_ready) = (vec![], vec![], vec![], vec![]);
     for run in 1..=args.runs {
-        let (a, b) = time_boot(&mut ferry_cmd())?;
+        let (a, b) = time_boot(&mut ferry_cmd(&ferry, guest, &args.memory, &cmdline))?;
         eprintln!(
             "run {run}/{}: ferry first line {a:.3} s, GUEST-READY {b:.3} s",
             args.runs
         );
         f_first.push(a);
         f_ready.push(b);
-        let (a, b) = time_boot(&mut qemu_cmd())?;
+        let (a, b) = time_boot(&mut qemu_cmd(guest, &args.memory, &cmdline))?;
         eprintln!(
             "run {run}/{}: qemu  first line {a:.3} s, GUEST-READY {b:.3} s",
             args.runs
@@ -165,6 +119,62 @@ fn main() -> Result<()> {
         q_first.push(a);
         q_ready.push(b);
     }
+    let md = table(
+        &args,
+        guest,
+        &qemu_version,
+        [&f_first, &q_first, &f_ready, &q_ready],
+    );
+    print!("{md}");
+    if let Some(path) = &args.write {
+        replace_section(path, BEGIN, END, &md)?;
+    }
+    Ok(())
+}
+
+fn ferry_cmd(ferry: &Path, guest: &Guest, memory: &str, cmdline: &str) -> Command {
+    let mut c = Command::new(ferry);
+    c.arg("run")
+        .arg("--kernel")
+        .arg(&guest.vmlinux)
+        .arg("--initrd")
+        .arg(&guest.initramfs);
+    c.args(["--memory", memory, "--vcpus", "1", "--cmdline", cmdline]);
+    c
+}
+
+fn qemu_cmd(guest: &Guest, memory: &str, cmdline: &str) -> Command {
+    let mut c = Command::new("qemu-system-x86_64");
+    c.args([
+        "-M",
+        "microvm,acpi=off",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-m",
+        memory,
+        "-smp",
+        "1",
+    ]);
+    c.args([
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+    ]);
+    c.arg("-kernel")
+        .arg(&guest.vmlinux)
+        .arg("-initrd")
+        .arg(&guest.initramfs)
+        .arg("-append")
+        .arg(cmdline);
+    c
+}
+
+/// The Markdown section: ferry's and QEMU's first kernel line and GUEST-READY times.
+fn table(args: &Args, guest: &Guest, qemu_version: &str, times: [&[f64]; 4]) -> String {
+    let [f_first, q_first, f_ready, q_ready] = times;
     let row = |name: &str, v: &[f64]| {
         let (lo, med, hi) = stats(v);
         format!("| {name} | {lo:.3} | {med:.3} | {hi:.3} |\n")
@@ -180,23 +190,19 @@ fn main() -> Result<()> {
         args.runs
     );
     md += "| VMM, milestone | min | median | max |\n|---|---|---|---|\n";
-    md += &row("ferry, first kernel line", &f_first);
-    md += &row("QEMU `-M microvm,acpi=off`, first kernel line", &q_first);
-    md += &row("ferry, GUEST-READY", &f_ready);
-    md += &row("QEMU `-M microvm,acpi=off`, GUEST-READY", &q_ready);
+    md += &row("ferry, first kernel line", f_first);
+    md += &row("QEMU `-M microvm,acpi=off`, first kernel line", q_first);
+    md += &row("ferry, GUEST-READY", f_ready);
+    md += &row("QEMU `-M microvm,acpi=off`, GUEST-READY", q_ready);
     md += &format!(
         "\nRatio of medians ferry/QEMU: first kernel line {:.2}, GUEST-READY {:.2}.\n\n",
-        ratio(&f_first, &q_first),
-        ratio(&f_ready, &q_ready)
+        ratio(f_first, q_first),
+        ratio(f_ready, q_ready)
     );
-    md += &format!("Host:\n\n{}\n", host_facts(&qemu_version));
+    md += &format!("Host:\n\n{}\n", host_facts(qemu_version));
     md += &format!(
         "Reproduce: `cargo build --release --workspace && target/release/boot-bench --runs {} --memory {} --write BENCHMARKS.md`\n{END}\n",
         args.runs, args.memory
     );
-    print!("{md}");
-    if let Some(path) = &args.write {
-        replace_section(path, BEGIN, END, &md)?;
-    }
-    Ok(())
+    md
 }

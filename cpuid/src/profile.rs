@@ -325,38 +325,12 @@ pub fn baseline(
     vendors.insert(id_vendor);
     let (family, model, stepping) = decode_signature(id_host.get(1, 0).map(|l| l.eax).unwrap_or(0));
 
-    let mut common: Option<BTreeSet<&'static str>> = None;
-    for h in hosts {
-        let p = features::present(h);
-        common = Some(match common {
-            None => p,
-            Some(c) => c.intersection(&p).copied().collect(),
-        });
-    }
-    let mut features: BTreeSet<String> = common
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|n| !HIDDEN.iter().any(|(h, _)| h == n))
-        .filter(|n| {
-            let f = features::by_name(n).expect("present() yields catalogue names");
-            vendors.iter().all(|v| match f.vendors {
-                Vendors::Both => true,
-                Vendors::Intel => *v == Vendor::Intel,
-                Vendors::Amd => *v == Vendor::Amd,
-            })
-        })
-        .map(str::to_string)
-        .collect();
-
-    let mut xsave: Vec<XsaveComponent> = Vec::new();
-    if features.contains("xsave") {
-        let first_x = xsave_components(first);
-        xsave = first_x
-            .into_iter()
-            .filter(|c| c.offset + c.size <= XSAVE_AREA_MAX)
-            .filter(|c| hosts.iter().all(|h| xsave_components(h).contains(c)))
-            .collect();
-    }
+    let mut features = common_features(hosts, &vendors);
+    let xsave = if features.contains("xsave") {
+        common_xsave(hosts, first)
+    } else {
+        Vec::new()
+    };
     drop_features_without_state(&mut features, &xsave);
 
     let max_leaf = hosts.iter().map(|h| max_leaves(h).0).min().unwrap_or(0);
@@ -390,6 +364,42 @@ pub fn baseline(
         invtsc: hosts.iter().all(invtsc),
         migratable: true,
     })
+}
+
+/// The features every host has, not hidden, meaning the same on every vendor involved.
+fn common_features(hosts: &[CpuidDump], vendors: &BTreeSet<Vendor>) -> BTreeSet<String> {
+    let mut common: Option<BTreeSet<&'static str>> = None;
+    for h in hosts {
+        let p = features::present(h);
+        common = Some(match common {
+            None => p,
+            Some(c) => c.intersection(&p).copied().collect(),
+        });
+    }
+    common
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| !HIDDEN.iter().any(|(h, _)| h == n))
+        .filter(|n| {
+            let f = features::by_name(n).expect("present() yields catalogue names");
+            vendors.iter().all(|v| match f.vendors {
+                Vendors::Both => true,
+                Vendors::Intel => *v == Vendor::Intel,
+                Vendors::Amd => *v == Vendor::Amd,
+            })
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// The XSAVE components every host lays out as the first one does, within the area KVM
+/// hands out.
+fn common_xsave(hosts: &[CpuidDump], first: &CpuidDump) -> Vec<XsaveComponent> {
+    xsave_components(first)
+        .into_iter()
+        .filter(|c| c.offset + c.size <= XSAVE_AREA_MAX)
+        .filter(|c| hosts.iter().all(|h| xsave_components(h).contains(c)))
+        .collect()
 }
 
 /// The max basic leaf a profile needs for the leaves the guest table synthesizes.

@@ -77,17 +77,38 @@ fn set_features(table: &mut [Leaf], p: &CpuProfile) {
 /// The guest CPUID table for `vcpus` vCPUs, sorted by (function, index).
 pub fn guest_table(p: &CpuProfile, vcpus: u32) -> Vec<Leaf> {
     let vcpus = vcpus.max(1);
-    let intel = p.identity.vendor == Vendor::Intel;
     let mut t = Vec::new();
-    let vendor: &[u8; 12] = if intel {
-        b"GenuineIntel"
-    } else {
-        b"AuthenticAMD"
-    };
-    let (v_ebx, v_edx, v_ecx) = str_regs(vendor);
+    basic_leaves(p, vcpus, &mut t);
+    let pv = p
+        .kvm_pv
+        .iter()
+        .filter_map(|n| KVM_PV_FEATURES.iter().find(|(k, _)| k == n))
+        .fold(0u32, |a, (_, b)| a | (1 << b));
+    let (k_ebx, k_ecx, k_edx) = str_regs(b"KVMKVMKVM\0\0\0");
+    t.push(leaf(0x4000_0000, 0, 0x4000_0001, k_ebx, k_ecx, k_edx));
+    t.push(leaf(0x4000_0001, 0, pv, 0, 0, 0));
+    for function in 0x8000_0000..=p.max_ext_leaf {
+        t.push(extended_leaf(p, vcpus, function));
+    }
+    set_features(&mut t, p);
+    t.sort_by_key(|l| (l.function, l.index));
+    t
+}
+
+/// The identity's vendor string as (EBX, EDX, ECX).
+fn vendor_regs(p: &CpuProfile) -> (u32, u32, u32) {
+    str_regs(match p.identity.vendor {
+        Vendor::Intel => b"GenuineIntel",
+        Vendor::Amd => b"AuthenticAMD",
+    })
+}
+
+/// Leaves 0 to the profile's max: identity, topology, caches, XSAVE; features come later.
+fn basic_leaves(p: &CpuProfile, vcpus: u32, t: &mut Vec<Leaf>) {
+    let intel = p.identity.vendor == Vendor::Intel;
+    let (v_ebx, v_edx, v_ecx) = vendor_regs(p);
     let sig = encode_signature(p.identity.family, p.identity.model, p.identity.stepping);
     let logical = 1u32 << bits_for(vcpus);
-
     for function in 0..=p.max_leaf {
         match function {
             0 => t.push(leaf(0, 0, p.max_leaf, v_ebx, v_ecx, v_edx)),
@@ -98,26 +119,7 @@ pub fn guest_table(p: &CpuProfile, vcpus: u32) -> Vec<Leaf> {
             }
             // Descriptor 0xFF: "no cache descriptors here, use leaf 4".
             2 if intel => t.push(leaf(2, 0, 0x0000_ff01, 0, 0, 0)),
-            4 if intel => {
-                for (i, (level, kind, kib, ways)) in CACHES.iter().enumerate() {
-                    let sets = kib * 1024 / (ways * LINE);
-                    let sharing = if *level == 3 { logical } else { 1 };
-                    let eax = ((logical - 1) << 26)
-                        | ((sharing - 1) << 14)
-                        | (1 << 8)
-                        | (level << 5)
-                        | kind;
-                    t.push(leaf(
-                        4,
-                        i as u32,
-                        eax,
-                        ((ways - 1) << 22) | (LINE - 1),
-                        sets - 1,
-                        0,
-                    ));
-                }
-                t.push(leaf(4, CACHES.len() as u32, 0, 0, 0, 0));
-            }
+            4 if intel => cache_leaves(logical, t),
             // ARAT: the APIC timer keeps running in deep C-states (KVM always emulates it).
             6 => t.push(leaf(6, 0, 1 << 2, 0, 0, 0)),
             7 => {
@@ -136,69 +138,79 @@ pub fn guest_table(p: &CpuProfile, vcpus: u32) -> Vec<Leaf> {
                 t.push(leaf(0xb, 1, shift, vcpus, (2 << 8) | 1, 0));
                 t.push(leaf(0xb, 2, 0, 0, 2, 0));
             }
-            0xd => xsave_leaves(p, &mut t),
+            0xd => xsave_leaves(p, t),
             f => t.push(leaf(f, 0, 0, 0, 0, 0)),
         }
     }
+}
 
-    let pv = p
-        .kvm_pv
-        .iter()
-        .filter_map(|n| KVM_PV_FEATURES.iter().find(|(k, _)| k == n))
-        .fold(0u32, |a, (_, b)| a | (1 << b));
-    let (k_ebx, k_ecx, k_edx) = str_regs(b"KVMKVMKVM\0\0\0");
-    t.push(leaf(0x4000_0000, 0, 0x4000_0001, k_ebx, k_ecx, k_edx));
-    t.push(leaf(0x4000_0001, 0, pv, 0, 0, 0));
-
-    let brand = brand_regs(&p.identity.brand);
-    for function in 0x8000_0000..=p.max_ext_leaf {
-        let l = match function {
-            0x8000_0000 if intel => leaf(function, 0, p.max_ext_leaf, 0, 0, 0),
-            0x8000_0000 => leaf(function, 0, p.max_ext_leaf, v_ebx, v_ecx, v_edx),
-            0x8000_0001 => leaf(function, 0, if intel { 0 } else { sig }, 0, 0, 0),
-            0x8000_0002..=0x8000_0004 => {
-                let i = (function - 0x8000_0002) as usize * 4;
-                leaf(
-                    function,
-                    0,
-                    brand[i],
-                    brand[i + 1],
-                    brand[i + 2],
-                    brand[i + 3],
-                )
-            }
-            // AMD L1 caches: size KiB << 24 | ways << 16 | lines per tag << 8 | line size.
-            0x8000_0005 if !intel => {
-                let l1 = (32 << 24) | (8 << 16) | (1 << 8) | LINE;
-                leaf(function, 0, 0, 0, l1, l1)
-            }
-            // L2: size KiB << 16 | associativity code (0x8: 16-way) << 12 | line size; AMD
-            // also L3 in EDX: size / 512 KiB << 18 | code << 12 | line size.
-            0x8000_0006 => {
-                let l2 = (1024 << 16) | (0x8 << 12) | (1 << 8) | LINE;
-                let l3 = if intel {
-                    0
-                } else {
-                    ((16 * 1024 / 512) << 18) | (0x8 << 12) | (1 << 8) | LINE
-                };
-                leaf(function, 0, 0, 0, l2, l3)
-            }
-            0x8000_0007 => leaf(function, 0, 0, 0, 0, if p.invtsc { 1 << 8 } else { 0 }),
-            0x8000_0008 => {
-                let ecx = if intel {
-                    0
-                } else {
-                    (bits_for(vcpus) << 12) | (vcpus - 1)
-                };
-                leaf(function, 0, p.phys_bits | (p.virt_bits << 8), 0, ecx, 0)
-            }
-            f => leaf(f, 0, 0, 0, 0, 0),
-        };
-        t.push(l);
+/// Leaf 4 (Intel): the synthesized caches, the L3 shared by all `logical` vCPUs.
+fn cache_leaves(logical: u32, t: &mut Vec<Leaf>) {
+    for (i, (level, kind, kib, ways)) in CACHES.iter().enumerate() {
+        let sets = kib * 1024 / (ways * LINE);
+        let sharing = if *level == 3 { logical } else { 1 };
+        let eax = ((logical - 1) << 26) | ((sharing - 1) << 14) | (1 << 8) | (level << 5) | kind;
+        t.push(leaf(
+            4,
+            i as u32,
+            eax,
+            ((ways - 1) << 22) | (LINE - 1),
+            sets - 1,
+            0,
+        ));
     }
-    set_features(&mut t, p);
-    t.sort_by_key(|l| (l.function, l.index));
-    t
+    t.push(leaf(4, CACHES.len() as u32, 0, 0, 0, 0));
+}
+
+/// One extended leaf (0x8000_0000 on): vendor, brand, AMD caches, invariant TSC, address
+/// sizes.
+fn extended_leaf(p: &CpuProfile, vcpus: u32, function: u32) -> Leaf {
+    let intel = p.identity.vendor == Vendor::Intel;
+    let (v_ebx, v_edx, v_ecx) = vendor_regs(p);
+    let sig = encode_signature(p.identity.family, p.identity.model, p.identity.stepping);
+    match function {
+        0x8000_0000 if intel => leaf(function, 0, p.max_ext_leaf, 0, 0, 0),
+        0x8000_0000 => leaf(function, 0, p.max_ext_leaf, v_ebx, v_ecx, v_edx),
+        0x8000_0001 => leaf(function, 0, if intel { 0 } else { sig }, 0, 0, 0),
+        0x8000_0002..=0x8000_0004 => {
+            let brand = brand_regs(&p.identity.brand);
+            let i = (function - 0x8000_0002) as usize * 4;
+            leaf(
+                function,
+                0,
+                brand[i],
+                brand[i + 1],
+                brand[i + 2],
+                brand[i + 3],
+            )
+        }
+        // AMD L1 caches: size KiB << 24 | ways << 16 | lines per tag << 8 | line size.
+        0x8000_0005 if !intel => {
+            let l1 = (32 << 24) | (8 << 16) | (1 << 8) | LINE;
+            leaf(function, 0, 0, 0, l1, l1)
+        }
+        // L2: size KiB << 16 | associativity code (0x8: 16-way) << 12 | line size; AMD
+        // also L3 in EDX: size / 512 KiB << 18 | code << 12 | line size.
+        0x8000_0006 => {
+            let l2 = (1024 << 16) | (0x8 << 12) | (1 << 8) | LINE;
+            let l3 = if intel {
+                0
+            } else {
+                ((16 * 1024 / 512) << 18) | (0x8 << 12) | (1 << 8) | LINE
+            };
+            leaf(function, 0, 0, 0, l2, l3)
+        }
+        0x8000_0007 => leaf(function, 0, 0, 0, 0, if p.invtsc { 1 << 8 } else { 0 }),
+        0x8000_0008 => {
+            let ecx = if intel {
+                0
+            } else {
+                (bits_for(vcpus) << 12) | (vcpus - 1)
+            };
+            leaf(function, 0, p.phys_bits | (p.virt_bits << 8), 0, ecx, 0)
+        }
+        f => leaf(f, 0, 0, 0, 0, 0),
+    }
 }
 
 fn xsave_leaves(p: &CpuProfile, t: &mut Vec<Leaf>) {

@@ -1,44 +1,70 @@
-//! The destination's side of the protocol, as it reads a connection: the handshake
-//! messages, then precopy frames (page heads, their data and CRC, Sync, Cancel, State), then
-//! the VM stream, until the input ends or something is refused.
+//! The destination's side of the protocol as a connection's bytes drive it: the receiver
+//! state machine (migration::receiver) decides every step, as in ferry; this target plays
+//! the destination's I/O without KVM (page bytes read and CRC-checked, the VM stream
+//! decoded, every check of this host taken as passing). Keyed with a fixed key and nonce, so
+//! that a seed can carry a whole authenticated session.
 #![no_main]
 
 use std::io::Read;
 
 use libfuzzer_sys::fuzz_target;
+use migration::auth::Key;
 use migration::protocol::{self, Message, Precopy};
+use migration::receiver::{Action, Input, Receiver};
+
+/// The key and destination nonce of the seed corpus' authenticated session.
+const KEY: &[u8] = b"ferry fuzz corpus key, 32 bytes";
+const NONCE: [u8; 32] = [0x5a; 32];
 
 fuzz_target!(|data: &[u8]| {
-    let mut r = data;
-    // Handshake: authentication messages and a Hello, in any order the input has.
-    for _ in 0..4 {
-        match protocol::recv(&mut r) {
-            Ok(Message::Hello(_)) => break,
-            Ok(_) => continue,
-            Err(_) => return,
-        }
-    }
-    loop {
-        match protocol::recv_precopy(&mut r) {
-            Ok(Precopy::Pages(mut head)) => {
-                assert!(head.data_len <= migration::pages::MAX_PAYLOAD);
-                let mut page = vec![0u8; head.data_len];
+    let keyed = data.first().is_some_and(|b| b & 1 == 1);
+    let mut r = data.get(1..).unwrap_or_default();
+    let key = keyed.then(|| Key::new(KEY).expect("a valid key"));
+    let mut rx = Receiver::new(key, NONCE);
+    let mut outcome: Option<Input> = None;
+    let mut head = None;
+    for _ in 0..100_000 {
+        let input = match outcome.take() {
+            Some(i) => i,
+            None if rx.in_precopy() => match protocol::recv_precopy(&mut r) {
+                Ok(Precopy::Pages(h)) => {
+                    let round = h.round;
+                    head = Some(h);
+                    Input::Pages { round }
+                }
+                Ok(Precopy::Touched(w)) => Input::Message(Message::Touched(w)),
+                Ok(Precopy::Cancel(c)) => Input::Message(Message::Cancel(c)),
+                Ok(Precopy::Sync) => Input::Message(Message::Sync),
+                Ok(Precopy::State) => Input::Message(Message::State),
+                Err(_) => return,
+            },
+            None => match protocol::recv(&mut r) {
+                Ok(m) => Input::Message(m),
+                Err(_) => return,
+            },
+        };
+        let Ok(action) = rx.step(input) else { return };
+        match action {
+            Action::Next | Action::Reply(_) | Action::Accept => {}
+            Action::CheckHello(_) | Action::Sync | Action::Start => outcome = Some(Input::Done(Ok(()))),
+            Action::WritePages => {
+                let Some(mut h) = head.take() else { panic!("pages without a head") };
+                assert!(h.data_len <= migration::pages::MAX_PAYLOAD);
+                let mut page = vec![0u8; h.data_len];
                 if r.read_exact(&mut page).is_err() {
                     return;
                 }
-                head.crc_update(&page);
-                if head.check_crc(&mut r).is_err() {
+                h.crc_update(&page);
+                if h.check_crc(&mut r).is_err() {
                     return;
                 }
             }
-            Ok(Precopy::Sync) => continue,
-            Ok(Precopy::Touched(words)) => {
-                assert!(words.len() <= protocol::MAX_TOUCHED_WORDS)
+            Action::Readahead(words) => assert!(words.len() <= protocol::MAX_TOUCHED_WORDS),
+            Action::LoadState => {
+                let loaded = migration::stream::read_vm_until_end(&mut r);
+                outcome = Some(Input::Done(loaded.map(|_| ()).map_err(|e| e.to_string())));
             }
-            Ok(Precopy::Cancel(_)) => return,
-            Ok(Precopy::State) => break,
-            Err(_) => return,
+            Action::Running => return,
         }
     }
-    let _ = migration::stream::read_vm_until_end(&mut r);
 });

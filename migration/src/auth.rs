@@ -14,8 +14,12 @@
 //! labels, so one side's proof cannot be reflected as the other's. Comparisons are in
 //! constant time (`hmac`'s verify).
 
+use std::io::{Read, Write};
+
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+
+use crate::protocol::{self, Message};
 
 /// Bytes of each nonce and each proof.
 pub const NONCE_SIZE: usize = 32;
@@ -31,6 +35,36 @@ pub enum Error {
     KeySize(usize),
     #[error("the peer could not prove the shared key")]
     BadProof,
+    #[error("authenticating: {0}")]
+    Protocol(#[from] protocol::Error),
+    #[error("the destination refused the VM: {0}")]
+    Refused(String),
+    #[error("expected the destination's proof, got {0}")]
+    Unexpected(&'static str),
+}
+
+/// The source's half of the handshake over `conn`, with `nonce_s` fresh from a random
+/// source: challenge, check the destination's proof, prove. (The destination's half is the
+/// receiver's first states, crate::receiver.)
+pub fn source_handshake(
+    conn: &mut (impl Read + Write),
+    key: &Key,
+    nonce_s: [u8; NONCE_SIZE],
+) -> Result<(), Error> {
+    protocol::send(conn, &Message::AuthChallenge(nonce_s))?;
+    let nonce_d = match protocol::recv(conn)? {
+        Message::AuthResponse(nd, proof) => {
+            key.check_destination(&nonce_s, &nd, &proof)?;
+            nd
+        }
+        Message::Refuse(r) => return Err(Error::Refused(r)),
+        other => return Err(Error::Unexpected(other.name())),
+    };
+    protocol::send(
+        conn,
+        &Message::AuthProof(key.source_proof(&nonce_d, &nonce_s)),
+    )?;
+    Ok(())
 }
 
 /// A shared key, checked for size.

@@ -12,6 +12,7 @@ pub mod converge;
 pub mod limits;
 pub mod pages;
 pub mod protocol;
+pub mod receiver;
 mod records;
 pub mod state;
 pub mod stream;

@@ -212,3 +212,85 @@ fn no_source_file_is_over_600_lines() {
         .collect();
     assert!(long.is_empty(), "files over {MAX_LINES} lines: {long:?}");
 }
+
+/// All the workspace's Rust sources, as one text.
+fn all_sources() -> String {
+    let mut files = Vec::new();
+    for c in CRATES {
+        rust_files(&repo().join(c), &mut files);
+    }
+    files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn has_word(text: &str, word: &str) -> bool {
+    text.match_indices(word).any(|(i, _)| {
+        let before = text[..i].chars().last();
+        let after = text[i + word.len()..].chars().next();
+        let boundary = |c: Option<char>| !c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+        boundary(before) && boundary(after)
+    })
+}
+
+#[test]
+fn design_md_names_only_what_exists() {
+    let design = std::fs::read_to_string(repo().join("docs/design.md")).unwrap();
+    // The layout: a line at column 0 names a directory; indented lines under it start with
+    // the files and folders in it.
+    let layout = design
+        .split("## 1. Layout")
+        .nth(1)
+        .and_then(|s| s.split("```").nth(1))
+        .expect("section 1's layout block");
+    let mut root = PathBuf::new();
+    let mut missing = Vec::new();
+    let mut checked = 0;
+    for line in layout.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if !line.starts_with(' ') && first.ends_with('/') {
+            root = repo().join(first);
+            if !root.is_dir() {
+                missing.push(first.to_string());
+            }
+            checked += 1;
+        } else if line.starts_with("  ") && !line.starts_with("   ") {
+            // The first word, and the next while one ends with a comma (`main.rs, cli/`).
+            for word in line.split_whitespace() {
+                let name = word.trim_end_matches(',');
+                if name.ends_with(".rs") || (name.ends_with('/') && name.len() > 1) {
+                    if !root.join(name).exists() {
+                        missing.push(format!("{}{name}", root.display()));
+                    }
+                    checked += 1;
+                }
+                if !word.ends_with(',') {
+                    break;
+                }
+            }
+        }
+    }
+    // Names in backticks with a path (`Vm::save_state`, `api::wire`): both ends exist.
+    let src = all_sources();
+    for quoted in design.split('`').skip(1).step_by(2) {
+        let q = quoted.split('(').next().unwrap_or("");
+        let segs: Vec<&str> = q.split("::").collect();
+        let ident = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_alphanumeric() || c == '_');
+        if segs.len() < 2 || !segs.iter().all(|s| ident(s)) || segs[0] == "std" {
+            continue;
+        }
+        for s in [segs[0], segs[segs.len() - 1]] {
+            if !has_word(&src, s) {
+                missing.push(format!("`{q}`: {s}"));
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked > 40, "only {checked} names checked");
+    assert!(
+        missing.is_empty(),
+        "docs/design.md names what does not exist: {missing:?}"
+    );
+}

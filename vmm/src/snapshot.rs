@@ -12,7 +12,7 @@ pub enum FileError {
     #[error("{0}")]
     Open(#[source] std::io::Error),
     #[error("zstd: {0}")]
-    Zstd(String),
+    Zstd(#[source] ruzstd::decoding::errors::FrameDecoderError),
     #[error(transparent)]
     Stream(#[from] migration::stream::Error),
     #[error(transparent)]
@@ -84,8 +84,7 @@ pub fn read_file(path: &std::path::Path) -> Result<VmState, FileError> {
     file.rewind().map_err(FileError::Open)?;
     let file = BufReader::new(file);
     if n == magic.len() && magic == ZSTD_MAGIC {
-        let mut z = ruzstd::decoding::StreamingDecoder::new(file)
-            .map_err(|e| FileError::Zstd(e.to_string()))?;
+        let mut z = ruzstd::decoding::StreamingDecoder::new(file).map_err(FileError::Zstd)?;
         return Ok(migration::stream::read_vm(&mut BufReader::new(&mut z))?);
     }
     Ok(migration::stream::read_vm(&mut { file })?)

@@ -277,7 +277,7 @@ impl Vcpu {
                 state
             }
             VcpuCmd::Save(req) => {
-                let _ = req.reply.send(crate::vcpu_state::save(
+                let _ = req.reply.send(crate::vcpu_state::save_state(
                     &self.fd, self.id, &req.host, &req.msrs,
                 ));
                 state

@@ -313,7 +313,12 @@ fn xsave_in(vcpu: u32, x: &Xsave, host: &CpuidDump, guest: u64) -> Result<kvm_xs
 
 /// Saves vCPU `id` (paused, on its own thread). Order: MP state first (it can change
 /// CS/RIP), then registers, XSAVE, XCRs, debug registers, LAPIC, MSRs, events last.
-pub fn save(fd: &VcpuFd, id: u32, host: &CpuidDump, msrs: &[u32]) -> Result<VcpuState, Error> {
+pub fn save_state(
+    fd: &VcpuFd,
+    id: u32,
+    host: &CpuidDump,
+    msrs: &[u32],
+) -> Result<VcpuState, Error> {
     let op = |op: &'static str| {
         move |source| Error::Ioctl {
             vcpu: id,
@@ -389,7 +394,7 @@ pub fn save(fd: &VcpuFd, id: u32, host: &CpuidDump, msrs: &[u32]) -> Result<Vcpu
 /// 5. LAPIC: after SREGS (APIC base), before MSRs (TSC_DEADLINE is armed against it);
 /// 6. MSRs in allowlist order: IA32_TSC before TSC_DEADLINE; every count checked;
 /// 7. vCPU events last (setting REGS clears pending exceptions).
-pub fn restore(
+pub fn restore_state(
     fd: &VcpuFd,
     s: &VcpuState,
     host: &CpuidDump,
@@ -414,9 +419,25 @@ pub fn restore(
     // SAFETY: `xsave` is a complete 4096-byte kvm_xsave built above; KVM reads exactly that
     // much (ferry does not enable KVM_CAP_XSAVE2's larger areas).
     unsafe { fd.set_xsave(&xsave) }.map_err(op("KVM_SET_XSAVE"))?;
+    fd.set_xcrs(&xcrs_in(s)?).map_err(op("KVM_SET_XCRS"))?;
+    let d = kvm_debugregs {
+        db: s.debug.db,
+        dr6: s.debug.dr6,
+        dr7: s.debug.dr7,
+        ..Default::default()
+    };
+    fd.set_debug_regs(&d).map_err(op("KVM_SET_DEBUGREGS"))?;
+    fd.set_lapic(&lapic_in(s)?).map_err(op("KVM_SET_LAPIC"))?;
+    set_msrs(fd, s)?;
+    fd.set_vcpu_events(&events_in(&s.events))
+        .map_err(op("KVM_SET_VCPU_EVENTS"))?;
+    Ok(())
+}
+
+fn xcrs_in(s: &VcpuState) -> Result<kvm_xcrs, Error> {
     if s.xcrs.len() > 16 {
         return Err(Error::Invalid {
-            vcpu: id,
+            vcpu: s.id,
             what: format!("{} XCRs (at most 16)", s.xcrs.len()),
         });
     }
@@ -431,17 +452,13 @@ pub fn restore(
             value: *value,
         };
     }
-    fd.set_xcrs(&xcrs).map_err(op("KVM_SET_XCRS"))?;
-    let d = kvm_debugregs {
-        db: s.debug.db,
-        dr6: s.debug.dr6,
-        dr7: s.debug.dr7,
-        ..Default::default()
-    };
-    fd.set_debug_regs(&d).map_err(op("KVM_SET_DEBUGREGS"))?;
+    Ok(xcrs)
+}
+
+fn lapic_in(s: &VcpuState) -> Result<kvm_bindings::kvm_lapic_state, Error> {
     if s.lapic.len() != 1024 {
         return Err(Error::Invalid {
-            vcpu: id,
+            vcpu: s.id,
             what: format!("LAPIC page of {} bytes (not 1024)", s.lapic.len()),
         });
     }
@@ -449,7 +466,12 @@ pub fn restore(
     for (d, b) in lapic.regs.iter_mut().zip(&s.lapic) {
         *d = *b as libc::c_char;
     }
-    fd.set_lapic(&lapic).map_err(op("KVM_SET_LAPIC"))?;
+    Ok(lapic)
+}
+
+/// Sets every MSR of `s` in order; a short count is an error naming the MSR KVM refused.
+fn set_msrs(fd: &VcpuFd, s: &VcpuState) -> Result<(), Error> {
+    let id = s.id;
     let entries: Vec<kvm_msr_entry> = s
         .msrs
         .iter()
@@ -463,7 +485,11 @@ pub fn restore(
         vcpu: id,
         what: "too many MSRs".into(),
     })?;
-    let n = fd.set_msrs(&m).map_err(op("KVM_SET_MSRS"))?;
+    let n = fd.set_msrs(&m).map_err(|source| Error::Ioctl {
+        vcpu: id,
+        op: "KVM_SET_MSRS",
+        source,
+    })?;
     if n != entries.len() {
         return Err(Error::MsrCount {
             vcpu: id,
@@ -473,8 +499,6 @@ pub fn restore(
             total: entries.len(),
         });
     }
-    fd.set_vcpu_events(&events_in(&s.events))
-        .map_err(op("KVM_SET_VCPU_EVENTS"))?;
     Ok(())
 }
 

@@ -211,48 +211,8 @@ fn main() -> Result<()> {
         if f.is_empty() || q.is_empty() {
             continue;
         }
-        md += &format!("### {}\n\nHeartbeat interval the guest achieved (median): ferry {f_beat:.1} ms, QEMU {q_beat:.1} ms.\n\n| mode | total ms | downtime ms | blackout ms | MiB | rounds |\n|---|---|---|---|---|---|\n", case.name);
-        for (mode, s) in f.iter().chain(&q) {
-            md += &format!(
-                "| {} | {} | {} | {} | {} | {} |\n",
-                mode.name(),
-                cell(s, |x| x.total_ms, 1),
-                cell(s, |x| x.downtime_ms, 1),
-                cell(s, |x| x.blackout_ms, 1),
-                cell(s, |x| x.bytes / 1048576.0, 1),
-                cell(s, |x| x.rounds, 0),
-            );
-        }
-        // ferry's defaults against QEMU's best mode on each metric (by median).
-        let best = |f: &dyn Fn(&Sample) -> f64| -> Option<(f64, &'static str)> {
-            q.iter()
-                .filter_map(|(m, s)| median(s, f).map(|v| (v, m.name())))
-                .min_by(|a, b| a.0.total_cmp(&b.0))
-        };
-        let mut line = format!(
-            "\n{}: ferry defaults / QEMU's best mode (medians): ",
-            case.name
-        );
-        for (what, get) in [
-            (
-                "total",
-                &(|x: &Sample| x.total_ms) as &dyn Fn(&Sample) -> f64,
-            ),
-            ("blackout", &|x: &Sample| x.blackout_ms),
-        ] {
-            match (median(&f[0].1, get), best(get)) {
-                (Some(a), Some((b, who))) => {
-                    line += &format!("{what} {a:.1} / {b:.1} ms = {:.2} ({who}); ", a / b)
-                }
-                _ => line += &format!("{what}: n/a; "),
-            }
-        }
-        if let (Some(a), Some(b)) = (
-            median(&f[0].1, |x| x.total_ms),
-            median(&q[1].1, |x| x.total_ms),
-        ) {
-            line += &format!("total vs QEMU unthrottled {:.2}", a / b);
-        }
+        let (section, line) = case_section(case, f_beat, q_beat, &f, &q);
+        md += &section;
         md += &line;
         md += "\n\n";
         summary += &line;
@@ -271,4 +231,59 @@ fn main() -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(temp(""));
     Ok(())
+}
+
+/// A case's table and its summary line (ferry's defaults against QEMU's best mode).
+fn case_section(
+    case: &Case,
+    f_beat: f64,
+    q_beat: f64,
+    f: &[(Mode, Vec<Option<Sample>>)],
+    q: &[(Mode, Vec<Option<Sample>>)],
+) -> (String, String) {
+    let mut md = String::new();
+    md += &format!("### {}\n\nHeartbeat interval the guest achieved (median): ferry {f_beat:.1} ms, QEMU {q_beat:.1} ms.\n\n| mode | total ms | downtime ms | blackout ms | MiB | rounds |\n|---|---|---|---|---|---|\n", case.name);
+    for (mode, s) in f.iter().chain(q) {
+        md += &format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            mode.name(),
+            cell(s, |x| x.total_ms, 1),
+            cell(s, |x| x.downtime_ms, 1),
+            cell(s, |x| x.blackout_ms, 1),
+            cell(s, |x| x.bytes / 1048576.0, 1),
+            cell(s, |x| x.rounds, 0),
+        );
+    }
+    // ferry's defaults against QEMU's best mode on each metric (by median).
+    let best = |f: &dyn Fn(&Sample) -> f64| -> Option<(f64, &'static str)> {
+        q.iter()
+            .filter_map(|(m, s)| median(s, f).map(|v| (v, m.name())))
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+    };
+    let mut line = format!(
+        "\n{}: ferry defaults / QEMU's best mode (medians): ",
+        case.name
+    );
+    for (what, get) in [
+        (
+            "total",
+            &(|x: &Sample| x.total_ms) as &dyn Fn(&Sample) -> f64,
+        ),
+        ("blackout", &|x: &Sample| x.blackout_ms),
+    ] {
+        match (median(&f[0].1, get), best(get)) {
+            (Some(a), Some((b, who))) => {
+                line += &format!("{what} {a:.1} / {b:.1} ms = {:.2} ({who}); ", a / b)
+            }
+            _ => line += &format!("{what}: n/a; "),
+        }
+    }
+    if let (Some(a), Some(b)) = (
+        median(&f[0].1, |x| x.total_ms),
+        median(&q[1].1, |x| x.total_ms),
+    ) {
+        line += &format!("total vs QEMU unthrottled {:.2}", a / b);
+    }
+
+    (md, line)
 }

@@ -222,13 +222,27 @@ impl<R: Read> Input<'_, R> {
         let f = self.expect(&[Tag::SERL], "SERL")?;
         let serial = self.section(&f, dec_serial)?;
         check_serial(&serial)?;
+        let memory = self.memory(&config)?;
+        Ok(VmState {
+            config,
+            cpu_profile,
+            guest_cpu,
+            vcpus,
+            irqchip,
+            serial,
+            memory,
+        })
+    }
+
+    /// MEMR sections until END: the memory ranges, each checked in order.
+    fn memory(&mut self, config: &MachineConfig) -> Result<Vec<MemoryRange>, Error> {
         let mut memory = Vec::new();
-        let mut mem = MemCheck::new(&config);
+        let mut mem = MemCheck::new(config);
         loop {
             let f = self.expect(&[Tag::MEMR, Tag::END], "MEMR or END")?;
             if f.tag == Tag::END {
                 self.body(&f)?;
-                break;
+                return Ok(memory);
             }
             let ranges = self.section(&f, dec_memr)?;
             if ranges.is_empty() {
@@ -242,15 +256,6 @@ impl<R: Read> Input<'_, R> {
             }
             memory.extend(ranges);
         }
-        Ok(VmState {
-            config,
-            cpu_profile,
-            guest_cpu,
-            vcpus,
-            irqchip,
-            serial,
-            memory,
-        })
     }
 }
 

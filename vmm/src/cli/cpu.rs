@@ -96,80 +96,94 @@ pub fn run(cmd: CpuCmd) -> anyhow::Result<ExitCode> {
                 None => println!("{}", p.to_json()),
             }
         }
-        CpuCmd::Check { profile, host } => {
-            let (host_dump, recorded) = match &host {
-                Some(p) => (load_host(&p.display().to_string())?, true),
-                None => (live_host()?, false),
-            };
-            let p = resolve(&profile, &host_dump)?;
-            let notes = if recorded {
-                vec![]
-            } else {
-                cpu_model::emulator_notes(&p)
-            };
-            if !recorded {
-                let kvm = vmm::vm::open_kvm()?;
-                let requested = cpuid::table::for_vcpu(&cpuid::table::guest_table(&p, 1), 0);
-                let here = vmm::admit::probe(&kvm, &p, 1)?;
-                let cpuid::table::TableDiff {
-                    features: forced,
-                    registers: other,
-                } = cpuid::table::diff(&requested, &here.effective);
-                if !forced.is_empty() || !other.is_empty() {
-                    println!(
-                        "note: this host's KVM changes the table after KVM_SET_CPUID2; the guest \
-                         sees (and ferry checks and migrates) the changed one:"
-                    );
-                    println!("  features: {}", forced.join(" "));
-                    for (f, i, r) in other {
-                        println!("  register {r:?} of leaf {f:#x}.{i}");
-                    }
-                }
-            }
-            match profile::check(&p, &host_dump) {
-                Ok(()) if notes.is_empty() => println!("{}: this host can run it", p.name),
-                Ok(()) => {
-                    println!("{}: KVM offers every feature, but the guest kernel must not use these here:", p.name);
-                    for n in &notes {
-                        println!("  {n}");
-                    }
-                }
-                Err(m) => {
-                    println!("{}: {} cannot run it", p.name, host_dump.source);
-                    if !m.features.is_empty() {
-                        println!("missing features: {}", m.features.join(" "));
-                    }
-                    for o in &m.other {
-                        println!("{o}");
-                    }
-                    return Ok(ExitCode::FAILURE);
-                }
+        CpuCmd::Check { profile, host } => return check(&profile, host.as_deref()),
+        CpuCmd::Show { profile } => show(&resolve(&profile, &host_for_builtins())?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ferry cpu check`: whether this host (or a recorded one) runs `profile`, and what this
+/// host's KVM would change in its table.
+fn check(profile: &str, host: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let (host_dump, recorded) = match host {
+        Some(p) => (load_host(&p.display().to_string())?, true),
+        None => (live_host()?, false),
+    };
+    let p = resolve(profile, &host_dump)?;
+    let notes = if recorded {
+        vec![]
+    } else {
+        forced_note(&p)?;
+        cpu_model::emulator_notes(&p)
+    };
+    match profile::check(&p, &host_dump) {
+        Ok(()) if notes.is_empty() => println!("{}: this host can run it", p.name),
+        Ok(()) => {
+            println!(
+                "{}: KVM offers every feature, but the guest kernel must not use these here:",
+                p.name
+            );
+            for n in &notes {
+                println!("  {n}");
             }
         }
-        CpuCmd::Show { profile } => {
-            let p = resolve(&profile, &host_for_builtins())?;
-            for f in &p.features {
-                println!("{f}");
+        Err(m) => {
+            println!("{}: {} cannot run it", p.name, host_dump.source);
+            if !m.features.is_empty() {
+                println!("missing features: {}", m.features.join(" "));
             }
-            let id = &p.identity;
-            println!(
-                "identity: {} family {:#x} model {:#x} stepping {} \"{}\"",
-                id.vendor.id_string(),
-                id.family,
-                id.model,
-                id.stepping,
-                id.brand
-            );
-            println!(
-                "leaves: max {:#x}, extended max {:#x}; address bits: {} physical, {} linear; xsave components: {}; migratable: {}",
-                p.max_leaf,
-                p.max_ext_leaf,
-                p.phys_bits,
-                p.virt_bits,
-                p.xsave.iter().map(|c| c.index.to_string()).collect::<Vec<_>>().join(","),
-                p.migratable
-            );
+            for o in &m.other {
+                println!("{o}");
+            }
+            return Ok(ExitCode::FAILURE);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What this host's KVM changes in `p`'s table, read from a scratch vCPU.
+fn forced_note(p: &CpuProfile) -> anyhow::Result<()> {
+    let kvm = vmm::vm::open_kvm()?;
+    let requested = cpuid::table::for_vcpu(&cpuid::table::guest_table(p, 1), 0);
+    let here = vmm::admit::probe(&kvm, p, 1)?;
+    let cpuid::table::TableDiff {
+        features: forced,
+        registers: other,
+    } = cpuid::table::diff(&requested, &here.effective);
+    if !forced.is_empty() || !other.is_empty() {
+        println!(
+            "note: this host's KVM changes the table after KVM_SET_CPUID2; the guest \
+             sees (and ferry checks and migrates) the changed one:"
+        );
+        println!("  features: {}", forced.join(" "));
+        for (f, i, r) in other {
+            println!("  register {r:?} of leaf {f:#x}.{i}");
+        }
+    }
+    Ok(())
+}
+
+/// `ferry cpu show`: the features, then the identity.
+fn show(p: &CpuProfile) {
+    for f in &p.features {
+        println!("{f}");
+    }
+    let id = &p.identity;
+    println!(
+        "identity: {} family {:#x} model {:#x} stepping {} \"{}\"",
+        id.vendor.id_string(),
+        id.family,
+        id.model,
+        id.stepping,
+        id.brand
+    );
+    println!(
+        "leaves: max {:#x}, extended max {:#x}; address bits: {} physical, {} linear; xsave components: {}; migratable: {}",
+        p.max_leaf,
+        p.max_ext_leaf,
+        p.phys_bits,
+        p.virt_bits,
+        p.xsave.iter().map(|c| c.index.to_string()).collect::<Vec<_>>().join(","),
+        p.migratable
+    );
 }

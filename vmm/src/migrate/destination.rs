@@ -7,6 +7,7 @@ use cpuid::profile::CpuProfile;
 use cpuid::CpuidDump;
 use migration::auth::Key;
 use migration::protocol::{self, Hello, Message, Precopy};
+use migration::receiver::{Action, Failure, Input, Receiver};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::vm::Vm;
@@ -77,212 +78,259 @@ pub fn receive_over(
     receive_with(conn, &opts, console, |_| Ok(()))
 }
 
-/// [`receive`] over a connected stream (its timeouts set by the caller).
+/// [`receive`] over a connected stream (its timeouts set by the caller): the I/O around
+/// migration::receiver's state machine, which decides every step.
 pub fn receive_with(
     mut conn: impl Read + Write,
     opts: &ReceiveOptions,
     console: Box<dyn std::io::Write + Send>,
     start: impl FnOnce(&Vm) -> Result<(), String>,
 ) -> Result<Vm, Error> {
-    let (host, key) = (opts.host.as_ref(), opts.key.as_ref());
-    let refuse = |mut conn: &mut dyn Write, reason: String| {
-        let _ = protocol::send(&mut conn, &Message::Refuse(reason.clone()));
-        Error::RefusedHere(reason)
+    let mut rx = Receiver::new(opts.key.clone(), nonce()?);
+    let mut d = Driver {
+        conn: &mut conn,
+        console: Some(console),
+        hello: None,
+        mem: None,
+        regions: Vec::new(),
+        building: None,
+        vm: None,
+        readahead: None,
+        pages: None,
     };
-    let hs = |what| proto(Phase::Handshake, what);
-    let mut first = protocol::recv(&mut conn).map_err(hs("waiting for Hello"))?;
-    match (key, &first) {
-        (Some(key), Message::AuthChallenge(ns)) => {
-            let ns = *ns;
-            let nd = nonce()?;
-            let proof = key.destination_proof(&ns, &nd);
-            protocol::send(&mut conn, &Message::AuthResponse(nd, proof))
-                .map_err(hs("authenticating"))?;
-            match protocol::recv(&mut conn).map_err(hs("authenticating"))? {
-                Message::AuthProof(p) if key.check_source(&nd, &ns, &p).is_ok() => {}
-                _ => {
-                    return Err(refuse(
-                        &mut conn,
-                        "the source could not prove the shared key".into(),
-                    ))
-                }
+    let mut start = Some(start);
+    // The outcome of an action the machine waits for, handed to it instead of a read.
+    let mut outcome: Option<Input> = None;
+    loop {
+        let input = match outcome.take() {
+            Some(i) => i,
+            None => d.read(&rx)?,
+        };
+        let action = match rx.step(input) {
+            Ok(a) => a,
+            Err(f) => return Err(d.fail(f)),
+        };
+        let phase = rx.phase();
+        match action {
+            Action::Next => {}
+            Action::Reply(m) => {
+                protocol::send(&mut d.conn, &m).map_err(proto(phase, "answering the source"))?;
             }
-            first = protocol::recv(&mut conn).map_err(hs("waiting for Hello"))?;
+            Action::CheckHello(h) => {
+                outcome = Some(Input::Done(acceptable(&h, opts.host.as_ref())));
+                d.hello = Some(*h);
+            }
+            Action::Accept => d.accept()?,
+            Action::WritePages => d.write_pages(phase)?,
+            Action::Readahead(words) => d.readahead(&words)?,
+            Action::Sync => {
+                // The end of round 0: later rounds rewrite pages already there.
+                d.readahead = None;
+                outcome = Some(Input::Done(d.finish_building()));
+            }
+            Action::LoadState => outcome = Some(Input::Done(d.load_state()?)),
+            Action::Start => {
+                let vm =
+                    d.vm.as_ref()
+                        .ok_or(Error::Restore("the VM was not built".into()))?;
+                let run = start.take().map_or(Ok(()), |s| s(vm));
+                outcome = Some(Input::Done(run.map_err(|e| {
+                    format!("starting the guest (phase: {phase}): {e}; the source keeps it")
+                })));
+            }
+            Action::Running => {
+                if let Err(e) = protocol::send(&mut d.conn, &Message::Running) {
+                    // The source keeps its copy paused and says the guest may run here.
+                    log::warn!("confirming Running to the source (phase: {phase}): {e}");
+                }
+                return d
+                    .vm
+                    .take()
+                    .ok_or(Error::Restore("the VM was not built".into()));
+            }
         }
-        (Some(_), other) => {
-            let reason = format!(
-                "this destination takes only a source that proves the shared key (--key-file); it sent {} first",
-                other.name()
-            );
-            return Err(refuse(&mut conn, reason));
-        }
-        (None, Message::AuthChallenge(_)) => {
-            let reason = "this destination has no key (--key-file): it takes unauthenticated migrations only".to_string();
-            return Err(refuse(&mut conn, reason));
-        }
-        (None, _) => {}
     }
-    let hello = match first {
-        Message::Hello(h) => h,
-        other => {
-            return Err(Error::RefusedHere(format!(
-                "expected Hello, got {}",
-                other.name()
-            )))
+}
+
+/// The destination's I/O and machine, as the receiver's actions need them.
+struct Driver<'c, C: Read + Write> {
+    conn: &'c mut C,
+    console: Option<Box<dyn std::io::Write + Send>>,
+    hello: Option<Hello>,
+    /// Guest RAM, filled from round 0 on while the rest of the machine is built.
+    mem: Option<crate::memory::GuestMemoryMmap>,
+    regions: Vec<(u64, u64)>,
+    building: Option<std::thread::JoinHandle<Result<Vm, crate::vm::Error>>>,
+    vm: Option<Vm>,
+    /// Round 0 fills fresh RAM: back it ahead of the pages (super::prefault).
+    readahead: Option<super::prefault::Prefault>,
+    /// The head of the page frame just read.
+    pages: Option<migration::pages::FrameHead>,
+}
+
+impl<C: Read + Write> Driver<'_, C> {
+    /// The next input: a control message, or in precopy a page frame's head too.
+    fn read(&mut self, rx: &Receiver) -> Result<Input, Error> {
+        let phase = rx.phase();
+        if !rx.in_precopy() {
+            return match protocol::recv(&mut self.conn) {
+                Ok(m) => Ok(Input::Message(m)),
+                Err(e) if phase == Phase::AwaitCommit => Err(Error::NoCommit(e.to_string())),
+                Err(e) => Err(proto(phase, rx.awaits())(e)),
+            };
         }
-    };
-    if let Err(reason) = acceptable(&hello, host) {
-        return Err(refuse(&mut conn, reason));
+        Ok(
+            match protocol::recv_precopy(&mut self.conn).map_err(proto(phase, rx.awaits()))? {
+                Precopy::Pages(head) => {
+                    let round = head.round;
+                    self.pages = Some(head);
+                    Input::Pages { round }
+                }
+                Precopy::Touched(words) => Input::Message(Message::Touched(words)),
+                Precopy::Cancel(why) => Input::Message(Message::Cancel(why)),
+                Precopy::Sync => Input::Message(Message::Sync),
+                Precopy::State => Input::Message(Message::State),
+            },
+        )
     }
-    // RAM first (an mmap: at once); the rest of the machine (KVM, memslots, vCPUs, CPUID)
-    // is built on another thread while round 0's pages arrive into that RAM.
-    let ram = crate::memory::GuestRam::new(hello.memory)
-        .map_err(|e| refuse(&mut conn, format!("cannot create the VM here: {e}")))?;
-    let mem = ram.memory().clone();
-    let (vcpus, profile_json) = (hello.vcpus, hello.cpu_profile.clone());
-    let saved = hello.guest_cpu.clone();
-    let mut building = Some(
-        std::thread::Builder::new()
+
+    /// Tells the source why, where the machine says to, and names the error as ferry does.
+    fn fail(&mut self, f: Failure) -> Error {
+        if let Some(reply) = &f.reply {
+            let _ = protocol::send(&mut self.conn, reply);
+        }
+        use migration::receiver::Error as R;
+        match f.error {
+            R::Refused(r) => Error::RefusedHere(r),
+            R::CancelledBySource(r) => Error::CancelledBySource(r),
+            R::Unexpected {
+                phase,
+                expected,
+                got,
+            } => proto(phase, "receiving")(protocol::Error::Unexpected {
+                expected,
+                found: got.into(),
+            }),
+            R::NoCommit(got) => Error::NoCommit(format!("got {got}")),
+            R::Failed(why) => Error::Restore(why),
+            R::Ended => Error::Restore("the migration has ended".into()),
+        }
+    }
+
+    /// Allocates guest RAM (an mmap: at once), builds the rest of the machine (KVM,
+    /// memslots, vCPUs, CPUID) on another thread while round 0's pages arrive into that
+    /// RAM, starts the readahead, and sends Accept.
+    fn accept(&mut self) -> Result<(), Error> {
+        let h = self
+            .hello
+            .as_ref()
+            .ok_or(Error::Restore("no Hello".into()))?;
+        let refuse = |conn: &mut C, e: String| {
+            let reason = format!("cannot create the VM here: {e}");
+            let _ = protocol::send(conn, &Message::Refuse(reason.clone()));
+            Error::RefusedHere(reason)
+        };
+        let ram = match crate::memory::GuestRam::new(h.memory) {
+            Ok(r) => r,
+            Err(e) => return Err(refuse(self.conn, e.to_string())),
+        };
+        let mem = ram.memory().clone();
+        self.regions = ram.regions();
+        let builder = crate::vm::VmBuilder::new(0, h.vcpus)
+            .ram(ram)
+            .console(
+                self.console
+                    .take()
+                    .unwrap_or_else(|| Box::new(std::io::sink())),
+            )
+            .cpu(crate::vm::CpuChoice::Saved {
+                profile_json: h.cpu_profile.clone(),
+                guest_cpu: h.guest_cpu.clone(),
+            });
+        let building = std::thread::Builder::new()
             .name("mig-build".into())
-            .spawn(move || {
-                crate::vm::VmBuilder::new(0, vcpus)
-                    .ram(ram)
-                    .console(console)
-                    .cpu(crate::vm::CpuChoice::Saved {
-                        profile_json,
-                        guest_cpu: saved,
-                    })
-                    .build(crate::vm::Boot::Restored)
-            })
-            .map_err(|e| refuse(&mut conn, format!("cannot create the VM here: {e}")))?,
-    );
-    let mut built: Option<Vm> = None;
-    protocol::send(&mut conn, &Message::Accept).map_err(hs("sending Accept"))?;
-    let regions: Vec<(u64, u64)> = {
-        use vm_memory::GuestMemoryRegion;
-        mem.iter().map(|r| (r.start_addr().0, r.len())).collect()
-    };
-    // The machine is needed by the first Sync (the end of round 0) at the latest.
-    let mut finish_building = |conn: &mut dyn Write| -> Result<(), Error> {
-        if let Some(b) = building.take() {
-            let vm = b
-                .join()
-                .map_err(|_| Error::Restore("building the VM panicked".into()))
-                .and_then(|r| r.map_err(|e| Error::Restore(format!("creating the VM: {e}"))));
-            match vm {
-                Ok(vm) => built = Some(vm),
-                Err(e) => {
-                    let mut conn = conn;
-                    let _ = protocol::send(&mut conn, &Message::Failed(e.to_string()));
-                    return Err(e);
-                }
-            }
+            .spawn(move || builder.build(crate::vm::Boot::Restored));
+        match building {
+            Ok(b) => self.building = Some(b),
+            Err(e) => return Err(refuse(self.conn, e.to_string())),
+        }
+        self.readahead = Some(super::prefault::Prefault::start(mem.clone()));
+        self.mem = Some(mem);
+        protocol::send(&mut self.conn, &Message::Accept)
+            .map_err(proto(Phase::Handshake, "sending Accept"))?;
+        Ok(())
+    }
+
+    fn write_pages(&mut self, phase: Phase) -> Result<(), Error> {
+        let (Some(head), Some(mem)) = (self.pages.take(), self.mem.as_ref()) else {
+            return Err(Error::Restore("pages before the VM's RAM".into()));
+        };
+        if let Some(r) = &mut self.readahead {
+            r.frame(&head.runs);
+        }
+        receive_pages(mem, &self.regions, head, &mut self.conn, phase)
+    }
+
+    /// The Touched map: the blocks round 0 fills, of exactly this RAM's length.
+    fn readahead(&mut self, words: &[u64]) -> Result<(), Error> {
+        let ram_end = self.regions.iter().map(|&(s, l)| s + l).max().unwrap_or(0);
+        let expected = protocol::touched_words(ram_end);
+        if words.len() != expected {
+            return Err(Error::BadTouchedMap {
+                words: words.len(),
+                expected,
+            });
+        }
+        if let Some(r) = &mut self.readahead {
+            r.touched(words);
         }
         Ok(())
-    };
-    // Round 0 fills fresh RAM: back it ahead of the pages (super::prefault).
-    let mut readahead = Some(super::prefault::Prefault::start(mem.clone()));
-    // The round of the last page frame: the phase errors name.
-    let mut round = 0;
-    loop {
-        let phase = Phase::Memory { round };
-        match protocol::recv_precopy(&mut conn).map_err(proto(phase, "receiving memory"))? {
-            Precopy::Pages(head) => {
-                round = head.round;
-                if let Some(r) = &mut readahead {
-                    r.frame(&head.runs);
-                }
-                receive_pages(&mem, &regions, head, &mut conn, Phase::Memory { round })?
-            }
-            Precopy::Touched(words) => {
-                // In round 0 only (the readahead's lifetime): it says which RAM it fills.
-                let Some(r) = readahead.as_mut() else {
-                    return Err(proto(phase, "receiving memory")(
-                        protocol::Error::Unexpected {
-                            expected: "Pages, Sync, Cancel or State",
-                            found: "Touched".into(),
-                        },
-                    ));
+    }
+
+    /// The machine, built: needed by the first Sync (the end of round 0) at the latest.
+    fn finish_building(&mut self) -> Result<(), String> {
+        if let Some(b) = self.building.take() {
+            let vm = b
+                .join()
+                .map_err(|_| "building the VM panicked".to_string())?
+                .map_err(|e| format!("creating the VM: {e}"))?;
+            self.vm = Some(vm);
+        }
+        Ok(())
+    }
+
+    /// Reads the VM stream (an I/O failure ends it here) and restores it into the machine
+    /// (a failure is the outcome, told to the source).
+    fn load_state(&mut self) -> Result<Result<(), String>, Error> {
+        self.readahead = None;
+        if let Err(e) = self.finish_building() {
+            return Ok(Err(e));
+        }
+        let state = migration::stream::read_vm_until_end(&mut BufReader::new(&mut self.conn))
+            .map_err(|e| {
+                use migration::stream::Error as S;
+                let e = match e {
+                    S::Io { source, .. } => source,
+                    S::Truncated { .. } => std::io::ErrorKind::UnexpectedEof.into(),
+                    other => std::io::Error::other(other.to_string()),
                 };
-                let ram_end = regions.iter().map(|&(s, l)| s + l).max().unwrap_or(0);
-                let expected = protocol::touched_words(ram_end);
-                if words.len() != expected {
-                    return Err(Error::BadTouchedMap {
-                        words: words.len(),
-                        expected,
-                    });
-                }
-                r.touched(&words);
-            }
-            Precopy::Cancel(reason) => return Err(Error::CancelledBySource(reason)),
-            Precopy::Sync => {
-                // The end of round 0: later rounds rewrite pages already there.
-                readahead = None;
-                finish_building(&mut conn)?;
-                protocol::send(&mut conn, &Message::Synced)
-                    .map_err(proto(phase, "sending Synced"))?;
-            }
-            Precopy::State => {
-                drop(readahead);
-                finish_building(&mut conn)?;
-                break;
-            }
+                io(Phase::Switchover, "receiving the VM state")(e)
+            })?;
+        let got_state = Instant::now();
+        let (Some(h), Some(vm)) = (self.hello.as_ref(), self.vm.as_mut()) else {
+            return Ok(Err("the VM was not built".into()));
+        };
+        if state.cpu_profile != h.cpu_profile
+            || state.config.memory != h.memory
+            || state.config.vcpus != h.vcpus
+        {
+            return Ok(Err(
+                "the VM state does not match the Hello (memory, vCPUs or CPU profile)".into(),
+            ));
         }
-    }
-    let Some(mut vm) = built else {
-        return Err(Error::Restore("the VM was not built".into()));
-    };
-    let state =
-        migration::stream::read_vm_until_end(&mut BufReader::new(&mut conn)).map_err(|e| {
-            use migration::stream::Error as S;
-            let e = match e {
-                S::Io { source, .. } => source,
-                S::Truncated { .. } => std::io::ErrorKind::UnexpectedEof.into(),
-                other => std::io::Error::other(other.to_string()),
-            };
-            io(Phase::Switchover, "receiving the VM state")(e)
-        })?;
-    let got_state = Instant::now();
-    let loaded = if state.cpu_profile != hello.cpu_profile
-        || state.config.memory != hello.memory
-        || state.config.vcpus != hello.vcpus
-    {
-        Err("the VM state does not match the Hello (memory, vCPUs or CPU profile)".to_string())
-    } else {
-        vm.restore_state(&state).map_err(|e| e.to_string())
-    };
-    if let Err(e) = loaded {
-        let _ = protocol::send(&mut conn, &Message::Failed(e.clone()));
-        return Err(Error::Restore(e));
-    }
-    protocol::send(&mut conn, &Message::Restored)
-        .map_err(proto(Phase::Switchover, "sending Restored"))?;
-    log::debug!("receive: state loaded in {:?}", got_state.elapsed());
-    match protocol::recv(&mut conn) {
-        Ok(Message::Commit) => {}
-        Ok(other) => return Err(Error::NoCommit(format!("got {}", other.name()))),
-        Err(e) => return Err(Error::NoCommit(e.to_string())),
-    }
-    // The guest is this side's now.
-    match start(&vm) {
-        Ok(()) => {
-            if let Err(e) = protocol::send(&mut conn, &Message::Running) {
-                // The source keeps its copy paused and says the guest may run here.
-                log::warn!(
-                    "confirming Running to the source (phase: {}): {e}",
-                    Phase::AfterCommit
-                );
-            }
-            Ok(vm)
-        }
-        Err(e) => {
-            // Not running here: the source resumes its copy.
-            let _ = protocol::send(&mut conn, &Message::Failed(e.clone()));
-            Err(Error::Restore(format!(
-                "starting the guest (phase: {}): {e}; the source keeps it",
-                Phase::AfterCommit
-            )))
-        }
+        let loaded = vm.restore_state(&state).map_err(|e| e.to_string());
+        log::debug!("receive: state loaded in {:?}", got_state.elapsed());
+        Ok(loaded)
     }
 }
 

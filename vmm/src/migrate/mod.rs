@@ -38,37 +38,12 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use migration::auth::{self, Key};
-use migration::protocol::{self, Message};
+use migration::protocol;
 
 /// How long either side waits, by default, for the peer to send or take anything.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Where a migration is, as its errors name it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Connecting, authenticating, Hello and Accept.
-    Handshake,
-    /// Precopy: the guest runs at the source while its memory goes over.
-    Memory { round: u32 },
-    /// The guest is paused at the source; the last pages and the state go over.
-    Switchover,
-    /// The destination has restored the guest (paused) and waits for Commit.
-    AwaitCommit,
-    /// Commit sent (source) or received (destination).
-    AfterCommit,
-}
-
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Phase::Handshake => write!(f, "handshake"),
-            Phase::Memory { round } => write!(f, "memory round {round}"),
-            Phase::Switchover => write!(f, "after the pause, before Restored"),
-            Phase::AwaitCommit => write!(f, "after Restored, before Commit"),
-            Phase::AfterCommit => write!(f, "after Commit"),
-        }
-    }
-}
+pub use migration::receiver::Phase;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -94,8 +69,32 @@ pub enum Error {
     RefusedHere(String),
     #[error("restoring: {0}")]
     Restore(String),
+    #[error("saving the VM: {what}: {source}")]
+    DirtyLog {
+        what: &'static str,
+        #[source]
+        source: crate::memory::Error,
+    },
     #[error("saving the VM: {0}")]
-    Save(String),
+    Pause(#[source] crate::vm::Error),
+    #[error("saving the VM: {0}")]
+    SaveState(#[source] crate::vm::state::Error),
+    #[error("saving the VM: reading guest page {gpa:#x}: {source}")]
+    ReadPage {
+        gpa: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("saving the VM: RAM at {0:#x} is not one region")]
+    RamLayout(u64),
+    #[error("starting the {what} thread: {source}")]
+    Thread {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading /dev/urandom: {0}")]
+    Random(#[source] std::io::Error),
     #[error("no Commit from the source (phase: after Restored, before Commit): {0}; the guest stays with the source")]
     NoCommit(String),
     #[error("no word from the destination after Commit (phase: after Commit): {0}; the guest stays paused here, as it may run there: if the destination does not run it, `ferry ctl resume` runs it here")]
@@ -328,30 +327,21 @@ fn nonce() -> Result<[u8; auth::NONCE_SIZE], Error> {
     let mut n = [0u8; auth::NONCE_SIZE];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut n))
-        .map_err(|e| Error::Auth(format!("reading /dev/urandom: {e}")))?;
+        .map_err(Error::Random)?;
     Ok(n)
 }
 
-/// The source's side of migration::auth: challenge, check the destination's proof, prove.
+/// The source's side of migration::auth, its errors as the migration names them.
 fn authenticate_to(conn: &mut (impl Read + Write), key: &Key) -> Result<(), Error> {
-    let ns = nonce()?;
-    let auth = || proto(Phase::Handshake, "authenticating");
-    protocol::send(conn, &Message::AuthChallenge(ns)).map_err(auth())?;
-    let nd = match protocol::recv(conn).map_err(auth())? {
-        Message::AuthResponse(nd, proof) => {
-            key.check_destination(&ns, &nd, &proof).map_err(|_| {
-                Error::Auth("the destination could not prove the shared key".into())
-            })?;
-            nd
-        }
-        Message::Refuse(r) => return Err(Error::Refused(r)),
-        other => {
-            return Err(Error::Auth(format!(
-                "expected the destination's proof, got {}",
-                other.name()
-            )))
-        }
-    };
-    protocol::send(conn, &Message::AuthProof(key.source_proof(&nd, &ns))).map_err(auth())?;
-    Ok(())
+    use auth::Error as A;
+    auth::source_handshake(conn, key, nonce()?).map_err(|e| match e {
+        A::Protocol(source) => Error::Protocol {
+            phase: Phase::Handshake,
+            what: "authenticating",
+            source,
+        },
+        A::Refused(r) => Error::Refused(r),
+        A::BadProof => Error::Auth("the destination could not prove the shared key".into()),
+        other => Error::Auth(other.to_string()),
+    })
 }

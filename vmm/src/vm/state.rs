@@ -4,7 +4,7 @@
 //! Restore order (why): the machine (memory slots, irqchip, PIT) exists first; the CPU
 //! profile is checked against this host and every vCPU's CPUID is set (by the builder)
 //! before any other vCPU state (KVM validates XSAVE, MSRs and more against it); memory is
-//! written before vCPUs can run; vCPU state in the order of [`vcpu_state::restore`]; then
+//! written before vCPUs can run; vCPU state in the order of [`vcpu_state::restore_state`]; then
 //! PIC, IOAPIC and PIT; then the kvmclock (before any vCPU runs; KVM's flags are not echoed
 //! back); then devices (their list, crate::devices::manager). vCPU threads start paused.
 
@@ -236,7 +236,7 @@ impl Vm {
         let started = std::time::Instant::now();
         let guest_xsave = vcpu_state::guest_xsave_mask(&vm.profile);
         for (id, fd) in vm.unstarted.iter().enumerate() {
-            vcpu_state::restore(fd, &state.vcpus[id], &vm.host_cpu, guest_xsave)?;
+            vcpu_state::restore_state(fd, &state.vcpus[id], &vm.host_cpu, guest_xsave)?;
         }
         let vcpus_done = started.elapsed();
         let irq = &state.irqchip;

@@ -1,0 +1,352 @@
+//! The destination's side of the protocol as a state machine with no I/O: input a decoded
+//! message (or the outcome of an action it asked for), output the next action. The vmm's
+//! destination is the driver around it (reading, writing, building the machine); the
+//! receiver fuzz target drives the same machine.
+//!
+//! ```text
+//! Handshake ---AUT1 (keyed)---> Proving ---AUT3 ok---> AwaitHello
+//!     |  \__________Hello (no key)____________________/   | Hello
+//!     |                                                   v
+//!     |                                          Checking (CheckHello)
+//!     |                                              | Done(ok): Accept
+//!     v                                              v
+//!  Failed <--- anything unexpected ---  Accepted -> Precopy{round} <-> Syncing (Sync, Synced)
+//!                                                    | State
+//!                                                    v
+//!                               DeviceState (LoadState) --Done(ok): Restored--> AwaitCommit
+//!                                                    Commit: Start --> Starting --Done(ok)--> Running
+//! ```
+//! Touched (the blocks round 0 fills) is taken only before the first Sync; Cancel ends it
+//! in any precopy state. A refusal carries the Refuse to send, a failure of this side the
+//! Failed to send, so that the source knows why.
+
+use crate::auth::{Key, NONCE_SIZE};
+use crate::protocol::{Hello, Message};
+
+/// Where a migration is, as errors name it (either side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Connecting, authenticating, Hello and Accept.
+    Handshake,
+    /// Precopy: the guest runs at the source while its memory goes over.
+    Memory { round: u32 },
+    /// The guest is paused at the source; the last pages and the state go over.
+    Switchover,
+    /// The destination has restored the guest (paused) and waits for Commit.
+    AwaitCommit,
+    /// Commit sent (source) or received (destination).
+    AfterCommit,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Phase::Handshake => write!(f, "handshake"),
+            Phase::Memory { round } => write!(f, "memory round {round}"),
+            Phase::Switchover => write!(f, "after the pause, before Restored"),
+            Phase::AwaitCommit => write!(f, "after Restored, before Commit"),
+            Phase::AfterCommit => write!(f, "after Commit"),
+        }
+    }
+}
+
+/// The receiver's states (see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    Handshake,
+    Proving { ns: [u8; NONCE_SIZE] },
+    AwaitHello,
+    Checking,
+    Accepted,
+    Precopy { round: u32, round0_open: bool },
+    Syncing { round: u32 },
+    DeviceState,
+    AwaitCommit,
+    Starting,
+    Running,
+    Failed,
+}
+
+/// What the driver hands the machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// A control message from the source.
+    Message(Message),
+    /// The head of a page frame of `round` (the driver holds it and its pages).
+    Pages { round: u32 },
+    /// The outcome of the last action that asked for one.
+    Done(Result<(), String>),
+}
+
+/// What the driver does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Read the next input.
+    Next,
+    /// Send this to the source, then read the next input.
+    Reply(Message),
+    /// Check the Hello against this host; report with [`Input::Done`] (Err: the reason to
+    /// refuse).
+    CheckHello(Box<Hello>),
+    /// Send Accept; build the machine and back its RAM meanwhile; read the next input.
+    Accept,
+    /// Read the frame's pages into guest RAM; read the next input.
+    WritePages,
+    /// A hint: the 2 MiB blocks round 0 fills (the driver checks the map's length).
+    Readahead(Vec<u64>),
+    /// The end of a round: every page in RAM and the machine built; report with Done.
+    Sync,
+    /// Read the VM stream and restore it; report with Done.
+    LoadState,
+    /// Run the guest; report with Done.
+    Start,
+    /// The guest runs here: confirm Running to the source; the end.
+    Running,
+}
+
+/// Why the receiver ends without the guest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("the source cancelled the migration: {0}")]
+    CancelledBySource(String),
+    #[error("expected {expected}, the source sent {got} (phase: {phase})")]
+    Unexpected {
+        phase: Phase,
+        expected: &'static str,
+        got: &'static str,
+    },
+    #[error("no Commit from the source: got {0}")]
+    NoCommit(&'static str),
+    #[error("{0}")]
+    Failed(String),
+    #[error("the migration has ended")]
+    Ended,
+}
+
+/// An end without the guest: the error, and what to tell the source first, if anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub reply: Option<Box<Message>>,
+    pub error: Error,
+}
+
+/// The receiver.
+#[derive(Debug)]
+pub struct Receiver {
+    state: State,
+    key: Option<Key>,
+    /// This side's nonce for authentication (fresh per migration, from the driver).
+    nonce: [u8; NONCE_SIZE],
+}
+
+fn name(i: &Input) -> &'static str {
+    match i {
+        Input::Message(m) => m.name(),
+        Input::Pages { .. } => "Pages",
+        Input::Done(_) => "an outcome",
+    }
+}
+
+impl Receiver {
+    /// A receiver that takes only a source proving `key` (None: no authentication), with
+    /// `nonce` fresh from a random source.
+    pub fn new(key: Option<Key>, nonce: [u8; NONCE_SIZE]) -> Self {
+        Receiver {
+            state: State::Handshake,
+            key,
+            nonce,
+        }
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The phase, as errors name it.
+    pub fn phase(&self) -> Phase {
+        match self.state {
+            State::Handshake | State::Proving { .. } | State::AwaitHello | State::Checking => {
+                Phase::Handshake
+            }
+            State::Accepted => Phase::Memory { round: 0 },
+            State::Precopy { round, .. } | State::Syncing { round } => Phase::Memory { round },
+            State::DeviceState => Phase::Switchover,
+            State::AwaitCommit => Phase::AwaitCommit,
+            State::Starting | State::Running | State::Failed => Phase::AfterCommit,
+        }
+    }
+
+    /// What the next read waits for, as a read error names it.
+    pub fn awaits(&self) -> &'static str {
+        match self.state {
+            State::Proving { .. } => "authenticating",
+            State::AwaitCommit => "waiting for Commit",
+            State::Accepted | State::Precopy { .. } => "receiving memory",
+            _ => "waiting for Hello",
+        }
+    }
+
+    /// Whether the next input is read as precopy traffic (page frames among the messages).
+    pub fn in_precopy(&self) -> bool {
+        matches!(self.state, State::Accepted | State::Precopy { .. })
+    }
+
+    /// Takes one input; Ok is what to do next, Err how the migration ends here.
+    pub fn step(&mut self, input: Input) -> Result<Action, Failure> {
+        let state = std::mem::replace(&mut self.state, State::Failed);
+        let result = self.transition(state, input);
+        if result.is_err() {
+            self.state = State::Failed;
+        }
+        result
+    }
+
+    fn transition(&mut self, state: State, input: Input) -> Result<Action, Failure> {
+        match (state, input) {
+            (State::Handshake, Input::Message(m)) => self.first(m),
+            (State::Proving { ns }, Input::Message(Message::AuthProof(p))) => {
+                let key = self.key.as_ref().ok_or_else(|| refuse("no key"))?;
+                key.check_source(&self.nonce, &ns, &p)
+                    .map_err(|_| refuse("the source could not prove the shared key"))?;
+                self.state = State::AwaitHello;
+                Ok(Action::Next)
+            }
+            (State::Proving { .. }, _) => Err(refuse("the source could not prove the shared key")),
+            (State::AwaitHello, Input::Message(Message::Hello(h))) => {
+                self.state = State::Checking;
+                Ok(Action::CheckHello(Box::new(h)))
+            }
+            (State::Checking, Input::Done(Ok(()))) => {
+                self.state = State::Accepted;
+                Ok(Action::Accept)
+            }
+            (State::Checking, Input::Done(Err(why))) => Err(refuse(&why)),
+            (State::Accepted, i) => self.precopy(0, true, i),
+            (State::Precopy { round, round0_open }, i) => self.precopy(round, round0_open, i),
+            (State::Syncing { round }, Input::Done(r)) => {
+                r.map_err(fail)?;
+                self.state = State::Precopy {
+                    round,
+                    round0_open: false,
+                };
+                Ok(Action::Reply(Message::Synced))
+            }
+            (State::DeviceState, Input::Done(r)) => {
+                r.map_err(fail)?;
+                self.state = State::AwaitCommit;
+                Ok(Action::Reply(Message::Restored))
+            }
+            (State::AwaitCommit, Input::Message(Message::Commit)) => {
+                self.state = State::Starting;
+                Ok(Action::Start)
+            }
+            (State::AwaitCommit, i) => Err(Failure {
+                reply: None,
+                error: Error::NoCommit(name(&i)),
+            }),
+            (State::Starting, Input::Done(r)) => {
+                r.map_err(fail)?;
+                self.state = State::Running;
+                Ok(Action::Running)
+            }
+            (State::Running | State::Failed, _) => Err(Failure {
+                reply: None,
+                error: Error::Ended,
+            }),
+            (s, i) => {
+                self.state = s;
+                Err(self.unexpected(&i))
+            }
+        }
+    }
+
+    /// The first message: a challenge where a key is set, else the Hello.
+    fn first(&mut self, m: Message) -> Result<Action, Failure> {
+        match (&self.key, m) {
+            (Some(key), Message::AuthChallenge(ns)) => {
+                let proof = key.destination_proof(&ns, &self.nonce);
+                self.state = State::Proving { ns };
+                Ok(Action::Reply(Message::AuthResponse(self.nonce, proof)))
+            }
+            (Some(_), other) => Err(refuse(&format!(
+                "this destination takes only a source that proves the shared key (--key-file); it sent {} first",
+                other.name()
+            ))),
+            (None, Message::AuthChallenge(_)) => Err(refuse(
+                "this destination has no key (--key-file): it takes unauthenticated migrations only",
+            )),
+            (None, Message::Hello(h)) => {
+                self.state = State::Checking;
+                Ok(Action::CheckHello(Box::new(h)))
+            }
+            (None, other) => {
+                self.state = State::Handshake;
+                Err(self.unexpected(&Input::Message(other)))
+            }
+        }
+    }
+
+    fn precopy(&mut self, round: u32, round0_open: bool, i: Input) -> Result<Action, Failure> {
+        self.state = State::Precopy { round, round0_open };
+        match i {
+            Input::Pages { round } => {
+                self.state = State::Precopy { round, round0_open };
+                Ok(Action::WritePages)
+            }
+            Input::Message(Message::Touched(words)) if round0_open => Ok(Action::Readahead(words)),
+            Input::Message(Message::Sync) => {
+                self.state = State::Syncing { round };
+                Ok(Action::Sync)
+            }
+            Input::Message(Message::Cancel(why)) => Err(Failure {
+                reply: None,
+                error: Error::CancelledBySource(why),
+            }),
+            Input::Message(Message::State) => {
+                self.state = State::DeviceState;
+                Ok(Action::LoadState)
+            }
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    fn unexpected(&self, i: &Input) -> Failure {
+        let expected = match self.state {
+            State::Handshake | State::AwaitHello => "Hello",
+            State::Precopy {
+                round0_open: true, ..
+            } => "Pages, Sync, Touched, Cancel or State",
+            State::Precopy { .. } => "Pages, Sync, Cancel or State",
+            _ => "the outcome of the last step",
+        };
+        Failure {
+            reply: None,
+            error: Error::Unexpected {
+                phase: self.phase(),
+                expected,
+                got: name(i),
+            },
+        }
+    }
+}
+
+/// A refusal of ours: the reason, also told to the source.
+fn refuse(why: &str) -> Failure {
+    Failure {
+        reply: Some(Box::new(Message::Refuse(why.to_string()))),
+        error: Error::Refused(why.to_string()),
+    }
+}
+
+/// A failure of this side's: told to the source.
+fn fail(why: String) -> Failure {
+    Failure {
+        reply: Some(Box::new(Message::Failed(why.clone()))),
+        error: Error::Failed(why),
+    }
+}
+
+#[cfg(test)]
+mod tests;
