@@ -103,7 +103,7 @@ pub fn validate_memory(bytes: u64) -> Result<(), Error> {
     if bytes > MAX_MEMORY {
         return Err(Error::MemoryTooLarge(bytes));
     }
-    if bytes % 4096 != 0 {
+    if bytes % crate::memory::PAGE_SIZE != 0 {
         return Err(Error::MemoryUnaligned(bytes));
     }
     Ok(())

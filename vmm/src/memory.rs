@@ -29,8 +29,8 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 pub const MMIO_GAP_START: u64 = 0xC000_0000;
 /// End of the MMIO hole: RAM continues here.
 pub const MMIO_GAP_END: u64 = 1 << 32;
-/// Guest page size for dirty tracking.
-pub const PAGE_SIZE: u64 = 4096;
+/// Guest page size for dirty tracking: the one the stream and the page frames use.
+pub use migration::limits::PAGE_SIZE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

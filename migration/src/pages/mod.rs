@@ -27,8 +27,8 @@ use crate::codec::Decoder;
 
 /// The frame tag.
 pub const TAG: [u8; 4] = *b"PAGS";
-/// Guest page size.
-pub const PAGE_SIZE: usize = 4096;
+/// Guest page size ([`crate::limits::PAGE_SIZE`]) as a length.
+pub const PAGE_SIZE: usize = crate::limits::PAGE_SIZE as usize;
 /// The ZERO flag in a run's `gpa_flags`.
 pub const ZERO: u64 = 1;
 /// Most pages with data in one frame (2 MiB).

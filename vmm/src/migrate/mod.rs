@@ -134,7 +134,7 @@ const IDLE_ROUND: Duration = Duration::from_millis(5);
 const BULK_ROUND: u64 = 1 << 20;
 /// How often the progress callback runs at most.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
-const PAGE: u64 = migration::pages::PAGE_SIZE as u64;
+const PAGE: u64 = crate::memory::PAGE_SIZE;
 /// How much page data the destination reads before adding it to the frame's CRC.
 const CRC_PIECE: usize = 128 << 10;
 
