@@ -31,6 +31,11 @@ require_binutils() {
 	command -v as >/dev/null && command -v ld >/dev/null || apt_install binutils
 }
 
+# The virtio-net tests make network namespaces and taps with ip(8).
+require_iproute2() {
+	command -v ip >/dev/null || apt_install iproute2
+}
+
 # Prints the test guest's directory, building it first if needed (minutes, once).
 test_guest() {
 	bash "$repo/tests/guest/build.sh"

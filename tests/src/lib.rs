@@ -5,6 +5,7 @@
 //! clear message when KVM is missing: these tests never pass silently without it.
 
 pub mod guest;
+pub mod netns;
 pub mod process;
 pub mod relay;
 pub mod tiny;

@@ -132,6 +132,17 @@ impl TinyVm {
         vcpus: u32,
         cpu: Option<cpuid::profile::CpuProfile>,
     ) -> TinyVm {
+        let cpu = cpu.map_or(CpuChoice::Default, CpuChoice::Profile);
+        Self::with(image, vcpus, |b| b.cpu(cpu))
+    }
+
+    /// As `new`, with more of the machine (`more` adds to the builder: a CPU profile, virtio
+    /// devices).
+    pub fn with(
+        image: &TinyImage,
+        vcpus: u32,
+        more: impl FnOnce(vmm::vm::VmBuilder) -> vmm::vm::VmBuilder,
+    ) -> TinyVm {
         crate::require_kvm();
         let console = Console::default();
         let ports = Arc::new(Mutex::new(Recorder::default()));
@@ -143,9 +154,8 @@ impl TinyVm {
                 rsp: BOOT_STACK_TOP,
             },
         };
-        let vm = vmm::vm::VmBuilder::new(64 << 20, vcpus)
-            .console(Box::new(console.clone()))
-            .cpu(cpu.map_or(CpuChoice::Default, CpuChoice::Profile))
+        let builder = vmm::vm::VmBuilder::new(64 << 20, vcpus).console(Box::new(console.clone()));
+        let vm = more(builder)
             .device(BusKind::Pio, TEST_PORT_OUT, 2, ports.clone(), "test ports")
             .device(
                 BusKind::Mmio,

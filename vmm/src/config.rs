@@ -3,6 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+pub use crate::devices::virtio::block::DiskConfig;
+pub use crate::devices::virtio::net::NetConfig;
+
 /// Default guest RAM: 512 MiB.
 pub const DEFAULT_MEMORY: u64 = 512 << 20;
 /// Smallest guest RAM we accept: the boot structures live in the first MiB and a kernel above.
@@ -56,6 +59,10 @@ pub struct VmConfig {
     pub cmdline: String,
     /// The guest CPU profile: a built-in name or a profile file (None: the default).
     pub cpu: Option<String>,
+    /// virtio-blk disks, in order.
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net devices, in order (after the disks on the bus).
+    pub nets: Vec<NetConfig>,
 }
 
 impl VmConfig {
@@ -68,6 +75,8 @@ impl VmConfig {
             initrd: None,
             cmdline: DEFAULT_CMDLINE.to_string(),
             cpu: None,
+            disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 
@@ -147,6 +156,58 @@ pub fn parse_size(s: &str) -> Result<u64, Error> {
     };
     let n: u64 = digits.parse().map_err(|_| err())?;
     n.checked_mul(1u64 << shift).ok_or_else(err)
+}
+
+/// `KEY=VALUE,KEY=VALUE` into pairs; a part without `=` is an error.
+fn options<'a>(what: &str, s: &'a str) -> Result<Vec<(&'a str, &'a str)>, String> {
+    s.split(',')
+        .map(|part| {
+            part.split_once('=')
+                .ok_or_else(|| format!("{what} {s:?}: {part:?} is not KEY=VALUE"))
+        })
+        .collect()
+}
+
+/// Parses `--disk path=FILE[,readonly=on|off]`.
+pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let mut path = None;
+    let mut read_only = false;
+    for (k, v) in options("--disk", s)? {
+        match (k, v) {
+            ("path", v) if !v.is_empty() => path = Some(PathBuf::from(v)),
+            ("readonly", "on") => read_only = true,
+            ("readonly", "off") => read_only = false,
+            _ => {
+                return Err(format!(
+                    "--disk {s:?}: unknown option {k}={v} (path=FILE, readonly=on|off)"
+                ))
+            }
+        }
+    }
+    let path = path.ok_or_else(|| format!("--disk {s:?}: give path=FILE"))?;
+    Ok(DiskConfig { path, read_only })
+}
+
+/// Parses `--net tap=NAME[,mac=MAC]`; device `n` gets a MAC of its own when none is given.
+pub fn parse_net(s: &str, n: usize) -> Result<NetConfig, String> {
+    let mut tap = None;
+    let mut mac = crate::devices::virtio::net::default_mac(n);
+    for (k, v) in options("--net", s)? {
+        match k {
+            "tap" if !v.is_empty() => tap = Some(v.to_string()),
+            "mac" => {
+                mac = crate::devices::virtio::net::parse_mac(v)
+                    .ok_or_else(|| format!("--net {s:?}: bad MAC {v:?} (like 52:54:00:12:34:56)"))?
+            }
+            _ => {
+                return Err(format!(
+                    "--net {s:?}: unknown option {k}={v} (tap=NAME, mac=MAC)"
+                ))
+            }
+        }
+    }
+    let tap = tap.ok_or_else(|| format!("--net {s:?}: give tap=NAME"))?;
+    Ok(NetConfig { tap, mac })
 }
 
 /// Parses a duration like `5ms`, `1.5s`, `60s`, `2m` or `0`.

@@ -63,6 +63,13 @@ pub struct RunArgs {
     /// The guest CPU profile: a built-in name (see `ferry cpu show`) or a profile file.
     #[arg(long)]
     pub cpu: Option<String>,
+    /// A virtio-blk disk backed by a raw image file: path=FILE[,readonly=on] (repeatable;
+    /// the guest sees them as vda, vdb, ... in this order).
+    #[arg(long, value_name = "path=FILE[,readonly=on]")]
+    pub disk: Vec<String>,
+    /// A virtio-net device on an existing tap: tap=NAME[,mac=MAC] (repeatable).
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    pub net: Vec<String>,
     #[command(flatten)]
     pub debug: DebugConsoleArg,
 }

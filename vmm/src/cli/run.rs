@@ -16,6 +16,17 @@ use super::args::{read_key, ReceiveArgs, RestoreArgs, RunArgs};
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let memory = parse_size(&a.memory).context("--memory")?;
     let console = Box::new(FlushingWriter(std::io::stdout()));
+    let disks = a
+        .disk
+        .iter()
+        .map(|d| vmm::config::parse_disk(d).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let nets = a
+        .net
+        .iter()
+        .enumerate()
+        .map(|(i, n)| vmm::config::parse_net(n, i).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let vm = match (a.kernel, a.image) {
         (Some(kernel), _) => {
             let cfg = VmConfig {
@@ -25,11 +36,23 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
                 initrd: a.initrd,
                 cmdline: a.cmdline,
                 cpu: a.cpu,
+                disks,
+                nets,
             };
             vm::build(&cfg, console)?
         }
         (None, Some(image)) => {
-            boot_image(&image, &a.entry, memory, a.vcpus, a.cpu.as_deref(), console)?
+            let mut b = vm::VmBuilder::new(memory, a.vcpus).console(console);
+            if let Some(spec) = &a.cpu {
+                b = b.cpu(vm::CpuChoice::Named(spec.clone()));
+            }
+            for d in disks {
+                b = b.disk(d);
+            }
+            for n in nets {
+                b = b.net(n);
+            }
+            boot_image(b, &image, &a.entry)?
         }
         (None, None) => anyhow::bail!("give --kernel or --image"),
     };
@@ -37,14 +60,8 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     serve(vm, a.api_socket.as_deref(), true)
 }
 
-fn boot_image(
-    image: &std::path::Path,
-    entry: &str,
-    memory: u64,
-    vcpus: u32,
-    cpu: Option<&str>,
-    console: Box<dyn std::io::Write + Send>,
-) -> anyhow::Result<vmm::Vm> {
+/// A raw machine-code image (tests/tiny): `real` mode at 0x1000, `long64` at 0x10000.
+fn boot_image(b: vm::VmBuilder, image: &std::path::Path, entry: &str) -> anyhow::Result<vmm::Vm> {
     use vmm::boot::{layout::BOOT_STACK_TOP, EntryPoint};
     let bytes = std::fs::read(image).with_context(|| format!("image {}", image.display()))?;
     let (addr, entry) = match entry {
@@ -57,19 +74,11 @@ fn boot_image(
             },
         ),
     };
-    let cpu = match cpu {
-        Some(spec) => vm::CpuChoice::Named(spec.to_string()),
-        None => vm::CpuChoice::Default,
-    };
-    let vm = vm::VmBuilder::new(memory, vcpus)
-        .console(console)
-        .cpu(cpu)
-        .build(vm::Boot::Raw {
-            image: &bytes,
-            addr,
-            entry,
-        })?;
-    Ok(vm)
+    Ok(b.build(vm::Boot::Raw {
+        image: &bytes,
+        addr,
+        entry,
+    })?)
 }
 
 /// Runs a built (or restored) VM until it ends: control socket, console input, events.

@@ -5,6 +5,8 @@
 //! ```text
 //! Devices::new: COM1 (0x3f8, irqfd GSI 4) | i8042 (0x60..0x64) | POST port 0x80 | debug 0xe9
 //!               persistent: [COM1]
+//! add_virtio:   virtio-mmio device i at 0xd1000000 + i x 4 KiB, GSI 5, 6, 7, 9, 10, 11; an
+//!               ioeventfd per queue; start_virtio: the event loop thread that serves them
 //! save_state(&mut VmState) / restore_state(&VmState): every persistent device, in order
 //! ```
 
@@ -18,8 +20,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::i8042::{I8042, I8042_BASE};
 use super::serial::{SerialDevice, COM1_BASE, COM1_IRQ};
+use super::virtio::event_loop::{EventLoop, Handler};
+use super::virtio::mmio::Transport;
+use super::virtio::{Backend, IRQS, MMIO_BASE, MMIO_SIZE};
 use super::{Bus, DebugOutput, DebugPort, IoBuses, SharedDevice, Sink, DEBUG_PORT};
 use crate::event::VmEvent;
+use crate::memory::GuestMemoryMmap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -43,6 +49,16 @@ pub enum Error {
     },
     #[error("{device} state: {why}")]
     Restore { device: &'static str, why: String },
+    #[error("at most {} virtio devices", IRQS.len())]
+    TooManyVirtio,
+    #[error("{device}: KVM_IOEVENTFD failed: {source}")]
+    Ioevent {
+        device: String,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("the virtio event loop: {0}")]
+    EventLoop(#[source] std::io::Error),
 }
 
 /// A device whose state a snapshot or a migration carries: it fills its own part of the VM
@@ -74,6 +90,10 @@ pub struct Devices {
     serial: Arc<Mutex<SerialDevice>>,
     debug_output: DebugOutput,
     persistent: Vec<(&'static str, Arc<Mutex<dyn Persist>>)>,
+    virtio: Vec<Arc<Mutex<Transport>>>,
+    /// The virtio devices' events, until the loop starts.
+    handlers: Vec<Handler>,
+    event_loop: Option<EventLoop>,
 }
 
 impl std::fmt::Debug for Devices {
@@ -138,7 +158,86 @@ impl Devices {
             serial,
             debug_output,
             persistent,
+            virtio: Vec::new(),
+            handlers: Vec::new(),
+            event_loop: None,
         })
+    }
+
+    /// Places a virtio-mmio device serving `backend` on guest RAM `mem`: the next register
+    /// window and IRQ line, its interrupt as an irqfd, an ioeventfd per queue.
+    pub fn add_virtio(
+        &mut self,
+        vm: &VmFd,
+        backend: Box<dyn Backend>,
+        mem: GuestMemoryMmap,
+    ) -> Result<(), Error> {
+        let n = self.virtio.len();
+        let irq_line = *IRQS.get(n).ok_or(Error::TooManyVirtio)?;
+        let base = MMIO_BASE + n as u64 * MMIO_SIZE;
+        let name = backend.describe();
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
+            device: "virtio",
+            source,
+        })?;
+        vm.register_irqfd(&irq, irq_line)
+            .map_err(|source| Error::Irqfd {
+                device: "virtio",
+                source,
+            })?;
+        let transport = Arc::new(Mutex::new(Transport::new(backend, mem, irq)));
+        let queues = transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .num_queues();
+        let mut notifiers = Vec::new();
+        for q in 0..queues {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(|source| Error::EventFd {
+                device: "virtio",
+                source,
+            })?;
+            let notify = kvm_ioctls::IoEventAddress::Mmio(base + 0x50);
+            vm.register_ioevent(&evt, &notify, q as u32)
+                .map_err(|source| Error::Ioevent {
+                    device: name.clone(),
+                    source,
+                })?;
+            notifiers.push(evt);
+        }
+        self.add(BusKind::Mmio, base, MMIO_SIZE, transport.clone(), "virtio")?;
+        self.handlers
+            .push(Handler::new(transport.clone(), notifiers));
+        self.virtio.push(transport);
+        Ok(())
+    }
+
+    /// Starts the thread that serves the virtio devices (if there are any).
+    pub fn start_virtio(&mut self) -> Result<(), Error> {
+        if self.handlers.is_empty() || self.event_loop.is_some() {
+            return Ok(());
+        }
+        let handlers = std::mem::take(&mut self.handlers);
+        self.event_loop = Some(EventLoop::start(handlers).map_err(Error::EventLoop)?);
+        Ok(())
+    }
+
+    /// What a Linux guest's command line needs to find the virtio devices
+    /// (`virtio_mmio.device=4K@ADDR:IRQ` each), empty without any.
+    pub fn virtio_cmdline(&self) -> String {
+        (0..self.virtio.len())
+            .map(|i| {
+                format!(
+                    " virtio_mmio.device=4K@{:#x}:{}",
+                    MMIO_BASE + i as u64 * MMIO_SIZE,
+                    IRQS[i]
+                )
+            })
+            .collect()
+    }
+
+    /// The virtio devices, in order.
+    pub fn virtio(&self) -> &[Arc<Mutex<Transport>>] {
+        &self.virtio
     }
 
     /// Places one more device (tests' recorders, for one).

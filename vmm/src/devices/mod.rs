@@ -7,6 +7,7 @@
 pub mod i8042;
 pub mod manager;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::{Arc, Mutex, RwLock};
 

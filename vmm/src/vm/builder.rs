@@ -25,7 +25,9 @@ use migration::GuestCpu;
 use super::{Error, Vm};
 use crate::boot::{self, layout, EntryPoint};
 use crate::config::{self, VmConfig};
+use crate::config::{DiskConfig, NetConfig};
 use crate::devices::manager::{BusKind, Devices};
+use crate::devices::virtio::{block::Block, net::Net, tap::Tap};
 use crate::devices::SharedDevice;
 use crate::memory::GuestRam;
 use crate::{admit, cpu, cpu_model, vcpu};
@@ -71,6 +73,8 @@ pub struct VmBuilder {
     console: Box<dyn Write + Send>,
     ram: Option<GuestRam>,
     devices: Vec<(BusKind, u64, u64, SharedDevice, &'static str)>,
+    disks: Vec<DiskConfig>,
+    nets: Vec<NetConfig>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -93,7 +97,21 @@ impl VmBuilder {
             console: Box::new(std::io::sink()),
             ram: None,
             devices: Vec::new(),
+            disks: Vec::new(),
+            nets: Vec::new(),
         }
+    }
+
+    /// A virtio-blk disk (devices go on the bus disks first, in the order given).
+    pub fn disk(mut self, d: DiskConfig) -> Self {
+        self.disks.push(d);
+        self
+    }
+
+    /// A virtio-net device on a tap.
+    pub fn net(mut self, n: NetConfig) -> Self {
+        self.nets.push(n);
+        self
     }
 
     /// Where the guest's console (COM1) output goes.
@@ -165,10 +183,19 @@ impl VmBuilder {
         };
         ram.attach(fd.clone())?;
         let (events_tx, events_rx) = channel();
-        let devices = Devices::new(&fd, events_tx.clone(), self.console)?;
+        let mut devices = Devices::new(&fd, events_tx.clone(), self.console)?;
         for (bus, base, len, dev, name) in self.devices {
             devices.add(bus, base, len, dev, name)?;
         }
+        for d in &self.disks {
+            let block = Box::new(Block::open(d)?);
+            devices.add_virtio(&fd, block, ram.memory().clone())?;
+        }
+        for n in &self.nets {
+            let net = Box::new(Net::new(Tap::open(&n.tap)?, n.mac));
+            devices.add_virtio(&fd, net, ram.memory().clone())?;
+        }
+        devices.start_virtio()?;
         let unstarted = (0..self.vcpus)
             .map(|id| {
                 fd.create_vcpu(u64::from(id))
@@ -244,7 +271,12 @@ impl Vm {
         let fd0 = self.unstarted.first().ok_or(Error::NoSuchVcpu(0))?;
         let host_tsc = admit::tsc_host(&self.kvm, fd0);
         let entry = match boot {
-            Boot::Linux(cfg) => boot::load_linux(self.ram.memory(), cfg)?,
+            Boot::Linux(cfg) => {
+                // The virtio devices are on the kernel command line (virtio_mmio.device=).
+                let mut cfg = cfg.clone();
+                cfg.cmdline.push_str(&self.devices().virtio_cmdline());
+                boot::load_linux(self.ram.memory(), &cfg)?
+            }
             Boot::Raw { image, addr, entry } => {
                 boot::load_raw(self.ram.memory(), image, addr)?;
                 entry
@@ -282,8 +314,14 @@ pub fn build(cfg: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vm, Error
         Some(spec) => CpuChoice::Named(spec.clone()),
         None => CpuChoice::Default,
     };
-    VmBuilder::new(cfg.memory, cfg.vcpus)
+    let mut b = VmBuilder::new(cfg.memory, cfg.vcpus)
         .console(console)
-        .cpu(cpu)
-        .build(Boot::Linux(cfg))
+        .cpu(cpu);
+    for d in &cfg.disks {
+        b = b.disk(d.clone());
+    }
+    for n in &cfg.nets {
+        b = b.net(n.clone());
+    }
+    b.build(Boot::Linux(cfg))
 }

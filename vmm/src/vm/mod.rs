@@ -71,6 +71,10 @@ pub enum Error {
     Admit(#[from] admit::Error),
     #[error("cannot start a vCPU thread: {0}")]
     SpawnVcpu(#[source] std::io::Error),
+    #[error(transparent)]
+    Disk(#[from] crate::devices::virtio::block::OpenError),
+    #[error(transparent)]
+    Tap(#[from] crate::devices::virtio::tap::Error),
     #[error("guest RAM ends at {top:#x}, beyond what the CPU profile's {bits} physical address bits reach")]
     RamBeyondAddressWidth { top: u64, bits: u32 },
     #[error("the VM is already booted")]

@@ -25,6 +25,10 @@ use crate::vcpu_state;
 pub enum Error {
     #[error("the VM must be paused to save it (it is {0:?})")]
     NotPaused(RunState),
+    #[error(
+        "this VM has {0} virtio device(s), whose state snapshots and migrations do not carry yet"
+    )]
+    DevicesNotCarried(usize),
     #[error("vcpu{0} did not answer the save request")]
     NoAnswer(u32),
     #[error(transparent)]
@@ -123,6 +127,15 @@ pub fn save_memory(vm: &Vm) -> Vec<MemoryRange> {
 }
 
 impl Vm {
+    /// Refuses, before anything starts, a VM with devices whose state a snapshot or
+    /// a migration cannot carry (the guest would lose them on the other side).
+    pub fn check_carried(&self) -> Result<(), Error> {
+        match self.devices().virtio().len() {
+            0 => Ok(()),
+            n => Err(Error::DevicesNotCarried(n)),
+        }
+    }
+
     /// The whole VM's state; every vCPU must be paused.
     pub fn save_state(&self) -> Result<VmState, Error> {
         self.save_state_with(true)
@@ -130,6 +143,7 @@ impl Vm {
 
     /// The VM's state with or without its memory (a migration sends memory apart).
     pub fn save_state_with(&self, memory: bool) -> Result<VmState, Error> {
+        self.check_carried()?;
         let state = self.state();
         if state != RunState::Paused {
             return Err(Error::NotPaused(state));

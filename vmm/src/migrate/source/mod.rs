@@ -34,6 +34,8 @@ pub fn send(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, Error> {
     let _active = control.begin().ok_or(Error::Busy)?;
+    vm.check_carried()
+        .map_err(|e| Error::RefusedHere(e.to_string()))?;
     let conn = connect(addr, opts.peer_timeout)?;
     send_on(vm, control, conn, opts, progress)
 }
@@ -47,6 +49,8 @@ pub fn send_over(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, Error> {
     let _active = control.begin().ok_or(Error::Busy)?;
+    vm.check_carried()
+        .map_err(|e| Error::RefusedHere(e.to_string()))?;
     send_on(vm, control, conn, opts, progress)
 }
 

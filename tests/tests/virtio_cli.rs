@@ -1,0 +1,134 @@
+//! `ferry run --disk` and `--net` refuse what they cannot use with one line and status 1:
+//! a missing or directory disk file, a bad option, a tap that does not exist, two devices
+//! on one tap. A VM with a virtio device refuses a snapshot and a migration (their
+//! streams do not carry the devices yet) and goes on running.
+
+use std::process::Command;
+
+use ferry_tests::netns::Netns;
+use std::time::Duration;
+
+use ferry_tests::process::{count_line, ferry_bin, run_tiny, temp_path, Ferry};
+use ferry_tests::tiny::LONG_COUNT;
+
+/// Runs `cmd` (a `ferry run` of a tiny guest that would otherwise run) and returns its
+/// single stderr line, checking it failed with status 1.
+fn one_error_line(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run ferry");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {err}");
+    assert!(lines[0].starts_with("ferry: error: "), "{err}");
+    lines[0].to_string()
+}
+
+fn image() -> std::path::PathBuf {
+    let img = temp_path("virtio-cli.bin");
+    std::fs::write(&img, ferry_tests::tiny::REAL_HLT.bytes).unwrap();
+    img
+}
+
+fn run(extra: &[&str]) -> Command {
+    let img = image();
+    let mut c = Command::new(ferry_bin());
+    c.args([
+        "run",
+        "--image",
+        img.to_str().unwrap(),
+        "--entry",
+        "real",
+        "--memory",
+        "64M",
+    ]);
+    c.args(extra);
+    c
+}
+
+#[test]
+fn a_disk_that_cannot_be_used_is_one_line() {
+    ferry_tests::require_kvm();
+    let missing = temp_path("no-such-disk.img");
+    let e = one_error_line(&mut run(&[
+        "--disk",
+        &format!("path={}", missing.display()),
+    ]));
+    assert!(
+        e.contains(missing.to_str().unwrap()) && e.contains("No such file"),
+        "{e}"
+    );
+    let dir = std::env::temp_dir();
+    let e = one_error_line(&mut run(&["--disk", &format!("path={}", dir.display())]));
+    assert!(e.contains("not a regular file"), "{e}");
+    let e = one_error_line(&mut run(&["--disk", "file=x.img"]));
+    assert!(e.contains("--disk") && e.contains("file=x.img"), "{e}");
+}
+
+#[test]
+fn a_tap_that_is_missing_or_taken_is_one_line() {
+    ferry_tests::require_kvm();
+    let ns = Netns::new("tapcli");
+    let img = image();
+    let cmd = |taps: &[&str]| {
+        let mut c = ns.command(ferry_bin());
+        c.args([
+            "run",
+            "--image",
+            img.to_str().unwrap(),
+            "--entry",
+            "real",
+            "--memory",
+            "64M",
+        ]);
+        for t in taps {
+            c.args(["--net", &format!("tap={t}")]);
+        }
+        c
+    };
+    let e = one_error_line(&mut cmd(&["fr-none0"]));
+    assert!(e.contains("fr-none0") && e.contains("no such tap"), "{e}");
+    ns.tap("fr-tap0");
+    let e = one_error_line(&mut cmd(&["fr-tap0", "fr-tap0"]));
+    assert!(e.contains("fr-tap0") && e.contains("in use"), "{e}");
+    let e = one_error_line(&mut run(&["--net", "tap=fr-tap0,mac=zz"]));
+    assert!(e.contains("bad MAC"), "{e}");
+}
+
+/// The count the guest has reached so far.
+fn last_count(f: &Ferry) -> u64 {
+    f.stdout_text()
+        .lines()
+        .filter_map(count_line)
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_vm_with_virtio_devices_refuses_snapshot_and_migration_and_runs_on() {
+    ferry_tests::require_kvm();
+    let limit = Duration::from_secs(60);
+    let disk = temp_path("carried.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let sock = temp_path("carried.sock");
+    let mut f = run_tiny(
+        &LONG_COUNT,
+        &["--disk", &format!("path={}", disk.display())],
+        &sock,
+    );
+    f.wait_line(limit, |l| count_line(l).is_some_and(|n| n >= 10));
+    let snap = temp_path("carried.snap");
+    let (ok, out) = f.ctl(&["snapshot", snap.to_str().unwrap()]);
+    assert!(!ok && out.contains("1 virtio device"), "{out}");
+    eprintln!("snapshot refused: {}", out.trim());
+    assert!(!snap.exists(), "no snapshot file was left");
+    let port = ferry_tests::process::free_tcp_port();
+    let (ok, out) = f.ctl(&["migrate", &format!("tcp:127.0.0.1:{port}")]);
+    assert!(!ok && out.contains("1 virtio device"), "{out}");
+    eprintln!("migration refused: {}", out.trim());
+    let (ok, st) = f.ctl(&["status"]);
+    assert!(ok && st.contains("running"), "{st}");
+    let last = last_count(&f);
+    f.wait_line(limit, |l| count_line(l).is_some_and(|n| n > last + 5));
+    assert!(f.ctl(&["stop"]).0);
+    assert!(f.wait_exit(limit).success(), "{}", f.transcript());
+}

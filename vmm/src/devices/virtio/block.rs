@@ -1,0 +1,260 @@
+//! virtio-blk backed by a raw image file: read, write, flush, get-id. A write to a read-only
+//! disk, a sector past the end or a failing file is the request's I/O error status; a
+//! request the guest built wrong (a buffer outside RAM, a broken chain, a short header) is a
+//! device error (DEVICE_NEEDS_RESET).
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use virtio_bindings::virtio_blk::*;
+use virtio_queue::{Queue, QueueT};
+
+use super::{descriptors, Backend, Error};
+use crate::memory::GuestMemoryMmap;
+
+/// Bytes of a sector.
+pub const SECTOR: u64 = 512;
+/// The bounce buffer between the image and guest RAM.
+const CHUNK: usize = 128 << 10;
+/// The request header: type u32, reserved u32, sector u64.
+const HEADER: usize = 16;
+/// Length of the GET_ID answer.
+const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
+
+/// What `--disk path=FILE[,readonly=on]` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("disk {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("disk {0}: not a regular file")]
+    NotAFile(PathBuf),
+    #[error("disk {0}: its size is not a multiple of 512 bytes")]
+    Unaligned(PathBuf),
+}
+
+/// A virtio block device.
+#[derive(Debug)]
+pub struct Block {
+    file: File,
+    path: PathBuf,
+    sectors: u64,
+    read_only: bool,
+    id: [u8; ID_LEN],
+    buf: Vec<u8>,
+}
+
+impl Block {
+    /// Opens the image `cfg` names (read-only if asked).
+    pub fn open(cfg: &DiskConfig) -> Result<Block, OpenError> {
+        let path = &cfg.path;
+        let open = |source| OpenError::Open {
+            path: path.clone(),
+            source,
+        };
+        if !std::fs::metadata(path).map_err(open)?.is_file() {
+            return Err(OpenError::NotAFile(path.clone()));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!cfg.read_only)
+            .open(path)
+            .map_err(open)?;
+        let meta = file.metadata().map_err(open)?;
+        if meta.len() % SECTOR != 0 {
+            return Err(OpenError::Unaligned(path.clone()));
+        }
+        let mut id = [0u8; ID_LEN];
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        for (d, s) in id.iter_mut().zip(name.unwrap_or_default().bytes()) {
+            *d = s;
+        }
+        Ok(Block {
+            file,
+            path: path.clone(),
+            sectors: meta.len() / SECTOR,
+            read_only: cfg.read_only,
+            id,
+            buf: vec![0; CHUNK],
+        })
+    }
+
+    /// The image's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves one request; returns the bytes written into the chain (data and status).
+    fn request(
+        &mut self,
+        chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<u32, Error> {
+        descriptors(chain.clone())?;
+        let buffer = |e: virtio_queue::Error| Error::Buffer(e.to_string());
+        let mut reader = chain.clone().reader(mem).map_err(buffer)?;
+        let mut writer = chain.writer(mem).map_err(buffer)?;
+        let mut header = [0u8; HEADER];
+        reader
+            .read_exact(&mut header)
+            .map_err(|_| Error::ShortRequest)?;
+        if writer.available_bytes() == 0 {
+            return Err(Error::ShortRequest);
+        }
+        // The last writable byte is the status.
+        let mut status_w = writer
+            .split_at(writer.available_bytes() - 1)
+            .map_err(buffer)?;
+        let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        let (status, written) = match kind {
+            VIRTIO_BLK_T_IN => self.read(sector, &mut writer),
+            VIRTIO_BLK_T_OUT => (self.write(sector, &mut reader), 0),
+            VIRTIO_BLK_T_FLUSH => (self.flush(), 0),
+            VIRTIO_BLK_T_GET_ID => {
+                let n = writer.available_bytes().min(ID_LEN);
+                match writer.write_all(&self.id[..n]) {
+                    Ok(()) => (VIRTIO_BLK_S_OK, n),
+                    Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+                }
+            }
+            _ => (VIRTIO_BLK_S_UNSUPP, 0),
+        };
+        status_w
+            .write_all(&[status as u8])
+            .map_err(|e| Error::Buffer(e.to_string()))?;
+        Ok(written as u32 + 1)
+    }
+
+    /// Whether `[sector, sector + len)` bytes-wise lies inside the image.
+    fn inside(&self, sector: u64, len: usize) -> Option<u64> {
+        let start = sector.checked_mul(SECTOR)?;
+        let end = start.checked_add(len as u64)?;
+        (end <= self.sectors * SECTOR).then_some(start)
+    }
+
+    fn read(
+        &mut self,
+        sector: u64,
+        w: &mut virtio_queue::Writer<'_, impl vm_memory::bitmap::BitmapSlice>,
+    ) -> (u32, usize) {
+        let len = w.available_bytes();
+        let Some(mut at) = self.inside(sector, len) else {
+            return (VIRTIO_BLK_S_IOERR, 0);
+        };
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            if self.file.read_exact_at(&mut self.buf[..n], at).is_err()
+                || w.write_all(&self.buf[..n]).is_err()
+            {
+                return (VIRTIO_BLK_S_IOERR, done);
+            }
+            done += n;
+            at += n as u64;
+        }
+        (VIRTIO_BLK_S_OK, done)
+    }
+
+    fn write(
+        &mut self,
+        sector: u64,
+        r: &mut virtio_queue::Reader<'_, impl vm_memory::bitmap::BitmapSlice>,
+    ) -> u32 {
+        if self.read_only {
+            return VIRTIO_BLK_S_IOERR;
+        }
+        let len = r.available_bytes();
+        let Some(mut at) = self.inside(sector, len) else {
+            return VIRTIO_BLK_S_IOERR;
+        };
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            if r.read_exact(&mut self.buf[..n]).is_err()
+                || self.file.write_all_at(&self.buf[..n], at).is_err()
+            {
+                return VIRTIO_BLK_S_IOERR;
+            }
+            done += n;
+            at += n as u64;
+        }
+        VIRTIO_BLK_S_OK
+    }
+
+    fn flush(&mut self) -> u32 {
+        match self.file.sync_data() {
+            Ok(()) => VIRTIO_BLK_S_OK,
+            Err(_) => VIRTIO_BLK_S_IOERR,
+        }
+    }
+}
+
+impl Backend for Block {
+    fn device_type(&self) -> u32 {
+        virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = 1 << VIRTIO_BLK_F_FLUSH;
+        if self.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    fn queue_sizes(&self) -> &'static [u16] {
+        &[256]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // capacity (u64, sectors) is the only field offered.
+        let config = self.sectors.to_le_bytes();
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = usize::try_from(offset)
+                .ok()
+                .and_then(|o| config.get(o + i))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, Error> {
+        let mut used = false;
+        let Some(q) = queues.get_mut(index) else {
+            return Ok(false);
+        };
+        while let Some(chain) = q.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = self.request(chain, mem)?;
+            q.add_used(mem, head, len)
+                .map_err(|e| Error::Queue(index, e))?;
+            used = true;
+        }
+        Ok(used)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "virtio-blk {}{}",
+            self.path.display(),
+            if self.read_only { " (read-only)" } else { "" }
+        )
+    }
+}

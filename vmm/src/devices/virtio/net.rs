@@ -1,0 +1,209 @@
+//! virtio-net backed by a tap: queue 0 receives (frames from the tap into the guest's
+//! buffers), queue 1 transmits. No offloads: every frame carries a zeroed 12-byte header
+//! but for num_buffers, and fits one receive buffer (a frame larger than the buffer the
+//! guest offers is dropped, as a NIC drops a frame too long for its ring).
+
+use std::os::unix::io::{AsRawFd, RawFd};
+
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+use virtio_queue::{Queue, QueueT};
+
+use super::tap::{Tap, VNET_HDR};
+use super::{descriptors, Backend, Error};
+use crate::memory::GuestMemoryMmap;
+
+/// The largest frame with its header: 64 KiB of payload and an Ethernet header.
+const MAX_FRAME: usize = VNET_HDR + 65536 + 14;
+const RX: usize = 0;
+const TX: usize = 1;
+
+/// What `--net tap=NAME[,mac=MAC]` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return None;
+        }
+        *m = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+/// A locally administered unicast MAC for device `n` when none is given.
+pub fn default_mac(n: usize) -> [u8; 6] {
+    [0x52, 0x54, 0x00, 0x46, 0x52, n as u8]
+}
+
+/// A virtio network device.
+#[derive(Debug)]
+pub struct Net {
+    tap: Tap,
+    mac: [u8; 6],
+    frame: Vec<u8>,
+    /// Bytes of a frame read from the tap that no receive buffer has taken yet.
+    pending: usize,
+    pub dropped: u64,
+}
+
+impl Net {
+    pub fn new(tap: Tap, mac: [u8; 6]) -> Net {
+        Net {
+            tap,
+            mac,
+            frame: vec![0; MAX_FRAME],
+            pending: 0,
+            dropped: 0,
+        }
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// Moves frames from the tap into receive buffers until either runs out.
+    fn receive(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, Error> {
+        let mut used = false;
+        let Some(q) = queues.get_mut(RX) else {
+            return Ok(false);
+        };
+        loop {
+            if self.pending == 0 {
+                match self.tap.read_frame(&mut self.frame) {
+                    Ok(n) if n > VNET_HDR => self.pending = n,
+                    Ok(_) => continue,
+                    Err(_) => return Ok(used),
+                }
+            }
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                // No buffer: the frame waits for the guest's next receive notification.
+                return Ok(used);
+            };
+            let head = chain.head_index();
+            descriptors(chain.clone())?;
+            let mut w = chain
+                .writer(mem)
+                .map_err(|e| Error::Buffer(e.to_string()))?;
+            let n = self.pending;
+            // num_buffers: one buffer per frame (no mergeable buffers).
+            self.frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+            let len = if w.available_bytes() >= n {
+                use std::io::Write;
+                w.write_all(&self.frame[..n])
+                    .map_err(|e| Error::Buffer(e.to_string()))?;
+                n as u32
+            } else {
+                self.dropped += 1;
+                0
+            };
+            q.add_used(mem, head, len)
+                .map_err(|e| Error::Queue(RX, e))?;
+            self.pending = 0;
+            used = true;
+        }
+    }
+
+    /// Sends every frame the guest queued for transmission.
+    fn transmit(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, Error> {
+        let mut used = false;
+        let Some(q) = queues.get_mut(TX) else {
+            return Ok(false);
+        };
+        let mut frame = vec![0u8; MAX_FRAME];
+        while let Some(chain) = q.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            descriptors(chain.clone())?;
+            let mut r = chain
+                .reader(mem)
+                .map_err(|e| Error::Buffer(e.to_string()))?;
+            let n = r.available_bytes();
+            if n <= VNET_HDR || n > MAX_FRAME {
+                self.dropped += 1;
+            } else {
+                use std::io::Read;
+                r.read_exact(&mut frame[..n])
+                    .map_err(|e| Error::Buffer(e.to_string()))?;
+                // A full tap queue drops the frame: the guest's TCP retransmits.
+                if self.tap.write_frame(&frame[..n]).is_err() {
+                    self.dropped += 1;
+                }
+            }
+            q.add_used(mem, head, 0).map_err(|e| Error::Queue(TX, e))?;
+            used = true;
+        }
+        Ok(used)
+    }
+}
+
+impl Backend for Net {
+    fn device_type(&self) -> u32 {
+        virtio_bindings::virtio_ids::VIRTIO_ID_NET
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_NET_F_MAC
+    }
+
+    fn queue_sizes(&self) -> &'static [u16] {
+        &[256, 256]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = usize::try_from(offset)
+                .ok()
+                .and_then(|o| self.mac.get(o + i))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, Error> {
+        match index {
+            RX => self.receive(queues, mem),
+            TX => self.transmit(queues, mem),
+            _ => Ok(false),
+        }
+    }
+
+    fn io_fd(&self) -> Option<RawFd> {
+        Some(self.tap.as_raw_fd())
+    }
+
+    fn process_io(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, Error> {
+        self.receive(queues, mem)
+    }
+
+    fn reset(&mut self) {
+        self.pending = 0;
+    }
+
+    fn describe(&self) -> String {
+        let m = self.mac;
+        format!(
+            "virtio-net on tap {} ({:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x})",
+            self.tap.name(),
+            m[0],
+            m[1],
+            m[2],
+            m[3],
+            m[4],
+            m[5]
+        )
+    }
+}
