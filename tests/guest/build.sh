@@ -11,13 +11,13 @@
 # new guest and an unchanged tree reuses the old one.
 #
 # Inputs: linux-source-6.1 (apt-get download + dpkg -x), kernel.config (fragment over
-# tinyconfig), patches/*.patch, ferry_workload.c, init.S. Build tools come from apt-get
+# tinyconfig), patches/*.patch, ferry_workload.c, ferry_service.c, init.S. Build tools come from apt-get
 # (make, gcc, flex, bison, bc, libelf-dev, libssl-dev, xz-utils, cpio, lz4).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 cache_root=${FERRY_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ferry}
-key=$(cd "$here" && cat build.sh kernel.config ferry_workload.c init.S patches/*.patch | sha256sum | cut -c1-16)
+key=$(cd "$here" && cat build.sh kernel.config ferry_workload.c ferry_service.c init.S patches/*.patch | sha256sum | cut -c1-16)
 out="$cache_root/guest-$key"
 
 if [ -f "$out/.complete" ]; then
@@ -57,8 +57,8 @@ tar -xf pkg/usr/src/linux-source-6.1.tar.xz
 rm -rf pkg "$deb"
 src="$work/linux-source-6.1"
 
-cp "$here/ferry_workload.c" "$src/kernel/ferry_workload.c"
-echo 'obj-y += ferry_workload.o' >>"$src/kernel/Makefile"
+cp "$here/ferry_workload.c" "$here/ferry_service.c" "$src/kernel/"
+echo 'obj-y += ferry_workload.o ferry_service.o' >>"$src/kernel/Makefile"
 for p in "$here"/patches/*.patch; do
 	log "applying $(basename "$p")"
 	patch -d "$src" -p1 --quiet --forward <"$p" >&2

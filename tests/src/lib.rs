@@ -8,6 +8,7 @@ pub mod guest;
 pub mod netns;
 pub mod process;
 pub mod relay;
+pub mod service;
 pub mod tiny;
 
 use std::path::Path;

@@ -90,7 +90,13 @@ fn pump(
 impl Ferry {
     /// Starts `ferry` with `args`, stdin closed.
     pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Ferry {
-        let mut child = Command::new(ferry_bin())
+        Ferry::start(Command::new(ferry_bin()), args)
+    }
+
+    /// Starts `cmd` (ferry, or a command that runs it, like `ip netns exec`) with `args`
+    /// added, stdin closed.
+    pub fn start<S: AsRef<std::ffi::OsStr>>(mut cmd: Command, args: &[S]) -> Ferry {
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -362,25 +368,34 @@ pub fn run_guest(
     extra: &[&str],
     socket: &Path,
 ) -> Ferry {
+    Ferry::spawn(&guest_args(kernel, vcpus, cmdline, extra, socket))
+}
+
+/// The arguments of [`run_guest`]'s `ferry run`.
+pub fn guest_args(
+    kernel: Option<&Path>,
+    vcpus: u32,
+    cmdline: &str,
+    extra: &[&str],
+    socket: &Path,
+) -> Vec<std::ffi::OsString> {
     let g = crate::guest::guest();
     let kernel = kernel.unwrap_or(&g.vmlinux);
-    let vcpus = vcpus.to_string();
-    let cmdline = g.cmdline_with(cmdline);
-    let mut args: Vec<&std::ffi::OsStr> = vec![
-        "run".as_ref(),
-        "--kernel".as_ref(),
-        kernel.as_os_str(),
-        "--initrd".as_ref(),
-        g.initramfs.as_os_str(),
-        "--memory".as_ref(),
-        "256M".as_ref(),
-        "--vcpus".as_ref(),
-        vcpus.as_ref(),
-        "--cmdline".as_ref(),
-        cmdline.as_ref(),
-        "--api-socket".as_ref(),
-        socket.as_os_str(),
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "run".into(),
+        "--kernel".into(),
+        kernel.into(),
+        "--initrd".into(),
+        (&g.initramfs).into(),
+        "--memory".into(),
+        "256M".into(),
+        "--vcpus".into(),
+        vcpus.to_string().into(),
+        "--cmdline".into(),
+        g.cmdline_with(cmdline).into(),
+        "--api-socket".into(),
+        socket.into(),
     ];
-    args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
-    Ferry::spawn(&args)
+    args.extend(extra.iter().map(|a| a.into()));
+    args
 }

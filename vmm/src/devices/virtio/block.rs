@@ -240,14 +240,22 @@ impl Backend for Block {
         let Some(q) = queues.get_mut(index) else {
             return Ok(false);
         };
-        while let Some(chain) = q.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let len = self.request(chain, mem)?;
-            q.add_used(mem, head, len)
-                .map_err(|e| Error::Queue(index, e))?;
-            used = true;
+        loop {
+            while let Some(chain) = q.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                let len = self.request(chain, mem)?;
+                q.add_used(mem, head, len)
+                    .map_err(|e| Error::Queue(index, e))?;
+                used = true;
+            }
+            // With EVENT_IDX the driver notifies only past the index this publishes.
+            if !q
+                .enable_notification(mem)
+                .map_err(|e| Error::Queue(index, e))?
+            {
+                return Ok(used);
+            }
         }
-        Ok(used)
     }
 
     fn describe(&self) -> String {

@@ -86,7 +86,13 @@ impl Net {
                 }
             }
             let Some(chain) = q.pop_descriptor_chain(mem) else {
-                // No buffer: the frame waits for the guest's next receive notification.
+                // No buffer: the frame waits for the guest's next receive notification
+                // (unless buffers came in meanwhile).
+                if q.enable_notification(mem)
+                    .map_err(|e| Error::Queue(RX, e))?
+                {
+                    continue;
+                }
                 return Ok(used);
             };
             let head = chain.head_index();
@@ -120,7 +126,16 @@ impl Net {
             return Ok(false);
         };
         let mut frame = vec![0u8; MAX_FRAME];
-        while let Some(chain) = q.pop_descriptor_chain(mem) {
+        loop {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                // With EVENT_IDX the driver notifies only past the index this publishes.
+                if q.enable_notification(mem)
+                    .map_err(|e| Error::Queue(TX, e))?
+                {
+                    continue;
+                }
+                return Ok(used);
+            };
             let head = chain.head_index();
             descriptors(chain.clone())?;
             let mut r = chain
@@ -141,7 +156,6 @@ impl Net {
             q.add_used(mem, head, 0).map_err(|e| Error::Queue(TX, e))?;
             used = true;
         }
-        Ok(used)
     }
 }
 
