@@ -253,11 +253,15 @@ static int ferry_disk_bench(bool write, u64 mb)
 	return ret;
 }
 
-/* Serves one line; returns < 0 to drop the connection. */
+/*
+ * Serves one line. `rest` bytes came in after it (a SINK's data may be among them).
+ * Returns how many of those it used, or < 0 to drop the connection.
+ */
 static int ferry_line(struct socket *s, struct ferry_log *log, const char *line,
-		      char *buf, size_t cap)
+		      size_t rest, char *buf, size_t cap)
 {
 	char out[64];
+	size_t used = 0;
 	u64 n;
 	s64 seq;
 	int ret;
@@ -272,7 +276,8 @@ static int ferry_line(struct socket *s, struct ferry_log *log, const char *line,
 	} else if (sscanf(line, "PING %llu", &n) == 1) {
 		ret = scnprintf(out, sizeof(out), "PONG %llu\n", n);
 	} else if (sscanf(line, "SINK %llu", &n) == 1) {
-		ret = ferry_sink(s, buf, cap, n);
+		used = min_t(u64, rest, n);
+		ret = ferry_sink(s, buf, cap, n - used);
 		if (ret)
 			return ret;
 		ret = scnprintf(out, sizeof(out), "GOT %llu\n", n);
@@ -288,7 +293,8 @@ static int ferry_line(struct socket *s, struct ferry_log *log, const char *line,
 	} else {
 		ret = scnprintf(out, sizeof(out), "ERR\n");
 	}
-	return ferry_send(s, out, ret);
+	ret = ferry_send(s, out, ret);
+	return ret < 0 ? ret : used;
 }
 
 /* Serves one connection until the peer closes it. */
@@ -313,9 +319,10 @@ static void ferry_serve(struct socket *s, struct ferry_log *log, char *buf, size
 			if (!nl)
 				break;
 			*nl = 0;
-			if (ferry_line(s, log, line + i, buf, cap) < 0)
+			got = ferry_line(s, log, line + i, used - (nl - line + 1), buf, cap);
+			if (got < 0)
 				return;
-			i = nl - line + 1;
+			i = nl - line + 1 + got;
 		}
 		memmove(line, line + i, used - i);
 		used -= i;

@@ -197,8 +197,9 @@ impl Transport {
             return self.fail(Error::InvalidQueue(i));
         }
         if let Err(e) = check_queues(&self.queues, &self.mem) {
-            self.fail(e);
+            return self.fail(e);
         }
+        self.backend.activate(self.driver_features);
     }
 
     fn queue(&mut self) -> Option<&mut Queue> {

@@ -80,6 +80,8 @@ pub trait Backend: Send {
     fn process_io(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> Result<bool, Error> {
         Ok(false)
     }
+    /// The driver set DRIVER_OK having accepted `features` (the backend's and the transport's).
+    fn activate(&mut self, _features: u64) {}
     /// The driver reset the device.
     fn reset(&mut self) {}
     /// A line naming the device and its backend, for logs.

@@ -1,14 +1,24 @@
 //! virtio-net backed by a tap: queue 0 receives (frames from the tap into the guest's
-//! buffers), queue 1 transmits. No offloads: every frame carries a zeroed 12-byte header
-//! but for num_buffers, and fits one receive buffer (a frame larger than the buffer the
-//! guest offers is dropped, as a NIC drops a frame too long for its ring).
+//! buffers), queue 1 transmits. Every frame carries the 12-byte virtio-net header, which the
+//! tap reads and writes as it is (TUNSETVNETHDRSZ 12), so offloads cost ferry nothing. It
+//! offers the guest to send unfinished checksums and 64 KiB TCP segments (CSUM and
+//! HOST_TSO4/6/ECN: the host kernel finishes them) and to receive frames whose checksum the
+//! host has not computed (GUEST_CSUM, turned on in the tap with TUNSETOFFLOAD only once the
+//! driver accepts it). It does not offer GUEST_TSO: without mergeable receive buffers the
+//! driver would then post a 64 KiB chain for every frame, which measured slower
+//! (BENCHMARKS.md). A received frame fits one buffer chain (a frame larger than the chain is
+//! dropped, as a NIC drops a frame too long for its ring); num_buffers is always 1.
 
 use std::os::unix::io::{AsRawFd, RawFd};
 
-use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MAC,
+};
 use virtio_queue::{Queue, QueueT};
 
-use super::tap::{Tap, VNET_HDR};
+use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR};
 use super::{descriptors, Backend, Error};
 use crate::memory::GuestMemoryMmap;
 
@@ -43,6 +53,25 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 /// A locally administered unicast MAC for device `n` when none is given.
 pub fn default_mac(n: usize) -> [u8; 6] {
     [0x52, 0x54, 0x00, 0x46, 0x52, n as u8]
+}
+
+/// The tap offloads (`TUN_F_*`) that the driver's receive features allow.
+fn tap_offload(features: u64) -> u32 {
+    let has = |bit: u32| features & (1 << bit) != 0;
+    if !has(VIRTIO_NET_F_GUEST_CSUM) {
+        return 0;
+    }
+    let mut f = TUN_F_CSUM;
+    for (bit, flag) in [
+        (VIRTIO_NET_F_GUEST_TSO4, TUN_F_TSO4),
+        (VIRTIO_NET_F_GUEST_TSO6, TUN_F_TSO6),
+        (VIRTIO_NET_F_GUEST_ECN, TUN_F_TSO_ECN),
+    ] {
+        if has(bit) {
+            f |= flag;
+        }
+    }
+    f
 }
 
 /// A virtio network device.
@@ -165,7 +194,23 @@ impl Backend for Net {
     }
 
     fn features(&self) -> u64 {
-        1 << VIRTIO_NET_F_MAC
+        [
+            VIRTIO_NET_F_MAC,
+            VIRTIO_NET_F_CSUM,
+            VIRTIO_NET_F_HOST_TSO4,
+            VIRTIO_NET_F_HOST_TSO6,
+            VIRTIO_NET_F_HOST_ECN,
+            VIRTIO_NET_F_GUEST_CSUM,
+        ]
+        .iter()
+        .fold(0, |f, b| f | 1 << b)
+    }
+
+    fn activate(&mut self, features: u64) {
+        let offload = tap_offload(features);
+        if let Err(e) = self.tap.set_offload(offload) {
+            log::warn!("{}: TUNSETOFFLOAD {offload:#x}: {e}", self.describe());
+        }
     }
 
     fn queue_sizes(&self) -> &'static [u16] {
@@ -205,6 +250,8 @@ impl Backend for Net {
 
     fn reset(&mut self) {
         self.pending = 0;
+        // Until the next driver says what it takes, the tap sends only finished frames.
+        let _ = self.tap.set_offload(0);
     }
 
     fn describe(&self) -> String {

@@ -9,6 +9,14 @@ use std::os::unix::io::{AsRawFd, RawFd};
 /// TUNSETIFF = _IOW('T', 202, int); TUNSETVNETHDRSZ = _IOW('T', 216, int).
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+/// TUNSETOFFLOAD = _IOW('T', 208, unsigned int).
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+/// What the tap may hand us unfinished (linux/if_tun.h): a checksum left to the guest,
+/// TCP segments of up to 64 KiB (IPv4, IPv6, with ECN).
+pub const TUN_F_CSUM: u32 = 0x01;
+pub const TUN_F_TSO4: u32 = 0x02;
+pub const TUN_F_TSO6: u32 = 0x04;
+pub const TUN_F_TSO_ECN: u32 = 0x08;
 const IFF_TAP: u16 = 0x0002;
 const IFF_NO_PI: u16 = 0x1000;
 const IFF_VNET_HDR: u16 = 0x4000;
@@ -100,6 +108,23 @@ impl Tap {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Which unfinished frames (`TUN_F_*`) the tap may send us, as the guest accepts them.
+    pub fn set_offload(&self, flags: u32) -> std::io::Result<()> {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value (an unsigned long); the fd is
+        // this tap's, open for the life of `self`.
+        let rc = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                TUNSETOFFLOAD,
+                libc::c_ulong::from(flags),
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// One frame (header first) into `buf`; WouldBlock when there is none.
