@@ -268,7 +268,8 @@ fn table(runs: usize, f: &[[f64; 5]], q: &[[f64; 5]]) -> String {
     }
     md + &format!(
         "\n{runs} runs. \"ferry vs QEMU\": ferry's median over QEMU's for throughput, QEMU's over \
-         ferry's for latency; above 1.00x ferry is ahead.\n"
+         ferry's for latency; above 1.00x ferry is ahead. Where the min-max ranges of the two \
+         overlap, the difference is within this host's run-to-run noise.\n"
     )
 }
 

@@ -2,21 +2,21 @@
 //! buffers), queue 1 transmits. Every frame carries the 12-byte virtio-net header, which the
 //! tap reads and writes as it is (TUNSETVNETHDRSZ 12), so offloads cost ferry nothing. It
 //! offers the guest to send unfinished checksums and 64 KiB TCP segments (CSUM and
-//! HOST_TSO4/6/ECN: the host kernel finishes them) and to receive frames whose checksum the
-//! host has not computed (GUEST_CSUM, turned on in the tap with TUNSETOFFLOAD only once the
-//! driver accepts it). It does not offer GUEST_TSO: without mergeable receive buffers the
-//! driver would then post a 64 KiB chain for every frame, which measured slower
-//! (BENCHMARKS.md). A received frame fits one buffer chain (a frame larger than the chain is
-//! dropped, as a NIC drops a frame too long for its ring); num_buffers is always 1.
+//! HOST_TSO4/6/ECN: the host kernel finishes them) and to receive them (GUEST_CSUM and
+//! GUEST_TSO4/6/ECN, turned on in the tap with TUNSETOFFLOAD only as far as the driver
+//! accepts them), with mergeable receive buffers (MRG_RXBUF: a frame fills as many of the
+//! driver's small buffers as it needs, num_buffers says how many; without it a frame must
+//! fit one buffer chain, and a larger one is dropped, as a NIC drops a frame too long for
+//! its ring).
 
 use std::os::unix::io::{AsRawFd, RawFd};
 
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
-    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR};
 use super::{descriptors, Backend, Error};
@@ -82,8 +82,12 @@ pub struct Net {
     frame: Vec<u8>,
     /// Bytes of a frame read from the tap that no receive buffer has taken yet.
     pending: usize,
+    /// The driver took MRG_RXBUF: a frame may span several buffers.
+    mergeable: bool,
     pub dropped: u64,
 }
+
+type Chain<'m> = virtio_queue::DescriptorChain<&'m GuestMemoryMmap>;
 
 impl Net {
     pub fn new(tap: Tap, mac: [u8; 6]) -> Net {
@@ -92,6 +96,7 @@ impl Net {
             mac,
             frame: vec![0; MAX_FRAME],
             pending: 0,
+            mergeable: false,
             dropped: 0,
         }
     }
@@ -114,9 +119,9 @@ impl Net {
                     Err(_) => return Ok(used),
                 }
             }
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
-                // No buffer: the frame waits for the guest's next receive notification
-                // (unless buffers came in meanwhile).
+            let Some(chains) = self.take_buffers(q, mem)? else {
+                // Too few buffers: the frame waits for the guest's next receive
+                // notification (unless buffers came in meanwhile).
                 if q.enable_notification(mem)
                     .map_err(|e| Error::Queue(RX, e))?
                 {
@@ -124,28 +129,72 @@ impl Net {
                 }
                 return Ok(used);
             };
-            let head = chain.head_index();
-            descriptors(chain.clone())?;
-            let mut w = chain
-                .writer(mem)
-                .map_err(|e| Error::Buffer(e.to_string()))?;
-            let n = self.pending;
-            // num_buffers: one buffer per frame (no mergeable buffers).
-            self.frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-            let len = if w.available_bytes() >= n {
-                use std::io::Write;
-                w.write_all(&self.frame[..n])
-                    .map_err(|e| Error::Buffer(e.to_string()))?;
-                n as u32
-            } else {
-                self.dropped += 1;
-                0
-            };
-            q.add_used(mem, head, len)
-                .map_err(|e| Error::Queue(RX, e))?;
+            self.deliver(q, mem, chains)?;
             self.pending = 0;
             used = true;
         }
+    }
+
+    /// Pops the buffer chains the pending frame needs: one without mergeable buffers (an
+    /// empty list where it is too small: the frame is dropped), as many as it fills with
+    /// them. None, with nothing popped, where the queue has too few.
+    fn take_buffers<'m>(
+        &mut self,
+        q: &mut Queue,
+        mem: &'m GuestMemoryMmap,
+    ) -> Result<Option<Vec<(Chain<'m>, usize)>>, Error> {
+        let mut chains = Vec::new();
+        let mut room = 0;
+        while room < self.pending {
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                chains.iter().for_each(|_| q.go_to_previous_position());
+                return Ok(None);
+            };
+            descriptors(chain.clone())?;
+            let size = chain
+                .clone()
+                .writer(mem)
+                .map_err(|e| Error::Buffer(e.to_string()))?
+                .available_bytes();
+            if !self.mergeable && size < self.pending {
+                self.dropped += 1;
+                q.add_used(mem, chain.head_index(), 0)
+                    .map_err(|e| Error::Queue(RX, e))?;
+                return Ok(Some(Vec::new()));
+            }
+            if self.mergeable && (size == 0 || (chains.is_empty() && size < VNET_HDR)) {
+                return Err(Error::Buffer(format!("a {size}-byte receive buffer")));
+            }
+            room += size;
+            chains.push((chain, size));
+        }
+        Ok(Some(chains))
+    }
+
+    /// Writes the pending frame across `chains` (num_buffers: how many) and uses them.
+    fn deliver(
+        &mut self,
+        q: &mut Queue,
+        mem: &GuestMemoryMmap,
+        chains: Vec<(Chain<'_>, usize)>,
+    ) -> Result<(), Error> {
+        use std::io::Write;
+        let count = u16::try_from(chains.len()).unwrap_or(u16::MAX);
+        self.frame[10..12].copy_from_slice(&count.to_le_bytes());
+        let mut at = 0;
+        for (chain, size) in chains {
+            let n = size.min(self.pending - at);
+            let head = chain.head_index();
+            let mut w = chain
+                .writer(mem)
+                .map_err(|e| Error::Buffer(e.to_string()))?;
+            w.write_all(&self.frame[at..at + n])
+                .map_err(|e| Error::Buffer(e.to_string()))?;
+            q.add_used(mem, head, n as u32)
+                .map_err(|e| Error::Queue(RX, e))?;
+            at += n;
+        }
+        Ok(())
     }
 
     /// Sends every frame the guest queued for transmission.
@@ -201,12 +250,17 @@ impl Backend for Net {
             VIRTIO_NET_F_HOST_TSO6,
             VIRTIO_NET_F_HOST_ECN,
             VIRTIO_NET_F_GUEST_CSUM,
+            VIRTIO_NET_F_GUEST_TSO4,
+            VIRTIO_NET_F_GUEST_TSO6,
+            VIRTIO_NET_F_GUEST_ECN,
+            VIRTIO_NET_F_MRG_RXBUF,
         ]
         .iter()
         .fold(0, |f, b| f | 1 << b)
     }
 
     fn activate(&mut self, features: u64) {
+        self.mergeable = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
         let offload = tap_offload(features);
         if let Err(e) = self.tap.set_offload(offload) {
             log::warn!("{}: TUNSETOFFLOAD {offload:#x}: {e}", self.describe());
@@ -250,6 +304,7 @@ impl Backend for Net {
 
     fn reset(&mut self) {
         self.pending = 0;
+        self.mergeable = false;
         // Until the next driver says what it takes, the tap sends only finished frames.
         let _ = self.tap.set_offload(0);
     }
