@@ -41,6 +41,13 @@ pub enum Error {
     /// A string field is not UTF-8.
     #[error("{what} at offset {offset} is not valid UTF-8")]
     NotUtf8 { what: &'static str, offset: u64 },
+    /// A field holds a value it may not (a flag that is not 0 or 1, an unknown kind).
+    #[error("{what} at offset {offset}: {why}")]
+    Invalid {
+        what: &'static str,
+        offset: u64,
+        why: String,
+    },
     /// Bytes are left over after the last field of a record.
     #[error("{left} unread bytes after {what} at offset {offset}")]
     Trailing {

@@ -4,8 +4,9 @@
 /// The first 8 bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"FERRYVM\0";
 /// The stream format version this ferry writes. Version 2 added the GCPU section (the guest
-/// CPU as the saving host ran it: TSC rate, effective CPUID).
-pub const FORMAT_VERSION: u32 = 2;
+/// CPU as the saving host ran it: TSC rate, effective CPUID); version 3 the VIRT sections
+/// (virtio devices) and the device list in the Hello.
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest stream format version this ferry reads: every version from this one to
 /// [`FORMAT_VERSION`] restores (docs/migration-format.md, "Compatibility").
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
@@ -66,3 +67,20 @@ pub const PAGE_SIZE: u64 = 4096;
 pub const MAX_RANGE_BYTES: u64 = 64 << 20;
 /// Most ranges in one MEMR section.
 pub const MAX_MEMR_RANGES: u32 = (MAX_RANGE_BYTES / PAGE_SIZE) as u32;
+/// Most virtio devices in a VM (VIRT sections, devices in a Hello).
+pub const MAX_VIRTIO_DEVICES: u32 = 16;
+/// Most queues of one virtio device.
+pub const MAX_VIRTIO_QUEUES: u32 = 16;
+/// Longest disk image path, bytes (PATH_MAX).
+pub const MAX_DISK_PATH: u32 = 4096;
+/// Longest tap name, bytes (IFNAMSIZ without its NUL).
+pub const MAX_TAP_NAME: u32 = 15;
+/// An encoded virtqueue: max_size, size, ready, three ring addresses, next_avail,
+/// next_used, event_idx, size_refused.
+pub const VIRTQUEUE_SIZE: u64 = 2 + 2 + 1 + 3 * 8 + 2 + 2 + 1 + 1;
+/// The largest encoded device backend: kind, then a disk's path, size and read-only flag
+/// (a network card's MAC and tap name are shorter).
+pub const MAX_DEVICE_BACKEND: u64 = 4 + 4 + MAX_DISK_PATH as u64 + 8 + 1;
+/// The largest encoded virtio device (a VIRT payload).
+pub const MAX_VIRTIO_STATE: u64 =
+    MAX_DEVICE_BACKEND + 4 + 4 + 8 + 4 + 4 + 4 + 1 + 4 + MAX_VIRTIO_QUEUES as u64 * VIRTQUEUE_SIZE;

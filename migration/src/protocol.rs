@@ -3,7 +3,8 @@
 //! ```text
 //! source                                   destination
 //! Hello {version, memory, vcpus, profile,  ->
-//!        guest CPU (TSC rate, CPUID as run)}
+//!        guest CPU (TSC rate, CPUID as run),
+//!        devices (disk paths and sizes, MACs)}
 //!                                          <- Accept | Refuse {reason}   (before any memory)
 //! Touched {2 MiB blocks in use}           ->   a hint: backs that RAM ahead of the pages
 //! Pages {round, runs} x n (precopy)       ->   written into the new VM's RAM
@@ -23,11 +24,12 @@ use std::io::{Read, Write};
 
 use crate::codec::{Decoder, Encoder};
 use crate::limits::{FORMAT_VERSION, MAX_GUEST_CPU, MAX_PROFILE_JSON};
-use crate::records::{dec_guest_cpu, enc_guest_cpu};
-use crate::state::GuestCpu;
+use crate::records::{dec_backends, dec_guest_cpu, enc_backends, enc_guest_cpu, MAX_BACKENDS};
+use crate::state::{DeviceBackend, GuestCpu};
 
-/// Largest control payload (the Hello carries the CPU profile and the guest CPU record).
-pub const MAX_MESSAGE: u32 = MAX_PROFILE_JSON + 64 + MAX_GUEST_CPU as u32;
+/// Largest control payload (the Hello carries the CPU profile, the guest CPU record and the
+/// device list).
+pub const MAX_MESSAGE: u32 = MAX_PROFILE_JSON + 64 + MAX_GUEST_CPU as u32 + MAX_BACKENDS as u32;
 /// The Touched map's unit: bit b of word w stands for guest addresses
 /// [(64 w + b) x TOUCHED_BLOCK, (64 w + b + 1) x TOUCHED_BLOCK).
 pub const TOUCHED_BLOCK: u64 = 2 << 20;
@@ -92,6 +94,9 @@ pub struct Hello {
     /// The guest CPU as the source runs it (format version 2 on; None from a version 1
     /// source).
     pub guest_cpu: Option<GuestCpu>,
+    /// What backs each virtio device, in bus order (format version 3 on; none before): the
+    /// destination checks its own against these before any memory moves.
+    pub devices: Vec<DeviceBackend>,
 }
 
 /// A control message.
@@ -187,7 +192,14 @@ impl Hello {
             vcpus,
             cpu_profile,
             guest_cpu,
+            devices: Vec::new(),
         }
+    }
+
+    /// The same Hello, with the VM's virtio devices.
+    pub fn with_devices(mut self, devices: Vec<DeviceBackend>) -> Self {
+        self.devices = devices;
+        self
     }
 }
 
@@ -206,6 +218,10 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<u64, Error> {
                 if let Some(g) = &h.guest_cpu {
                     enc_guest_cpu(&mut e, g)?;
                 }
+            }
+            // From version 3: the device list.
+            if h.format_version >= 3 {
+                enc_backends(&mut e, &h.devices)?;
             }
         }
         Message::Refuse(r) | Message::Failed(r) | Message::Cancel(r) => {
@@ -328,20 +344,21 @@ fn message(r: &mut impl Read, tag: [u8; 4], len: u32) -> Result<Message, Error> 
     Ok(m)
 }
 
-/// A Hello's payload: the version 1 fields, then (version 2 on) the guest CPU record.
+/// A Hello's payload: the version 1 fields, then (version 2 on) the guest CPU record, then
+/// (version 3 on) the device list.
 fn hello(d: &mut Decoder) -> Result<Hello, Error> {
     let format_version = d.u32("Hello version")?;
     let memory = d.u64("Hello memory")?;
     let vcpus = d.u32("Hello vcpus")?;
     let cpu_profile = d.str_u32("Hello profile", MAX_PROFILE_JSON)?;
+    // A later version's fields are not this ferry's to read: the version alone is
+    // refused, by name (the receiver checks it first).
+    if format_version > FORMAT_VERSION {
+        d.take("Hello fields of a later version", d.remaining())?;
+    }
     let guest_cpu = match format_version {
         0 | 1 => None,
-        // A later version's fields are not this ferry's to read: the version alone is
-        // refused, by name (the receiver checks it first).
-        v if v > FORMAT_VERSION => {
-            d.take("Hello fields of a later version", d.remaining())?;
-            None
-        }
+        v if v > FORMAT_VERSION => None,
         _ => match d.u8("Hello guest CPU present")? {
             0 => None,
             1 => Some(dec_guest_cpu(d)?),
@@ -353,12 +370,17 @@ fn hello(d: &mut Decoder) -> Result<Hello, Error> {
             }
         },
     };
+    let devices = match format_version {
+        3..=FORMAT_VERSION => dec_backends(d)?,
+        _ => Vec::new(),
+    };
     Ok(Hello {
         format_version,
         memory,
         vcpus,
         cpu_profile,
         guest_cpu,
+        devices,
     })
 }
 
@@ -399,6 +421,17 @@ mod tests {
                     }],
                 }),
             )),
+            Message::Hello(Hello::new(64 << 20, 1, "p".into(), None).with_devices(vec![
+                crate::state::DeviceBackend::Disk {
+                    path: "/srv/a.img".into(),
+                    size: 1 << 30,
+                    read_only: true,
+                },
+                crate::state::DeviceBackend::Net {
+                    mac: [0x52, 0x54, 0, 1, 2, 3],
+                    tap: "tap0".into(),
+                },
+            ])),
             Message::Accept,
             Message::Refuse("missing features: ssse3".into()),
             Message::Restored,
@@ -449,10 +482,21 @@ mod tests {
                 }],
             }),
         );
+        let h = h.with_devices(vec![crate::state::DeviceBackend::Net {
+            mac: [2; 6],
+            tap: "t".into(),
+        }]);
         send(&mut buf, &Message::Hello(h)).unwrap();
         for cut in 0..buf.len() {
             assert!(recv(&mut &buf[..cut]).is_err(), "truncated at {cut}");
         }
+        // A device of an unknown kind (the kind's first byte, right after the count).
+        let kind = buf.len() - (4 + 6 + 4 + 1);
+        assert_eq!(buf[kind], 1, "the network card's kind");
+        let mut forged = buf.clone();
+        forged[kind] = 9;
+        let err = recv(&mut forged.as_slice()).unwrap_err().to_string();
+        assert!(err.contains("device kind"), "{err}");
         // A Touched map longer than any Hello's RAM, or claiming more words than it holds.
         let mut long = b"TUCH".to_vec();
         long.extend_from_slice(&4u32.to_le_bytes());

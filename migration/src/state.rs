@@ -197,6 +197,64 @@ pub struct GuestCpu {
     pub cpuid: Vec<CpuidEntry>,
 }
 
+/// What backs a virtio device: what the side that takes the guest must have too (format
+/// version 3 on; the Hello carries the list before any memory moves).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceBackend {
+    /// virtio-blk on a raw image: its canonical path, its size in bytes, read-only or not.
+    /// Both sides must name the same image (shared storage).
+    Disk {
+        path: String,
+        size: u64,
+        read_only: bool,
+    },
+    /// virtio-net: the MAC the guest knows, and the tap it was on (the other side may put
+    /// it on another tap).
+    Net { mac: [u8; 6], tap: String },
+}
+
+impl DeviceBackend {
+    /// The virtio device ID of this backend's device (1: network, 2: block).
+    pub fn device_type(&self) -> u32 {
+        match self {
+            DeviceBackend::Net { .. } => 1,
+            DeviceBackend::Disk { .. } => 2,
+        }
+    }
+}
+
+/// One split virtqueue as the device last left it (virtio-queue's QueueState, plus whether
+/// the driver gave it a size the device refused).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueState {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx: bool,
+    pub size_refused: bool,
+}
+
+/// One virtio-mmio device: its backend and its transport's registers and queues (format
+/// version 3 on). Where it sits on the bus and its IRQ line follow from its place in the list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VirtioState {
+    pub backend: DeviceBackend,
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub driver_features: u64,
+    pub status: u32,
+    pub interrupt_status: u32,
+    pub queue_select: u32,
+    /// The device refused the driver's rings (DEVICE_NEEDS_RESET): no work until a reset.
+    pub broken: bool,
+    pub queues: Vec<QueueState>,
+}
+
 /// A whole VM.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VmState {
@@ -208,6 +266,8 @@ pub struct VmState {
     pub vcpus: Vec<VcpuState>,
     pub irqchip: IrqchipState,
     pub serial: SerialState,
+    /// The virtio devices in bus order (format version 3 on; none in older streams).
+    pub devices: Vec<VirtioState>,
     /// Guest RAM, sparse: only pages that are not zero.
     pub memory: Vec<MemoryRange>,
 }

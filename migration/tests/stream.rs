@@ -12,7 +12,9 @@ use std::io::{self, Read};
 use migration::stream::{self, Error, Tag, FORMAT_VERSION, MAX_RANGE_BYTES};
 use migration::*;
 
-const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/v2-small.bin");
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/v3-small.bin");
+/// Written by format version 2 (no VIRT sections), from `golden_vm()` without `devices`.
+const GOLDEN_V2: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/v2-small.bin");
 /// Written by format version 1 (no GCPU section), from `golden_vm()` without `guest_cpu`.
 const GOLDEN_V1: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/v1-small.bin");
 
@@ -198,11 +200,59 @@ fn golden_vm() -> VmState {
             scratch: 0x42,
             in_buffer: b"ls\n".to_vec(),
         },
+        devices: golden_devices(),
         memory: vec![MemoryRange {
             gpa: 0x7000,
             data: fill(60, 4096),
         }],
     }
+}
+
+/// A disk serving requests and a network card whose driver met a hostile ring.
+fn golden_devices() -> Vec<VirtioState> {
+    let queue = |i: u64| QueueState {
+        max_size: 256,
+        size: 128,
+        ready: true,
+        desc_table: 0x10_0000 + i * 0x1000,
+        avail_ring: 0x10_0800 + i * 0x1000,
+        used_ring: 0x10_0c00 + i * 0x1000,
+        next_avail: 7 + i as u16,
+        next_used: 5 + i as u16,
+        event_idx: true,
+        size_refused: false,
+    };
+    vec![
+        VirtioState {
+            backend: DeviceBackend::Disk {
+                path: "/srv/images/guest.img".into(),
+                size: 64 << 20,
+                read_only: false,
+            },
+            device_features_select: 1,
+            driver_features_select: 1,
+            driver_features: 0x1_2000_0200,
+            status: 0xf,
+            interrupt_status: 1,
+            queue_select: 0,
+            broken: false,
+            queues: vec![queue(0)],
+        },
+        VirtioState {
+            backend: DeviceBackend::Net {
+                mac: [0x52, 0x54, 0, 0x46, 0x52, 1],
+                tap: "ferry-tap0".into(),
+            },
+            device_features_select: 0,
+            driver_features_select: 0,
+            driver_features: 0x1_2000_0020,
+            status: 0x4f,
+            interrupt_status: 3,
+            queue_select: 1,
+            broken: true,
+            queues: vec![queue(1), queue(2)],
+        },
+    ]
 }
 
 /// The golden VM with more memory: adjacent ranges, several pages, RAM above the bound of
@@ -237,10 +287,11 @@ fn golden_bytes() -> Vec<u8> {
     std::fs::read(GOLDEN).expect("golden file (FERRY_UPDATE_GOLDEN=1 to create it)")
 }
 
-/// Both golden files: the current version's and version 1's.
-fn goldens() -> [Vec<u8>; 2] {
+/// Every golden file: the current version's, version 2's and version 1's.
+fn goldens() -> [Vec<u8>; 3] {
     [
         golden_bytes(),
+        std::fs::read(GOLDEN_V2).expect("the version 2 golden file"),
         std::fs::read(GOLDEN_V1).expect("the version 1 golden file"),
     ]
 }
@@ -351,18 +402,70 @@ fn golden_file_matches_write_vm_byte_for_byte() {
     assert_eq!(decode_vm(&golden).unwrap(), golden_vm());
     let tags: Vec<[u8; 4]> = sections(&golden).iter().map(|s| s.tag).collect();
     let want = [
-        b"CONF", b"CPUP", b"GCPU", b"VCPU", b"VCPU", b"IRQC", b"SERL", b"MEMR", b"END\0",
+        b"CONF", b"CPUP", b"GCPU", b"VCPU", b"VCPU", b"IRQC", b"SERL", b"VIRT", b"VIRT", b"MEMR",
+        b"END\0",
     ];
     assert_eq!(tags, want.map(|t| *t));
     assert_eq!(golden[8..12], FORMAT_VERSION.to_le_bytes());
 }
 
 #[test]
+fn a_version_2_stream_still_reads_without_devices() {
+    let [_, v2, _] = goldens();
+    assert_eq!(v2[8..12], 2u32.to_le_bytes(), "the file is version 2");
+    let mut want = golden_vm();
+    want.devices.clear();
+    assert_eq!(decode_vm(&v2).unwrap(), want);
+    // The same state written today differs only by the version.
+    let now = encode(&want);
+    assert_eq!(now[8..12], FORMAT_VERSION.to_le_bytes());
+    assert_eq!(
+        now[12..],
+        v2[12..],
+        "no devices: every section as version 2 wrote it"
+    );
+}
+
+#[test]
+fn a_virt_section_in_a_version_2_stream_is_refused() {
+    let mut bytes = golden_bytes();
+    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    let err = decode_vm(&bytes).unwrap_err();
+    assert!(
+        matches!(err, Error::NotInVersion { version: 2, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("VIRT"), "{err}");
+}
+
+#[test]
+fn a_device_with_more_queues_than_the_cap_or_a_bad_flag_is_refused() {
+    let mut vm = golden_vm();
+    vm.devices[0].queues = vec![QueueState::default(); 17];
+    let err = write_vm(&mut Vec::new(), &vm).unwrap_err();
+    assert!(err.to_string().contains("virtio queues"), "{err}");
+    // The broken flag of the network card (its byte just before the queue count) as 2.
+    let bytes = golden_bytes();
+    let secs = sections(&bytes);
+    let net = secs.iter().filter(|s| &s.tag == b"VIRT").nth(1).unwrap();
+    let mut payload = bytes[net.start + 16..net.end - 4].to_vec();
+    let flag = payload.len() - 4 - 2 * 35 - 1;
+    assert_eq!(payload[flag], 1, "the broken flag");
+    payload[flag] = 2;
+    let mut forged = bytes[..net.start].to_vec();
+    forged.extend(frame(b"VIRT", 1, &payload));
+    forged.extend(&bytes[net.end..]);
+    let err = decode_vm(&forged).unwrap_err();
+    assert!(err.to_string().contains("not a flag"), "{err}");
+}
+
+#[test]
 fn a_version_1_stream_still_reads_without_a_guest_cpu() {
-    let [_, v1] = goldens();
+    let [_, _, v1] = goldens();
     assert_eq!(v1[8..12], 1u32.to_le_bytes(), "the file is version 1");
     let mut want = golden_vm();
     want.guest_cpu = None;
+    want.devices.clear();
     assert_eq!(decode_vm(&v1).unwrap(), want);
     // The same state written today differs only by the version and the GCPU section.
     let now = encode(&want);
@@ -405,7 +508,16 @@ fn every_single_byte_flip_is_an_error() {
         for i in 0..golden.len() {
             for x in [0x01, 0xff] {
                 bytes[i] ^= x;
-                // A version flipped to another readable version is refused by what follows.
+                // A version flipped to another readable version is refused by what follows,
+                // except a later one that only added sections this stream does not use
+                // (version 2 read as 3: no VIRT sections, nothing else differs).
+                let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+                let file_version = u32::from_le_bytes(golden[8..12].try_into().unwrap());
+                if (8..12).contains(&i) && version > file_version && version <= FORMAT_VERSION {
+                    assert!(decode_vm(&bytes).is_ok(), "byte {i} ^ {x:#x}");
+                    bytes[i] ^= x;
+                    continue;
+                }
                 assert!(decode_vm(&bytes).is_err(), "byte {i} ^ {x:#x} decoded");
                 bytes[i] ^= x;
             }
@@ -441,20 +553,20 @@ fn huge_claimed_lengths_fail_fast_with_too_large() {
 #[test]
 fn other_format_versions_are_refused_naming_both() {
     let mut bytes = golden_bytes();
-    bytes[8..12].copy_from_slice(&3u32.to_le_bytes());
+    bytes[8..12].copy_from_slice(&4u32.to_le_bytes());
     let err = decode_vm(&bytes).unwrap_err();
-    assert!(matches!(err, Error::Version { found: 3 }));
+    assert!(matches!(err, Error::Version { found: 4 }));
     assert_eq!(
         err.to_string(),
-        "stream format version 3, this ferry reads versions 1 to 2"
+        "stream format version 4, this ferry reads versions 1 to 3"
     );
-    assert_eq!(FORMAT_VERSION, 2);
+    assert_eq!(FORMAT_VERSION, 3);
     for v in [0u32, 7, u32::MAX] {
         bytes[8..12].copy_from_slice(&v.to_le_bytes());
         let err = decode_vm(&bytes).unwrap_err().to_string();
         assert_eq!(
             err,
-            format!("stream format version {v}, this ferry reads versions 1 to 2")
+            format!("stream format version {v}, this ferry reads versions 1 to 3")
         );
     }
 }

@@ -206,7 +206,7 @@ fn cpu_check_exits_1_listing_every_missing_feature() {
 #[test]
 fn restore_refuses_a_corrupt_or_foreign_snapshot() {
     let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../migration/tests/golden/v2-small.bin");
+        .join("../migration/tests/golden/v3-small.bin");
     let bytes = std::fs::read(&golden).unwrap();
     let garbage = temp_path("garbage.snap");
     std::fs::write(&garbage, b"not a snapshot at all").unwrap();
@@ -221,13 +221,13 @@ fn restore_refuses_a_corrupt_or_foreign_snapshot() {
     std::fs::write(&corrupt, &flipped).unwrap();
     expect_error(&["restore", p(&corrupt)], &["snapshot", p(&corrupt)]);
     // A snapshot of a later format version than this ferry knows: one line naming both.
-    let mut v3 = bytes.clone();
-    v3[8..12].copy_from_slice(&3u32.to_le_bytes());
-    let foreign = temp_path("v3.snap");
-    std::fs::write(&foreign, &v3).unwrap();
+    let mut v4 = bytes.clone();
+    v4[8..12].copy_from_slice(&4u32.to_le_bytes());
+    let foreign = temp_path("v4.snap");
+    std::fs::write(&foreign, &v4).unwrap();
     expect_error(
         &["restore", p(&foreign)],
-        &["format version 3", "versions 1 to 2"],
+        &["format version 4", "versions 1 to 3"],
     );
     let truncated = temp_path("truncated.snap");
     std::fs::write(&truncated, &bytes[..bytes.len() - 100]).unwrap();

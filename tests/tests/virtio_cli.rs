@@ -1,7 +1,7 @@
 //! `ferry run --disk` and `--net` refuse what they cannot use with one line and status 1:
 //! a missing or directory disk file, a bad option, a tap that does not exist, two devices
-//! on one tap. A VM with a virtio device refuses a snapshot and a migration (their
-//! streams do not carry the devices yet) and goes on running.
+//! on one tap. A restore or a migration whose other side names another disk image is
+//! refused with one line before any memory moves, and the guest goes on running.
 
 use std::process::Command;
 
@@ -104,11 +104,13 @@ fn last_count(f: &Ferry) -> u64 {
 }
 
 #[test]
-fn a_vm_with_virtio_devices_refuses_snapshot_and_migration_and_runs_on() {
+fn another_disk_image_is_refused_by_restore_and_by_the_destination_and_the_guest_runs_on() {
     ferry_tests::require_kvm();
     let limit = Duration::from_secs(60);
     let disk = temp_path("carried.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let other = temp_path("carried-other.img");
+    std::fs::write(&other, vec![0u8; 1 << 20]).unwrap();
     let sock = temp_path("carried.sock");
     let mut f = run_tiny(
         &LONG_COUNT,
@@ -118,13 +120,28 @@ fn a_vm_with_virtio_devices_refuses_snapshot_and_migration_and_runs_on() {
     f.wait_line(limit, |l| count_line(l).is_some_and(|n| n >= 10));
     let snap = temp_path("carried.snap");
     let (ok, out) = f.ctl(&["snapshot", snap.to_str().unwrap()]);
-    assert!(!ok && out.contains("1 virtio device"), "{out}");
-    eprintln!("snapshot refused: {}", out.trim());
-    assert!(!snap.exists(), "no snapshot file was left");
+    assert!(ok, "a VM with a disk snapshots: {out}");
+    let mut restore = Command::new(ferry_bin());
+    restore.args(["restore", snap.to_str().unwrap(), "--disk"]);
+    restore.arg(format!("path={}", other.display()));
+    let line = one_error_line(&mut restore);
+    assert!(
+        line.contains("both sides must name the same image"),
+        "{line}"
+    );
+    eprintln!("restore refused: {line}");
+
     let port = ferry_tests::process::free_tcp_port();
-    let (ok, out) = f.ctl(&["migrate", &format!("tcp:127.0.0.1:{port}")]);
-    assert!(!ok && out.contains("1 virtio device"), "{out}");
+    let url = format!("tcp:127.0.0.1:{port}");
+    let other_disk = format!("path={}", other.display());
+    let mut dest = Ferry::receive(&url, &["--disk", &other_disk]);
+    let (ok, out) = f.ctl(&["migrate", &url]);
+    assert!(
+        !ok && out.contains("both sides must name the same image"),
+        "{out}"
+    );
     eprintln!("migration refused: {}", out.trim());
+    assert!(!dest.wait_exit(limit).success(), "{}", dest.transcript());
     let (ok, st) = f.ctl(&["status"]);
     assert!(ok && st.contains("running"), "{st}");
     let last = last_count(&f);

@@ -188,16 +188,17 @@ pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     Ok(DiskConfig { path, read_only })
 }
 
-/// Parses `--net tap=NAME[,mac=MAC]`; device `n` gets a MAC of its own when none is given.
-pub fn parse_net(s: &str, n: usize) -> Result<NetConfig, String> {
+/// Parses `--net tap=NAME[,mac=MAC]` (no MAC: the builder gives the card one of its own).
+pub fn parse_net(s: &str) -> Result<NetConfig, String> {
     let mut tap = None;
-    let mut mac = crate::devices::virtio::net::default_mac(n);
+    let mut mac = None;
     for (k, v) in options("--net", s)? {
         match k {
             "tap" if !v.is_empty() => tap = Some(v.to_string()),
             "mac" => {
-                mac = crate::devices::virtio::net::parse_mac(v)
-                    .ok_or_else(|| format!("--net {s:?}: bad MAC {v:?} (like 52:54:00:12:34:56)"))?
+                mac = Some(crate::devices::virtio::net::parse_mac(v).ok_or_else(|| {
+                    format!("--net {s:?}: bad MAC {v:?} (like 52:54:00:12:34:56)")
+                })?)
             }
             _ => {
                 return Err(format!(

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! "FERRYVM\0" | version u32 | flags u32
-//! CONF | CPUP | [GCPU] | VCPU x config.vcpus (id 0..n) | IRQC | SERL | MEMR x 0.. | END
+//! CONF | CPUP | [GCPU] | VCPU x config.vcpus (id 0..n) | IRQC | SERL | VIRT x 0.. | MEMR x 0..
+//!   | END
 //! each section: tag [4] | version u16 | reserved u16 | length u64 | payload | CRC32 u32
 //! ```
 //!
@@ -14,7 +15,8 @@
 //! - anything unexpected (tag, order, count, version, reserved field, CRC, cap, range,
 //!   trailing byte) is an [`Error`] naming it; nothing panics on input;
 //! - every format version from [`OLDEST_FORMAT_VERSION`] to [`FORMAT_VERSION`] reads (GCPU
-//!   exists from version 2 on); any other version is refused by the header alone;
+//!   exists from version 2 on, VIRT from version 3 on); any other version is refused by the
+//!   header alone;
 //! - the writer validates the state with the same rules first ([`validate`]), so it never
 //!   writes a stream the reader refuses.
 
@@ -26,7 +28,7 @@ mod reader;
 mod rules;
 
 use crate::codec::{self, Encoder};
-use crate::records::{enc_config, enc_guest_cpu, enc_irqchip, enc_serial, enc_vcpu};
+use crate::records::{enc_config, enc_guest_cpu, enc_irqchip, enc_serial, enc_vcpu, enc_virtio};
 use crate::records::{DEBUG_SIZE, EVENTS_SIZE, PAIR_SIZE, REGS_SIZE, SREGS_SIZE};
 use crate::state::*;
 
@@ -68,18 +70,20 @@ impl Tag {
     pub const VCPU: Tag = Tag(*b"VCPU");
     pub const IRQC: Tag = Tag(*b"IRQC");
     pub const SERL: Tag = Tag(*b"SERL");
+    pub const VIRT: Tag = Tag(*b"VIRT");
     pub const MEMR: Tag = Tag(*b"MEMR");
     pub const END: Tag = Tag(*b"END\0");
 
     /// The position of this tag in the required order; None for an unknown tag.
     pub(crate) fn rank(self) -> Option<u8> {
-        const ORDER: [Tag; 8] = [
+        const ORDER: [Tag; 9] = [
             Tag::CONF,
             Tag::CPUP,
             Tag::GCPU,
             Tag::VCPU,
             Tag::IRQC,
             Tag::SERL,
+            Tag::VIRT,
             Tag::MEMR,
             Tag::END,
         ];
@@ -95,6 +99,7 @@ impl Tag {
             Tag::VCPU => VCPU_CAP,
             Tag::IRQC => IRQC_CAP,
             Tag::SERL => SERL_CAP,
+            Tag::VIRT => MAX_VIRTIO_STATE,
             Tag::MEMR => MEMR_CAP,
             Tag::END => 0,
             _ => return None,
@@ -109,6 +114,7 @@ impl Tag {
             Tag::VCPU => "VCPU payload",
             Tag::IRQC => "IRQC payload",
             Tag::SERL => "SERL payload",
+            Tag::VIRT => "VIRT payload",
             Tag::MEMR => "MEMR payload",
             Tag::END => "END payload",
             _ => "section payload",
@@ -159,6 +165,9 @@ pub fn write_vm(w: &mut impl Write, vm: &VmState) -> io::Result<u64> {
     }
     n += write_section(w, Tag::IRQC, &[&encode(|e| enc_irqchip(e, &vm.irqchip))?])?;
     n += write_section(w, Tag::SERL, &[&encode(|e| enc_serial(e, &vm.serial))?])?;
+    for device in &vm.devices {
+        n += write_section(w, Tag::VIRT, &[&encode(|e| enc_virtio(e, device))?])?;
+    }
     let max_range = MAX_RANGE_BYTES as usize;
     for pieces in memr_sections(&vm.memory, max_range, MAX_MEMR_RANGES as usize) {
         let count = encode(|e| e.count_u32("MEMR count", pieces.len(), MAX_MEMR_RANGES))?;

@@ -4,10 +4,11 @@
 use std::io::{self, Read};
 
 use super::error::{too_large, Error};
-use super::rules::{check_config, check_irqchip, check_serial, check_vcpu, MemCheck};
+use super::rules::{check_config, check_irqchip, check_serial, check_vcpu, check_virtio, MemCheck};
 use super::Tag;
 use crate::codec::{self, Decoder};
 use crate::limits::*;
+use crate::records::dec_virtio;
 use crate::records::{dec_config, dec_guest_cpu, dec_irqchip, dec_memr, dec_serial, dec_vcpu};
 use crate::state::*;
 
@@ -222,7 +223,8 @@ impl<R: Read> Input<'_, R> {
         let f = self.expect(&[Tag::SERL], "SERL")?;
         let serial = self.section(&f, dec_serial)?;
         check_serial(&serial)?;
-        let memory = self.memory(&config)?;
+        let (devices, next) = self.devices(version)?;
+        let memory = self.memory(&config, next)?;
         Ok(VmState {
             config,
             cpu_profile,
@@ -230,16 +232,48 @@ impl<R: Read> Input<'_, R> {
             vcpus,
             irqchip,
             serial,
+            devices,
             memory,
         })
     }
 
-    /// MEMR sections until END: the memory ranges, each checked in order.
-    fn memory(&mut self, config: &MachineConfig) -> Result<Vec<MemoryRange>, Error> {
+    /// VIRT sections (format version 3 on): the virtio devices; and the frame after them.
+    fn devices(&mut self, version: u32) -> Result<(Vec<VirtioState>, Frame), Error> {
+        let mut devices = Vec::new();
+        loop {
+            let f = self.expect(&[Tag::VIRT, Tag::MEMR, Tag::END], "VIRT, MEMR or END")?;
+            if f.tag != Tag::VIRT {
+                return Ok((devices, f));
+            }
+            if version < 3 {
+                return Err(Error::NotInVersion {
+                    tag: f.tag,
+                    offset: f.offset,
+                    version,
+                });
+            }
+            if devices.len() >= MAX_VIRTIO_DEVICES as usize {
+                let n = devices.len() as u64 + 1;
+                return Err(too_large("VIRT sections", n, MAX_VIRTIO_DEVICES.into()));
+            }
+            let device = self.section(&f, dec_virtio)?;
+            check_virtio(&device, devices.len())?;
+            devices.push(device);
+        }
+    }
+
+    /// MEMR sections until END (`first` read already): the memory ranges, each checked in
+    /// order.
+    fn memory(&mut self, config: &MachineConfig, first: Frame) -> Result<Vec<MemoryRange>, Error> {
         let mut memory = Vec::new();
         let mut mem = MemCheck::new(config);
+        let mut pending = Some(first);
         loop {
-            let f = self.expect(&[Tag::MEMR, Tag::END], "MEMR or END")?;
+            let f = match pending.take() {
+                Some(f) => f,
+                None => self.expect(&[Tag::MEMR, Tag::END], "MEMR or END")?,
+            };
+            order(&f, &[Tag::MEMR, Tag::END], "MEMR or END")?;
             if f.tag == Tag::END {
                 self.body(&f)?;
                 return Ok(memory);

@@ -33,6 +33,13 @@ pub fn validate(vm: &VmState) -> Result<(), Error> {
     }
     check_irqchip(&vm.irqchip)?;
     check_serial(&vm.serial)?;
+    let n = vm.devices.len() as u64;
+    if n > u64::from(MAX_VIRTIO_DEVICES) {
+        return Err(too_large("VIRT sections", n, MAX_VIRTIO_DEVICES.into()));
+    }
+    for (i, d) in vm.devices.iter().enumerate() {
+        check_virtio(d, i)?;
+    }
     let mut mem = MemCheck::new(&vm.config);
     for r in &vm.memory {
         mem.range(r.gpa, r.data.len() as u64)?;
@@ -181,6 +188,34 @@ pub(super) fn check_serial(s: &SerialState) -> Result<(), Error> {
         ));
     }
     Ok(())
+}
+
+/// The rules for a virtio device: at most [`MAX_VIRTIO_QUEUES`] queues, a disk path and a
+/// tap name within their caps, a queue size no larger than its maximum.
+pub(super) fn check_virtio(v: &VirtioState, index: usize) -> Result<(), Error> {
+    let n = v.queues.len() as u64;
+    if n > u64::from(MAX_VIRTIO_QUEUES) {
+        return Err(too_large("virtio queues", n, MAX_VIRTIO_QUEUES.into()));
+    }
+    match &v.backend {
+        DeviceBackend::Disk { path, .. } if path.len() as u64 > u64::from(MAX_DISK_PATH) => {
+            return Err(too_large(
+                "disk path",
+                path.len() as u64,
+                MAX_DISK_PATH.into(),
+            ));
+        }
+        DeviceBackend::Net { tap, .. } if tap.len() as u64 > u64::from(MAX_TAP_NAME) => {
+            return Err(too_large("tap name", tap.len() as u64, MAX_TAP_NAME.into()));
+        }
+        _ => {}
+    }
+    match v.queues.iter().position(|q| q.size > q.max_size) {
+        Some(q) => Err(Error::Invalid(format!(
+            "virtio device {index} queue {q}: size above its maximum"
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn exact_len(b: &[u8], want: usize, what: impl FnOnce() -> String) -> Result<(), Error> {

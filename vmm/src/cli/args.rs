@@ -63,15 +63,38 @@ pub struct RunArgs {
     /// The guest CPU profile: a built-in name (see `ferry cpu show`) or a profile file.
     #[arg(long)]
     pub cpu: Option<String>,
-    /// A virtio-blk disk backed by a raw image file: path=FILE[,readonly=on] (repeatable;
-    /// the guest sees them as vda, vdb, ... in this order).
-    #[arg(long, value_name = "path=FILE[,readonly=on]")]
-    pub disk: Vec<String>,
-    /// A virtio-net device on an existing tap: tap=NAME[,mac=MAC] (repeatable).
-    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
-    pub net: Vec<String>,
+    #[command(flatten)]
+    pub devices: DeviceArgs,
     #[command(flatten)]
     pub debug: DebugConsoleArg,
+}
+
+#[derive(Parser, Debug)]
+pub struct DeviceArgs {
+    /// A virtio-blk disk backed by a raw image file: path=FILE[,readonly=on] (repeatable;
+    /// the guest sees them as vda, vdb, ... in this order). Restoring or receiving a guest:
+    /// its disks, which must be the same images (default: the paths it was saved with).
+    #[arg(long, value_name = "path=FILE[,readonly=on]")]
+    pub disk: Vec<String>,
+    /// A virtio-net device on an existing tap: tap=NAME[,mac=MAC] (repeatable). Restoring or
+    /// receiving a guest: the taps its cards go on, keeping their MACs (default: the taps it
+    /// was saved with).
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    pub net: Vec<String>,
+}
+
+impl DeviceArgs {
+    /// The disks and network cards asked for, each checked (one line naming a bad one).
+    pub fn parse(&self) -> anyhow::Result<vmm::devices::virtio::backends::Devices> {
+        let disks = self.disk.iter().map(|d| vmm::config::parse_disk(d));
+        let nets = self.net.iter().map(|n| vmm::config::parse_net(n));
+        Ok(vmm::devices::virtio::backends::Devices {
+            disks: disks
+                .collect::<Result<_, _>>()
+                .map_err(anyhow::Error::msg)?,
+            nets: nets.collect::<Result<_, _>>().map_err(anyhow::Error::msg)?,
+        })
+    }
 }
 
 #[derive(Parser, Debug)]
@@ -107,6 +130,8 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub api_socket: Option<PathBuf>,
     #[command(flatten)]
+    pub devices: DeviceArgs,
+    #[command(flatten)]
     pub debug: DebugConsoleArg,
 }
 
@@ -130,6 +155,8 @@ pub struct ReceiveArgs {
     /// with the source).
     #[arg(long, default_value = "60s", value_parser = vmm::config::parse_duration)]
     pub peer_timeout: Duration,
+    #[command(flatten)]
+    pub devices: DeviceArgs,
     #[command(flatten)]
     pub debug: DebugConsoleArg,
 }

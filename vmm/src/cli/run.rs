@@ -16,17 +16,7 @@ use super::args::{read_key, ReceiveArgs, RestoreArgs, RunArgs};
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     let memory = parse_size(&a.memory).context("--memory")?;
     let console = Box::new(FlushingWriter(std::io::stdout()));
-    let disks = a
-        .disk
-        .iter()
-        .map(|d| vmm::config::parse_disk(d).map_err(anyhow::Error::msg))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let nets = a
-        .net
-        .iter()
-        .enumerate()
-        .map(|(i, n)| vmm::config::parse_net(n, i).map_err(anyhow::Error::msg))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let vmm::devices::virtio::backends::Devices { disks, nets } = a.devices.parse()?;
     let vm = match (a.kernel, a.image) {
         (Some(kernel), _) => {
             let cfg = VmConfig {
@@ -141,8 +131,13 @@ fn serve(
 pub fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     let state = vmm::snapshot::read_file(&a.file)
         .with_context(|| format!("snapshot {}", a.file.display()))?;
-    let vm = vmm::Vm::restore(&state, Box::new(FlushingWriter(std::io::stdout())))
-        .with_context(|| format!("restoring {}", a.file.display()))?;
+    let devices = a.devices.parse()?;
+    let vm = vmm::Vm::restore(
+        &state,
+        &devices,
+        Box::new(FlushingWriter(std::io::stdout())),
+    )
+    .with_context(|| format!("restoring {}", a.file.display()))?;
     a.debug.attach(&vm)?;
     serve(vm, a.api_socket.as_deref(), !a.paused)
 }
@@ -166,6 +161,7 @@ pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         host,
         key,
         peer_timeout: a.peer_timeout,
+        devices: a.devices.parse()?,
     };
     eprintln!(
         "ferry: waiting for a VM on {} ({})",

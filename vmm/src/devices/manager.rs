@@ -7,7 +7,11 @@
 //!               persistent: [COM1]
 //! add_virtio:   virtio-mmio device i at 0xd1000000 + i x 4 KiB, GSI 5, 6, 7, 9, 10, 11; an
 //!               ioeventfd per queue; start_virtio: the event loop thread that serves them
-//! save_state(&mut VmState) / restore_state(&VmState): every persistent device, in order
+//! save_state(&mut VmState) / restore_state(&VmState): every persistent device, in order,
+//!               then every virtio device (VmState::devices, in bus order)
+//! pause_virtio / resume_virtio: with the vCPUs (Vm::pause, Vm::resume): a paused device
+//!               finishes the request in hand and takes no new one, so that nothing is written
+//!               to guest RAM, a disk or a tap while the VM is paused (or not yet started)
 //! ```
 
 use std::io::Write;
@@ -75,6 +79,10 @@ impl Persist for SerialDevice {
     fn restore_state(&mut self, from: &VmState) -> Result<(), String> {
         self.load_registers(&from.serial)
     }
+}
+
+fn lock(t: &Mutex<Transport>) -> std::sync::MutexGuard<'_, Transport> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Which bus a device sits on.
@@ -262,14 +270,16 @@ impl Devices {
         &self.buses
     }
 
-    /// Every persistent device's state into `into`.
+    /// Every persistent device's state into `into`, then every virtio device's.
     pub fn save_state(&self, into: &mut VmState) {
         for (_, d) in &self.persistent {
             d.lock().unwrap_or_else(|e| e.into_inner()).save_state(into);
         }
+        into.devices = self.virtio.iter().map(|t| lock(t).save_state()).collect();
     }
 
-    /// Every persistent device's state from `from`.
+    /// Every persistent device's state from `from`, then every virtio device's (the machine
+    /// was built with the same devices, see crate::devices::virtio::backends).
     pub fn restore_state(&self, from: &VmState) -> Result<(), Error> {
         for (device, d) in &self.persistent {
             d.lock()
@@ -277,7 +287,44 @@ impl Devices {
                 .restore_state(from)
                 .map_err(|why| Error::Restore { device, why })?;
         }
+        if from.devices.len() != self.virtio.len() {
+            return Err(Error::Restore {
+                device: "virtio",
+                why: format!(
+                    "the saved VM has {} virtio device(s), this machine {}",
+                    from.devices.len(),
+                    self.virtio.len()
+                ),
+            });
+        }
+        for (saved, t) in from.devices.iter().zip(&self.virtio) {
+            lock(t).restore_state(saved).map_err(|e| Error::Restore {
+                device: "virtio",
+                why: e.to_string(),
+            })?;
+        }
         Ok(())
+    }
+
+    /// What backs each virtio device, in bus order.
+    pub fn virtio_backends(&self) -> Vec<migration::DeviceBackend> {
+        self.virtio.iter().map(|t| lock(t).backend()).collect()
+    }
+
+    /// Stops every virtio device once the request each has in hand is done (its lock is
+    /// taken, so it is): from here on none writes guest RAM, a disk or a tap.
+    pub fn pause_virtio(&self) {
+        self.virtio.iter().for_each(|t| lock(t).pause());
+    }
+
+    /// Lets every virtio device serve again (and catch up on what came while paused).
+    pub fn resume_virtio(&self) {
+        self.virtio.iter().for_each(|t| lock(t).resume());
+    }
+
+    /// The guest has just moved here: its network cards announce it.
+    pub fn announce(&self) {
+        self.virtio.iter().for_each(|t| lock(t).announce());
     }
 
     /// Queues console input for COM1; returns how many bytes fit.

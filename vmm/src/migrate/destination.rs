@@ -10,6 +10,7 @@ use migration::protocol::{self, Hello, Message, Precopy};
 use migration::receiver::{Action, Failure, Input, Receiver};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::devices::virtio::backends::Devices as DeviceChoice;
 use crate::vm::Vm;
 
 use super::*;
@@ -23,6 +24,8 @@ pub struct ReceiveOptions {
     pub key: Option<Key>,
     /// Give up on a source that sends or takes nothing for this long.
     pub peer_timeout: Duration,
+    /// The disks and network cards given here (`--disk`, `--net`); none: the source's.
+    pub devices: DeviceChoice,
 }
 
 impl Default for ReceiveOptions {
@@ -31,6 +34,7 @@ impl Default for ReceiveOptions {
             host: None,
             key: None,
             peer_timeout: PEER_TIMEOUT,
+            devices: DeviceChoice::default(),
         }
     }
 }
@@ -91,6 +95,7 @@ pub fn receive_with(
         conn: &mut conn,
         console: Some(console),
         hello: None,
+        devices: None,
         mem: None,
         regions: Vec::new(),
         building: None,
@@ -117,7 +122,9 @@ pub fn receive_with(
                 protocol::send(&mut d.conn, &m).map_err(proto(phase, "answering the source"))?;
             }
             Action::CheckHello(h) => {
-                outcome = Some(Input::Done(acceptable(&h, opts.host.as_ref())));
+                let ok = acceptable(&h, opts.host.as_ref())
+                    .and_then(|()| opts.devices.resolve(&h.devices));
+                outcome = Some(Input::Done(ok.map(|devices| d.devices = Some(devices))));
                 d.hello = Some(*h);
             }
             Action::Accept => d.accept()?,
@@ -157,6 +164,8 @@ struct Driver<'c, C: Read + Write> {
     conn: &'c mut C,
     console: Option<Box<dyn std::io::Write + Send>>,
     hello: Option<Hello>,
+    /// The disks and network cards to build: the Hello's, checked against this side's.
+    devices: Option<DeviceChoice>,
     /// Guest RAM, filled from round 0 on while the rest of the machine is built.
     mem: Option<crate::memory::GuestMemoryMmap>,
     regions: Vec<(u64, u64)>,
@@ -246,7 +255,8 @@ impl<C: Read + Write> Driver<'_, C> {
             .cpu(crate::vm::CpuChoice::Saved {
                 profile_json: h.cpu_profile.clone(),
                 guest_cpu: h.guest_cpu.clone(),
-            });
+            })
+            .devices(self.devices.take().unwrap_or_default());
         let building = std::thread::Builder::new()
             .name("mig-build".into())
             .spawn(move || builder.build(crate::vm::Boot::Restored));
@@ -320,12 +330,15 @@ impl<C: Read + Write> Driver<'_, C> {
         let (Some(h), Some(vm)) = (self.hello.as_ref(), self.vm.as_mut()) else {
             return Ok(Err("the VM was not built".into()));
         };
+        let backends: Vec<_> = state.devices.iter().map(|d| d.backend.clone()).collect();
         if state.cpu_profile != h.cpu_profile
             || state.config.memory != h.memory
             || state.config.vcpus != h.vcpus
+            || backends != h.devices
         {
             return Ok(Err(
-                "the VM state does not match the Hello (memory, vCPUs or CPU profile)".into(),
+                "the VM state does not match the Hello (memory, vCPUs, CPU profile or devices)"
+                    .into(),
             ));
         }
         let loaded = vm.restore_state(&state).map_err(|e| e.to_string());

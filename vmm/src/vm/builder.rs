@@ -27,7 +27,9 @@ use crate::boot::{self, layout, EntryPoint};
 use crate::config::{self, VmConfig};
 use crate::config::{DiskConfig, NetConfig};
 use crate::devices::manager::{BusKind, Devices};
-use crate::devices::virtio::{block::Block, net::Net, tap::Tap};
+use crate::devices::virtio::backends::Devices as DeviceChoice;
+use crate::devices::virtio::net::{default_mac, Net};
+use crate::devices::virtio::{block::Block, tap::Tap};
 use crate::devices::SharedDevice;
 use crate::memory::GuestRam;
 use crate::{admit, cpu, cpu_model, vcpu};
@@ -114,6 +116,13 @@ impl VmBuilder {
         self
     }
 
+    /// The disks and network cards of `d`, disks first.
+    pub fn devices(mut self, d: DeviceChoice) -> Self {
+        self.disks.extend(d.disks);
+        self.nets.extend(d.nets);
+        self
+    }
+
     /// Where the guest's console (COM1) output goes.
     pub fn console(mut self, console: Box<dyn Write + Send>) -> Self {
         self.console = console;
@@ -191,8 +200,9 @@ impl VmBuilder {
             let block = Box::new(Block::open(d)?);
             devices.add_virtio(&fd, block, ram.memory().clone())?;
         }
-        for n in &self.nets {
-            let net = Box::new(Net::new(Tap::open(&n.tap)?, n.mac));
+        for (i, n) in self.nets.iter().enumerate() {
+            let mac = n.mac.unwrap_or_else(|| default_mac(i));
+            let net = Box::new(Net::new(Tap::open(&n.tap)?, mac));
             devices.add_virtio(&fd, net, ram.memory().clone())?;
         }
         devices.start_virtio()?;
@@ -219,6 +229,7 @@ impl VmBuilder {
             events_tx,
             events_rx: Mutex::new(events_rx),
             lifecycle: Mutex::new(()),
+            moved: Default::default(),
         };
         vm.boot(boot, saved.as_ref())?;
         // A restored machine's vCPU threads start once its state is in (restore_state).

@@ -115,6 +115,9 @@ pub struct Vm {
     events_rx: Mutex<Receiver<VmEvent>>,
     /// Held across multi-step lifecycle changes (pause, save, resume) by their callers.
     lifecycle: Mutex<()>,
+    /// The guest state was restored into this machine and has not run here yet: its
+    /// network cards announce it when it starts.
+    pub(crate) moved: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Vm {
@@ -182,14 +185,21 @@ impl Vm {
         crate::admit::record(&self.host_cpu, self.tsc_khz, &self.effective)
     }
 
-    /// Lets every vCPU run.
+    /// Lets every vCPU run (and the devices serve). A guest restored or received here
+    /// announces itself on its network cards first.
     pub fn start(&self) -> Result<(), Error> {
+        if self.moved.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.devices.announce();
+        }
         self.resume()
     }
 
-    /// Stops every vCPU at its next exit and returns once all of them are out of the guest.
+    /// Stops every vCPU at its next exit and returns once all of them are out of the guest,
+    /// then the virtio devices once the requests in hand are done: from here on nothing
+    /// writes guest RAM.
     pub fn pause(&self) -> Result<(), Error> {
         let stuck = self.command_all(|| VcpuCmd::Pause, RunState::Running)?;
+        self.devices.pause_virtio();
         if stuck.is_empty() {
             Ok(())
         } else {
@@ -197,8 +207,10 @@ impl Vm {
         }
     }
 
-    /// Lets every paused vCPU run again; returns once all of them have left Paused.
+    /// Lets the devices serve again and every paused vCPU run; returns once all of them
+    /// have left Paused.
     pub fn resume(&self) -> Result<(), Error> {
+        self.devices.resume_virtio();
         let stuck = self.command_all(|| VcpuCmd::Resume, RunState::Paused)?;
         if stuck.is_empty() {
             Ok(())

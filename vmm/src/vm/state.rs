@@ -17,6 +17,7 @@ use migration::{IrqchipState, MachineConfig, MemoryRange, VmState};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::{Boot, CpuChoice, Error as VmError, Vm, VmBuilder};
+use crate::devices::virtio::backends::Devices as DeviceChoice;
 use crate::memory::PAGE_SIZE;
 use crate::vcpu::{RunState, SaveRequest, VcpuCmd};
 use crate::vcpu_state;
@@ -25,10 +26,8 @@ use crate::vcpu_state;
 pub enum Error {
     #[error("the VM must be paused to save it (it is {0:?})")]
     NotPaused(RunState),
-    #[error(
-        "this VM has {0} virtio device(s), whose state snapshots and migrations do not carry yet"
-    )]
-    DevicesNotCarried(usize),
+    #[error("{0}")]
+    Devices(String),
     #[error("vcpu{0} did not answer the save request")]
     NoAnswer(u32),
     #[error(transparent)]
@@ -127,13 +126,9 @@ pub fn save_memory(vm: &Vm) -> Vec<MemoryRange> {
 }
 
 impl Vm {
-    /// Refuses, before anything starts, a VM with devices whose state a snapshot or
-    /// a migration cannot carry (the guest would lose them on the other side).
-    pub fn check_carried(&self) -> Result<(), Error> {
-        match self.devices().virtio().len() {
-            0 => Ok(()),
-            n => Err(Error::DevicesNotCarried(n)),
-        }
+    /// What backs each virtio device, in bus order: what a Hello carries.
+    pub fn device_backends(&self) -> Vec<migration::DeviceBackend> {
+        self.devices().virtio_backends()
     }
 
     /// The whole VM's state; every vCPU must be paused.
@@ -143,7 +138,6 @@ impl Vm {
 
     /// The VM's state with or without its memory (a migration sends memory apart).
     pub fn save_state_with(&self, memory: bool) -> Result<VmState, Error> {
-        self.check_carried()?;
         let state = self.state();
         if state != RunState::Paused {
             return Err(Error::NotPaused(state));
@@ -194,6 +188,7 @@ impl Vm {
                 clock_flags: clock.flags,
             },
             serial: Default::default(),
+            devices: Vec::new(),
             memory: if memory {
                 save_memory(self)
             } else {
@@ -204,11 +199,20 @@ impl Vm {
         Ok(state)
     }
 
-    /// Builds a new VM from a saved state, paused: `start` continues the guest.
-    pub fn restore(state: &VmState, console: Box<dyn std::io::Write + Send>) -> Result<Vm, Error> {
+    /// Builds a new VM from a saved state, paused: `start` continues the guest. Its disks
+    /// and network cards are the saved ones, or those of `devices` where given (checked
+    /// against the saved ones first, crate::devices::virtio::backends).
+    pub fn restore(
+        state: &VmState,
+        devices: &DeviceChoice,
+        console: Box<dyn std::io::Write + Send>,
+    ) -> Result<Vm, Error> {
         let cfg = &state.config;
+        let saved: Vec<_> = state.devices.iter().map(|d| d.backend.clone()).collect();
+        let devices = devices.resolve(&saved).map_err(Error::Devices)?;
         let mut vm = VmBuilder::new(cfg.memory, cfg.vcpus)
             .console(console)
+            .devices(devices)
             .cpu(CpuChoice::Saved {
                 profile_json: state.cpu_profile.clone(),
                 guest_cpu: state.guest_cpu.clone(),
@@ -274,6 +278,7 @@ impl Vm {
         };
         vm.fd.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
         vm.devices().restore_state(state).map_err(VmError::from)?;
+        vm.moved.store(true, std::sync::atomic::Ordering::SeqCst);
         let devices_done = started.elapsed();
         vm.spawn_vcpus()?;
         log::debug!(

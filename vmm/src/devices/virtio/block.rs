@@ -75,14 +75,19 @@ impl Block {
         if meta.len() % SECTOR != 0 {
             return Err(OpenError::Unaligned(path.clone()));
         }
+        // The image as both sides of a migration name it (shared storage); its ID is the
+        // canonical file name, the same on both.
+        let canonical = std::fs::canonicalize(path).map_err(open)?;
         let mut id = [0u8; ID_LEN];
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let name = canonical
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
         for (d, s) in id.iter_mut().zip(name.unwrap_or_default().bytes()) {
             *d = s;
         }
         Ok(Block {
             file,
-            path: path.clone(),
+            path: canonical,
             sectors: meta.len() / SECTOR,
             read_only: cfg.read_only,
             id,
@@ -255,6 +260,14 @@ impl Backend for Block {
             {
                 return Ok(used);
             }
+        }
+    }
+
+    fn backend(&self) -> migration::DeviceBackend {
+        migration::DeviceBackend::Disk {
+            path: self.path.to_string_lossy().into_owned(),
+            size: self.sectors * SECTOR,
+            read_only: self.read_only,
         }
     }
 

@@ -6,6 +6,8 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use migration::{DeviceBackend, QueueState, VirtioState};
+
 use virtio_bindings::virtio_config::*;
 use virtio_bindings::virtio_mmio::*;
 use virtio_queue::{Queue, QueueT};
@@ -17,18 +19,6 @@ use crate::memory::GuestMemoryMmap;
 
 const MAGIC: u32 = 0x7472_6976;
 const VENDOR: u32 = 0x4652_5259; // "FRRY"
-
-/// A virtio device's saved transport state (the queues as virtio-queue's `QueueState`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TransportState {
-    pub device_type: u32,
-    pub driver_features: u64,
-    pub status: u32,
-    pub interrupt_status: u32,
-    pub queue_select: u32,
-    pub queues: Vec<virtio_queue::QueueState>,
-    pub broken: bool,
-}
 
 /// One virtio-mmio device.
 pub struct Transport {
@@ -46,6 +36,9 @@ pub struct Transport {
     irq: EventFd,
     /// The device refused the guest's queues or buffers: nothing more until a reset.
     broken: bool,
+    /// The VM is paused (or not started): no queue is served, nothing is written to guest
+    /// RAM, a disk or a tap until it resumes.
+    paused: bool,
 }
 
 impl std::fmt::Debug for Transport {
@@ -78,6 +71,7 @@ impl Transport {
             interrupt_status: Arc::new(AtomicU32::new(0)),
             irq,
             broken: false,
+            paused: true,
         }
     }
 
@@ -86,7 +80,44 @@ impl Transport {
     }
 
     fn active(&self) -> bool {
-        self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !self.broken
+        self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !self.broken && !self.paused
+    }
+
+    /// Stops serving: the request in progress (the caller holds this device's lock, so none
+    /// is) has completed and its used buffer is in guest RAM; notifications that come
+    /// meanwhile wait for [`Transport::resume`].
+    pub fn pause(&mut self) {
+        self.paused = true;
+    }
+
+    /// Serves again: every queue and the io fd once (for what the guest queued or the tap
+    /// received while paused), and the interrupt again if one is pending.
+    pub fn resume(&mut self) {
+        self.paused = false;
+        if !self.active() {
+            return;
+        }
+        for q in 0..self.queues.len() {
+            self.notify(q);
+        }
+        if self.backend.io_fd().is_some() {
+            self.io_ready();
+        }
+        if self.interrupt_status.load(Ordering::SeqCst) != 0 {
+            self.interrupt(0);
+        }
+    }
+
+    /// The guest has just moved here (see [`Backend::announce`]).
+    pub fn announce(&mut self) {
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            self.backend.announce();
+        }
+    }
+
+    /// What backs the device.
+    pub fn backend(&self) -> migration::DeviceBackend {
+        self.backend.backend()
     }
 
     /// The number of queues, for the event loop's notifiers.
@@ -281,38 +312,92 @@ impl Transport {
     }
 
     /// The transport's state, for a snapshot or a migration.
-    pub fn save_state(&self) -> TransportState {
-        TransportState {
-            device_type: self.backend.device_type(),
+    pub fn save_state(&self) -> VirtioState {
+        VirtioState {
+            backend: self.backend.backend(),
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
             driver_features: self.driver_features,
             status: self.status,
             interrupt_status: self.interrupt_status.load(Ordering::SeqCst),
             queue_select: self.queue_select,
-            queues: self.queues.iter().map(|q| q.state()).collect(),
             broken: self.broken,
+            queues: self
+                .queues
+                .iter()
+                .zip(&self.bad_size)
+                .map(|(q, bad)| queue_state(q.state(), *bad))
+                .collect(),
         }
     }
 
-    /// Takes a saved state (of a device of the same type and queues) back.
-    pub fn restore_state(&mut self, s: &TransportState) -> Result<(), Error> {
-        if s.device_type != self.backend.device_type() || s.queues.len() != self.queues.len() {
+    /// Takes a saved state of a device with the same backend back; a driver that had
+    /// finished its setup finds the device active, as it left it (offloads in the tap
+    /// included). The device stays paused until the VM runs.
+    pub fn restore_state(&mut self, s: &VirtioState) -> Result<(), Error> {
+        let mine = self.backend.backend();
+        if !same_backend(&s.backend, &mine) || s.queues.len() != self.queues.len() {
             return Err(Error::Backend(format!(
-                "a saved device of type {} with {} queues is not this {}",
-                s.device_type,
+                "a saved device ({:?}, {} queues) is not this {}",
+                s.backend,
                 s.queues.len(),
                 self.backend.describe()
             )));
         }
         for (i, qs) in s.queues.iter().enumerate() {
-            self.queues[i] = Queue::try_from(*qs).map_err(|e| Error::Queue(i, e))?;
+            self.queues[i] = Queue::try_from(queue_from(qs)).map_err(|e| Error::Queue(i, e))?;
+            self.bad_size[i] = qs.size_refused;
         }
+        self.device_features_select = s.device_features_select;
+        self.driver_features_select = s.driver_features_select;
         self.driver_features = s.driver_features;
         self.status = s.status;
         self.queue_select = s.queue_select;
         self.broken = s.broken;
         self.interrupt_status
             .store(s.interrupt_status, Ordering::SeqCst);
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && !self.broken {
+            self.backend.activate(self.driver_features);
+        }
         Ok(())
+    }
+}
+
+/// Whether a saved backend is this one: the same disk image, or a network card with the
+/// same MAC (on whichever tap).
+fn same_backend(saved: &DeviceBackend, mine: &DeviceBackend) -> bool {
+    match (saved, mine) {
+        (DeviceBackend::Net { mac: a, .. }, DeviceBackend::Net { mac: b, .. }) => a == b,
+        (a, b) => a == b,
+    }
+}
+
+fn queue_state(q: virtio_queue::QueueState, size_refused: bool) -> QueueState {
+    QueueState {
+        max_size: q.max_size,
+        size: q.size,
+        ready: q.ready,
+        desc_table: q.desc_table,
+        avail_ring: q.avail_ring,
+        used_ring: q.used_ring,
+        next_avail: q.next_avail,
+        next_used: q.next_used,
+        event_idx: q.event_idx_enabled,
+        size_refused,
+    }
+}
+
+fn queue_from(q: &QueueState) -> virtio_queue::QueueState {
+    virtio_queue::QueueState {
+        max_size: q.max_size,
+        next_avail: q.next_avail,
+        next_used: q.next_used,
+        event_idx_enabled: q.event_idx,
+        size: q.size,
+        ready: q.ready,
+        desc_table: q.desc_table,
+        avail_ring: q.avail_ring,
+        used_ring: q.used_ring,
     }
 }
 

@@ -13,6 +13,7 @@
 //! Every byte a device writes into guest RAM goes through the guest memory's dirty bitmap
 //! (vm-memory's `AtomicBitmap`), so a migration's next round sends it.
 
+pub mod backends;
 pub mod block;
 pub mod event_loop;
 pub mod mmio;
@@ -86,6 +87,12 @@ pub trait Backend: Send {
     fn reset(&mut self) {}
     /// A line naming the device and its backend, for logs.
     fn describe(&self) -> String;
+    /// What backs the device, as a snapshot or a migration carries it (the other side must
+    /// have the same).
+    fn backend(&self) -> migration::DeviceBackend;
+    /// The guest has just moved here: tell the network where it is now (a network card
+    /// sends a frame from the guest's MAC). Nothing for other devices.
+    fn announce(&mut self) {}
 }
 
 /// The descriptors of one chain, checked: Err where it loops, runs past its queue or the

@@ -31,7 +31,9 @@ const TX: usize = 1;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
     pub tap: String,
-    pub mac: [u8; 6],
+    /// None: [`default_mac`] of the device's place among the network cards (a restored or
+    /// received guest keeps the MAC it had).
+    pub mac: Option<[u8; 6]>,
 }
 
 /// `aa:bb:cc:dd:ee:ff`.
@@ -48,6 +50,11 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
         *m = u8::from_str_radix(p, 16).ok()?;
     }
     Some(mac)
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(m: [u8; 6]) -> String {
+    m.map(|b| format!("{b:02x}")).join(":")
 }
 
 /// A locally administered unicast MAC for device `n` when none is given.
@@ -71,6 +78,23 @@ fn tap_offload(features: u64) -> u32 {
             f |= flag;
         }
     }
+    f
+}
+
+/// What a guest that has just moved sends, as QEMU's self-announce does: a broadcast RARP
+/// frame from its MAC (after the tap's virtio-net header), so that switches and bridges
+/// learn at once which port leads to it now.
+fn announcement(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR];
+    f.extend([0xff; 6]);
+    f.extend(mac);
+    f.extend([0x80, 0x35]); // RARP
+    f.extend([0, 1, 0x08, 0x00, 6, 4, 0, 3]); // Ethernet, IPv4, 6, 4, reverse request
+    f.extend(mac);
+    f.extend([0; 4]);
+    f.extend(mac);
+    f.extend([0; 4]);
+    f.resize(VNET_HDR + 60, 0); // the shortest Ethernet frame
     f
 }
 
@@ -309,17 +333,24 @@ impl Backend for Net {
         let _ = self.tap.set_offload(0);
     }
 
+    fn backend(&self) -> migration::DeviceBackend {
+        migration::DeviceBackend::Net {
+            mac: self.mac,
+            tap: self.tap.name().into(),
+        }
+    }
+
+    fn announce(&mut self) {
+        if let Err(e) = self.tap.write_frame(&announcement(self.mac)) {
+            log::warn!("{}: announcing the guest's MAC: {e}", self.describe());
+        }
+    }
+
     fn describe(&self) -> String {
-        let m = self.mac;
         format!(
-            "virtio-net on tap {} ({:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x})",
+            "virtio-net on tap {} ({})",
             self.tap.name(),
-            m[0],
-            m[1],
-            m[2],
-            m[3],
-            m[4],
-            m[5]
+            format_mac(self.mac)
         )
     }
 }

@@ -34,8 +34,6 @@ pub fn send(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, Error> {
     let _active = control.begin().ok_or(Error::Busy)?;
-    vm.check_carried()
-        .map_err(|e| Error::RefusedHere(e.to_string()))?;
     let conn = connect(addr, opts.peer_timeout)?;
     send_on(vm, control, conn, opts, progress)
 }
@@ -49,8 +47,6 @@ pub fn send_over(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, Error> {
     let _active = control.begin().ok_or(Error::Busy)?;
-    vm.check_carried()
-        .map_err(|e| Error::RefusedHere(e.to_string()))?;
     send_on(vm, control, conn, opts, progress)
 }
 
@@ -121,7 +117,8 @@ fn handshake(vm: &Vm, conn: &mut (impl Read + Write), opts: &Options) -> Result<
         vm.num_vcpus(),
         vm.cpu_profile().to_json(),
         Some(vm.guest_cpu()),
-    );
+    )
+    .with_devices(vm.device_backends());
     protocol::send(conn, &Message::Hello(hello))
         .map_err(proto(Phase::Handshake, "sending Hello"))?;
     // While the destination checks the Hello: the map of RAM round 0 will fill.

@@ -10,6 +10,25 @@ use crate::limits::{
 };
 use crate::state::*;
 
+#[macro_use]
+mod macros {
+    macro_rules! wire_record {
+        ($ty:ident: $($field:ident),* $(,)?) => {
+            impl Wire for $ty {
+                fn put(&self, e: &mut Encoder) {
+                    $( self.$field.put(e); )*
+                }
+                fn get(d: &mut Decoder, _what: &'static str) -> Result<Self, Error> {
+                    Ok(Self { $( $field: Wire::get(d, concat!(stringify!($ty), ".", stringify!($field)))?, )* })
+                }
+            }
+        };
+    }
+}
+
+mod virtio;
+pub(crate) use virtio::{dec_backends, dec_virtio, enc_backends, enc_virtio, MAX_BACKENDS};
+
 // Field by field in declaration order (the byte tables
 // are in docs/migration-format.md). Fixed-size records implement `Wire` through
 // `wire_record!`, whose field list must name every field (the decoder builds the struct
@@ -58,18 +77,6 @@ impl<T: Wire + Copy + Default, const N: usize> Wire for [T; N] {
     }
 }
 
-macro_rules! wire_record {
-    ($ty:ident: $($field:ident),* $(,)?) => {
-        impl Wire for $ty {
-            fn put(&self, e: &mut Encoder) {
-                $( self.$field.put(e); )*
-            }
-            fn get(d: &mut Decoder, _what: &'static str) -> Result<Self, Error> {
-                Ok(Self { $( $field: Wire::get(d, concat!(stringify!($ty), ".", stringify!($field)))?, )* })
-            }
-        }
-    };
-}
 wire_record!(Segment: base, limit, selector, type_, present, dpl, db, s, l, g, avl, unusable);
 wire_record!(DescriptorTable: base, limit);
 wire_record!(Regs: gpr, rip, rflags);
