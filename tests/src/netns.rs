@@ -43,6 +43,21 @@ impl Netns {
         ip(&["-n", &self.name, "link", "set", name, "up"]);
     }
 
+    /// A bridge `name` with `addr` (like 10.0.0.1/24), up: the host side of a network that
+    /// taps join with [`Netns::tap_on_bridge`].
+    pub fn bridge(&self, name: &str, addr: &str) {
+        ip(&["-n", &self.name, "link", "add", name, "type", "bridge"]);
+        ip(&["-n", &self.name, "addr", "add", addr, "dev", name]);
+        ip(&["-n", &self.name, "link", "set", name, "up"]);
+    }
+
+    /// A tap `name` on `bridge`, up (its carrier comes once a ferry opens it).
+    pub fn tap_on_bridge(&self, name: &str, bridge: &str) {
+        self.tap(name);
+        ip(&["-n", &self.name, "link", "set", name, "master", bridge]);
+        ip(&["-n", &self.name, "link", "set", name, "up"]);
+    }
+
     /// `program args` run inside the namespace.
     pub fn command(&self, program: &std::path::Path) -> Command {
         let mut c = Command::new("ip");

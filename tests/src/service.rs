@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Where a guest's log records start, and their size: one per 512-byte sector.
@@ -207,6 +208,10 @@ pub fn client_command(args: &[String]) -> Result<Vec<String>, String> {
             }
             return Ok(out);
         }
+        "stream" => {
+            let stop = rest.get(1).ok_or("stream: missing the stop file")?;
+            return stream(&mut c, num(0)?, Path::new(stop)).map_err(|e| format!("{addr}: {e}"));
+        }
         "sink" => expect(c.sink(num(0)?).map_err(io)?, format!("GOT {}", num(0)?))?,
         "source" => expect(c.source(num(0)?).map_err(io)?, format!("SENT {}", num(0)?))?,
         "diskw" | "diskr" => {
@@ -216,6 +221,55 @@ pub fn client_command(args: &[String]) -> Result<Vec<String>, String> {
         other => return Err(format!("unknown command {other}")),
     }
     out.push(format!("seconds {:.6}", start.elapsed().as_secs_f64()));
+    Ok(out)
+}
+
+/// Gaps between answers longer than this are listed by [`stream`].
+const GAP_REPORTED: Duration = Duration::from_millis(100);
+/// How long [`stream`] goes on at most (a bounded loop, whatever happens to the stop file).
+const STREAM_LIMIT: Duration = Duration::from_secs(600);
+
+/// `REQ first`, `REQ first+1`, ... back to back on one connection until `stop` exists (or
+/// [`STREAM_LIMIT`]): each answer must acknowledge its request under the next sequence
+/// number. Reports the first request and sequence number, how many were answered, the
+/// longest gap between two answers, and each gap over [`GAP_REPORTED`] with the request
+/// it preceded. Any other answer, a reset or a closed connection ends it with an error.
+fn stream(c: &mut Client, first: u64, stop: &Path) -> Result<Vec<String>, String> {
+    let start = Instant::now();
+    let mut last = Instant::now();
+    let mut longest = Duration::ZERO;
+    let mut gaps = Vec::new();
+    let mut first_seq = None;
+    let mut n = first;
+    while !stop.exists() && start.elapsed() < STREAM_LIMIT {
+        let seq = c
+            .request(n)
+            .map_err(|e| format!("REQ {n}: {e}"))?
+            .map_err(|a| format!("REQ {n}: answer {a:?}"))?;
+        if first_seq.is_none() {
+            // For whoever waits for the stream to flow before doing something to the guest.
+            eprintln!("streaming: REQ {n} answered");
+        }
+        let want = *first_seq.get_or_insert(seq) + (n - first);
+        if seq != want {
+            return Err(format!("REQ {n}: logged as {seq}, expected {want}"));
+        }
+        let gap = last.elapsed();
+        last = Instant::now();
+        longest = longest.max(gap);
+        if gap > GAP_REPORTED {
+            gaps.push(format!("gap_ms {:.1} before {n}", gap.as_secs_f64() * 1e3));
+        }
+        n += 1;
+    }
+    let mut out = vec![
+        format!("first_request {first}"),
+        format!("first_seq {}", first_seq.unwrap_or(0)),
+        format!("answered {}", n - first),
+        format!("longest_gap_ms {:.1}", longest.as_secs_f64() * 1e3),
+        format!("seconds {:.3}", start.elapsed().as_secs_f64()),
+    ];
+    out.extend(gaps);
     Ok(out)
 }
 

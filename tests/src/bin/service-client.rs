@@ -4,6 +4,9 @@
 //!   service-client ADDR requests FIRST COUNT   REQ FIRST .. FIRST+COUNT-1, one at a time;
 //!                                              prints "ACK n seq" for each
 //!   service-client ADDR ping COUNT             prints "rtt_us X" for each PING
+//!   service-client ADDR stream FIRST STOPFILE  REQ FIRST, FIRST+1, ... back to back on one
+//!                                              connection until STOPFILE exists; prints
+//!                                              how many were answered and the gaps
 //!   service-client ADDR sink|source BYTES      prints "seconds X" for the transfer
 //!   service-client ADDR diskw|diskr MB         prints "seconds X" for the guest's disk I/O
 //!

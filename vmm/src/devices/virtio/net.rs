@@ -354,3 +354,35 @@ impl Backend for Net {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_announcement_is_a_broadcast_rarp_from_the_guests_mac() {
+        let mac = [0x52, 0x54, 0, 0x46, 0x52, 1];
+        let f = announcement(mac);
+        assert_eq!(
+            f.len(),
+            VNET_HDR + 60,
+            "header, then a minimum Ethernet frame"
+        );
+        assert!(f[..VNET_HDR].iter().all(|b| *b == 0), "no offload asked");
+        let eth = &f[VNET_HDR..];
+        assert_eq!(eth[..6], [0xff; 6], "to everyone");
+        assert_eq!(eth[6..12], mac, "from the guest");
+        assert_eq!(eth[12..14], [0x80, 0x35], "RARP");
+        assert_eq!(eth[20..22], [0, 3], "reverse request");
+        assert_eq!(eth[22..28], mac, "sender hardware address");
+        assert_eq!(eth[32..38], mac, "target hardware address");
+    }
+
+    #[test]
+    fn macs_print_and_parse_alike() {
+        let m = [0x52, 0x54, 0, 0xab, 0xcd, 0xef];
+        assert_eq!(format_mac(m), "52:54:00:ab:cd:ef");
+        assert_eq!(parse_mac(&format_mac(m)), Some(m));
+        assert_eq!(parse_mac("52:54:00:ab:cd"), None);
+    }
+}
