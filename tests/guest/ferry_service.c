@@ -23,6 +23,9 @@
  *                "DISK <mb>" when done
  *   anything else: "ERR"
  *
+ * On UDP port PORT too, every datagram is sent back to its sender as it came (a
+ * benchmark's probes: which of them come back, and when).
+ *
  * The log: one 512-byte sector per record from sector 0, little-endian:
  *   0: "FERRYLOG"  8: seq (u64)  16: n (u64)  24: CRC-32 (IEEE, as zlib) of bytes 0..24
  *   28..512: zero
@@ -378,10 +381,49 @@ static int ferry_service_thread(void *unused)
 	return 0;
 }
 
+/* UDP echo on the service's port: each datagram back to its sender, unchanged. */
+static int ferry_echo_thread(void *unused)
+{
+	struct sockaddr_in addr = {
+		.sin_family = AF_INET,
+		.sin_addr.s_addr = htonl(INADDR_ANY),
+		.sin_port = htons(ferry_port),
+	};
+	size_t cap = 2048;
+	char *buf = kmalloc(cap, GFP_KERNEL);
+	struct socket *s;
+	int ret;
+
+	if (!buf)
+		return -ENOMEM;
+	ret = sock_create_kern(&init_net, AF_INET, SOCK_DGRAM, IPPROTO_UDP, &s);
+	if (!ret)
+		ret = kernel_bind(s, (struct sockaddr *)&addr, sizeof(addr));
+	if (ret) {
+		pr_err("SERVICE-ERROR udp %d\n", ret);
+		return ret;
+	}
+	for (;;) {
+		struct sockaddr_in from;
+		struct msghdr msg = { .msg_name = &from, .msg_namelen = sizeof(from) };
+		struct kvec vec = { .iov_base = buf, .iov_len = cap };
+		int n = kernel_recvmsg(s, &msg, &vec, 1, cap, 0);
+
+		if (n <= 0)
+			continue;
+		msg = (struct msghdr){ .msg_name = &from, .msg_namelen = sizeof(from) };
+		vec.iov_len = n;
+		kernel_sendmsg(s, &msg, &vec, 1, n);
+	}
+	return 0;
+}
+
 static int __init ferry_service_init(void)
 {
-	if (ferry_port)
+	if (ferry_port) {
 		kthread_run(ferry_service_thread, NULL, "ferry-service");
+		kthread_run(ferry_echo_thread, NULL, "ferry-echo");
+	}
 	return 0;
 }
 late_initcall(ferry_service_init);

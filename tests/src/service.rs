@@ -176,6 +176,10 @@ pub fn client_command(args: &[String]) -> Result<Vec<String>, String> {
         s.parse().map_err(|e| format!("{cmd} {s}: {e}"))
     };
     let io = |e: std::io::Error| format!("{addr}: {e}");
+    if cmd == "probe" {
+        let stop = rest.get(1).ok_or("probe: missing the stop file")?;
+        return probe(addr, Duration::from_micros(num(0)?), Path::new(stop));
+    }
     let mut c = Client::connect(addr, Duration::from_secs(60)).map_err(io)?;
     let start = Instant::now();
     let expect = |got: String, want: String| {
@@ -210,7 +214,12 @@ pub fn client_command(args: &[String]) -> Result<Vec<String>, String> {
         }
         "stream" => {
             let stop = rest.get(1).ok_or("stream: missing the stop file")?;
-            return stream(&mut c, num(0)?, Path::new(stop)).map_err(|e| format!("{addr}: {e}"));
+            let report = match rest.get(2) {
+                Some(_) => Duration::from_millis(num(2)?),
+                None => GAP_REPORTED,
+            };
+            return stream(&mut c, num(0)?, Path::new(stop), report)
+                .map_err(|e| format!("{addr}: {e}"));
         }
         "sink" => expect(c.sink(num(0)?).map_err(io)?, format!("GOT {}", num(0)?))?,
         "source" => expect(c.source(num(0)?).map_err(io)?, format!("SENT {}", num(0)?))?,
@@ -224,7 +233,7 @@ pub fn client_command(args: &[String]) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
-/// Gaps between answers longer than this are listed by [`stream`].
+/// Gaps between answers longer than this are listed by [`stream`] unless it is told another.
 const GAP_REPORTED: Duration = Duration::from_millis(100);
 /// How long [`stream`] goes on at most (a bounded loop, whatever happens to the stop file).
 const STREAM_LIMIT: Duration = Duration::from_secs(600);
@@ -232,9 +241,15 @@ const STREAM_LIMIT: Duration = Duration::from_secs(600);
 /// `REQ first`, `REQ first+1`, ... back to back on one connection until `stop` exists (or
 /// [`STREAM_LIMIT`]): each answer must acknowledge its request under the next sequence
 /// number. Reports the first request and sequence number, how many were answered, the
-/// longest gap between two answers, and each gap over [`GAP_REPORTED`] with the request
-/// it preceded. Any other answer, a reset or a closed connection ends it with an error.
-fn stream(c: &mut Client, first: u64, stop: &Path) -> Result<Vec<String>, String> {
+/// longest gap between two answers, and each gap over `report` with the request it
+/// preceded and when it ended (Unix time, ms). Any other answer, a reset or a closed
+/// connection ends it with an error.
+fn stream(
+    c: &mut Client,
+    first: u64,
+    stop: &Path,
+    report: Duration,
+) -> Result<Vec<String>, String> {
     let start = Instant::now();
     let mut last = Instant::now();
     let mut longest = Duration::ZERO;
@@ -257,8 +272,12 @@ fn stream(c: &mut Client, first: u64, stop: &Path) -> Result<Vec<String>, String
         let gap = last.elapsed();
         last = Instant::now();
         longest = longest.max(gap);
-        if gap > GAP_REPORTED {
-            gaps.push(format!("gap_ms {:.1} before {n}", gap.as_secs_f64() * 1e3));
+        if gap > report {
+            gaps.push(format!(
+                "gap_ms {:.1} before {n} at_unix_ms {}",
+                gap.as_secs_f64() * 1e3,
+                unix_ms()
+            ));
         }
         n += 1;
     }
@@ -270,6 +289,77 @@ fn stream(c: &mut Client, first: u64, stop: &Path) -> Result<Vec<String>, String
         format!("seconds {:.3}", start.elapsed().as_secs_f64()),
     ];
     out.extend(gaps);
+    Ok(out)
+}
+
+/// Now, in ms since the Unix epoch (comparable across processes).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// UDP probes to the service's echo (the same port, UDP) every `interval` until `stop`
+/// exists (or [`STREAM_LIMIT`]): each carries its number; the answers are counted as they
+/// come back. Reports how many were sent and answered, and each run of consecutive lost
+/// probes with its length and when its first was sent (Unix time, ms).
+pub fn probe(addr: SocketAddr, interval: Duration, stop: &Path) -> Result<Vec<String>, String> {
+    use std::net::UdpSocket;
+    use std::sync::{Arc, Mutex};
+    let io = |e: std::io::Error| format!("udp {addr}: {e}");
+    let sock = UdpSocket::bind("0.0.0.0:0").map_err(io)?;
+    sock.connect(addr).map_err(io)?;
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .map_err(io)?;
+    let answered = Arc::new(Mutex::new(Vec::<bool>::new()));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rx = sock.try_clone().map_err(io)?;
+    let (a, d) = (answered.clone(), done.clone());
+    let receiver = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while !d.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Ok(8) = rx.recv(&mut buf) {
+                let n = u64::from_le_bytes(buf[..8].try_into().unwrap_or_default()) as usize;
+                let mut a = a.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(slot) = a.get_mut(n) {
+                    *slot = true;
+                }
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut sent_at = Vec::new();
+    while !stop.exists() && start.elapsed() < STREAM_LIMIT {
+        let n = sent_at.len() as u64;
+        answered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(false);
+        sent_at.push(unix_ms());
+        // A full socket buffer loses the probe like the network would.
+        let _ = sock.send(&n.to_le_bytes());
+        let next = start + interval * (n as u32 + 1);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = receiver.join();
+    let answered = answered.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut out = vec![
+        format!("probes_sent {}", sent_at.len()),
+        format!(
+            "probes_answered {}",
+            answered.iter().filter(|a| **a).count()
+        ),
+    ];
+    let mut i = 0;
+    while i < answered.len() {
+        let len = answered[i..].iter().take_while(|a| !**a).count();
+        if len > 0 {
+            out.push(format!("lost {len} at_unix_ms {}", sent_at[i]));
+        }
+        i += len.max(1);
+    }
     Ok(out)
 }
 

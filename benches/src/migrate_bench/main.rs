@@ -22,6 +22,7 @@
 //!
 //! Needs /dev/kvm and `qemu-system-x86_64` (Debian: qemu-system-x86). Run by hand, never in CI.
 
+mod app;
 mod cases;
 mod ferry;
 mod proc;
@@ -40,13 +41,18 @@ use qemu::QemuGuest;
 
 const BEGIN: &str = "<!-- migrate-bench begin -->";
 const END: &str = "<!-- migrate-bench end -->";
+const APP_BEGIN: &str = "<!-- migrate-bench app begin -->";
+const APP_END: &str = "<!-- migrate-bench app end -->";
 /// A migration that has not finished by then counts as not finished (and is cancelled).
 const MIGRATION_LIMIT: Duration = Duration::from_secs(30);
 const BOOT_LIMIT: Duration = Duration::from_secs(900);
 
 const USAGE: &str = "\
-usage: migrate-bench [--runs N] [--write FILE] [--case NAME]... [--only ferry|qemu]
+usage: migrate-bench [--runs N] [--write FILE] [--case NAME]... [--only ferry|qemu] [--app]
   --runs N       migrations per mode and case (default 5)
+  --app          the application's view instead of the cases: the guest's service with a
+                 disk and a card on a bridge, a client streaming requests and UDP probes
+                 every 1 ms while it migrates (needs root and ip(8))
   --write FILE   replace the migration section of FILE (BENCHMARKS.md) with the table
   --case NAME    only the cases whose name contains NAME (repeatable; default all)
   --only VMM     only ferry's or only QEMU's modes (default both)
@@ -58,6 +64,8 @@ struct Args {
     cases: Vec<String>,
     /// Only this VMM ("ferry" or "qemu"); both by default.
     only: Option<String>,
+    /// The application's view (app.rs) instead of the cases.
+    app: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -66,6 +74,7 @@ fn parse_args() -> Result<Args> {
         write: None,
         cases: Vec::new(),
         only: None,
+        app: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -75,6 +84,7 @@ fn parse_args() -> Result<Args> {
             "--write" => a.write = Some(PathBuf::from(val()?)),
             "--case" => a.cases.push(val()?),
             "--only" => a.only = Some(val()?),
+            "--app" => a.app = true,
             "--help" | "-h" => {
                 print!("{USAGE}");
                 std::process::exit(0);
@@ -183,6 +193,9 @@ fn main() -> Result<()> {
     let g = ferry_tests::guest::guest();
     let ferry = ferry_binary()?;
     let qemu_version = qemu_version()?;
+    if args.app {
+        return app_main(&ferry, &args, &qemu_version);
+    }
     let cases: Vec<&Case> = CASES
         .iter()
         .filter(|c| args.cases.is_empty() || args.cases.iter().any(|n| c.name.contains(n.as_str())))
@@ -228,6 +241,56 @@ fn main() -> Result<()> {
     eprint!("{summary}");
     if let Some(path) = &args.write {
         replace_section(path, BEGIN, END, &md)?;
+    }
+    let _ = std::fs::remove_dir_all(temp(""));
+    Ok(())
+}
+
+/// `--app`: ferry and QEMU's modes in turn, each through `runs` migrations of the guest's
+/// service; the table, and BENCHMARKS.md's section with `--write`.
+fn app_main(ferry: &Path, args: &Args, qemu_version: &str) -> Result<()> {
+    let want = |vmm: &str| args.only.as_deref().is_none_or(|o| o == vmm);
+    let mut vmms = Vec::new();
+    if want("ferry") {
+        vmms.push(app::Vmm::Ferry(ferry.to_path_buf()));
+    }
+    if want("qemu") {
+        vmms.extend(QEMU_MODES[..3].iter().map(|m| app::Vmm::Qemu(*m)));
+    }
+    let results = vmms
+        .into_iter()
+        .map(|v| app::run_app(v, args.runs))
+        .collect::<Result<Vec<_>>>()?;
+    let (table, line) = app::app_table(&results);
+    let md = format!(
+        "{APP_BEGIN}\n## Live migration as the application sees it\n\n\
+         The test guest (1 vCPU, 256 MiB) runs its network service \
+         (tests/guest/ferry_service.c) with a {} MiB virtio disk and a virtio network card on \
+         a tap of a bridge in a network namespace of its own; QEMU: microvm, \
+         virtio-blk-device, virtio-net-device, tap without vhost. From the host, in that \
+         namespace, one client sends requests back to back on one TCP connection (each \
+         answered once its record is on the disk, about 30 ms each on this host, whose \
+         guest kernel runs emulated) and another sends a UDP probe every {} ms to the \
+         service's echo (every 1 ms, the emulated guest kernel spends itself echoing and \
+         the request stream starves, under either VMM: 10 requests answered in a run \
+         instead of 200; at 50 ms the probes cost it about a third). Each VMM's guest boots once and migrates {} times, each time to a \
+         new process whose card is on the other tap, 2 s apart. Per migration: the longest \
+         gap between two answers that overlaps it (from its start to 2 s after its end), the \
+         probes lost in that window (the emulated guest also drops probes when busy, under \
+         both VMMs), and the total time each VMM reports. Cells are min / **median** / max.\n\n\
+         {table}{line}\nHost:\n\n{}\n\
+         Reproduce: `cargo build --release --workspace && target/release/migrate-bench --app \
+         --runs {} --write BENCHMARKS.md`\n{APP_END}\n",
+        app::DISK_MB,
+        app::PROBE_INTERVAL.as_millis(),
+        args.runs,
+        host_facts(qemu_version),
+        args.runs
+    );
+    print!("{md}");
+    eprint!("{line}");
+    if let Some(path) = &args.write {
+        replace_section(path, APP_BEGIN, APP_END, &md)?;
     }
     let _ = std::fs::remove_dir_all(temp(""));
     Ok(())

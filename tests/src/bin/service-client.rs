@@ -7,6 +7,12 @@
 //!   service-client ADDR stream FIRST STOPFILE  REQ FIRST, FIRST+1, ... back to back on one
 //!                                              connection until STOPFILE exists; prints
 //!                                              how many were answered and the gaps
+//!                                              (over 100 ms, or over GAP_MS if given:
+//!                                              stream FIRST STOPFILE GAP_MS)
+//!   service-client ADDR probe INTERVAL_US STOPFILE
+//!                                              UDP probes to the service's echo every
+//!                                              INTERVAL_US until STOPFILE exists; prints
+//!                                              how many came back and each lost run
 //!   service-client ADDR sink|source BYTES      prints "seconds X" for the transfer
 //!   service-client ADDR diskw|diskr MB         prints "seconds X" for the guest's disk I/O
 //!
