@@ -77,9 +77,18 @@ fn status(f: &Ferry) -> String {
     out
 }
 
-/// One row: migrate through a relay frozen at `at`, inject `fault`, check the outcome.
-fn row(at: At, fault: Fault) {
-    ferry_tests::require_kvm();
+/// A row's two processes and the source's migration to the destination through a relay
+/// frozen at `at`, once the fault is injected: what `ferry ctl migrate` printed.
+struct Row {
+    tag: String,
+    src: Ferry,
+    dst: Ferry,
+    ctl_msg: String,
+}
+
+/// Restores the guest in a source, starts a destination behind a relay frozen at `at`,
+/// migrates, injects `fault` there, and waits for the migration to fail.
+fn start_row(at: At, fault: Fault) -> Row {
     let snap = snapshot();
     let tag = format!("{at:?}-{fault:?}")
         .to_lowercase()
@@ -104,7 +113,6 @@ fn row(at: At, fault: Fault) {
         ],
     );
     let relay = Relay::start(at, port);
-
     let mut ctl = std::process::Command::new(ferry_bin());
     ctl.arg("ctl").arg("--api-socket").arg(&src_sock).args([
         "migrate",
@@ -114,7 +122,6 @@ fn row(at: At, fault: Fault) {
     ]);
     let (tx, migrated) = std::sync::mpsc::channel();
     std::thread::spawn(move || tx.send(ctl.output().expect("run ferry ctl migrate")));
-
     relay.wait_frozen(LIMIT);
     match fault {
         Fault::KillDestination => {
@@ -142,9 +149,17 @@ fn row(at: At, fault: Fault) {
         !out.status.success(),
         "the migration cannot succeed: {ctl_msg}"
     );
+    Row {
+        tag,
+        src,
+        dst,
+        ctl_msg,
+    }
+}
 
-    // The phases each side names, as each side sees them.
-    let (src_phase, dst_phase) = match at {
+/// The phases the source and the destination name for a fault at `at`, as each sees it.
+fn phases(at: At) -> (&'static str, Option<&'static str>) {
+    match at {
         At::Hello => ("phase: handshake", Some("phase: handshake")),
         At::Pages(_) => ("phase: memory round 0", Some("phase: memory round 0")),
         At::State => (
@@ -157,82 +172,97 @@ fn row(at: At, fault: Fault) {
             Some("phase: after Restored, before Commit"),
         ),
         At::Running => ("phase: after Commit", None),
-    };
+    }
+}
 
-    let committed = at == At::Running;
-    if !committed {
-        // The destination never runs the guest and ends, saying where.
-        if fault != Fault::KillDestination {
-            let st = dst.wait_exit(LIMIT);
-            assert!(
-                !st.success(),
-                "the destination must fail:\n{}",
-                dst.transcript()
-            );
-            let err = dst.stderr_lines().join("\n");
-            eprintln!("{tag}: destination: {}", err.lines().last().unwrap_or(""));
-            let want = dst_phase.unwrap();
-            assert!(
-                err.contains(want),
-                "the destination's error must name {want:?}:\n{err}"
-            );
-        }
+/// One row: migrate through a relay frozen at `at`, inject `fault`, check the outcome.
+fn row(at: At, fault: Fault) {
+    ferry_tests::require_kvm();
+    let r = start_row(at, fault);
+    if at == At::Running {
+        after_commit(r, at, fault);
+    } else {
+        before_commit(r, at, fault);
+    }
+}
+
+/// A fault before Commit: the destination never runs the guest and ends, saying where; the
+/// source keeps running it (unless it was the one killed).
+fn before_commit(mut r: Row, at: At, fault: Fault) {
+    let (src_phase, dst_phase) = phases(at);
+    let (tag, dst) = (&r.tag, &mut r.dst);
+    if fault != Fault::KillDestination {
+        let st = dst.wait_exit(LIMIT);
         assert!(
-            !dst.stdout_text().contains(" HB "),
-            "the guest must never run at the destination:\n{}",
+            !st.success(),
+            "the destination must fail:\n{}",
             dst.transcript()
         );
-        if fault == Fault::KillSource {
-            // The only running copy was killed with its process; nothing runs it now.
-            return;
-        }
+        let err = dst.stderr_lines().join("\n");
+        eprintln!("{tag}: destination: {}", err.lines().last().unwrap_or(""));
+        let want = dst_phase.unwrap();
         assert!(
-            ctl_msg.contains(src_phase) && ctl_msg.contains("runs here as before"),
-            "the source's error must name {src_phase:?} and keep the guest: {ctl_msg}"
+            err.contains(want),
+            "the destination's error must name {want:?}:\n{err}"
         );
-        assert!(status(&src).contains("running"));
-        three_more_heartbeats(&mut src, "source");
-        assert!(src.ctl(&["stop"]).0);
-        assert!(src.wait_exit(LIMIT).success());
+    }
+    assert!(
+        !dst.stdout_text().contains(" HB "),
+        "the guest must never run at the destination:\n{}",
+        dst.transcript()
+    );
+    if fault == Fault::KillSource {
+        // The only running copy was killed with its process; nothing runs it now.
         return;
     }
+    let ctl_msg = &r.ctl_msg;
+    assert!(
+        ctl_msg.contains(src_phase) && ctl_msg.contains("runs here as before"),
+        "the source's error must name {src_phase:?} and keep the guest: {ctl_msg}"
+    );
+    assert!(status(&r.src).contains("running"));
+    three_more_heartbeats(&mut r.src, "source");
+    assert!(r.src.ctl(&["stop"]).0);
+    assert!(r.src.wait_exit(LIMIT).success());
+}
 
-    // After Commit the guest is the destination's.
-    if fault == Fault::KillDestination {
-        // It held the guest and was killed: the guest died with it.
-    } else {
-        assert!(status(&dst).contains("running"), "{}", dst.transcript());
-        three_more_heartbeats(&mut dst, "destination");
+/// A fault after Commit: the guest is the destination's; the source, which did not hear
+/// Running, keeps its copy paused, says so, and does not resume it by itself.
+fn after_commit(mut r: Row, at: At, fault: Fault) {
+    let (src_phase, _) = phases(at);
+    if fault != Fault::KillDestination {
+        // (A killed destination held the guest: the guest died with it.)
+        assert!(status(&r.dst).contains("running"), "{}", r.dst.transcript());
+        three_more_heartbeats(&mut r.dst, "destination");
     }
     if fault == Fault::KillSource {
         return;
     }
-    // The source sent Commit and did not hear Running: it keeps its copy paused, says so,
-    // and does not resume it by itself.
+    let ctl_msg = &r.ctl_msg;
     assert!(
         ctl_msg.contains(src_phase) && ctl_msg.contains("stays paused here"),
         "the source must say the guest stays paused after Commit: {ctl_msg}"
     );
-    src.drain();
-    let last_here = max_heartbeat(&src);
-    assert!(status(&src).contains("paused"));
+    r.src.drain();
+    let last_here = max_heartbeat(&r.src);
+    assert!(status(&r.src).contains("paused"));
     if fault != Fault::KillDestination {
         // The destination goes on meanwhile; the source stays silent.
-        three_more_heartbeats(&mut dst, "destination");
+        three_more_heartbeats(&mut r.dst, "destination");
     } else {
         std::thread::sleep(Duration::from_millis(500));
     }
-    src.drain();
+    r.src.drain();
     assert_eq!(
-        max_heartbeat(&src),
+        max_heartbeat(&r.src),
         last_here,
         "the source must not run the guest after Commit"
     );
-    assert!(src.ctl(&["stop"]).0);
-    assert!(src.wait_exit(LIMIT).success());
+    assert!(r.src.ctl(&["stop"]).0);
+    assert!(r.src.wait_exit(LIMIT).success());
     if fault != Fault::KillDestination {
-        assert!(dst.ctl(&["stop"]).0);
-        assert!(dst.wait_exit(LIMIT).success());
+        assert!(r.dst.ctl(&["stop"]).0);
+        assert!(r.dst.wait_exit(LIMIT).success());
     }
 }
 

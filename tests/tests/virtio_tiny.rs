@@ -147,22 +147,9 @@ fn run_until_done(t: &TinyVm) {
     });
 }
 
-#[test]
-fn reads_writes_and_ids_land_and_every_byte_written_is_in_the_dirty_log() {
-    let disk = image("virtio-rw.img", 64 << 10);
-    let ro = image("virtio-ro.img", 8 << 10);
-    let t = TinyVm::with(&LONG_MMIO_SCRIPT, 1, |b| {
-        b.disk(DiskConfig {
-            path: disk.clone(),
-            read_only: false,
-        })
-        .disk(DiskConfig {
-            path: ro.clone(),
-            read_only: true,
-        })
-    });
-    let vm = &t.vm;
-    let d = layout(0).data;
+/// Disk 0: a read of sectors 2..10, a write of sector 0, a get-id; disk 1 (read-only): a
+/// write. The requests' data areas start at `d` and `d1`.
+fn queue_requests(vm: &vmm::Vm, d: u64, d1: u64) {
     request(vm, 0, 0, 0, 2, d, 4096); // read sectors 2..10
     request(vm, 0, 3, 1, 0, d + 0x4000, 512); // write sector 0
     vm.memory()
@@ -175,28 +162,18 @@ fn reads_writes_and_ids_land_and_every_byte_written_is_in_the_dirty_log() {
         .write_slice(&8u32.to_le_bytes(), GuestAddress(d + 0x8000))
         .unwrap();
     avail(vm, 0, &[0, 3, 6]);
-    let d1 = layout(1).data;
     request(vm, 1, 0, 1, 0, d1, 512); // a write to the read-only disk
     avail(vm, 1, &[0]);
-    let mut s = Script::default();
-    s.setup(0, 16);
-    s.setup(1, 16);
-    s.notify(0);
-    let st0 = s.wait_and_status(0);
-    s.notify(1);
-    let st1 = s.wait_and_status(1);
-    s.store(vm);
-    // From here on, what the device writes is all the VMM's dirty bitmap holds.
-    vm.ram().take_vmm_dirty();
-    run_until_done(&t);
-    assert_eq!(Script::value(vm, st0), 0xf, "device 0 status");
-    assert_eq!(Script::value(vm, st1), 0xf, "device 1 status");
+}
+
+/// What [`queue_requests`] asked for is in guest RAM and on the images.
+fn check_results(vm: &vmm::Vm, disk: &std::path::Path, ro: &std::path::Path, d: u64, d1: u64) {
     let m = vm.memory();
     let used_idx: u16 = m.read_obj(GuestAddress(layout(0).used + 2)).unwrap();
     assert_eq!(used_idx, 3);
     let mut got = vec![0u8; 4096];
     m.read_slice(&mut got, GuestAddress(d + 0x1000)).unwrap();
-    let file = std::fs::read(&disk).unwrap();
+    let file = std::fs::read(disk).unwrap();
     assert_eq!(got, file[1024..5120], "the read landed");
     assert_eq!(file[..512], [0xab; 512], "the write landed");
     let status = |at: u64| -> u8 { m.read_obj(GuestAddress(at)).unwrap() };
@@ -212,10 +189,43 @@ fn reads_writes_and_ids_land_and_every_byte_written_is_in_the_dirty_log() {
         "a write to a read-only disk is an I/O error"
     );
     assert_eq!(
-        std::fs::read(&ro).unwrap()[0],
+        std::fs::read(ro).unwrap()[0],
         0,
         "and the image is unchanged"
     );
+}
+
+#[test]
+fn reads_writes_and_ids_land_and_every_byte_written_is_in_the_dirty_log() {
+    let disk = image("virtio-rw.img", 64 << 10);
+    let ro = image("virtio-ro.img", 8 << 10);
+    let t = TinyVm::with(&LONG_MMIO_SCRIPT, 1, |b| {
+        b.disk(DiskConfig {
+            path: disk.clone(),
+            read_only: false,
+        })
+        .disk(DiskConfig {
+            path: ro.clone(),
+            read_only: true,
+        })
+    });
+    let vm = &t.vm;
+    let (d, d1) = (layout(0).data, layout(1).data);
+    queue_requests(vm, d, d1);
+    let mut s = Script::default();
+    s.setup(0, 16);
+    s.setup(1, 16);
+    s.notify(0);
+    let st0 = s.wait_and_status(0);
+    s.notify(1);
+    let st1 = s.wait_and_status(1);
+    s.store(vm);
+    // From here on, what the device writes is all the VMM's dirty bitmap holds.
+    vm.ram().take_vmm_dirty();
+    run_until_done(&t);
+    assert_eq!(Script::value(vm, st0), 0xf, "device 0 status");
+    assert_eq!(Script::value(vm, st1), 0xf, "device 1 status");
+    check_results(vm, &disk, &ro, d, d1);
 
     let dirty: Vec<u64> = vm.ram().take_vmm_dirty()[0]
         .iter()
