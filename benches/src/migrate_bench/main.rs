@@ -275,9 +275,13 @@ fn app_main(ferry: &Path, args: &Args, qemu_version: &str) -> Result<()> {
          the request stream starves, under either VMM: 10 requests answered in a run \
          instead of 200; at 50 ms the probes cost it about a third). Each VMM's guest boots once and migrates {} times, each time to a \
          new process whose card is on the other tap, 2 s apart. Per migration: the longest \
-         gap between two answers that overlaps it (from its start to 2 s after its end), the \
+         gap between two answers that overlaps it (from its start to 1 s after its end), the \
          probes lost in that window (the emulated guest also drops probes when busy, under \
-         both VMMs), and the total time each VMM reports. Cells are min / **median** / max.\n\n\
+         both VMMs), the total time and downtime each VMM reports, and whether the one TCP \
+         connection lived through every migration. A gap holds the request in progress \
+         (about 35 ms here) and the guest's first steps at its new host, where this host's \
+         KVM maps an emulated guest kernel's memory anew page by page; the downtime column is \
+         each VMM's own account of its pause. Cells are min / **median** / max.\n\n\
          {table}{line}\nHost:\n\n{}\n\
          Reproduce: `cargo build --release --workspace && target/release/migrate-bench --app \
          --runs {} --write BENCHMARKS.md`\n{APP_END}\n",
