@@ -169,6 +169,7 @@ fn serve(stream: UnixStream, vm: &Vm, control: &Control) {
                 return;
             }
             After::Migrated => {
+                crate::migrate::step_aside();
                 vm.request_stop("migration (the guest runs on the destination now)");
                 return;
             }

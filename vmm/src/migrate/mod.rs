@@ -345,3 +345,21 @@ fn authenticate_to(conn: &mut (impl Read + Write), key: &Key) -> Result<(), Erro
         other => Error::Auth(other.to_string()),
     })
 }
+
+/// The guest runs on the destination now: every thread of this process gives way to
+/// everything else on the host (nice 19) before the VM's memory is released, so that
+/// tearing down a source never competes for a CPU with the guest's first steps at a
+/// destination on the same host. Best effort: a thread that cannot be reniced is left.
+pub fn step_aside() {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    for tid in tasks
+        .flatten()
+        .filter_map(|t| t.file_name().to_str()?.parse::<u32>().ok())
+    {
+        // SAFETY: setpriority takes plain integers and changes only the nice value of
+        // thread `tid` of this process (PRIO_PROCESS with a thread ID, on Linux).
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 19) };
+    }
+}
