@@ -14,9 +14,12 @@ use ferry_tests::tiny::LONG_COUNT;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
+/// A key file private to its owner (ferry refuses any other).
 fn key_file(name: &str, bytes: &[u8]) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
     let p = temp_path(name);
     std::fs::write(&p, bytes).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     p
 }
 

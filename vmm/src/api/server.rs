@@ -348,10 +348,7 @@ fn migrate_options(m: &MigrateRequest) -> Result<crate::migrate::Options, String
         o.max_throttle = t;
     }
     if let Some(path) = &m.key_file {
-        let shown = path.display();
-        let bytes = std::fs::read(path).map_err(|e| format!("key file {shown}: {e}"))?;
-        o.key =
-            Some(migration::auth::Key::new(&bytes).map_err(|e| format!("key file {shown}: {e}"))?);
+        o.key = Some(crate::migrate::key::load(path).map_err(|e| e.to_string())?);
     }
     Ok(o)
 }

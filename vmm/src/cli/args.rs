@@ -31,6 +31,15 @@ pub enum Cmd {
     /// The guest CPU model: dump this host, baseline hosts, check and show profiles.
     #[command(subcommand)]
     Cpu(super::cpu::CpuCmd),
+    /// Shared keys for migrations between hosts without a CA.
+    #[command(subcommand)]
+    Key(KeyCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCmd {
+    /// Write a new key file: 32 random bytes, mode 0600 (an existing file is refused).
+    Generate { file: PathBuf },
 }
 
 #[derive(Parser, Debug)]
@@ -161,10 +170,9 @@ pub struct ReceiveArgs {
     pub debug: DebugConsoleArg,
 }
 
-/// Reads and checks a shared key file.
+/// Reads and checks a shared key file (private to its owner, 16 to 4096 bytes).
 pub fn read_key(path: &std::path::Path) -> anyhow::Result<migration::auth::Key> {
-    let bytes = std::fs::read(path).with_context(|| format!("--key-file {}", path.display()))?;
-    migration::auth::Key::new(&bytes).with_context(|| format!("--key-file {}", path.display()))
+    Ok(vmm::migrate::key::load(path)?)
 }
 
 #[derive(Parser, Debug)]

@@ -19,6 +19,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Restore(a) => run::restore(a),
         Cmd::Receive(a) => run::receive(a),
         Cmd::Cpu(c) => cpu::run(c),
+        Cmd::Key(args::KeyCmd::Generate { file }) => {
+            vmm::migrate::key::generate(&file)?;
+            eprintln!("ferry: wrote a new key to {} (mode 0600)", file.display());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -24,6 +24,7 @@
 //! the peer timeout; every error names the [`Phase`] it happened in.
 
 mod destination;
+pub mod key;
 mod net;
 mod prefault;
 mod source;
@@ -109,6 +110,8 @@ pub enum Error {
     Auth(String),
     #[error("refusing to listen on {0} without --key-file: anyone who can reach it could hand this ferry a VM; use a Unix socket or a loopback address, or give a shared key")]
     Unauthenticated(String),
+    #[error("{0}: another process is listening there (a second `ferry receive` on one path?)")]
+    AddressInUse(String),
     #[error("the source sent pages at {gpa:#x} ({len} bytes) outside guest RAM")]
     PagesOutsideRam { gpa: u64, len: u64 },
     #[error("the source's map of touched RAM has {words} words, where this guest's RAM needs {expected}")]

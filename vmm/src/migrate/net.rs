@@ -90,7 +90,8 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Binds `addr` (replacing only a stale Unix socket, never another kind of file).
+    /// Binds `addr`: a Unix socket gets mode 0600; only a stale Unix socket is replaced, never
+    /// one another process still listens on, nor another kind of file.
     pub fn bind(addr: &Address) -> Result<Listener, Error> {
         let err = |source| Error::Connect {
             what: "listening on",
@@ -100,11 +101,18 @@ impl Listener {
         Ok(match addr {
             Address::Tcp(hp) => Listener::Tcp(TcpListener::bind(hp).map_err(err)?, hp.clone()),
             Address::Unix(p) => {
-                use std::os::unix::fs::FileTypeExt;
+                use std::os::unix::fs::{FileTypeExt, PermissionsExt};
                 if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()) {
+                    // Another process that still listens there keeps its socket.
+                    if listening(p) {
+                        return Err(Error::AddressInUse(p.display().to_string()));
+                    }
                     let _ = std::fs::remove_file(p);
                 }
-                Listener::Unix(UnixListener::bind(p).map_err(err)?, p.clone())
+                let l = UnixListener::bind(p).map_err(err)?;
+                // Only this user may connect (and hand this ferry a VM).
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+                Listener::Unix(l, p.clone())
             }
         })
     }
@@ -136,6 +144,25 @@ impl Listener {
             }
         })
     }
+}
+
+/// Whether a socket bound at `path` is listening, from /proc/net/unix (connecting to find
+/// out would be taken by that listener as its peer).
+fn listening(path: &std::path::Path) -> bool {
+    const ACCEPTING: u32 = 0x0001_0000; // __SO_ACCEPTCON
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let canonical = std::fs::canonicalize(path).ok();
+    table.lines().skip(1).any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(flags), Some(bound)) = (f.get(3), f.get(7)) else {
+            return false;
+        };
+        let flags = u32::from_str_radix(flags, 16).unwrap_or(0);
+        let bound = std::path::Path::new(bound);
+        flags & ACCEPTING != 0 && (bound == path || Some(bound) == canonical.as_deref())
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,88 @@
+//! The migration's endpoints as a local user meets them: key files private to their owner
+//! (`ferry key generate` makes them so, a readable one is refused with one line), a Unix
+//! listener of mode 0600, and a second `ferry receive` on a path where one listens already
+//! refused, the first left listening.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use ferry_tests::process::{ferry_bin, temp_path, Ferry};
+
+/// Runs ferry with `args`; requires exit status 1 and one error line, which it returns.
+fn one_error_line(args: &[&str]) -> String {
+    let out = Command::new(ferry_bin()).args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {err}");
+    assert!(lines[0].starts_with("ferry: error: "), "{err}");
+    lines[0].to_string()
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn a_generated_key_is_private_and_a_readable_one_is_refused() {
+    let key = temp_path("endpoints.key");
+    let _ = std::fs::remove_file(&key);
+    let out = Command::new(ferry_bin())
+        .args(["key", "generate", key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(mode(&key), 0o600);
+    let bytes = std::fs::read(&key).unwrap();
+    assert_eq!(bytes.len(), 32);
+    let line = one_error_line(&["key", "generate", key.to_str().unwrap()]);
+    assert!(line.contains("exists"), "{line}");
+    assert_eq!(
+        std::fs::read(&key).unwrap(),
+        bytes,
+        "the key is left as it was"
+    );
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let url = format!("unix:{}", temp_path("endpoints-key.mig").display());
+    let line = one_error_line(&[
+        "receive",
+        "--listen",
+        &url,
+        "--key-file",
+        key.to_str().unwrap(),
+    ]);
+    assert!(
+        line.contains("mode 0644") && line.contains("chmod 600"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_second_receiver_on_one_path_is_refused_and_the_first_listens_on() {
+    ferry_tests::require_kvm();
+    let path = temp_path("endpoints-twice.mig");
+    let url = format!("unix:{}", path.display());
+    let mut first = Ferry::receive(&url, &[]);
+    assert_eq!(mode(&path), 0o600, "only this user may connect");
+    let line = one_error_line(&["receive", "--listen", &url]);
+    assert!(
+        line.contains("another process is listening there"),
+        "{line}"
+    );
+    assert!(path.exists(), "the first one's socket is still there");
+    first.drain();
+    assert!(
+        !first.transcript().contains("error"),
+        "the first receiver goes on: {}",
+        first.transcript()
+    );
+    first.kill9();
+    // A stale socket (its process gone) is replaced.
+    let mut again = Ferry::receive(&url, &[]);
+    again.kill9();
+}
