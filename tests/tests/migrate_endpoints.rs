@@ -86,3 +86,47 @@ fn a_second_receiver_on_one_path_is_refused_and_the_first_listens_on() {
     let mut again = Ferry::receive(&url, &[]);
     again.kill9();
 }
+
+/// Sends `hello` to a `ferry receive` with `extra` arguments; returns the reason of its
+/// refusal, after checking that the receiver ended with an error.
+fn refusal(extra: &[&str], hello: migration::protocol::Hello) -> String {
+    use migration::protocol::{self, Message};
+    let path = temp_path("endpoints-limits.mig");
+    let url = format!("unix:{}", path.display());
+    let mut dest = Ferry::receive(&url, extra);
+    let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    protocol::send(&mut s, &Message::Hello(hello)).unwrap();
+    let reason = match protocol::recv(&mut s).unwrap() {
+        Message::Refuse(r) => r,
+        other => panic!("{other:?}"),
+    };
+    let st = dest.wait_exit(std::time::Duration::from_secs(60));
+    assert!(!st.success(), "{}", dest.transcript());
+    reason
+}
+
+#[test]
+fn a_hello_larger_than_the_destination_takes_is_refused_before_anything_is_allocated() {
+    use migration::protocol::Hello;
+    ferry_tests::require_kvm();
+    let profile = || r#"{"name":"x"}"#.to_string();
+    // 1 TiB on a host of a few dozen GiB: the default limit (available memory) refuses it.
+    let r = refusal(&[], Hello::new(1 << 40, 1, profile(), None));
+    assert!(
+        r.contains("1048576 MiB") && r.contains("--max-memory"),
+        "{r}"
+    );
+    let r = refusal(
+        &["--max-memory", "64M"],
+        Hello::new(256 << 20, 1, profile(), None),
+    );
+    assert!(
+        r.contains("256 MiB") && r.contains("--max-memory 64 MiB"),
+        "{r}"
+    );
+    let r = refusal(
+        &["--max-vcpus", "1"],
+        Hello::new(64 << 20, 2, profile(), None),
+    );
+    assert!(r.contains("2 vCPUs") && r.contains("--max-vcpus 1"), "{r}");
+}

@@ -164,6 +164,13 @@ pub struct ReceiveArgs {
     /// with the source).
     #[arg(long, default_value = "60s", value_parser = vmm::config::parse_duration)]
     pub peer_timeout: Duration,
+    /// The most guest RAM to take, like 16G (default: this host's available memory less an
+    /// eighth); a larger guest is refused before anything is allocated.
+    #[arg(long)]
+    pub max_memory: Option<String>,
+    /// The most vCPUs to take (default: four per host CPU).
+    #[arg(long)]
+    pub max_vcpus: Option<u32>,
     #[command(flatten)]
     pub devices: DeviceArgs,
     #[command(flatten)]

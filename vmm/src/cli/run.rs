@@ -162,6 +162,11 @@ pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         key,
         peer_timeout: a.peer_timeout,
         devices: a.devices.parse()?,
+        max_memory: match &a.max_memory {
+            Some(m) => parse_size(m).context("--max-memory")?,
+            None => vmm::migrate::host_memory_limit(),
+        },
+        max_vcpus: a.max_vcpus.unwrap_or_else(vmm::migrate::host_vcpu_limit),
     };
     eprintln!(
         "ferry: waiting for a VM on {} ({})",

@@ -26,6 +26,34 @@ pub struct ReceiveOptions {
     pub peer_timeout: Duration,
     /// The disks and network cards given here (`--disk`, `--net`); none: the source's.
     pub devices: DeviceChoice,
+    /// The most guest RAM this side takes (a larger Hello is refused before anything is
+    /// allocated); see [`host_memory_limit`].
+    pub max_memory: u64,
+    /// The most vCPUs this side takes.
+    pub max_vcpus: u32,
+}
+
+/// What this host can hold: its available memory less an eighth (and at least 256 MiB)
+/// for itself, as /proc/meminfo says now; no limit where it cannot tell (the machine's own
+/// checks still apply).
+pub fn host_memory_limit() -> u64 {
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(u64::MAX, |kib| kib * 1024);
+    if available == u64::MAX {
+        return available;
+    }
+    available.saturating_sub((available / 8).max(256 << 20))
+}
+
+/// The default vCPU limit: four per host CPU.
+pub fn host_vcpu_limit() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32) * 4
 }
 
 impl Default for ReceiveOptions {
@@ -35,6 +63,8 @@ impl Default for ReceiveOptions {
             key: None,
             peer_timeout: PEER_TIMEOUT,
             devices: DeviceChoice::default(),
+            max_memory: host_memory_limit(),
+            max_vcpus: host_vcpu_limit(),
         }
     }
 }
@@ -122,7 +152,8 @@ pub fn receive_with(
                 protocol::send(&mut d.conn, &m).map_err(proto(phase, "answering the source"))?;
             }
             Action::CheckHello(h) => {
-                let ok = acceptable(&h, opts.host.as_ref())
+                let ok = within_limits(&h, opts)
+                    .and_then(|()| acceptable(&h, opts.host.as_ref()))
                     .and_then(|()| opts.devices.resolve(&h.devices));
                 outcome = Some(Input::Done(ok.map(|devices| d.devices = Some(devices))));
                 d.hello = Some(*h);
@@ -400,6 +431,25 @@ fn receive_pages(
                 gpa: run.gpa,
                 len: run.len(),
             })?;
+    }
+    Ok(())
+}
+
+/// Whether the Hello asks for no more than this side takes (`--max-memory`, `--max-vcpus`),
+/// checked before anything is allocated.
+fn within_limits(h: &Hello, opts: &ReceiveOptions) -> Result<(), String> {
+    if h.memory > opts.max_memory {
+        return Err(format!(
+            "the guest has {} MiB of RAM, more than this destination takes (--max-memory {} MiB)",
+            h.memory >> 20,
+            opts.max_memory >> 20
+        ));
+    }
+    if h.vcpus > opts.max_vcpus {
+        return Err(format!(
+            "the guest has {} vCPUs, more than this destination takes (--max-vcpus {})",
+            h.vcpus, opts.max_vcpus
+        ));
     }
     Ok(())
 }

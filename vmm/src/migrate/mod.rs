@@ -29,6 +29,7 @@ mod net;
 mod prefault;
 mod source;
 
+pub use destination::{host_memory_limit, host_vcpu_limit};
 pub use destination::{receive, receive_from, receive_over, receive_with, ReceiveOptions};
 pub use net::{check_local, Address, Listener};
 pub use source::{send, send_over};
