@@ -223,6 +223,11 @@ impl Ferry {
         f
     }
 
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the process with SIGKILL (nothing of it runs on) and reaps it.
     pub fn kill9(&mut self) {
         self.child.kill().expect("kill -9 ferry");

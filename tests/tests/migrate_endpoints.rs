@@ -130,3 +130,73 @@ fn a_hello_larger_than_the_destination_takes_is_refused_before_anything_is_alloc
     );
     assert!(r.contains("2 vCPUs") && r.contains("--max-vcpus 1"), "{r}");
 }
+
+/// A process's resident memory (VmRSS), bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+#[test]
+fn a_touched_map_and_zero_pages_over_all_ram_do_not_back_it() {
+    use migration::pages::BatchWriter;
+    use migration::protocol::{self, Hello, Message};
+    use std::io::Write;
+    ferry_tests::require_kvm();
+    const GIB: u64 = 1 << 30;
+    let kvm = vmm::vm::open_kvm().unwrap();
+    let host = vmm::cpu_model::host_dump(&kvm).unwrap();
+    let profile = vmm::cpu_model::default_profile(&host).unwrap().to_json();
+    let path = temp_path("endpoints-backing.mig");
+    let url = format!("unix:{}", path.display());
+    let mut dest = Ferry::receive(&url, &[]);
+    let before = rss(dest.pid());
+    let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    protocol::send(&mut s, &Message::Hello(Hello::new(GIB, 1, profile, None))).unwrap();
+    assert_eq!(protocol::recv(&mut s).unwrap(), Message::Accept);
+    // "Every 2 MiB block of the guest's RAM is touched": 8 words of ones.
+    protocol::send(&mut s, &Message::Touched(vec![u64::MAX; 8])).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let touched = rss(dest.pid());
+    // Then every page of it as a ZERO page: a few bytes per 2 MiB on the wire.
+    let mut w = BatchWriter::new();
+    for page in 0..GIB / 4096 {
+        w.page_slot().fill(0);
+        w.commit_page(page * 4096, false);
+        if w.is_full() {
+            s.write_all(&w.finish().to_vec()).unwrap();
+            w = BatchWriter::new();
+        }
+    }
+    if !w.is_empty() {
+        s.write_all(&w.finish().to_vec()).unwrap();
+    }
+    protocol::send(&mut s, &Message::Sync).unwrap();
+    assert_eq!(protocol::recv(&mut s).unwrap(), Message::Synced);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let after = rss(dest.pid());
+    eprintln!(
+        "destination RSS {} MiB, {} MiB a second after the Touched map, {} MiB after every page as ZERO, for a 1 GiB guest",
+        before >> 20,
+        touched >> 20,
+        after >> 20
+    );
+    // The readahead's slack (64 MiB) and the machine's own memory.
+    assert_eq!(vmm::migrate::PREFAULT_SLACK, 64 << 20);
+    let bound: u64 = 128 << 20;
+    for now in [touched, after] {
+        assert!(
+            now - before < bound,
+            "backed {} MiB, the bound is {} MiB",
+            (now - before) >> 20,
+            bound >> 20
+        );
+    }
+    drop(s);
+    let _ = dest.wait_exit(std::time::Duration::from_secs(60));
+}

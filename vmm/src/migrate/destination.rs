@@ -8,7 +8,7 @@ use cpuid::CpuidDump;
 use migration::auth::Key;
 use migration::protocol::{self, Hello, Message, Precopy};
 use migration::receiver::{Action, Failure, Input, Receiver};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::devices::virtio::backends::Devices as DeviceChoice;
 use crate::vm::Vm;
@@ -400,6 +400,8 @@ fn receive_pages(
         }
     }
     let runs = std::mem::take(&mut head.runs);
+    // Round 0 fills fresh RAM, which reads as zero already: its ZERO runs need nothing.
+    let round = head.round;
     for run in runs.iter().filter(|r| !r.zero) {
         let len = run.len() as usize;
         let host =
@@ -423,16 +425,30 @@ fn receive_pages(
     }
     head.check_crc(conn)
         .map_err(|e| proto(phase, "receiving memory")(e.into()))?;
-    static ZEROS: [u8; migration::pages::PAGE_SIZE] = [0; migration::pages::PAGE_SIZE];
-    for run in runs.iter().filter(|r| r.zero) {
-        (0..u64::from(run.pages))
-            .try_for_each(|i| mem.write_slice(&ZEROS, GuestAddress(run.gpa + i * PAGE)))
-            .map_err(|_| Error::PagesOutsideRam {
-                gpa: run.gpa,
-                len: run.len(),
-            })?;
+    for run in runs.iter().filter(|r| r.zero && round > 0) {
+        discard(mem, run.gpa, run.len()).map_err(|_| Error::PagesOutsideRam {
+            gpa: run.gpa,
+            len: run.len(),
+        })?;
     }
     Ok(())
+}
+
+/// Makes `[gpa, gpa + len)` of guest RAM (inside one region: checked by the caller) read as
+/// zero by giving its pages back to the kernel (MADV_DONTNEED on private anonymous memory),
+/// so that a ZERO run never backs RAM, however much of it the source names.
+fn discard(mem: &crate::memory::GuestMemoryMmap, gpa: u64, len: u64) -> Result<(), ()> {
+    let host = mem.get_host_address(GuestAddress(gpa)).map_err(|_| ())?;
+    // SAFETY: the range lies inside one RAM region's private anonymous mapping (the caller
+    // checked every run against the regions), which `mem` keeps mapped; MADV_DONTNEED only
+    // drops its pages, which then read as zero. No vCPU of this VM runs yet and nothing
+    // holds a reference into these pages.
+    let rc = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(())
+    }
 }
 
 /// Whether the Hello asks for no more than this side takes (`--max-memory`, `--max-vcpus`),

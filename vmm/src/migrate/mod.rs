@@ -32,6 +32,7 @@ mod source;
 pub use destination::{host_memory_limit, host_vcpu_limit};
 pub use destination::{receive, receive_from, receive_over, receive_with, ReceiveOptions};
 pub use net::{check_local, Address, Listener};
+pub use prefault::SLACK as PREFAULT_SLACK;
 pub use source::{send, send_over};
 
 use std::io::{Read, Write};

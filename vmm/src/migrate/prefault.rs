@@ -11,7 +11,8 @@
 //! doubles with each further one, up to [`AHEAD`]; a sparse frame or a jump closes it. So
 //! RAM the guest never touched is backed only past the end of a sequential stretch, and
 //! never more than the stretch itself held. The helper never writes page contents; it
-//! stops at the end of round 0.
+//! stops at the end of round 0. Whatever the source claims (a Touched map of all RAM), the
+//! helper backs at most [`SLACK`] more than the page data that has arrived so far.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -23,6 +24,8 @@ use crate::memory::GuestMemoryMmap;
 
 /// How far past a dense frame the helper backs RAM.
 pub const AHEAD: u64 = 16 << 20;
+/// How much RAM the helper may back beyond the page data received so far.
+pub const SLACK: u64 = 64 << 20;
 /// The helper's step: a transparent huge page.
 const BLOCK: u64 = 2 << 20;
 // The helper backs one BLOCK per block of the source's Touched map.
@@ -38,6 +41,10 @@ struct Window {
     plan: Vec<u64>,
     /// The end of the highest frame received: the receiving thread works below it.
     floor: u64,
+    /// Bytes the helper may back in all: [`SLACK`] plus the page data received.
+    allowed: u64,
+    /// Bytes it has backed.
+    backed: u64,
     stop: bool,
 }
 
@@ -54,12 +61,18 @@ pub struct Prefault {
     planned: bool,
     /// The end of the highest frame so far.
     high: u64,
+    /// Page data received so far, bytes.
+    received: u64,
 }
 
 impl Prefault {
     /// Starts the helper over `mem` (where a thread cannot be started, readahead is off).
     pub fn start(mem: GuestMemoryMmap) -> Prefault {
-        let shared = Arc::new((Mutex::new(Window::default()), Condvar::new()));
+        let window = Window {
+            allowed: SLACK,
+            ..Window::default()
+        };
+        let shared = Arc::new((Mutex::new(window), Condvar::new()));
         let s = shared.clone();
         let helper = std::thread::Builder::new()
             .name("mig-prefault".into())
@@ -73,6 +86,7 @@ impl Prefault {
             window: 0,
             planned: false,
             high: 0,
+            received: 0,
         }
     }
 
@@ -120,13 +134,15 @@ impl Prefault {
         };
         self.last_end = if dense { end } else { 0 };
         self.high = self.high.max(end);
-        if self.window == 0 && !self.planned {
-            return;
-        }
+        self.received += bytes;
         let (lock, wake) = &*self.shared;
         let mut w = lock.lock().unwrap_or_else(|e| e.into_inner());
         w.floor = w.floor.max(end);
+        w.allowed = SLACK.saturating_add(self.received);
         if self.window == 0 {
+            if self.planned {
+                wake.notify_one();
+            }
             return;
         }
         // Blocks below `end` hold this frame's pages: the receiving thread backed them.
@@ -161,13 +177,22 @@ fn run(mem: &GuestMemoryMmap, shared: &(Mutex<Window>, Condvar)) {
                 if w.stop {
                     return;
                 }
+                if w.backed + BLOCK > w.allowed {
+                    // No further ahead of the pages than SLACK: wait for more of them.
+                    w = wake.wait(w).unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
                 if w.next < w.end {
                     let at = w.next;
                     w.next += BLOCK;
+                    w.backed += BLOCK;
                     break at;
                 }
                 match w.plan.pop() {
-                    Some(at) if at >= w.floor => break at,
+                    Some(at) if at >= w.floor => {
+                        w.backed += BLOCK;
+                        break at;
+                    }
                     // The receiver has passed it, and every lower one.
                     Some(_) => w.plan.clear(),
                     None => w = wake.wait(w).unwrap_or_else(|e| e.into_inner()),
@@ -263,6 +288,31 @@ mod tests {
         assert!(!backed(&ram, 4 * MIB), "a block below the receiver");
         assert!(!backed(&ram, 8 * MIB), "the receiver's own block");
         assert!(!backed(&ram, 30 * MIB), "a block not in the map");
+    }
+
+    #[test]
+    fn a_touched_map_of_all_ram_backs_no_more_than_the_slack_beyond_the_pages() {
+        let ram = GuestRam::new(512 * MIB).unwrap();
+        let mut p = Prefault::start(ram.memory().clone());
+        // Every block of 512 MiB, and no page yet.
+        p.touched(&[u64::MAX; 4]);
+        assert!(
+            wait_backed(&ram, 512 * MIB - PAGE_SIZE),
+            "the top block first"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let count = |ram: &GuestRam| {
+            (0..512 * MIB / BLOCK)
+                .filter(|b| backed(ram, b * BLOCK))
+                .count() as u64
+        };
+        assert_eq!(count(&ram), SLACK / BLOCK, "SLACK and not a block more");
+        // 8 MiB of pages arrive (at the bottom): 4 more blocks may be backed.
+        p.frame(&frame(0, 2048, 1));
+        assert!(wait_backed(&ram, 512 * MIB - SLACK - 8 * MIB));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        p.stop();
+        assert_eq!(count(&ram), (SLACK + 8 * MIB) / BLOCK);
     }
 
     #[test]
