@@ -298,9 +298,25 @@ pub fn recv_precopy(r: &mut impl Read) -> Result<Precopy, Error> {
     }
 }
 
+/// A peer's text as it may appear in an error line: control characters (a newline, a
+/// terminal escape) written as escapes, so that a peer cannot add lines to a log or steer
+/// a terminal; everything else as it is.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
+}
+
 /// Reads the payload of a control message whose head has been read.
 fn message(r: &mut impl Read, tag: [u8; 4], len: u32) -> Result<Message, Error> {
-    let tag_s = String::from_utf8_lossy(&tag).into_owned();
+    let tag_s = printable(&String::from_utf8_lossy(&tag));
     if len > MAX_MESSAGE {
         return Err(Error::TooLarge { tag: tag_s, len });
     }
@@ -310,12 +326,12 @@ fn message(r: &mut impl Read, tag: [u8; 4], len: u32) -> Result<Message, Error> 
     let m = match &tag {
         b"HELO" => Message::Hello(hello(&mut d)?),
         b"ACPT" => Message::Accept,
-        b"RFSE" => Message::Refuse(d.str_u32("reason", MAX_REASON)?),
+        b"RFSE" => Message::Refuse(printable(&d.str_u32("reason", MAX_REASON)?)),
         b"RSTD" => Message::Restored,
-        b"FAIL" => Message::Failed(d.str_u32("reason", MAX_REASON)?),
+        b"FAIL" => Message::Failed(printable(&d.str_u32("reason", MAX_REASON)?)),
         b"CMIT" => Message::Commit,
         b"RUNG" => Message::Running,
-        b"CNCL" => Message::Cancel(d.str_u32("reason", MAX_REASON)?),
+        b"CNCL" => Message::Cancel(printable(&d.str_u32("reason", MAX_REASON)?)),
         b"VMST" => Message::State,
         b"SYNC" => Message::Sync,
         b"SYND" => Message::Synced,
@@ -453,6 +469,30 @@ mod tests {
             assert_eq!(n, buf.len() as u64, "{} bytes written", m.name());
             assert_eq!(recv(&mut buf.as_slice()).unwrap(), m);
         }
+    }
+
+    #[test]
+    fn a_peers_reason_and_tag_reach_error_lines_escaped() {
+        let mut buf = Vec::new();
+        send(
+            &mut buf,
+            &Message::Refuse("no\nferry: error: forged\u{1b}[31m".into()),
+        )
+        .unwrap();
+        match recv(&mut buf.as_slice()).unwrap() {
+            Message::Refuse(r) => {
+                assert_eq!(r, "no\\nferry: error: forged\\u{1b}[31m");
+                assert!(!r.contains('\n') && !r.contains('\u{1b}'));
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut odd = b"A\nB\x07".to_vec();
+        odd.extend_from_slice(&0u32.to_le_bytes());
+        let e = recv(&mut odd.as_slice()).unwrap_err().to_string();
+        assert!(
+            e.contains("A\\") && !e.contains('\n') && !e.contains('\u{7}'),
+            "{e}"
+        );
     }
 
     #[test]

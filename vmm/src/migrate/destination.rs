@@ -498,11 +498,13 @@ fn acceptable(h: &Hello, host: Option<&CpuidDump>) -> Result<(), String> {
     if !profile.migratable && host.vendor() != Some(profile.identity.vendor) {
         return Err(format!(
             "CPU profile {} describes one host and is not migratable to a host of another vendor",
-            profile.name
+            migration::protocol::printable(&profile.name)
         ));
     }
-    cpuid::profile::check(&profile, host)
-        .map_err(|m| format!("this host cannot run CPU profile {}: {m}", profile.name))?;
+    cpuid::profile::check(&profile, host).map_err(|m| {
+        let name = migration::protocol::printable(&profile.name);
+        format!("this host cannot run CPU profile {name}: {m}")
+    })?;
     // The guest CPU as the source runs it against what this host's KVM makes of the
     // profile: refused here, before Accept, rather than by the machine built after it.
     let here = crate::admit::probe(&kvm, &profile, h.vcpus)

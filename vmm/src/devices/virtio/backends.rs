@@ -54,8 +54,9 @@ impl Devices {
                 .len();
             if here.to_string_lossy() != path || len != size {
                 return Err(format!(
-                    "disk {i}: this side was given {} ({len} bytes), the guest's disk is {path} ({size} bytes): both sides must name the same image",
-                    here.display()
+                    "disk {i}: this side was given {} ({len} bytes), the guest's disk is {} ({size} bytes): both sides must name the same image",
+                    here.display(),
+                    migration::protocol::printable(path)
                 ));
             }
             if d.read_only != read_only {
