@@ -363,6 +363,18 @@ impl Ferry {
     }
 }
 
+/// Runs `cmd` (a ferry command that must fail): requires exit status 1 and exactly one
+/// stderr line starting `ferry: error: `, and returns that line.
+pub fn one_error_line(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run ferry");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{cmd:?}: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {err}");
+    assert!(lines[0].starts_with("ferry: error: "), "{err}");
+    lines[0].to_string()
+}
+
 /// `ferry run` of the test guest (PVH vmlinux unless `kernel` says otherwise): 256 MiB,
 /// `vcpus` vCPUs, the guest's command line plus `cmdline`, `extra` arguments, and a
 /// control socket at `socket`.

@@ -8,15 +8,9 @@ use std::process::Command;
 
 use ferry_tests::process::{ferry_bin, temp_path, Ferry};
 
-/// Runs ferry with `args`; requires exit status 1 and one error line, which it returns.
+/// `ferry args...`, which must fail with one error line: that line.
 fn one_error_line(args: &[&str]) -> String {
-    let out = Command::new(ferry_bin()).args(args).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "one line: {err}");
-    assert!(lines[0].starts_with("ferry: error: "), "{err}");
-    lines[0].to_string()
+    ferry_tests::process::one_error_line(Command::new(ferry_bin()).args(args))
 }
 
 fn mode(p: &std::path::Path) -> u32 {

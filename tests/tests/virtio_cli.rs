@@ -8,20 +8,8 @@ use std::process::Command;
 use ferry_tests::netns::Netns;
 use std::time::Duration;
 
-use ferry_tests::process::{count_line, ferry_bin, run_tiny, temp_path, Ferry};
+use ferry_tests::process::{count_line, ferry_bin, one_error_line, run_tiny, temp_path, Ferry};
 use ferry_tests::tiny::LONG_COUNT;
-
-/// Runs `cmd` (a `ferry run` of a tiny guest that would otherwise run) and returns its
-/// single stderr line, checking it failed with status 1.
-fn one_error_line(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("run ferry");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "one line: {err}");
-    assert!(lines[0].starts_with("ferry: error: "), "{err}");
-    lines[0].to_string()
-}
 
 fn image() -> std::path::PathBuf {
     let img = temp_path("virtio-cli.bin");

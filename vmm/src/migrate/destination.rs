@@ -37,18 +37,15 @@ pub struct ReceiveOptions {
 /// for itself, as /proc/meminfo says now; no limit where it cannot tell (the machine's own
 /// checks still apply).
 pub fn host_memory_limit() -> u64 {
-    let available = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemAvailable:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(u64::MAX, |kib| kib * 1024);
-    if available == u64::MAX {
-        return available;
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    match available.map(|kib| kib * 1024) {
+        Some(bytes) => bytes.saturating_sub((bytes / 8).max(256 << 20)),
+        None => u64::MAX,
     }
-    available.saturating_sub((available / 8).max(256 << 20))
 }
 
 /// The default vCPU limit: four per host CPU.

@@ -61,10 +61,7 @@ pub fn load(path: &Path) -> Result<Key, Error> {
 /// Writes a new key file of [`GENERATED_KEY`] random bytes with mode 0600; an existing
 /// file is left as it is and refused.
 pub fn generate(path: &Path) -> Result<(), Error> {
-    let mut key = [0u8; GENERATED_KEY];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut r| r.read_exact(&mut key))
-        .map_err(io(Path::new("/dev/urandom")))?;
+    let key: [u8; GENERATED_KEY] = super::random().map_err(io(Path::new("/dev/urandom")))?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

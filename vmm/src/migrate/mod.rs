@@ -327,13 +327,16 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// 32 bytes from the kernel's random source.
-fn nonce() -> Result<[u8; auth::NONCE_SIZE], Error> {
-    let mut n = [0u8; auth::NONCE_SIZE];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut n))
-        .map_err(Error::Random)?;
+/// `N` bytes from the kernel's random source.
+fn random<const N: usize>() -> std::io::Result<[u8; N]> {
+    let mut n = [0u8; N];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut n))?;
     Ok(n)
+}
+
+/// A handshake nonce.
+fn nonce() -> Result<[u8; auth::NONCE_SIZE], Error> {
+    random().map_err(Error::Random)
 }
 
 /// The source's side of migration::auth, its errors as the migration names them.
