@@ -36,6 +36,11 @@ require_iproute2() {
 	command -v ip >/dev/null || apt_install iproute2
 }
 
+# A migration test connects to a Unix-socket destination as another user with python3.
+require_python3() {
+	command -v python3 >/dev/null || apt_install python3-minimal
+}
+
 # Prints the test guest's directory, building it first if needed (minutes, once).
 test_guest() {
 	bash "$repo/tests/guest/build.sh"

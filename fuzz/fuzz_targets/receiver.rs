@@ -1,26 +1,19 @@
 //! The destination's side of the protocol as a connection's bytes drive it: the receiver
 //! state machine (migration::receiver) decides every step, as in ferry; this target plays
 //! the destination's I/O without KVM (page bytes read and CRC-checked, the VM stream
-//! decoded, every check of this host taken as passing). Keyed with a fixed key and nonce, so
-//! that a seed can carry a whole authenticated session.
+//! decoded, every check of this host taken as passing). Authentication comes before the
+//! receiver (inside TLS), so the first byte (once a keyed flag) is skipped.
 #![no_main]
 
 use std::io::Read;
 
 use libfuzzer_sys::fuzz_target;
-use migration::auth::Key;
 use migration::protocol::{self, Message, Precopy};
 use migration::receiver::{Action, Input, Receiver};
 
-/// The key and destination nonce of the seed corpus' authenticated session.
-const KEY: &[u8] = b"ferry fuzz corpus key, 32 bytes";
-const NONCE: [u8; 32] = [0x5a; 32];
-
 fuzz_target!(|data: &[u8]| {
-    let keyed = data.first().is_some_and(|b| b & 1 == 1);
     let mut r = data.get(1..).unwrap_or_default();
-    let key = keyed.then(|| Key::new(KEY).expect("a valid key"));
-    let mut rx = Receiver::new(key, NONCE);
+    let mut rx = Receiver::new();
     let mut outcome: Option<Input> = None;
     let mut head = None;
     for _ in 0..100_000 {

@@ -1,6 +1,9 @@
 //! Mutual authentication of two ferry processes that share a key, before any other message
 //! (docs/migration-format.md, "Authentication"): HMAC-SHA256 challenge and response in both
-//! directions, each side proving the key over a fresh nonce of the other.
+//! directions, each side proving the key over a fresh nonce of the other. It runs inside the
+//! TLS session that carries the migration, with the key bound to that session
+//! ([`Key::bound_to`] its exporter): proofs made in one session prove nothing in another, so
+//! a relay that terminates TLS on each side cannot pass them through.
 //!
 //! ```text
 //! source                                        destination
@@ -39,8 +42,8 @@ pub enum Error {
     Protocol(#[from] protocol::Error),
     #[error("the destination refused the VM: {0}")]
     Refused(String),
-    #[error("expected the destination's proof, got {0}")]
-    Unexpected(&'static str),
+    #[error("expected the {0}, got {1}")]
+    Unexpected(&'static str, &'static str),
 }
 
 /// The source's half of the handshake over `conn`, with `nonce_s` fresh from a random
@@ -58,13 +61,32 @@ pub fn source_handshake(
             nd
         }
         Message::Refuse(r) => return Err(Error::Refused(r)),
-        other => return Err(Error::Unexpected(other.name())),
+        other => return Err(Error::Unexpected("destination's proof", other.name())),
     };
     protocol::send(
         conn,
         &Message::AuthProof(key.source_proof(&nonce_d, &nonce_s)),
     )?;
     Ok(())
+}
+
+/// The destination's half over `conn`, with `nonce_d` fresh from a random source: answer
+/// the challenge with this side's proof, check the source's.
+pub fn destination_handshake(
+    conn: &mut (impl Read + Write),
+    key: &Key,
+    nonce_d: [u8; NONCE_SIZE],
+) -> Result<(), Error> {
+    let nonce_s = match protocol::recv(conn)? {
+        Message::AuthChallenge(ns) => ns,
+        other => return Err(Error::Unexpected("source's challenge", other.name())),
+    };
+    let proof = key.destination_proof(&nonce_s, &nonce_d);
+    protocol::send(conn, &Message::AuthResponse(nonce_d, proof))?;
+    match protocol::recv(conn)? {
+        Message::AuthProof(p) => key.check_source(&nonce_d, &nonce_s, &p),
+        other => Err(Error::Unexpected("source's proof", other.name())),
+    }
 }
 
 /// A shared key, checked for size.
@@ -85,6 +107,17 @@ impl Key {
             return Err(Error::KeySize(b.len()));
         }
         Ok(Key(b.to_vec()))
+    }
+
+    /// This key bound to one channel: HMAC(K, "ferry channel binding" | `binding`), where
+    /// `binding` is the channel's TLS exporter value (RFC 8446 section 7.5, as tls-exporter
+    /// channel bindings of RFC 9266 use it): both ends of one TLS session compute the same,
+    /// the two sessions of a relay in the middle do not.
+    pub fn bound_to(&self, binding: &[u8]) -> Key {
+        let mut m = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key size");
+        m.update(b"ferry channel binding");
+        m.update(binding);
+        Key(m.finalize().into_bytes().to_vec())
     }
 
     fn mac(&self, label: &[u8], a: &[u8; NONCE_SIZE], b: &[u8; NONCE_SIZE]) -> Hmac<Sha256> {
@@ -173,6 +206,39 @@ mod tests {
         // The destination's own proof sent back as the source's.
         let pd = k.destination_proof(&ns, &nd);
         assert!(k.check_source(&nd, &ns, &pd).is_err(), "reflection");
+    }
+
+    #[test]
+    fn a_key_bound_to_another_channel_proves_nothing() {
+        let k = Key::new(K).unwrap();
+        let (ns, nd) = ([1u8; 32], [2u8; 32]);
+        let here = k.bound_to(b"exporter of session A");
+        let there = k.bound_to(b"exporter of session B");
+        let pd = there.destination_proof(&ns, &nd);
+        assert!(here.check_destination(&ns, &nd, &pd).is_err());
+        let again = k.bound_to(b"exporter of session A");
+        here.check_destination(&ns, &nd, &again.destination_proof(&ns, &nd))
+            .unwrap();
+    }
+
+    #[test]
+    fn the_two_halves_agree_over_a_socket() {
+        let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let k = Key::new(K).unwrap();
+        let kd = k.clone();
+        let d = std::thread::spawn(move || destination_handshake(&mut b, &kd, [7; 32]));
+        source_handshake(&mut a, &k, [3; 32]).unwrap();
+        d.join().unwrap().unwrap();
+        // A source with another key is told nothing it can use, and stops.
+        let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let d = std::thread::spawn(move || destination_handshake(&mut b, &k, [7; 32]));
+        let other = Key::new(b"another key of 16+ bytes").unwrap();
+        assert!(matches!(
+            source_handshake(&mut a, &other, [3; 32]),
+            Err(Error::BadProof)
+        ));
+        drop(a);
+        assert!(d.join().unwrap().is_err());
     }
 
     #[test]

@@ -61,6 +61,8 @@ pub enum Error {
     TooLarge { tag: String, len: u32 },
     #[error("{0}")]
     Pages(#[from] crate::pages::Error),
+    #[error("the peer speaks TLS (it was given --key-file or --tls-dir): give this side the same")]
+    Tls,
 }
 
 impl From<std::io::Error> for Error {
@@ -265,6 +267,10 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<u64, Error> {
 fn read_head(r: &mut impl Read) -> Result<([u8; 4], u32), Error> {
     let mut head = [0u8; 8];
     r.read_exact(&mut head)?;
+    // A TLS record (handshake, alert) where a frame should begin: no tag starts so.
+    if (0x14..=0x17).contains(&head[0]) && head[1] == 0x03 {
+        return Err(Error::Tls);
+    }
     let tag: [u8; 4] = head[..4].try_into().expect("4 bytes");
     Ok((
         tag,

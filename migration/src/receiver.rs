@@ -4,8 +4,8 @@
 //! receiver fuzz target drives the same machine.
 //!
 //! ```text
-//! Handshake ---AUT1 (keyed)---> Proving ---AUT3 ok---> AwaitHello
-//!     |  \__________Hello (no key)____________________/   | Hello
+//! Handshake (authenticated already, where a key or TLS is set: vmm's migrate::secure)
+//!     |  \__________Hello______________________________
 //!     |                                                   v
 //!     |                                          Checking (CheckHello)
 //!     |                                              | Done(ok): Accept
@@ -20,7 +20,6 @@
 //! in any precopy state. A refusal carries the Refuse to send, a failure of this side the
 //! Failed to send, so that the source knows why.
 
-use crate::auth::{Key, NONCE_SIZE};
 use crate::protocol::{Hello, Message};
 
 /// Where a migration is, as errors name it (either side).
@@ -54,8 +53,6 @@ impl std::fmt::Display for Phase {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum State {
     Handshake,
-    Proving { ns: [u8; NONCE_SIZE] },
-    AwaitHello,
     Checking,
     Accepted,
     Precopy { round: u32, round0_open: bool },
@@ -136,9 +133,6 @@ pub struct Failure {
 #[derive(Debug)]
 pub struct Receiver {
     state: State,
-    key: Option<Key>,
-    /// This side's nonce for authentication (fresh per migration, from the driver).
-    nonce: [u8; NONCE_SIZE],
 }
 
 fn name(i: &Input) -> &'static str {
@@ -149,14 +143,17 @@ fn name(i: &Input) -> &'static str {
     }
 }
 
+impl Default for Receiver {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Receiver {
-    /// A receiver that takes only a source proving `key` (None: no authentication), with
-    /// `nonce` fresh from a random source.
-    pub fn new(key: Option<Key>, nonce: [u8; NONCE_SIZE]) -> Self {
+    /// A receiver at the start of a connection (authenticated already, if at all).
+    pub fn new() -> Self {
         Receiver {
             state: State::Handshake,
-            key,
-            nonce,
         }
     }
 
@@ -167,9 +164,7 @@ impl Receiver {
     /// The phase, as errors name it.
     pub fn phase(&self) -> Phase {
         match self.state {
-            State::Handshake | State::Proving { .. } | State::AwaitHello | State::Checking => {
-                Phase::Handshake
-            }
+            State::Handshake | State::Checking => Phase::Handshake,
             State::Accepted => Phase::Memory { round: 0 },
             State::Precopy { round, .. } | State::Syncing { round } => Phase::Memory { round },
             State::DeviceState => Phase::Switchover,
@@ -181,7 +176,6 @@ impl Receiver {
     /// What the next read waits for, as a read error names it.
     pub fn awaits(&self) -> &'static str {
         match self.state {
-            State::Proving { .. } => "authenticating",
             State::AwaitCommit => "waiting for Commit",
             State::Accepted | State::Precopy { .. } => "receiving memory",
             _ => "waiting for Hello",
@@ -205,16 +199,10 @@ impl Receiver {
 
     fn transition(&mut self, state: State, input: Input) -> Result<Action, Failure> {
         match (state, input) {
-            (State::Handshake, Input::Message(m)) => self.first(m),
-            (State::Proving { ns }, Input::Message(Message::AuthProof(p))) => {
-                let key = self.key.as_ref().ok_or_else(|| refuse("no key"))?;
-                key.check_source(&self.nonce, &ns, &p)
-                    .map_err(|_| refuse("the source could not prove the shared key"))?;
-                self.state = State::AwaitHello;
-                Ok(Action::Next)
-            }
-            (State::Proving { .. }, _) => Err(refuse("the source could not prove the shared key")),
-            (State::AwaitHello, Input::Message(Message::Hello(h))) => {
+            (State::Handshake, Input::Message(Message::AuthChallenge(_))) => Err(refuse(
+                "this destination has no key (--key-file): it takes unauthenticated migrations only",
+            )),
+            (State::Handshake, Input::Message(Message::Hello(h))) => {
                 self.state = State::Checking;
                 Ok(Action::CheckHello(Box::new(h)))
             }
@@ -262,32 +250,6 @@ impl Receiver {
         }
     }
 
-    /// The first message: a challenge where a key is set, else the Hello.
-    fn first(&mut self, m: Message) -> Result<Action, Failure> {
-        match (&self.key, m) {
-            (Some(key), Message::AuthChallenge(ns)) => {
-                let proof = key.destination_proof(&ns, &self.nonce);
-                self.state = State::Proving { ns };
-                Ok(Action::Reply(Message::AuthResponse(self.nonce, proof)))
-            }
-            (Some(_), other) => Err(refuse(&format!(
-                "this destination takes only a source that proves the shared key (--key-file); it sent {} first",
-                other.name()
-            ))),
-            (None, Message::AuthChallenge(_)) => Err(refuse(
-                "this destination has no key (--key-file): it takes unauthenticated migrations only",
-            )),
-            (None, Message::Hello(h)) => {
-                self.state = State::Checking;
-                Ok(Action::CheckHello(Box::new(h)))
-            }
-            (None, other) => {
-                self.state = State::Handshake;
-                Err(self.unexpected(&Input::Message(other)))
-            }
-        }
-    }
-
     fn precopy(&mut self, round: u32, round0_open: bool, i: Input) -> Result<Action, Failure> {
         self.state = State::Precopy { round, round0_open };
         match i {
@@ -314,7 +276,7 @@ impl Receiver {
 
     fn unexpected(&self, i: &Input) -> Failure {
         let expected = match self.state {
-            State::Handshake | State::AwaitHello => "Hello",
+            State::Handshake => "Hello",
             State::Precopy {
                 round0_open: true, ..
             } => "Pages, Sync, Touched, Cancel or State",

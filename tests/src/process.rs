@@ -193,6 +193,11 @@ impl Ferry {
     }
 
     /// Waits for the process to exit; drains its output.
+    /// The exit status if ferry has exited, else None (it runs on).
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("wait for ferry")
+    }
+
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
         loop {

@@ -1,11 +1,9 @@
-//! Every transition of the receiver: the legal paths end to end (with and without a key),
+//! Every transition of the receiver: the legal paths end to end ,
 //! and each state against every kind of input it must refuse.
 
 use super::*;
 use crate::protocol::Hello;
 
-const KEY: &[u8] = b"0123456789abcdef-shared";
-const ND: [u8; 32] = [7; 32];
 const NS: [u8; 32] = [3; 32];
 
 fn hello() -> Message {
@@ -23,7 +21,7 @@ fn msg(m: Message) -> Input {
 
 /// A receiver driven to `target` along the legal path (no key).
 fn at(target: &str) -> Receiver {
-    let mut r = Receiver::new(None, ND);
+    let mut r = Receiver::new();
     let path: Vec<Input> = vec![
         msg(hello()),
         Input::Done(Ok(())),
@@ -59,7 +57,7 @@ fn at(target: &str) -> Receiver {
 
 #[test]
 fn the_whole_path_without_a_key() {
-    let mut r = Receiver::new(None, ND);
+    let mut r = Receiver::new();
     assert_eq!(r.phase(), Phase::Handshake);
     assert!(matches!(ok(&mut r, msg(hello())), Action::CheckHello(_)));
     assert_eq!(ok(&mut r, Input::Done(Ok(()))), Action::Accept);
@@ -92,44 +90,17 @@ fn the_whole_path_without_a_key() {
 }
 
 #[test]
-fn the_handshake_with_a_key() {
-    let key = Key::new(KEY).unwrap();
-    let mut r = Receiver::new(Some(key.clone()), ND);
-    match ok(&mut r, msg(Message::AuthChallenge(NS))) {
-        Action::Reply(Message::AuthResponse(nd, proof)) => {
-            assert_eq!(nd, ND);
-            key.check_destination(&NS, &ND, &proof).unwrap();
-        }
-        other => panic!("{other:?}"),
-    }
-    let proof = key.source_proof(&ND, &NS);
-    assert_eq!(ok(&mut r, msg(Message::AuthProof(proof))), Action::Next);
-    assert!(matches!(ok(&mut r, msg(hello())), Action::CheckHello(_)));
-}
-
-#[test]
-fn a_wrong_proof_or_no_challenge_is_refused_and_told() {
-    let key = Key::new(KEY).unwrap();
-    let mut r = Receiver::new(Some(key.clone()), ND);
-    ok(&mut r, msg(Message::AuthChallenge(NS)));
-    let replayed = key.source_proof(&[9; 32], &NS);
-    let f = r.step(msg(Message::AuthProof(replayed))).unwrap_err();
-    assert!(
-        matches!(f.reply.as_deref(), Some(Message::Refuse(_))),
-        "{f:?}"
-    );
-    assert_eq!(r.state(), &State::Failed);
-
-    let mut r = Receiver::new(Some(key), ND);
-    let f = r.step(msg(hello())).unwrap_err();
-    assert!(
-        matches!(&f.error, Error::Refused(w) if w.contains("proves the shared key")),
-        "{f:?}"
-    );
-    let mut r = Receiver::new(None, ND);
+fn a_challenge_is_refused_and_told() {
+    // Authentication happens before the receiver (vmm's migrate::secure): a challenge here
+    // is a source that expects a key this destination does not have.
+    let mut r = Receiver::new();
     let f = r.step(msg(Message::AuthChallenge(NS))).unwrap_err();
     assert!(
         matches!(&f.error, Error::Refused(w) if w.contains("no key")),
+        "{f:?}"
+    );
+    assert!(
+        matches!(f.reply.as_deref(), Some(Message::Refuse(_))),
         "{f:?}"
     );
 }
@@ -220,7 +191,7 @@ fn every_input() -> Vec<Input> {
     ]
 }
 
-/// The inputs each state (reached by the legal path, no key) takes: all others end it.
+/// The inputs each state (reached by the legal path) takes: all others end it.
 #[test]
 fn every_state_refuses_every_input_it_does_not_take() {
     let takes: &[(&str, &[&str])] = &[

@@ -283,7 +283,7 @@ fn migrate(
         Ok(a) => a,
         Err(e) => return fail(format!("{e}")),
     };
-    let opts = match migrate_options(m) {
+    let opts = match migrate_options(m, &addr) {
         Ok(o) => o,
         Err(e) => return fail(e),
     };
@@ -320,7 +320,10 @@ fn migrate(
 }
 
 /// The migration options of a request, defaults where absent.
-fn migrate_options(m: &MigrateRequest) -> Result<crate::migrate::Options, String> {
+fn migrate_options(
+    m: &MigrateRequest,
+    addr: &crate::migrate::Address,
+) -> Result<crate::migrate::Options, String> {
     let mut o = crate::migrate::Options::default();
     let ms = |key: &str, v: Option<f64>, min: f64| -> Result<Option<Duration>, String> {
         match v {
@@ -349,6 +352,15 @@ fn migrate_options(m: &MigrateRequest) -> Result<crate::migrate::Options, String
     }
     if let Some(path) = &m.key_file {
         o.key = Some(crate::migrate::key::load(path).map_err(|e| e.to_string())?);
+    }
+    if let Some(dir) = &m.tls_dir {
+        let name = m
+            .tls_name
+            .clone()
+            .unwrap_or_else(|| crate::migrate::tls_default_name(addr));
+        o.tls = Some(crate::migrate::SourceTls::load(dir, &name).map_err(|e| e.to_string())?);
+    } else if m.tls_name.is_some() {
+        return Err("tls_name without tls_dir: a name is checked only with certificates".into());
     }
     Ok(o)
 }

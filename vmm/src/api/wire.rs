@@ -60,6 +60,12 @@ pub struct MigrateRequest {
     /// A shared key file the server reads (send it absolute).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<PathBuf>,
+    /// A directory of TLS certificates the server reads (--tls-dir; send it absolute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
+    /// The name the destination's certificate must carry (default: the address's host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_timeout_ms: Option<f64>,
     /// Send `{"progress":...}` lines before the answer.

@@ -34,6 +34,21 @@ pub enum Cmd {
     /// Shared keys for migrations between hosts without a CA.
     #[command(subcommand)]
     Key(KeyCmd),
+    /// Certificates for migrations over TLS.
+    #[command(subcommand)]
+    Tls(TlsCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TlsCmd {
+    /// Write a new CA and, signed by it, a destination's and a source's certificate into
+    /// DIR (for --tls-dir on both sides; QEMU's tls-creds-x509 reads the same layout).
+    Generate {
+        dir: PathBuf,
+        /// A host name or address the source will connect to (repeat for more).
+        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -160,6 +175,14 @@ pub struct ReceiveArgs {
     /// the source. Without one, ferry listens on a Unix socket or a loopback address only.
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
+    /// Run the migration over TLS with the certificates in DIR (ca-cert.pem,
+    /// server-cert.pem, server-key.pem): only a source whose certificate the CA signed.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Give up on a migration that has not handed over the guest this long after the
+    /// source connected.
+    #[arg(long, default_value = "1h", value_parser = vmm::config::parse_duration)]
+    pub deadline: Duration,
     /// Give up on a source that sends or takes nothing for this long (the guest then stays
     /// with the source).
     #[arg(long, default_value = "60s", value_parser = vmm::config::parse_duration)]
@@ -216,6 +239,14 @@ pub enum CtlCmd {
         /// Prove this shared key to the destination (`ferry receive --key-file`).
         #[arg(long, value_name = "FILE")]
         key_file: Option<PathBuf>,
+        /// Run the migration over TLS with the certificates in DIR (ca-cert.pem,
+        /// client-cert.pem, client-key.pem), checking the destination's certificate.
+        #[arg(long, value_name = "DIR")]
+        tls_dir: Option<PathBuf>,
+        /// The name the destination's certificate must carry (default: the host of
+        /// tcp:HOST:PORT, or localhost for a Unix socket).
+        #[arg(long, requires = "tls_dir")]
+        tls_name: Option<String>,
         /// Give up on a destination that sends or takes nothing for this long (before
         /// Commit the guest then runs on here).
         #[arg(long, default_value = "60s", value_parser = vmm::config::parse_duration)]

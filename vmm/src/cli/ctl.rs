@@ -145,6 +145,8 @@ fn request(cmd: &CtlCmd) -> anyhow::Result<Request> {
             max_bandwidth,
             max_throttle,
             key_file,
+            tls_dir,
+            tls_name,
             peer_timeout,
         } => Request::Migrate(MigrateRequest {
             url: url.clone(),
@@ -156,6 +158,8 @@ fn request(cmd: &CtlCmd) -> anyhow::Result<Request> {
                 .transpose()?,
             max_throttle: Some(*max_throttle),
             key_file: key_file.as_deref().map(absolute).transpose()?,
+            tls_dir: tls_dir.as_deref().map(absolute).transpose()?,
+            tls_name: tls_name.clone(),
             peer_timeout_ms: Some(peer_timeout.as_secs_f64() * 1e3),
             progress: true,
         }),

@@ -24,6 +24,15 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("ferry: wrote a new key to {} (mode 0600)", file.display());
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Tls(args::TlsCmd::Generate { dir, names }) => {
+            vmm::migrate::tls_generate(&dir, &names)?;
+            eprintln!(
+                "ferry: wrote a CA, a destination certificate for {} and a source certificate to {} (keys mode 0600)",
+                names.join(", "),
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

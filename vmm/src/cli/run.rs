@@ -149,7 +149,12 @@ pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let key = a.key_file.as_deref().map(read_key).transpose()?;
-    if key.is_none() {
+    let tls = a
+        .tls_dir
+        .as_deref()
+        .map(vmm::migrate::DestinationTls::load)
+        .transpose()?;
+    if key.is_none() && tls.is_none() {
         vmm::migrate::check_local(&addr)?;
     }
     anyhow::ensure!(
@@ -160,6 +165,8 @@ pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
     let opts = vmm::migrate::ReceiveOptions {
         host,
         key,
+        tls,
+        deadline: a.deadline,
         peer_timeout: a.peer_timeout,
         devices: a.devices.parse()?,
         max_memory: match &a.max_memory {
@@ -171,10 +178,11 @@ pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
     eprintln!(
         "ferry: waiting for a VM on {} ({})",
         a.listen,
-        if opts.key.is_some() {
-            "the source must prove the shared key"
-        } else {
-            "no key: local connections only"
+        match (opts.key.is_some(), opts.tls.is_some()) {
+            (true, true) => "TLS: the source needs a certificate of the CA and the shared key",
+            (false, true) => "TLS: the source needs a certificate of the CA",
+            (true, false) => "TLS: the source must prove the shared key",
+            (false, false) => "no key: local connections only, unencrypted",
         }
     );
     // Run the guest as soon as the source commits: the control socket and the rest follow.

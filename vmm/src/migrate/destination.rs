@@ -20,8 +20,13 @@ use super::*;
 pub struct ReceiveOptions {
     /// Check the CPU profile against this recorded host instead of this one.
     pub host: Option<CpuidDump>,
-    /// Take only a source that proves this key (and prove it to the source).
+    /// Take only a source that proves this key (and prove it to the source), inside TLS.
     pub key: Option<Key>,
+    /// TLS with certificates (--tls-dir): only a source whose certificate the CA signed.
+    pub tls: Option<DestinationTls>,
+    /// Give up on a migration that has not handed over the guest this long after the
+    /// source connected (plus at most one peer timeout for the read under way).
+    pub deadline: Duration,
     /// Give up on a source that sends or takes nothing for this long.
     pub peer_timeout: Duration,
     /// The disks and network cards given here (`--disk`, `--net`); none: the source's.
@@ -32,6 +37,9 @@ pub struct ReceiveOptions {
     /// The most vCPUs this side takes.
     pub max_vcpus: u32,
 }
+
+/// How long a destination waits for a whole migration by default.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(3600);
 
 /// What this host can hold: its available memory less an eighth (and at least 256 MiB)
 /// for itself, as /proc/meminfo says now; no limit where it cannot tell (the machine's own
@@ -58,6 +66,8 @@ impl Default for ReceiveOptions {
         ReceiveOptions {
             host: None,
             key: None,
+            tls: None,
+            deadline: DEFAULT_DEADLINE,
             peer_timeout: PEER_TIMEOUT,
             devices: DeviceChoice::default(),
             max_memory: host_memory_limit(),
@@ -78,20 +88,37 @@ pub fn receive(
     console: Box<dyn std::io::Write + Send>,
     start: impl FnOnce(&Vm) -> Result<(), String>,
 ) -> Result<Vm, Error> {
-    if opts.key.is_none() {
+    if opts.key.is_none() && opts.tls.is_none() {
         check_local(addr)?;
     }
     receive_from(Listener::bind(addr)?, opts, console, start)
 }
 
-/// [`receive`] on a listener bound already.
+/// [`receive`] on a listener bound already. With a key or TLS, a peer that does not
+/// authenticate within [`HANDSHAKE_TIMEOUT`] is dropped (and named in a warning) and the
+/// listener waits for the next; the first that does is the source.
 pub fn receive_from(
     listener: Listener,
     opts: &ReceiveOptions,
     console: Box<dyn std::io::Write + Send>,
     start: impl FnOnce(&Vm) -> Result<(), String>,
 ) -> Result<Vm, Error> {
-    let conn = listener.accept(opts.peer_timeout)?;
+    let secured = opts.key.is_some() || opts.tls.is_some();
+    let handshake = HANDSHAKE_TIMEOUT.min(opts.peer_timeout);
+    let conn = loop {
+        let sock = listener.accept(opts.peer_timeout, secured)?;
+        match super::tls::from_source(
+            sock,
+            opts.key.as_ref(),
+            opts.tls.as_ref(),
+            handshake,
+            opts.peer_timeout,
+        ) {
+            Ok(c) => break c,
+            Err(e) => log::warn!("refused a connection: {e}; waiting for the source"),
+        }
+    };
+    drop(listener);
     receive_with(conn, opts, console, start)
 }
 
@@ -117,7 +144,8 @@ pub fn receive_with(
     console: Box<dyn std::io::Write + Send>,
     start: impl FnOnce(&Vm) -> Result<(), String>,
 ) -> Result<Vm, Error> {
-    let mut rx = Receiver::new(opts.key.clone(), nonce()?);
+    let began = std::time::Instant::now();
+    let mut rx = Receiver::new();
     let mut d = Driver {
         conn: &mut conn,
         console: Some(console),
@@ -136,6 +164,15 @@ pub fn receive_with(
     loop {
         let input = match outcome.take() {
             Some(i) => i,
+            None if began.elapsed() > opts.deadline => {
+                let why = format!(
+                    "its deadline of {} s passed (phase: {}); the source keeps the guest",
+                    opts.deadline.as_secs(),
+                    rx.phase()
+                );
+                let _ = protocol::send(&mut d.conn, &Message::Failed(why.clone()));
+                return Err(Error::Deadline(why));
+            }
             None => d.read(&rx)?,
         };
         let action = match rx.step(input) {

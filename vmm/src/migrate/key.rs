@@ -18,9 +18,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "key file {path}: readable by group or others (mode {mode:04o}); `chmod 600 {path}` first"
-    )]
+    #[error("{path}: readable by group or others (mode {mode:04o}); `chmod 600 {path}` first")]
     Exposed { path: PathBuf, mode: u32 },
     #[error("key file {path}: {source}")]
     Key {
@@ -37,8 +35,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-/// Reads the key file at `path`; refuses one that its group or others may read or write.
-pub fn load(path: &Path) -> Result<Key, Error> {
+/// Reads at most `max` bytes of the private file at `path`; refuses one that its group or
+/// others may read or write.
+pub fn read_private(path: &Path, max: u64) -> Result<Vec<u8>, Error> {
     let mut f = std::fs::File::open(path).map_err(io(path))?;
     let mode = f.metadata().map_err(io(path))?.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -49,9 +48,15 @@ pub fn load(path: &Path) -> Result<Key, Error> {
     }
     let mut bytes = Vec::new();
     Read::by_ref(&mut f)
-        .take(migration::auth::MAX_KEY as u64 + 2)
+        .take(max)
         .read_to_end(&mut bytes)
         .map_err(io(path))?;
+    Ok(bytes)
+}
+
+/// Reads the key file at `path`; refuses one that its group or others may read or write.
+pub fn load(path: &Path) -> Result<Key, Error> {
+    let bytes = read_private(path, migration::auth::MAX_KEY as u64 + 2)?;
     Key::new(&bytes).map_err(|source| Error::Key {
         path: path.to_path_buf(),
         source,

@@ -28,12 +28,15 @@ pub mod key;
 mod net;
 mod prefault;
 mod source;
+mod tls;
 
-pub use destination::{host_memory_limit, host_vcpu_limit};
+pub use destination::{host_memory_limit, host_vcpu_limit, DEFAULT_DEADLINE};
 pub use destination::{receive, receive_from, receive_over, receive_with, ReceiveOptions};
 pub use net::{check_local, Address, Listener};
 pub use prefault::SLACK as PREFAULT_SLACK;
 pub use source::{send, send_over};
+pub use tls::{default_name as tls_default_name, generate as tls_generate};
+pub use tls::{DestinationTls, SourceTls, HANDSHAKE_TIMEOUT};
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -110,8 +113,14 @@ pub enum Error {
     Busy,
     #[error("authentication: {0}")]
     Auth(String),
-    #[error("refusing to listen on {0} without --key-file: anyone who can reach it could hand this ferry a VM; use a Unix socket or a loopback address, or give a shared key")]
+    #[error("refusing to listen on {0} without --key-file or --tls-dir: anyone who can reach it could hand this ferry a VM; use a Unix socket or a loopback address, or give a shared key or certificates")]
     Unauthenticated(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("TLS files: {0}")]
+    TlsFiles(String),
+    #[error("the destination gave up: {0}")]
+    Deadline(String),
     #[error("{0}: another process is listening there (a second `ferry receive` on one path?)")]
     AddressInUse(String),
     #[error("the source sent pages at {gpa:#x} ({len} bytes) outside guest RAM")]
@@ -154,8 +163,11 @@ pub struct Options {
     pub max_bandwidth: Option<u64>,
     /// Most vCPU time throttling may take, percent (0: never throttle).
     pub max_throttle: u8,
-    /// Prove this shared key to the destination, and have it prove it (migration::auth).
+    /// Prove this shared key to the destination, and have it prove it (migration::auth),
+    /// inside TLS (self::tls).
     pub key: Option<Key>,
+    /// TLS with certificates (--tls-dir), the destination's name checked.
+    pub tls: Option<SourceTls>,
     /// Give up on a destination that sends or takes nothing for this long.
     pub peer_timeout: Duration,
 }
@@ -168,6 +180,7 @@ impl Default for Options {
             max_bandwidth: None,
             max_throttle: 99,
             key: None,
+            tls: None,
             peer_timeout: PEER_TIMEOUT,
         }
     }

@@ -36,7 +36,32 @@ impl std::str::FromStr for Address {
 pub(super) trait Conn: Read + Write + Send {}
 impl<T: Read + Write + Send> Conn for T {}
 
-pub(super) fn connect(addr: &Address, timeout: Duration) -> Result<Box<dyn Conn>, Error> {
+/// A connected socket, whose reads and writes give up after a timeout.
+pub(super) trait Socket: Conn {
+    fn set_timeout(&self, t: Duration) -> std::io::Result<()>;
+}
+
+impl Socket for TcpStream {
+    fn set_timeout(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
+}
+
+impl Socket for UnixStream {
+    fn set_timeout(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
+}
+
+impl<S: Socket + ?Sized> Socket for Box<S> {
+    fn set_timeout(&self, t: Duration) -> std::io::Result<()> {
+        (**self).set_timeout(t)
+    }
+}
+
+pub(super) fn connect(addr: &Address, timeout: Duration) -> Result<Box<dyn Socket>, Error> {
     let err = |source| Error::Connect {
         what: "connecting to",
         addr: format!("{addr:?}"),
@@ -47,14 +72,12 @@ pub(super) fn connect(addr: &Address, timeout: Duration) -> Result<Box<dyn Conn>
             let s = TcpStream::connect(hp).map_err(err)?;
             // Small protocol messages must not wait for Nagle.
             s.set_nodelay(true).map_err(err)?;
-            s.set_read_timeout(Some(timeout)).map_err(err)?;
-            s.set_write_timeout(Some(timeout)).map_err(err)?;
+            s.set_timeout(timeout).map_err(err)?;
             Box::new(s)
         }
         Address::Unix(p) => {
             let s = UnixStream::connect(p).map_err(err)?;
-            s.set_read_timeout(Some(timeout)).map_err(err)?;
-            s.set_write_timeout(Some(timeout)).map_err(err)?;
+            s.set_timeout(timeout).map_err(err)?;
             Box::new(s)
         }
     })
@@ -118,32 +141,81 @@ impl Listener {
     }
 
     /// Waits for one peer; reads and writes on the connection give up after `timeout`.
-    pub(super) fn accept(self, timeout: Duration) -> Result<Box<dyn Conn>, Error> {
+    /// Without a key, a peer on a Unix socket must be of this process's user (SO_PEERCRED):
+    /// another is refused here, and the listener goes on waiting.
+    pub(super) fn accept(&self, timeout: Duration, keyed: bool) -> Result<Box<dyn Socket>, Error> {
         let err = |addr: String, source| Error::Connect {
             what: "accepting on",
             addr,
             source,
         };
-        Ok(match self {
+        match self {
             Listener::Tcp(l, hp) => {
                 let (s, _) = l.accept().map_err(|e| err(hp.clone(), e))?;
-                s.set_nodelay(true).map_err(|e| err(hp.clone(), e))?;
-                s.set_read_timeout(Some(timeout))
-                    .and_then(|()| s.set_write_timeout(Some(timeout)))
+                s.set_nodelay(true)
+                    .and_then(|()| s.set_timeout(timeout))
                     .map_err(|e| err(hp.clone(), e))?;
-                Box::new(s)
+                Ok(Box::new(s))
             }
-            Listener::Unix(l, p) => {
+            Listener::Unix(l, p) => loop {
                 let shown = p.display().to_string();
                 let (s, _) = l.accept().map_err(|e| err(shown.clone(), e))?;
-                let _ = std::fs::remove_file(&p);
-                s.set_read_timeout(Some(timeout))
-                    .and_then(|()| s.set_write_timeout(Some(timeout)))
-                    .map_err(|e| err(shown, e))?;
-                Box::new(s)
-            }
-        })
+                if !keyed {
+                    match peer_uid(&s) {
+                        Ok(uid) if uid == own_uid() => {}
+                        Ok(uid) => {
+                            log::warn!("{shown}: refused a peer of uid {uid}: without a key only this user's processes may connect");
+                            continue;
+                        }
+                        Err(e) => return Err(err(shown, e)),
+                    }
+                }
+                s.set_timeout(timeout).map_err(|e| err(shown, e))?;
+                return Ok(Box::new(s));
+            },
+        }
     }
+}
+
+impl Drop for Listener {
+    /// A Unix listener's path goes with it.
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn own_uid() -> u32 {
+    // SAFETY: getuid has no arguments and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+/// The user ID of the process at the other end of `s` (SO_PEERCRED: as it was when it
+/// connected).
+fn peer_uid(s: &UnixStream) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of a ucred and its size, which is what
+    // SO_PEERCRED writes on a connected Unix socket that `s` keeps open for the call.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
 }
 
 /// Whether a socket bound at `path` is listening, from /proc/net/unix (connecting to find

@@ -34,7 +34,14 @@ pub fn send(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, Error> {
     let _active = control.begin().ok_or(Error::Busy)?;
-    let conn = connect(addr, opts.peer_timeout)?;
+    let sock = connect(addr, opts.peer_timeout)?;
+    let conn = super::tls::to_destination(
+        sock,
+        opts.key.as_ref(),
+        opts.tls.as_ref(),
+        HANDSHAKE_TIMEOUT.min(opts.peer_timeout),
+        opts.peer_timeout,
+    )?;
     send_on(vm, control, conn, opts, progress)
 }
 
@@ -58,7 +65,7 @@ fn send_on(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, Error> {
     let started = Instant::now();
-    let touched = handshake(vm, &mut conn, opts)?;
+    let touched = handshake(vm, &mut conn)?;
     // No other controller pauses, resumes or snapshots the VM meanwhile.
     let _lifecycle = vm.lifecycle();
     let was_paused = vm.state() == RunState::Paused;
@@ -106,12 +113,9 @@ fn send_on(
     })
 }
 
-/// Authentication (with a key), Hello and the destination's Accept; returns the Touched map,
-/// read while the destination checks the Hello.
-fn handshake(vm: &Vm, conn: &mut (impl Read + Write), opts: &Options) -> Result<Vec<u64>, Error> {
-    if let Some(key) = &opts.key {
-        authenticate_to(conn, key)?;
-    }
+/// Hello and the destination's Accept (authenticated already, if at all: super::tls);
+/// returns the Touched map, read while the destination checks the Hello.
+fn handshake(vm: &Vm, conn: &mut (impl Read + Write)) -> Result<Vec<u64>, Error> {
     let hello = Hello::new(
         vm.memory_size(),
         vm.num_vcpus(),

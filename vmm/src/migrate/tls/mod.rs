@@ -1,0 +1,403 @@
+//! The migration channel's protection (docs/migration-format.md, "Security"): TLS 1.3 with
+//! rustls, in one of two ways, and plaintext only where neither is set up (local peers).
+//!
+//! - Certificates (`--tls-dir DIR`, QEMU's tls-creds-x509 layout: `ca-cert.pem`, and
+//!   `server-cert.pem`/`server-key.pem` for the destination, `client-cert.pem`/
+//!   `client-key.pem` for the source): mutual authentication, each side's certificate
+//!   chained to the CA, and the destination's name (the address's host, or `--tls-name`)
+//!   checked by the source.
+//! - A shared key (`--key-file`): TLS with a throw-away certificate the source does not
+//!   check, then migration::auth's challenge and response with the key bound to this TLS
+//!   session's exporter. Only a peer that holds the key can finish it, and only inside the
+//!   session it proves it in: a relay that terminates TLS on both sides has two sessions,
+//!   two exporters, and proofs that fail on each.
+//!
+//! With both, both hold. Either way every byte after the handshake is encrypted and every
+//! record authenticated (AES-GCM or ChaCha20-Poly1305): a changed, dropped, reordered or
+//! injected record ends the connection before its content is used.
+
+mod certs;
+
+pub use certs::generate;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use migration::auth::{self, Key};
+use migration::protocol;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection, StreamOwned};
+
+use super::net::{Conn, Socket};
+use super::{Error, Phase};
+
+/// How long a peer has to finish the TLS handshake and the key's proofs, at most.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The exporter label the shared key is bound with.
+const BINDING_LABEL: &[u8] = b"EXPORTER-ferry-migration-key";
+/// The name a keyed source asks for, and the throw-away certificate carries.
+const KEYED_NAME: &str = "ferry-migration";
+
+/// The source's TLS: its certificate, the CA, and the destination's name to check.
+#[derive(Debug, Clone)]
+pub struct SourceTls {
+    config: Arc<ClientConfig>,
+    name: ServerName<'static>,
+}
+
+/// The destination's TLS: its certificate and the CA a source's certificate must chain to.
+#[derive(Debug, Clone)]
+pub struct DestinationTls {
+    config: Arc<ServerConfig>,
+}
+
+fn tls_err(what: impl std::fmt::Display) -> Error {
+    Error::Tls(what.to_string())
+}
+
+fn file_err(path: &Path, why: impl std::fmt::Display) -> Error {
+    Error::TlsFiles(format!("{}: {why}", path.display()))
+}
+
+/// TLS 1.3 only, with aws-lc-rs: AES-GCM and ChaCha20-Poly1305, AES-128-GCM first (the fastest
+/// with AES instructions, the page path's cost).
+fn provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
+    let mut p = default_provider();
+    p.cipher_suites = vec![
+        cipher_suite::TLS13_AES_128_GCM_SHA256,
+        cipher_suite::TLS13_AES_256_GCM_SHA384,
+        cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(path, e))?;
+    if certs.is_empty() {
+        return Err(file_err(path, "no certificate in it"));
+    }
+    Ok(certs)
+}
+
+/// A private key file: like a shared key, refused where group or others may read it.
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
+    let pem =
+        super::key::read_private(path, 64 << 10).map_err(|e| Error::TlsFiles(e.to_string()))?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| file_err(path, e))
+}
+
+fn roots(ca: &Path) -> Result<rustls::RootCertStore, Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certificates(ca)? {
+        roots.add(c).map_err(|e| file_err(ca, e))?;
+    }
+    Ok(roots)
+}
+
+impl SourceTls {
+    /// The source's side of `dir`, to check that the destination is `name`.
+    pub fn load(dir: &Path, name: &str) -> Result<SourceTls, Error> {
+        let name = ServerName::try_from(name.to_string())
+            .map_err(|_| Error::TlsFiles(format!("{name:?} is not a host name or address")))?;
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err)?
+            .with_root_certificates(roots(&dir.join("ca-cert.pem"))?)
+            .with_client_auth_cert(
+                certificates(&dir.join("client-cert.pem"))?,
+                private_key(&dir.join("client-key.pem"))?,
+            )
+            .map_err(|e| file_err(&dir.join("client-cert.pem"), e))?;
+        Ok(SourceTls {
+            config: Arc::new(config),
+            name,
+        })
+    }
+}
+
+impl DestinationTls {
+    /// The destination's side of `dir`.
+    pub fn load(dir: &Path) -> Result<DestinationTls, Error> {
+        let ca = dir.join("ca-cert.pem");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots(&ca)?),
+            provider(),
+        )
+        .build()
+        .map_err(|e| file_err(&ca, e))?;
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                certificates(&dir.join("server-cert.pem"))?,
+                private_key(&dir.join("server-key.pem"))?,
+            )
+            .map_err(|e| file_err(&dir.join("server-cert.pem"), e))?;
+        config.send_tls13_tickets = 0;
+        Ok(DestinationTls {
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// The host part of a TCP address (what a source checks the destination's certificate
+/// against by default); for a Unix socket, "localhost".
+pub fn default_name(addr: &super::Address) -> String {
+    match addr {
+        super::Address::Tcp(hp) => {
+            let host = hp.rsplit_once(':').map_or(hp.as_str(), |(h, _)| h);
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string()
+        }
+        super::Address::Unix(_) => "localhost".into(),
+    }
+}
+
+/// A socket whose reads and writes end by `deadline`, however the peer trickles.
+struct Deadline<'s> {
+    sock: &'s mut dyn Socket,
+    deadline: Instant,
+}
+
+impl Deadline<'_> {
+    fn arm(&mut self) -> std::io::Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the handshake took too long",
+            ));
+        }
+        self.sock.set_timeout(left)
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.sock.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.sock.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sock.flush()
+    }
+}
+
+/// The handshake's I/O failed: the peer went, stalled, or TLS refused it (rustls' error
+/// inside).
+fn handshake_io(e: std::io::Error) -> Error {
+    use std::io::ErrorKind::*;
+    Error::Tls(match e.kind() {
+        WouldBlock | TimedOut => "the handshake took too long: the peer stalled".into(),
+        UnexpectedEof | ConnectionReset | BrokenPipe => {
+            "the peer closed the connection during the handshake".into()
+        }
+        _ => e.to_string(),
+    })
+}
+
+/// Runs the TLS handshake on `io`; where it fails, the alert saying why still goes to the
+/// peer (a plaintext peer then reads a TLS record, and names that).
+fn handshake_on<D>(
+    tls: &mut rustls::ConnectionCommon<D>,
+    io: &mut Deadline<'_>,
+) -> Result<(), Error>
+where
+    D: rustls::SideData,
+{
+    while tls.is_handshaking() {
+        if let Err(e) = tls.complete_io(io) {
+            while tls.wants_write() {
+                if tls.write_tls(io).is_err() {
+                    break;
+                }
+            }
+            return Err(handshake_io(e));
+        }
+    }
+    Ok(())
+}
+
+/// This session's binding of the shared key.
+fn bound(key: &Key, conn: &rustls::ConnectionCommon<impl rustls::SideData>) -> Result<Key, Error> {
+    let exporter = conn
+        .export_keying_material([0u8; 32], BINDING_LABEL, None)
+        .map_err(tls_err)?;
+    Ok(key.bound_to(&exporter))
+}
+
+/// The source's side: protects `sock` as `key` and `tls` say (as it is, with neither), the
+/// handshake and proofs done by `handshake` from now, then reads and writes give up after
+/// `timeout` again.
+pub(super) fn to_destination(
+    mut sock: Box<dyn Socket>,
+    key: Option<&Key>,
+    tls: Option<&SourceTls>,
+    handshake: Duration,
+    timeout: Duration,
+) -> Result<Box<dyn Conn>, Error> {
+    let (config, name) = match (tls, key) {
+        (Some(t), _) => (t.config.clone(), t.name.clone()),
+        (None, Some(_)) => (
+            keyed_client()?,
+            ServerName::try_from(KEYED_NAME).map_err(tls_err)?,
+        ),
+        (None, None) => return Ok(Box::new(sock)),
+    };
+    let mut tls = ClientConnection::new(config, name).map_err(tls_err)?;
+    {
+        let mut io = Deadline {
+            sock: &mut *sock,
+            deadline: Instant::now() + handshake,
+        };
+        handshake_on(&mut tls, &mut io)?;
+        if let Some(key) = key {
+            let key = bound(key, &tls)?;
+            let mut stream = rustls::Stream::new(&mut tls, &mut io);
+            super::authenticate_to(&mut stream, &key)?;
+        }
+    }
+    sock.set_timeout(timeout).map_err(handshake_io)?;
+    Ok(Box::new(StreamOwned::new(tls, sock)))
+}
+
+/// The destination's side of [`to_destination`]: a peer that does not finish it (no TLS,
+/// a certificate the CA did not sign, the wrong key, too slow) is an error here.
+pub(super) fn from_source(
+    mut sock: Box<dyn Socket>,
+    key: Option<&Key>,
+    tls: Option<&DestinationTls>,
+    handshake: Duration,
+    timeout: Duration,
+) -> Result<Box<dyn Conn>, Error> {
+    let config = match (tls, key) {
+        (Some(t), _) => t.config.clone(),
+        (None, Some(_)) => keyed_server()?,
+        (None, None) => return Ok(Box::new(sock)),
+    };
+    let mut tls = ServerConnection::new(config).map_err(tls_err)?;
+    {
+        let mut io = Deadline {
+            sock: &mut *sock,
+            deadline: Instant::now() + handshake,
+        };
+        if let Err(e) = handshake_on(&mut tls, &mut io) {
+            if matches!(&e, Error::Tls(why) if why.contains("InvalidContentType")) {
+                // A peer that does not speak TLS: tell it in its own terms, a Refuse frame.
+                let why = "this destination speaks TLS only (--key-file or --tls-dir): give the source the same";
+                let _ = protocol::send(&mut io, &protocol::Message::Refuse(why.into()));
+            }
+            return Err(e);
+        }
+        if let Some(key) = key {
+            let key = bound(key, &tls)?;
+            let mut stream = rustls::Stream::new(&mut tls, &mut io);
+            let nonce = super::nonce()?;
+            auth::destination_handshake(&mut stream, &key, nonce).map_err(|e| match e {
+                auth::Error::Protocol(source) => Error::Protocol {
+                    phase: Phase::Handshake,
+                    what: "authenticating the source",
+                    source,
+                },
+                auth::Error::BadProof => {
+                    Error::Auth("the source could not prove the shared key".into())
+                }
+                other => Error::Auth(other.to_string()),
+            })?;
+        }
+    }
+    sock.set_timeout(timeout).map_err(handshake_io)?;
+    Ok(Box::new(StreamOwned::new(tls, sock)))
+}
+
+/// A keyed source's TLS: the destination's certificate is a throw-away one, not checked;
+/// the key's proofs, bound to this session, authenticate it instead.
+fn keyed_client() -> Result<Arc<ClientConfig>, Error> {
+    let p = provider();
+    let config = ClientConfig::builder_with_provider(p.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ProvenByKey(p)))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// A keyed destination's TLS, with a certificate made for this connection.
+fn keyed_server() -> Result<Arc<ServerConfig>, Error> {
+    let (cert, key) = certs::throwaway(KEYED_NAME)?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .map_err(tls_err)?;
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// Takes any certificate: with a shared key and no CA, the key's bound proofs say who the
+/// destination is. The handshake's signatures are still checked (the peer holds the key of
+/// the certificate it sent), with the provider's algorithms.
+#[derive(Debug)]
+struct ProvenByKey(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for ProvenByKey {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // TLS 1.2 is never offered.
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
