@@ -12,6 +12,9 @@
 //! vCPU runs (halted in a loop of `hlt`, so that it takes no CPU from the migration): the
 //! rounds take the path of a running guest, each page copied into the frame first.
 //!
+//! Each run also migrates the same VM over TLS 1.3 (certificates made for the run, both
+//! sides authenticated, as `--tls-dir` does): the ratio TLS / plaintext is encryption's cost.
+//!
 //! Each run is paired with a floor, measured just before it on the same host: the same bytes
 //! moved by the least work any page path over TCP can do, one `write` per 2 MiB straight
 //! from the source VM's RAM and `read`s straight into a fresh VM's RAM (no frames, no CRC,
@@ -24,6 +27,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use ferry_benches::stats;
@@ -55,33 +59,76 @@ fn main() -> Result<()> {
         }
     }
     ferry_tests::require_kvm();
-    let (mut rates, mut totals, mut floors, mut ratios) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Certificates for the encrypted runs, made here (as `ferry tls generate` does).
+    let certs = std::env::temp_dir().join(format!("ferry-page-tls-{}", std::process::id()));
+    vmm::migrate::tls_generate(&certs, &["127.0.0.1".to_string()])?;
+    let result = measure(memory, runs, running, &certs);
+    let _ = std::fs::remove_dir_all(&certs);
+    result
+}
+
+/// One run: the floor, ferry in plaintext and ferry over TLS, each of the same VM.
+struct Run {
+    floor: f64,
+    plain: vmm::migrate::Report,
+    tls: vmm::migrate::Report,
+}
+
+fn one_run(run: usize, memory: u64, running: bool, certs: &Path) -> Result<Run> {
+    let src = source(memory, running)?;
+    // The floor goes first in odd runs and ferry in even ones; plaintext and TLS alternate.
+    let floor_first = run % 2 == 1;
+    let floor_before = if floor_first {
+        Some(floor(&src, memory)?)
+    } else {
+        None
+    };
+    let (plain, tls) = if run % 2 == 0 {
+        let p = ferry(&src, memory, None)?;
+        (p, ferry(&src, memory, Some(certs))?)
+    } else {
+        let t = ferry(&src, memory, Some(certs))?;
+        (ferry(&src, memory, None)?, t)
+    };
+    let floor = match floor_before {
+        Some(f) => f,
+        None => floor(&src, memory)?,
+    };
+    Ok(Run { floor, plain, tls })
+}
+
+fn measure(memory: u64, runs: usize, running: bool, certs: &Path) -> Result<()> {
+    let (mut rates, mut tls_rates, mut totals, mut floors, mut ratios, mut tls_ratios) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     // Run 0 warms up and is not counted: the first RAM a process touches is the slowest
-    // here (see the floor above). Then the floor goes first in odd runs, ferry in even ones.
+    // here (see the floor above).
     for run in 0..=runs {
-        let src = source(memory, running)?;
-        let (floor, report) = if run % 2 == 1 {
-            let floor = floor(&src, memory)?;
-            (floor, ferry(&src, memory)?)
-        } else {
-            let report = ferry(&src, memory)?;
-            (floor(&src, memory)?, report)
-        };
-        let ratio = report.bandwidth_mbps / floor;
+        let Run { floor, plain, tls } = one_run(run, memory, running, certs)?;
+        let ratio = plain.bandwidth_mbps / floor;
+        let tls_ratio = tls.bandwidth_mbps / plain.bandwidth_mbps;
         eprintln!(
-            "{}: {:.0} MB/s, {:.1} MiB in {:.1} ms, {} rounds; floor {floor:.0} MB/s; ratio {ratio:.2}",
+            "{}: {:.0} MB/s, {:.1} MiB in {:.1} ms, {} rounds; TLS {:.0} MB/s in {:.1} ms; floor {floor:.0} MB/s; ferry/floor {ratio:.2}, TLS/plaintext {tls_ratio:.2}",
             if run == 0 { "warm-up".to_string() } else { format!("run {run}") },
-            report.bandwidth_mbps,
-            report.bytes as f64 / 1048576.0,
-            report.total_ms,
-            report.rounds,
+            plain.bandwidth_mbps,
+            plain.bytes as f64 / 1048576.0,
+            plain.total_ms,
+            plain.rounds,
+            tls.bandwidth_mbps,
+            tls.total_ms,
         );
         if run > 0 {
-            rates.push(report.bandwidth_mbps);
-            totals.push(report.total_ms);
+            rates.push(plain.bandwidth_mbps);
+            tls_rates.push(tls.bandwidth_mbps);
+            totals.push(plain.total_ms);
             floors.push(floor);
             ratios.push(ratio);
+            tls_ratios.push(tls_ratio);
         }
     }
     let (lo, med, hi) = stats(&rates);
@@ -91,10 +138,14 @@ fn main() -> Result<()> {
         if running { "running" } else { "paused" },
         stats(&totals).1
     );
+    let (lo, med, hi) = stats(&tls_rates);
+    println!("over TLS 1.3 (certificates, AES-128-GCM): {lo:.0} / {med:.0} / {hi:.0} MB/s");
     let (lo, med, hi) = stats(&floors);
     println!("floor (plain writes and reads, RAM to fresh RAM): {lo:.0} / {med:.0} / {hi:.0} MB/s");
     let (lo, med, hi) = stats(&ratios);
     println!("ferry / floor, run by run: {lo:.2} / {med:.2} / {hi:.2}");
+    let (lo, med, hi) = stats(&tls_ratios);
+    println!("TLS / plaintext, run by run: {lo:.2} / {med:.2} / {hi:.2}");
     println!("host memory: {}", ferry_benches::page_reporting());
     Ok(())
 }
@@ -132,28 +183,29 @@ fn source(memory: u64, running: bool) -> Result<vmm::Vm> {
     Ok(src)
 }
 
-/// One ferry migration of `src` to a receiver thread; checks a few pages arrived.
-fn ferry(src: &vmm::Vm, memory: u64) -> Result<vmm::migrate::Report> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
+/// One ferry migration of `src` to a receiver thread over loopback TCP, through ferry's own
+/// listener and connect, over TLS with the certificates in `tls` if given; checks a few pages
+/// arrived.
+fn ferry(src: &vmm::Vm, memory: u64, tls: Option<&Path>) -> Result<vmm::migrate::Report> {
+    use vmm::migrate::{Address, DestinationTls, Listener, ReceiveOptions, SourceTls};
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let addr = Address::Tcp(format!("127.0.0.1:{port}"));
+    let listener = Listener::bind(&addr)?;
+    let ropts = ReceiveOptions {
+        tls: tls.map(DestinationTls::load).transpose()?,
+        ..Default::default()
+    };
     let dest = std::thread::spawn(move || -> Result<vmm::Vm> {
-        let (s, _) = listener.accept()?;
-        s.set_nodelay(true)?;
-        Ok(vmm::migrate::receive_over(
-            s,
-            None,
-            Box::new(std::io::sink()),
-        )?)
+        let sink = Box::new(std::io::sink());
+        Ok(vmm::migrate::receive_from(listener, &ropts, sink, |_| {
+            Ok(())
+        })?)
     });
-    let conn = TcpStream::connect(addr)?;
-    conn.set_nodelay(true)?;
-    let report = vmm::migrate::send_over(
-        src,
-        &Default::default(),
-        conn,
-        &vmm::migrate::Options::default(),
-        &mut |_| {},
-    )?;
+    let opts = vmm::migrate::Options {
+        tls: tls.map(|d| SourceTls::load(d, "127.0.0.1")).transpose()?,
+        ..Default::default()
+    };
+    let report = vmm::migrate::send(src, &Default::default(), &addr, &opts, &mut |_| {})?;
     let dest = dest.join().expect("receiver thread")?;
     let mut a = vec![0u8; 4096];
     let mut b = vec![0u8; 4096];

@@ -84,6 +84,8 @@ pub(crate) enum Mode {
         unthrottled: bool,
         downtime_ms: Option<u64>,
         capability: Option<&'static str>,
+        /// Over TLS (tls-creds-x509 on the certificates of [`tls_dir`]).
+        tls: bool,
     },
 }
 
@@ -107,36 +109,73 @@ pub(crate) const QEMU_MODES: [Mode; 6] = [
         unthrottled: false,
         downtime_ms: None,
         capability: None,
+        tls: false,
     },
     Mode::Qemu {
         name: "QEMU unthrottled",
         unthrottled: true,
         downtime_ms: None,
         capability: None,
+        tls: false,
     },
     Mode::Qemu {
         name: "QEMU unthrottled, downtime-limit 10 ms",
         unthrottled: true,
         downtime_ms: Some(10),
         capability: None,
+        tls: false,
     },
     Mode::Qemu {
         name: "QEMU unthrottled, downtime-limit 1 ms",
         unthrottled: true,
         downtime_ms: Some(1),
         capability: None,
+        tls: false,
     },
     Mode::Qemu {
         name: "QEMU unthrottled, auto-converge",
         unthrottled: true,
         downtime_ms: None,
         capability: Some("auto-converge"),
+        tls: false,
     },
     Mode::Qemu {
         name: "QEMU unthrottled, multifd (2 channels)",
         unthrottled: true,
         downtime_ms: None,
         capability: Some("multifd"),
+        tls: false,
+    },
+];
+
+/// The argument of `--tls-dir` that stands for this run's certificates ([`tls_dir`]).
+pub(crate) const TLS_DIR: &str = "{tls-dir}";
+
+/// This run's certificates, as `ferry tls generate` writes them (both VMMs read them).
+pub(crate) fn tls_dir() -> PathBuf {
+    temp("tls")
+}
+
+/// `--tls`: each VMM encrypted and, for reference, in plaintext, in the same run.
+pub(crate) const FERRY_TLS_MODES: [Mode; 2] = [
+    Mode::Ferry("ferry defaults, TLS", &["--tls-dir", TLS_DIR]),
+    Mode::Ferry("ferry defaults, plaintext", &[]),
+];
+
+pub(crate) const QEMU_TLS_MODES: [Mode; 2] = [
+    Mode::Qemu {
+        name: "QEMU unthrottled, TLS",
+        unthrottled: true,
+        downtime_ms: None,
+        capability: None,
+        tls: true,
+    },
+    Mode::Qemu {
+        name: "QEMU unthrottled, plaintext",
+        unthrottled: true,
+        downtime_ms: None,
+        capability: None,
+        tls: false,
     },
 ];
 

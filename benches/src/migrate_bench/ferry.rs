@@ -74,19 +74,32 @@ impl Guest for FerryGuest {
         let n = self.n + 1;
         let url = format!("tcp:127.0.0.1:{}", free_port()?);
         let (fifo, beats) = debug_fifo(&format!("ferry-{n}.hb"))?;
-        let dst = Proc::spawn(
-            Command::new(&self.ferry)
-                .args(["receive", "--listen", &url, "--api-socket"])
-                .arg(Self::sock(n))
-                .arg("--debug-console")
-                .arg(fifo),
-            beats,
-        )?;
+        let tls = tls_dir();
+        let extra: Vec<&str> = extra
+            .iter()
+            .map(|a| {
+                if *a == TLS_DIR {
+                    tls.to_str().unwrap_or_default()
+                } else {
+                    a
+                }
+            })
+            .collect();
+        let mut receive = Command::new(&self.ferry);
+        receive
+            .args(["receive", "--listen", &url, "--api-socket"])
+            .arg(Self::sock(n))
+            .arg("--debug-console")
+            .arg(fifo);
+        if extra.contains(&"--tls-dir") {
+            receive.arg("--tls-dir").arg(&tls);
+        }
+        let dst = Proc::spawn(&mut receive, beats)?;
         dst.wait_line(0, MIGRATION_LIMIT, "the destination", |l| {
             l.contains("waiting for a VM")
         })?;
         let mut args = vec!["--json", "migrate", &url, "--timeout", "30s"];
-        args.extend_from_slice(extra);
+        args.extend_from_slice(&extra);
         let o = self.ctl(&args)?;
         let answer: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
         let r = &answer["report"];

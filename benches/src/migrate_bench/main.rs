@@ -43,6 +43,8 @@ const BEGIN: &str = "<!-- migrate-bench begin -->";
 const END: &str = "<!-- migrate-bench end -->";
 const APP_BEGIN: &str = "<!-- migrate-bench app begin -->";
 const APP_END: &str = "<!-- migrate-bench app end -->";
+const TLS_BEGIN: &str = "<!-- migrate-bench tls begin -->";
+const TLS_END: &str = "<!-- migrate-bench tls end -->";
 /// A migration that has not finished by then counts as not finished (and is cancelled).
 const MIGRATION_LIMIT: Duration = Duration::from_secs(30);
 const BOOT_LIMIT: Duration = Duration::from_secs(900);
@@ -53,6 +55,8 @@ usage: migrate-bench [--runs N] [--write FILE] [--case NAME]... [--only ferry|qe
   --app          the application's view instead of the cases: the guest's service with a
                  disk and a card on a bridge, a client streaming requests and UDP probes
                  every 1 ms while it migrates (needs root and ip(8))
+  --tls          each VMM over TLS (certificates made for the run, both sides
+                 authenticated: ferry --tls-dir, QEMU tls-creds-x509) and in plaintext
   --write FILE   replace the migration section of FILE (BENCHMARKS.md) with the table
   --case NAME    only the cases whose name contains NAME (repeatable; default all)
   --only VMM     only ferry's or only QEMU's modes (default both)
@@ -66,6 +70,8 @@ struct Args {
     only: Option<String>,
     /// The application's view (app.rs) instead of the cases.
     app: bool,
+    /// Encrypted against plaintext (cases::FERRY_TLS_MODES, QEMU_TLS_MODES).
+    tls: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -75,6 +81,7 @@ fn parse_args() -> Result<Args> {
         cases: Vec::new(),
         only: None,
         app: false,
+        tls: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -85,6 +92,7 @@ fn parse_args() -> Result<Args> {
             "--case" => a.cases.push(val()?),
             "--only" => a.only = Some(val()?),
             "--app" => a.app = true,
+            "--tls" => a.tls = true,
             "--help" | "-h" => {
                 print!("{USAGE}");
                 std::process::exit(0);
@@ -136,14 +144,19 @@ fn run_case(ferry: &Path, case: &Case, args: &Args) -> Result<(CaseResult, CaseR
         "{}: heartbeat interval ferry {f_beat:.2} ms, QEMU {q_beat:.2} ms",
         case.name
     );
-    let mut fs: Vec<Vec<Option<Sample>>> = vec![Vec::new(); FERRY_MODES.len()];
-    let mut qs: Vec<Vec<Option<Sample>>> = vec![Vec::new(); QEMU_MODES.len()];
+    let (fmodes, qmodes): (&[Mode], &[Mode]) = if args.tls {
+        (&FERRY_TLS_MODES, &QEMU_TLS_MODES)
+    } else {
+        (&FERRY_MODES, &QEMU_MODES)
+    };
+    let mut fs: Vec<Vec<Option<Sample>>> = vec![Vec::new(); fmodes.len()];
+    let mut qs: Vec<Vec<Option<Sample>>> = vec![Vec::new(); qmodes.len()];
     for run in 1..=args.runs {
         for ferry_turn in [run % 2 == 1, run % 2 == 0] {
             let (g, modes, samples): (Option<&mut dyn Guest>, &[Mode], _) = if ferry_turn {
-                (f.as_mut().map(|g| g as _), &FERRY_MODES, &mut fs)
+                (f.as_mut().map(|g| g as _), fmodes, &mut fs)
             } else {
-                (q.as_mut().map(|g| g as _), &QEMU_MODES, &mut qs)
+                (q.as_mut().map(|g| g as _), qmodes, &mut qs)
             };
             let Some(g) = g else { continue };
             g.run(true)?;
@@ -162,8 +175,8 @@ fn run_case(ferry: &Path, case: &Case, args: &Args) -> Result<(CaseResult, CaseR
         }
     };
     Ok((
-        (f_beat, results(&FERRY_MODES, fs, f.is_some())),
-        (q_beat, results(&QEMU_MODES, qs, q.is_some())),
+        (f_beat, results(fmodes, fs, f.is_some())),
+        (q_beat, results(qmodes, qs, q.is_some())),
     ))
 }
 
@@ -196,11 +209,23 @@ fn main() -> Result<()> {
     if args.app {
         return app_main(&ferry, &args, &qemu_version);
     }
+    if args.tls {
+        vmm::migrate::tls_generate(&tls_dir(), &["127.0.0.1".to_string()])?;
+    }
+    let (begin, end) = if args.tls {
+        (TLS_BEGIN, TLS_END)
+    } else {
+        (BEGIN, END)
+    };
     let cases: Vec<&Case> = CASES
         .iter()
         .filter(|c| args.cases.is_empty() || args.cases.iter().any(|n| c.name.contains(n.as_str())))
         .collect();
-    let mut md = format!("{BEGIN}\n## Live migration: ferry and QEMU side by side\n\n");
+    let mut md = if args.tls {
+        format!("{begin}\n## Live migration over TLS: ferry and QEMU side by side\n\nEach VMM encrypted (TLS 1.3, certificates made for the run by `ferry tls generate` and read by both: ferry `--tls-dir` on both sides, QEMU `tls-creds-x509` with `verify-peer` on both sides and `tls-hostname`) and, for reference, in plaintext, in the same run; otherwise as below. ")
+    } else {
+        format!("{begin}\n## Live migration: ferry and QEMU side by side\n\n")
+    };
     md += &format!(
         "Test guest (tests/guest: Linux 6.1, PVH ELF vmlinux), 1 vCPU, asked for a heartbeat \
          every 1 ms on the debug port (`hb_us=1000 hb_port`; the interval it achieves on this \
@@ -224,7 +249,12 @@ fn main() -> Result<()> {
         if f.is_empty() || q.is_empty() {
             continue;
         }
-        let (section, line) = case_section(case, f_beat, q_beat, &f, &q);
+        let (section, line) = if args.tls {
+            let (s, _) = case_section(case, f_beat, q_beat, &f, &q);
+            (s, tls_line(case, &f, &q))
+        } else {
+            case_section(case, f_beat, q_beat, &f, &q)
+        };
         md += &section;
         md += &line;
         md += "\n\n";
@@ -233,17 +263,49 @@ fn main() -> Result<()> {
     }
     md += &format!("Host:\n\n{}\n", host_facts(&qemu_version));
     md += &format!(
-        "Guest: {}. Reproduce: `cargo build --release --workspace && target/release/migrate-bench --runs {} --write BENCHMARKS.md`\n{END}\n",
+        "Guest: {}. Reproduce: `cargo build --release --workspace && target/release/migrate-bench {}--runs {} --write BENCHMARKS.md`\n{end}\n",
         g.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        if args.tls { "--tls " } else { "" },
         args.runs
     );
     print!("{md}");
     eprint!("{summary}");
     if let Some(path) = &args.write {
-        replace_section(path, BEGIN, END, &md)?;
+        replace_section(path, begin, end, &md)?;
     }
     let _ = std::fs::remove_dir_all(temp(""));
     Ok(())
+}
+
+/// `--tls`: ferry over TLS against QEMU over TLS, and each against its own plaintext.
+fn tls_line(
+    case: &Case,
+    f: &[(Mode, Vec<Option<Sample>>)],
+    q: &[(Mode, Vec<Option<Sample>>)],
+) -> String {
+    let mut line = format!("\n{}: ", case.name);
+    let total = |x: &Sample| x.total_ms;
+    let blackout = |x: &Sample| x.blackout_ms;
+    for (what, a, b) in [
+        ("ferry TLS / QEMU TLS", &f[0].1, &q[0].1),
+        ("ferry TLS / ferry plaintext", &f[0].1, &f[1].1),
+        ("QEMU TLS / QEMU plaintext", &q[0].1, &q[1].1),
+    ] {
+        line += &format!("{what}: ");
+        for (m, get) in [
+            ("total", &total as &dyn Fn(&Sample) -> f64),
+            ("blackout", &blackout),
+        ] {
+            match (median(a, get), median(b, get)) {
+                (Some(x), Some(y)) => line += &format!("{m} {x:.1} / {y:.1} ms = {:.2}, ", x / y),
+                _ => line += &format!("{m} n/a, "),
+            }
+        }
+        line.truncate(line.len() - 2);
+        line += "; ";
+    }
+    line.truncate(line.len() - 2);
+    line
 }
 
 /// `--app`: ferry and QEMU's modes in turn, each through `runs` migrations of the guest's

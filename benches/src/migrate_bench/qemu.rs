@@ -97,7 +97,7 @@ pub(crate) fn qemu_setup(q: &mut Qmp, mode: &Mode) -> Result<()> {
         .map(|c| json!({"capability": c, "state": capability == Some(*c)}))
         .collect();
     q.exec("migrate-set-capabilities", json!({ "capabilities": caps }))?;
-    let mut params = json!({"downtime-limit": downtime_ms.unwrap_or(300), "multifd-channels": 2});
+    let mut params = json!({"downtime-limit": downtime_ms.unwrap_or(300), "multifd-channels": 2, "tls-creds": ""});
     // QEMU 7.2's default is 32 MiB/s.
     params["max-bandwidth"] = json!(if unthrottled {
         1_000_000_000_000u64
@@ -105,6 +105,18 @@ pub(crate) fn qemu_setup(q: &mut Qmp, mode: &Mode) -> Result<()> {
         32u64 << 20
     });
     q.exec("migrate-set-parameters", params)?;
+    Ok(())
+}
+
+/// Adds x509 credentials `id` on this run's certificates ([`tls_dir`]) as `endpoint`
+/// (server: the destination, client: the source; each checks the other's certificate)
+/// and makes them the migration's.
+fn tls_creds(q: &mut Qmp, id: &str, endpoint: &str) -> Result<()> {
+    q.exec(
+        "object-add",
+        json!({"qom-type": "tls-creds-x509", "id": id, "dir": tls_dir(), "endpoint": endpoint, "verify-peer": true}),
+    )?;
+    q.exec("migrate-set-parameters", json!({ "tls-creds": id }))?;
     Ok(())
 }
 
@@ -146,9 +158,17 @@ impl Guest for QemuGuest {
         let dst = Proc::spawn(&mut qemu_cmd(case, &Self::qmp_path(n), &fifo, true), beats)?;
         let mut dst_qmp = Qmp::connect(&Self::qmp_path(n))?;
         qemu_setup(&mut dst_qmp, mode)?;
+        if matches!(mode, Mode::Qemu { tls: true, .. }) {
+            tls_creds(&mut dst_qmp, &format!("tls-in-{n}"), "server")?;
+            tls_creds(&mut self.qmp, &format!("tls-out-{n}"), "client")?;
+        }
         let uri = format!("tcp:127.0.0.1:{}", free_port()?);
         dst_qmp.exec("migrate-incoming", json!({ "uri": uri }))?;
         qemu_setup(&mut self.qmp, mode)?;
+        if matches!(mode, Mode::Qemu { tls: true, .. }) {
+            let params = json!({"tls-creds": format!("tls-out-{n}"), "tls-hostname": "127.0.0.1"});
+            self.qmp.exec("migrate-set-parameters", params)?;
+        }
         self.qmp.exec("migrate", json!({ "uri": uri }))?;
         let deadline = Instant::now() + MIGRATION_LIMIT;
         let info = loop {

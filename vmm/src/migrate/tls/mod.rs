@@ -31,7 +31,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection, StreamOwned};
+use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
 
 use super::net::{Conn, Socket};
 use super::{Error, Phase};
@@ -200,6 +200,116 @@ impl Write for Deadline<'_> {
     }
 }
 
+/// A socket read in large pieces: rustls asks for at most 4 KiB per read, which over a
+/// fast connection would be a system call per 4 KiB of pages; this reads up to
+/// [`READ_AHEAD`] at once and hands it out. Writes go straight through.
+struct ReadAhead {
+    sock: Box<dyn Socket>,
+    buf: Box<[u8]>,
+    pos: usize,
+    end: usize,
+}
+
+/// Bytes read from the socket at once, at most.
+const READ_AHEAD: usize = 256 << 10;
+
+impl ReadAhead {
+    fn new(sock: Box<dyn Socket>) -> ReadAhead {
+        ReadAhead {
+            sock,
+            buf: vec![0u8; READ_AHEAD].into_boxed_slice(),
+            pos: 0,
+            end: 0,
+        }
+    }
+}
+
+impl Read for ReadAhead {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos == self.end {
+            if out.len() >= self.buf.len() {
+                return self.sock.read(out);
+            }
+            self.end = self.sock.read(&mut self.buf)?;
+            self.pos = 0;
+        }
+        let n = out.len().min(self.end - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl Write for ReadAhead {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.sock.write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.sock.write_vectored(bufs)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sock.flush()
+    }
+}
+
+/// A TLS connection over its socket, like rustls' StreamOwned, but a vectored write (the
+/// page path writes a frame's pages as one) goes out as full records in one system call
+/// rather than a record and a system call per slice.
+struct TlsStream<C> {
+    tls: C,
+    sock: ReadAhead,
+    staging: Vec<u8>,
+}
+
+/// Bytes gathered from a vectored write into one write to rustls, at most.
+const STAGING: usize = 64 << 10;
+
+impl<C> TlsStream<C> {
+    fn new(tls: C, sock: Box<dyn Socket>) -> TlsStream<C> {
+        TlsStream {
+            tls,
+            sock: ReadAhead::new(sock),
+            staging: Vec::with_capacity(STAGING),
+        }
+    }
+}
+
+impl<C, D> Read for TlsStream<C>
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
+    D: rustls::SideData,
+{
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        rustls::Stream::new(&mut self.tls, &mut self.sock).read(buf)
+    }
+}
+
+impl<C, D> Write for TlsStream<C>
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
+    D: rustls::SideData,
+{
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        rustls::Stream::new(&mut self.tls, &mut self.sock).write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.staging.clear();
+        for b in bufs {
+            let room = STAGING - self.staging.len();
+            self.staging.extend_from_slice(&b[..b.len().min(room)]);
+            if b.len() >= room {
+                break;
+            }
+        }
+        rustls::Stream::new(&mut self.tls, &mut self.sock).write(&self.staging)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        rustls::Stream::new(&mut self.tls, &mut self.sock).flush()
+    }
+}
+
 /// The handshake's I/O failed: the peer went, stalled, or TLS refused it (rustls' error
 /// inside).
 fn handshake_io(e: std::io::Error) -> Error {
@@ -275,7 +385,7 @@ pub(super) fn to_destination(
         }
     }
     sock.set_timeout(timeout).map_err(handshake_io)?;
-    Ok(Box::new(StreamOwned::new(tls, sock)))
+    Ok(Box::new(TlsStream::new(tls, sock)))
 }
 
 /// The destination's side of [`to_destination`]: a peer that does not finish it (no TLS,
@@ -324,7 +434,7 @@ pub(super) fn from_source(
         }
     }
     sock.set_timeout(timeout).map_err(handshake_io)?;
-    Ok(Box::new(StreamOwned::new(tls, sock)))
+    Ok(Box::new(TlsStream::new(tls, sock)))
 }
 
 /// A keyed source's TLS: the destination's certificate is a throw-away one, not checked;
