@@ -10,6 +10,7 @@ pub mod process;
 pub mod relay;
 pub mod service;
 pub mod tiny;
+pub mod tls_relay;
 
 use std::path::Path;
 

@@ -192,12 +192,33 @@ impl Ferry {
         )
     }
 
-    /// Waits for the process to exit; drains its output.
     /// The exit status if ferry has exited, else None (it runs on).
     pub fn try_status(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().expect("wait for ferry")
     }
 
+    /// The next stdout line satisfying `pred` within `limit`, or None if none comes (the
+    /// process may have ended, or runs on without one).
+    pub fn line_within(&mut self, limit: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            match self.lines.recv_timeout(Duration::from_millis(20)) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if let Line::Out(s) = line {
+                        if pred(&s) {
+                            return Some(s);
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+        None
+    }
+
+    /// Waits for the process to exit; drains its output.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;
         loop {

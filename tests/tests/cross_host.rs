@@ -166,12 +166,33 @@ fn another_cpu_is_refused_and_what_a_kvm_forced_is_named() {
 }
 
 #[test]
-fn an_msr_this_kvm_does_not_take_is_an_error_naming_it() {
+fn an_msr_outside_the_profiles_allowlist_is_refused_naming_it() {
     let mut s = snapshot("msr");
-    // IA32_PL0_SSP, non-canonical: no KVM takes it (and this profile has no shadow stacks).
+    // IA32_PL0_SSP: this profile has no shadow stacks, so ferry never saves it.
     s.vcpus[0].msrs.push((0x6a4, 1 << 63));
-    let e = restore("msr", &s).expect_err("KVM_SET_MSRS stops short");
+    let e = restore("msr", &s).expect_err("refused before KVM sees it");
     assert!(e.contains("MSR 0x6a4 (IA32_PLn_SSP)"), "{e}");
+    assert!(e.contains("cannot have"), "{e}");
+    assert!(e.contains("vcpu0"), "{e}");
+    // One no profile has, which KVM would take from the host: IA32_FEATURE_CONTROL.
+    let mut s = snapshot("msr-feature-control");
+    s.vcpus[0].msrs.insert(1, (0x3a, 1));
+    let e = restore("msr-feature-control", &s).expect_err("refused");
+    assert!(e.contains("MSR 0x3a") && e.contains("cannot have"), "{e}");
+}
+
+#[test]
+fn an_allowed_msr_this_kvm_does_not_take_is_an_error_naming_it() {
+    let mut s = snapshot("msr-value");
+    // The MTRR default type is carried for every profile; KVM refuses reserved bits in it.
+    let def_type = s.vcpus[0]
+        .msrs
+        .iter_mut()
+        .find(|(m, _)| *m == 0x2ff)
+        .expect("IA32_MTRR_DEF_TYPE is carried");
+    def_type.1 = u64::MAX;
+    let e = restore("msr-value", &s).expect_err("KVM_SET_MSRS stops short");
+    assert!(e.contains("MSR 0x2ff"), "{e}");
     assert!(e.contains("vcpu0"), "{e}");
 }
 

@@ -222,7 +222,7 @@ fn main() -> Result<()> {
         .filter(|c| args.cases.is_empty() || args.cases.iter().any(|n| c.name.contains(n.as_str())))
         .collect();
     let mut md = if args.tls {
-        format!("{begin}\n## Live migration over TLS: ferry and QEMU side by side\n\nEach VMM encrypted (TLS 1.3, certificates made for the run by `ferry tls generate` and read by both: ferry `--tls-dir` on both sides, QEMU `tls-creds-x509` with `verify-peer` on both sides and `tls-hostname`) and, for reference, in plaintext, in the same run; otherwise as below. ")
+        format!("{begin}\n## Live migration over TLS: ferry and QEMU side by side\n\nEach VMM encrypted (TLS 1.3, certificates made for the run by `ferry tls generate` and read by both: ferry `--tls-dir` on both sides, QEMU `tls-creds-x509` with `verify-peer` on both sides and `tls-hostname`) and, for reference, in plaintext, in the same run. ")
     } else {
         format!("{begin}\n## Live migration: ferry and QEMU side by side\n\n")
     };

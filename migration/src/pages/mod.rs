@@ -101,7 +101,8 @@ impl FrameHead {
         r.read_exact(&mut b)?;
         let stored = u32::from_le_bytes(b);
         let computed = self.crc.finalize();
-        if stored != computed {
+        // As the stream reader's: built for fuzzing, past a wrong CRC to what follows.
+        if stored != computed && !cfg!(fuzzing) {
             return Err(Error::Crc { stored, computed });
         }
         Ok(())

@@ -45,6 +45,8 @@ pub enum Error {
     MemorySize { found: u64, want: u64 },
     #[error("the saved VM has {found} vCPU states for {want} vCPUs")]
     VcpuCount { found: usize, want: u32 },
+    #[error("vcpu{vcpu}: the saved state sets MSR {msr:#x}{}, which a guest of this CPU profile cannot have (ferry carries only its profile's MSRs)", crate::msrs::name(*.msr).map(|n| format!(" ({n})")).unwrap_or_default())]
+    MsrNotCarried { vcpu: u32, msr: u32 },
     #[error("saved {what} is {len} bytes, KVM's is {want}")]
     Size {
         what: &'static str,
@@ -250,6 +252,14 @@ impl Vm {
                     gpa: r.gpa,
                     len: r.data.len(),
                 })?;
+        }
+        // Only the MSRs ferry would have saved for this profile: a file or a peer cannot set
+        // another (a hypervisor or debug MSR KVM happens to take) on the guest.
+        let allowed = crate::msrs::allowlist(&vm.profile);
+        for v in &state.vcpus {
+            if let Some(&(msr, _)) = v.msrs.iter().find(|(m, _)| !allowed.contains(m)) {
+                return Err(Error::MsrNotCarried { vcpu: v.id, msr });
+            }
         }
         let started = std::time::Instant::now();
         let guest_xsave = vcpu_state::guest_xsave_mask(&vm.profile);
