@@ -266,10 +266,15 @@ impl<'a> Decoder<'a> {
 
     /// A u64 length then that many bytes, copied; checked as [`Decoder::bytes_u32`].
     pub fn bytes_u64(&mut self, what: &'static str, cap: u64) -> Result<Vec<u8>, Error> {
+        Ok(self.slice_u64(what, cap)?.to_vec())
+    }
+
+    /// A u64 length then that many bytes, borrowed from the input.
+    pub fn slice_u64(&mut self, what: &'static str, cap: u64) -> Result<&'a [u8], Error> {
         let offset = self.offset();
         let n = self.u64(what)?;
         let n = self.check_len(what, offset, n, cap, 1)?;
-        Ok(self.take(what, n)?.to_vec())
+        self.take(what, n)
     }
 
     /// A u32 length then that many bytes of UTF-8.

@@ -442,3 +442,15 @@ pub fn guest_args(
     args.extend(extra.iter().map(|a| a.into()));
     args
 }
+
+/// A line of `/proc/PID/status` in bytes: `key` is `VmRSS` (resident now) or `VmHWM` (the
+/// most it has been resident).
+pub fn proc_status_bytes(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        * 1024
+}

@@ -1,10 +1,11 @@
 //! The Linux test guest (2 vCPUs, `workload=dirty`) snapshotted with --stop and continued by
 //! `ferry restore` in a new process, twice: heartbeats go on at n+1, no HB-CORRUPT, no second
-//! GUEST-READY, and the guest clock never goes backwards.
+//! GUEST-READY, and the guest clock never goes backwards. Neither the snapshot nor the
+//! restore holds a second copy of guest RAM.
 
 use std::time::Duration;
 
-use ferry_tests::process::{run_guest, temp_path, Ferry};
+use ferry_tests::process::{proc_status_bytes, run_guest, temp_path, Ferry};
 use ferry_tests::require_kvm;
 
 const BOOT_LIMIT: Duration = Duration::from_secs(600);
@@ -104,4 +105,62 @@ fn snapshot_stop_restore_twice_and_the_guest_goes_on() {
     }
     assert_eq!(text.matches("GUEST-READY").count(), 1, "{text}");
     assert!(!text.contains("HB-CORRUPT"), "{text}");
+}
+
+#[test]
+fn snapshot_and_restore_hold_no_second_copy_of_guest_ram() {
+    const MIB: u64 = 1 << 20;
+    require_kvm();
+    let (s0, s1) = (temp_path("peak0.sock"), temp_path("peak1.sock"));
+    let file = temp_path("peak.snap");
+    // 128 MiB of pages the guest rewrites and checks: none of them zero.
+    let mut f = run_guest(None, 1, "workload=dirty:128 hb_ms=100", &[], &s0);
+    f.wait_line(BOOT_LIMIT, |l| l.contains("GUEST-READY"));
+    two_more_passes(&mut f, 0);
+    let (rss, hwm) = (
+        proc_status_bytes(f.pid(), "VmRSS"),
+        proc_status_bytes(f.pid(), "VmHWM"),
+    );
+    let (ok, out) = f.ctl(&["snapshot", file.to_str().unwrap()]);
+    assert!(ok, "snapshot failed: {out}\n{}", f.transcript());
+    let saving = proc_status_bytes(f.pid(), "VmHWM").saturating_sub(hwm);
+    let (ok, out) = f.ctl(&["stop"]);
+    assert!(ok, "{out}");
+    f.wait_exit(LIMIT);
+    let state = vmm::snapshot::read_file(&file).unwrap();
+    let ram: u64 = state.memory.iter().map(|r| r.data.len() as u64).sum();
+    assert!(ram >= 128 * MIB, "the snapshot carries {} MiB", ram / MIB);
+
+    let mut r = Ferry::spawn(&[
+        "restore".as_ref(),
+        file.as_os_str(),
+        "--paused".as_ref(),
+        "--api-socket".as_ref(),
+        s1.as_os_str(),
+    ]);
+    ferry_tests::tiny::wait_for("the restored ferry's control socket", LIMIT, || s1.exists());
+    let restored = proc_status_bytes(r.pid(), "VmHWM");
+    eprintln!(
+        "guest RAM in the snapshot {} MiB; source resident {} MiB, its peak grew by {} KiB \
+         while saving; the restoring process peaked at {} MiB",
+        ram / MIB,
+        rss / MIB,
+        saving / 1024,
+        restored / MIB
+    );
+    // A copy of the guest's RAM on the heap would add `ram` to either peak.
+    assert!(
+        saving < 16 * MIB,
+        "saving raised the source's peak by {} MiB",
+        saving / MIB
+    );
+    assert!(
+        restored < rss + 32 * MIB,
+        "restoring peaked at {} MiB; the source was resident in {} MiB",
+        restored / MIB,
+        rss / MIB
+    );
+    let (ok, out) = r.ctl(&["stop"]);
+    assert!(ok, "{out}");
+    r.wait_exit(LIMIT);
 }

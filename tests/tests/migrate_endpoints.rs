@@ -127,13 +127,7 @@ fn a_hello_larger_than_the_destination_takes_is_refused_before_anything_is_alloc
 
 /// A process's resident memory (VmRSS), bytes.
 fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap()
-        * 1024
+    ferry_tests::process::proc_status_bytes(pid, "VmRSS")
 }
 
 #[test]

@@ -265,14 +265,12 @@ pub(crate) fn dec_serial(d: &mut Decoder) -> Result<SerialState, Error> {
 }
 
 /// MEMR: count, then (gpa, length, bytes) per range. (The writer streams these itself.)
-pub(crate) fn dec_memr(d: &mut Decoder) -> Result<Vec<MemoryRange>, Error> {
+pub(crate) fn memr_ranges<'a>(d: &mut Decoder<'a>) -> Result<Vec<(u64, &'a [u8])>, Error> {
     let n = d.count_u32("MEMR range count", MAX_MEMR_RANGES, 16)?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        out.push(MemoryRange {
-            gpa: d.u64("MemoryRange.gpa")?,
-            data: d.bytes_u64("MemoryRange.data", MAX_RANGE_BYTES)?,
-        });
+        let gpa = d.u64("MemoryRange.gpa")?;
+        out.push((gpa, d.slice_u64("MemoryRange.data", MAX_RANGE_BYTES)?));
     }
     Ok(out)
 }

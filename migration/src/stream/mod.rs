@@ -147,7 +147,46 @@ impl fmt::Debug for Tag {
 /// error wrapping [`Error`], and nothing is written. Writes are many and small: give it a
 /// `BufWriter` around a file or socket.
 pub fn write_vm(w: &mut impl Write, vm: &VmState) -> io::Result<u64> {
+    let memory: Vec<(u64, &[u8])> = vm.memory.iter().map(|r| (r.gpa, &r.data[..])).collect();
+    write_parts(w, vm, &memory, MAX_RANGE_BYTES as usize)
+}
+
+/// The most memory bytes in one MEMR section [`write_vm_ranges`] writes: what a reader
+/// holds at a time when it reads that stream back ([`Rest::memory`]).
+pub const RANGES_SECTION_BYTES: u64 = 4 << 20;
+
+/// Writes `vm` as [`write_vm`] does, with `memory` as its memory ranges: borrowed from
+/// wherever they lie (guest RAM, for a snapshot), so that nothing copies them first.
+/// `vm.memory` must be empty; the ranges are checked as [`validate`] checks `vm.memory`,
+/// and nothing is written when they fail. MEMR sections hold at most
+/// [`RANGES_SECTION_BYTES`] each.
+pub fn write_vm_ranges(
+    w: &mut impl Write,
+    vm: &VmState,
+    memory: &[(u64, &[u8])],
+) -> io::Result<u64> {
+    if !vm.memory.is_empty() {
+        let why = "write_vm_ranges: the state carries memory ranges of its own";
+        return Err(invalid_input(Error::Invalid(why.into())));
+    }
+    write_parts(w, vm, memory, RANGES_SECTION_BYTES as usize)
+}
+
+/// The writer behind [`write_vm`] and [`write_vm_ranges`]: ranges split into pieces of at
+/// most `section` bytes, sections of at most `section` bytes.
+fn write_parts(
+    w: &mut impl Write,
+    vm: &VmState,
+    memory: &[(u64, &[u8])],
+    section: usize,
+) -> io::Result<u64> {
     validate(vm).map_err(invalid_input)?;
+    let mut check = rules::MemCheck::new(&vm.config);
+    for (gpa, data) in memory {
+        check
+            .range(*gpa, data.len() as u64)
+            .map_err(invalid_input)?;
+    }
     let mut head = Encoder::new();
     head.bytes(&MAGIC);
     head.u32(FORMAT_VERSION);
@@ -168,8 +207,7 @@ pub fn write_vm(w: &mut impl Write, vm: &VmState) -> io::Result<u64> {
     for device in &vm.devices {
         n += write_section(w, Tag::VIRT, &[&encode(|e| enc_virtio(e, device))?])?;
     }
-    let max_range = MAX_RANGE_BYTES as usize;
-    for pieces in memr_sections(&vm.memory, max_range, MAX_MEMR_RANGES as usize) {
+    for pieces in memr_sections(memory, section, MAX_MEMR_RANGES as usize) {
         let count = encode(|e| e.count_u32("MEMR count", pieces.len(), MAX_MEMR_RANGES))?;
         let heads: Vec<[u8; 16]> = pieces
             .iter()
@@ -188,28 +226,99 @@ pub fn write_vm(w: &mut impl Write, vm: &VmState) -> io::Result<u64> {
 
 /// Reads a whole stream from `r` and requires that it ends right after END.
 pub fn read_vm(r: &mut impl Read) -> Result<VmState, Error> {
-    let mut input = Input { r, offset: 0 };
-    let vm = input.vm()?;
-    let mut byte = [0u8; 1];
-    loop {
-        return match input.r.read(&mut byte) {
-            Ok(0) => Ok(vm),
-            Ok(_) => Err(Error::Trailing {
-                offset: input.offset,
-            }),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(source) => Err(Error::Io {
-                offset: input.offset,
-                source,
-            }),
-        };
-    }
+    let (mut vm, rest) = read_head(r)?;
+    rest.memory(collect(&mut vm.memory))?;
+    Ok(vm)
 }
 
 /// Reads a stream from `r` up to and including END, and reads nothing after it (for a
 /// stream embedded in a connection that carries more after it).
 pub fn read_vm_until_end(r: &mut impl Read) -> Result<VmState, Error> {
-    Input { r, offset: 0 }.vm()
+    let (mut vm, rest) = read_head(r)?;
+    rest.memory_until_end(collect(&mut vm.memory))?;
+    Ok(vm)
+}
+
+/// A sink for [`Rest::memory`] that keeps every range.
+fn collect(
+    memory: &mut Vec<MemoryRange>,
+) -> impl FnMut(u64, &[u8]) -> Result<(), &'static str> + '_ {
+    |gpa, data| {
+        memory.push(MemoryRange {
+            gpa,
+            data: data.to_vec(),
+        });
+        Ok(())
+    }
+}
+
+/// Reads a stream's header and every section before its memory: the state with no memory
+/// ranges, and the rest of the stream, whose memory [`Rest::memory`] hands over range by
+/// range, so that a restore writes it into guest RAM without holding it all on the heap.
+pub fn read_head<R: Read>(r: &mut R) -> Result<(VmState, Rest<'_, R>), Error> {
+    let mut input = Input { r, offset: 0 };
+    let (vm, next) = input.head()?;
+    let config = vm.config.clone();
+    Ok((
+        vm,
+        Rest {
+            input,
+            config,
+            next,
+        },
+    ))
+}
+
+/// The memory sections of a stream after [`read_head`], and its END.
+pub struct Rest<'r, R: Read> {
+    input: Input<'r, R>,
+    config: MachineConfig,
+    next: reader::Frame,
+}
+
+impl<R: Read> fmt::Debug for Rest<'_, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rest")
+            .field("offset", &self.input.offset)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Read> Rest<'_, R> {
+    /// Hands every memory range to `sink`, in stream order, through END; then requires
+    /// that nothing follows END. A range reaches `sink` only once its whole MEMR section
+    /// has arrived, its CRC matches and every range in it passed the checks of
+    /// [`validate`]; one section (at most 64 MiB plus its table) is held at a time. An
+    /// error from `sink` ends the read as [`Error::Memory`] naming the range. Returns the
+    /// bytes of memory handed over.
+    pub fn memory(
+        mut self,
+        mut sink: impl FnMut(u64, &[u8]) -> Result<(), &'static str>,
+    ) -> Result<u64, Error> {
+        let n = self.input.memory(&self.config, self.next, &mut sink)?;
+        let mut byte = [0u8; 1];
+        loop {
+            return match self.input.r.read(&mut byte) {
+                Ok(0) => Ok(n),
+                Ok(_) => Err(Error::Trailing {
+                    offset: self.input.offset,
+                }),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => Err(Error::Io {
+                    offset: self.input.offset,
+                    source,
+                }),
+            };
+        }
+    }
+
+    /// As [`Rest::memory`], but reads nothing after END.
+    pub fn memory_until_end(
+        mut self,
+        mut sink: impl FnMut(u64, &[u8]) -> Result<(), &'static str>,
+    ) -> Result<u64, Error> {
+        self.input.memory(&self.config, self.next, &mut sink)
+    }
 }
 
 /// Decodes a whole stream held in memory, as [`read_vm`].
@@ -264,17 +373,16 @@ fn range_head(gpa: u64, data: &[u8]) -> [u8; 16] {
 
 /// Splits `ranges` into pieces of at most `max_range` bytes and groups the pieces into
 /// sections of at most `max_range` bytes and `max_count` pieces, in order.
-fn memr_sections(
-    ranges: &[MemoryRange],
+fn memr_sections<'a>(
+    ranges: &[(u64, &'a [u8])],
     max_range: usize,
     max_count: usize,
-) -> Vec<Vec<(u64, &[u8])>> {
+) -> Vec<Vec<(u64, &'a [u8])>> {
     let mut sections = Vec::new();
-    let mut cur: Vec<(u64, &[u8])> = Vec::new();
+    let mut cur: Vec<(u64, &'a [u8])> = Vec::new();
     let mut cur_bytes = 0usize;
-    for r in ranges {
-        let mut gpa = r.gpa;
-        for chunk in r.data.chunks(max_range.max(1)) {
+    for &(mut gpa, data) in ranges {
+        for chunk in data.chunks(max_range.max(1)) {
             if !cur.is_empty() && (cur_bytes + chunk.len() > max_range || cur.len() >= max_count) {
                 sections.push(std::mem::take(&mut cur));
                 cur_bytes = 0;
@@ -296,20 +404,7 @@ mod tests {
 
     #[test]
     fn memr_sections_split_ranges_and_group_pieces() {
-        let ranges = [
-            MemoryRange {
-                gpa: 0,
-                data: vec![1; 5],
-            },
-            MemoryRange {
-                gpa: 100,
-                data: vec![2; 2],
-            },
-            MemoryRange {
-                gpa: 200,
-                data: vec![3; 1],
-            },
-        ];
+        let ranges: [(u64, &[u8]); 3] = [(0, &[1; 5]), (100, &[2; 2]), (200, &[3; 1])];
         let s = memr_sections(&ranges, 2, 2);
         let got: Vec<Vec<(u64, usize)>> = s
             .iter()

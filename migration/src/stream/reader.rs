@@ -9,8 +9,12 @@ use super::Tag;
 use crate::codec::{self, Decoder};
 use crate::limits::*;
 use crate::records::dec_virtio;
-use crate::records::{dec_config, dec_guest_cpu, dec_irqchip, dec_memr, dec_serial, dec_vcpu};
+use crate::records::{dec_config, dec_guest_cpu, dec_irqchip, dec_serial, dec_vcpu, memr_ranges};
 use crate::state::*;
+
+/// Where memory ranges go as they are read: (gpa, bytes); an error is why that range cannot
+/// be taken.
+pub(super) type MemorySink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), &'static str> + 'a;
 
 /// A frame header as read: where it starts and its 16 raw bytes (covered by the CRC).
 pub(super) struct Frame {
@@ -170,8 +174,9 @@ impl<R: Read> Input<'_, R> {
         Ok(value)
     }
 
-    /// The whole stream after the header's offset 0, through END.
-    pub(super) fn vm(&mut self) -> Result<VmState, Error> {
+    /// The stream from its header through the last section before memory: the state with
+    /// no memory ranges, and the frame after it (MEMR or END, not yet read).
+    pub(super) fn head(&mut self) -> Result<(VmState, Frame), Error> {
         let version = self.header()?;
         let f = self.expect(&[Tag::CONF], "CONF")?;
         let config = self.section(&f, dec_config)?;
@@ -226,8 +231,7 @@ impl<R: Read> Input<'_, R> {
         let serial = self.section(&f, dec_serial)?;
         check_serial(&serial)?;
         let (devices, next) = self.devices(version)?;
-        let memory = self.memory(&config, next)?;
-        Ok(VmState {
+        let vm = VmState {
             config,
             cpu_profile,
             guest_cpu,
@@ -235,8 +239,9 @@ impl<R: Read> Input<'_, R> {
             irqchip,
             serial,
             devices,
-            memory,
-        })
+            memory: Vec::new(),
+        };
+        Ok((vm, next))
     }
 
     /// VIRT sections (format version 3 on): the virtio devices; and the frame after them.
@@ -264,12 +269,19 @@ impl<R: Read> Input<'_, R> {
         }
     }
 
-    /// MEMR sections until END (`first` read already): the memory ranges, each checked in
-    /// order.
-    fn memory(&mut self, config: &MachineConfig, first: Frame) -> Result<Vec<MemoryRange>, Error> {
-        let mut memory = Vec::new();
+    /// MEMR sections until END (`first` read already, END's body read here): each range
+    /// handed to `sink` in order, and only once its whole section has arrived with a good
+    /// CRC and every range in it has passed the checks. Holds one section at a time (at most
+    /// MEMR's cap). Returns the bytes of memory handed over.
+    pub(super) fn memory(
+        &mut self,
+        config: &MachineConfig,
+        first: Frame,
+        sink: &mut MemorySink<'_>,
+    ) -> Result<u64, Error> {
         let mut mem = MemCheck::new(config);
         let mut pending = Some(first);
+        let mut total = 0u64;
         loop {
             let f = match pending.take() {
                 Some(f) => f,
@@ -278,19 +290,27 @@ impl<R: Read> Input<'_, R> {
             order(&f, &[Tag::MEMR, Tag::END], "MEMR or END")?;
             if f.tag == Tag::END {
                 self.body(&f)?;
-                return Ok(memory);
+                return Ok(total);
             }
-            let ranges = self.section(&f, dec_memr)?;
+            let payload = self.body(&f)?;
+            let mut d = Decoder::with_base(&payload, f.offset + FRAME_HEADER_SIZE);
+            let codec = |source| Error::Codec { tag: f.tag, source };
+            let ranges = memr_ranges(&mut d).map_err(codec)?;
+            d.finish(f.tag.payload_name()).map_err(codec)?;
             if ranges.is_empty() {
                 let offset = f.offset;
                 return Err(Error::Invalid(format!(
                     "MEMR at offset {offset}: no ranges"
                 )));
             }
-            for r in &ranges {
-                mem.range(r.gpa, r.data.len() as u64)?;
+            for (gpa, data) in &ranges {
+                mem.range(*gpa, data.len() as u64)?;
             }
-            memory.extend(ranges);
+            for (gpa, data) in ranges {
+                let len = data.len() as u64;
+                sink(gpa, data).map_err(|why| Error::Memory { gpa, len, why })?;
+                total += len;
+            }
         }
     }
 }

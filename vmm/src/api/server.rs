@@ -370,11 +370,12 @@ fn migrate_options(
 fn snapshot(vm: &Vm, path: &Path, stop: bool) -> Result<wire::Snapshot, String> {
     let started = std::time::Instant::now();
     // One lifecycle change at a time: no other client can resume the VM mid-save.
-    let _lifecycle = vm.lifecycle();
+    let lifecycle = vm.lifecycle();
     let was_paused = vm.state() == crate::vcpu::RunState::Paused;
     let paused = vm.pause().map_err(|e| format!("pausing: {e}"));
-    let result =
-        paused.and_then(|()| crate::snapshot::write_file(vm, path).map_err(|e| e.to_string()));
+    let result = paused.and_then(|()| {
+        crate::snapshot::write_file(vm, &lifecycle, path).map_err(|e| e.to_string())
+    });
     // Resume on every path unless asked to stop after a good write; a VM that was already
     // paused stays paused.
     if !was_paused && (result.is_err() || !stop) {

@@ -129,15 +129,10 @@ fn serve(
 }
 
 pub fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
-    let state = vmm::snapshot::read_file(&a.file)
-        .with_context(|| format!("snapshot {}", a.file.display()))?;
     let devices = a.devices.parse()?;
-    let vm = vmm::Vm::restore(
-        &state,
-        &devices,
-        Box::new(FlushingWriter(std::io::stdout())),
-    )
-    .with_context(|| format!("restoring {}", a.file.display()))?;
+    let console = Box::new(FlushingWriter(std::io::stdout()));
+    let vm = vmm::snapshot::restore_file(&a.file, &devices, console)
+        .with_context(|| format!("restoring snapshot {}", a.file.display()))?;
     a.debug.attach(&vm)?;
     serve(vm, a.api_socket.as_deref(), !a.paused)
 }

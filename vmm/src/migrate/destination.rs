@@ -8,7 +8,7 @@ use cpuid::CpuidDump;
 use migration::auth::Key;
 use migration::protocol::{self, Hello, Message, Precopy};
 use migration::receiver::{Action, Failure, Input, Receiver};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::devices::virtio::backends::Devices as DeviceChoice;
 use crate::vm::Vm;
@@ -381,7 +381,21 @@ impl<C: Read + Write> Driver<'_, C> {
         if let Err(e) = self.finish_building() {
             return Ok(Err(e));
         }
-        let state = migration::stream::read_vm_until_end(&mut BufReader::new(&mut self.conn))
+        let Some(vm) = self.vm.as_ref() else {
+            return Ok(Err("the VM was not built".into()));
+        };
+        // Memory ranges in the stream (a source sends memory as pages; a stream may still
+        // carry some) go into guest RAM as each section arrives, not onto the heap.
+        let mut input = BufReader::new(&mut self.conn);
+        let state = migration::read_head(&mut input)
+            .and_then(|(state, rest)| {
+                rest.memory_until_end(|gpa, data| {
+                    vm.memory()
+                        .write_slice(data, GuestAddress(gpa))
+                        .map_err(|_| "is not guest RAM")
+                })?;
+                Ok(state)
+            })
             .map_err(|e| {
                 use migration::stream::Error as S;
                 let e = match e {
