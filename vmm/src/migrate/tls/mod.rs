@@ -258,18 +258,13 @@ impl Write for ReadAhead {
 struct TlsStream<C> {
     tls: C,
     sock: ReadAhead,
-    staging: Vec<u8>,
 }
-
-/// Bytes gathered from a vectored write into one write to rustls, at most.
-const STAGING: usize = 64 << 10;
 
 impl<C> TlsStream<C> {
     fn new(tls: C, sock: Box<dyn Socket>) -> TlsStream<C> {
         TlsStream {
             tls,
             sock: ReadAhead::new(sock),
-            staging: Vec::with_capacity(STAGING),
         }
     }
 }
@@ -294,15 +289,14 @@ where
     }
 
     fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-        self.staging.clear();
-        for b in bufs {
-            let room = STAGING - self.staging.len();
-            self.staging.extend_from_slice(&b[..b.len().min(room)]);
-            if b.len() >= room {
-                break;
-            }
+        // rustls seals the slices as full records straight from where they lie (no copy
+        // gathers them first), up to its buffer limit; then the records go out.
+        rustls::Stream::new(&mut self.tls, &mut self.sock).flush()?;
+        let n = self.tls.writer().write_vectored(bufs)?;
+        while self.tls.wants_write() {
+            self.tls.write_tls(&mut self.sock)?;
         }
-        rustls::Stream::new(&mut self.tls, &mut self.sock).write(&self.staging)
+        Ok(n)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
