@@ -14,6 +14,18 @@ pub mod tls_relay;
 
 use std::path::Path;
 
+/// Turns ferry's seccomp filters on in this test process, as the `ferry` command does: from
+/// now on every ferry thread started here (vCPUs, the virtio loop, the control socket, a
+/// destination's builder) enters its kind's filter, and a call outside it ends the whole
+/// test process with ferry's one-line report (status 159). With `kind`, the calling
+/// thread enters that kind's filter too (the thread a test runs a destination on).
+pub fn sandbox_on(kind: Option<vmm::sandbox::Kind>) {
+    vmm::sandbox::set_mode(vmm::sandbox::Mode::On).expect("compiling ferry's seccomp filters");
+    if let Some(kind) = kind {
+        vmm::sandbox::enter(kind).expect("entering a seccomp filter");
+    }
+}
+
 /// Fails the calling test unless /dev/kvm can be opened for reading and writing.
 pub fn require_kvm() {
     use std::os::unix::fs::FileTypeExt;

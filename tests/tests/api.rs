@@ -18,6 +18,8 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 #[test]
 fn status_pause_resume_stop_and_bad_requests() {
+    // The control socket's threads and the vCPUs under ferry's filters, as in `ferry run`.
+    ferry_tests::sandbox_on(None);
     let t = TinyVm::new(&LONG_RING3, 2);
     let vm = Arc::new(t.vm);
     let path = temp_path("api.sock");

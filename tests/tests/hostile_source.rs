@@ -1,6 +1,8 @@
 //! A hostile or broken source, played by the test over a socket pair against a real
 //! destination (`migrate::receive_over`, a real KVM VM): every case ends in an error naming
 //! the problem, never a panic, a write outside guest RAM or an allocation beyond the caps.
+//! The destination's thread runs under ferry's seccomp filter for a receiver, as in
+//! `ferry receive`: its error paths make no call outside it.
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -10,6 +12,7 @@ use ferry_tests::tiny::Console;
 use migration::pages::BatchWriter;
 use migration::protocol::{self, Hello, Message};
 use vmm::migrate;
+use vmm::sandbox::Kind;
 
 const MEMORY: u64 = 64 << 20;
 
@@ -27,8 +30,10 @@ fn against_destination(hello: bool, script: impl FnOnce(&mut UnixStream)) -> Str
     for s in [&a, &b] {
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     }
-    let dest =
-        std::thread::spawn(move || migrate::receive_over(b, None, Box::new(Console::default())));
+    let dest = std::thread::spawn(move || {
+        ferry_tests::sandbox_on(Some(Kind::Receiver));
+        migrate::receive_over(b, None, Box::new(Console::default()))
+    });
     if hello {
         let h = Hello::new(MEMORY, 1, profile_json(), None);
         protocol::send(&mut a, &Message::Hello(h)).unwrap();
@@ -147,6 +152,7 @@ fn a_hello_the_destination_cannot_build_is_refused() {
     ] {
         let (mut a, b) = UnixStream::pair().unwrap();
         let dest = std::thread::spawn(move || {
+            ferry_tests::sandbox_on(Some(Kind::Receiver));
             migrate::receive_over(b, None, Box::new(Console::default()))
         });
         let h = Hello::new(memory, vcpus, profile_json(), None);

@@ -21,6 +21,7 @@ pub mod event;
 pub mod memory;
 pub mod migrate;
 pub mod msrs;
+pub mod sandbox;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vcpu_state;

@@ -238,6 +238,7 @@ impl Vcpu {
             events: self.events.clone(),
         };
         KVM_RUN.with(|r| r.set(self.fd.get_kvm_run() as *mut kvm_run));
+        crate::sandbox::enter_or_exit(crate::sandbox::Kind::Vcpu);
         let mut state = RunState::Paused;
         self.shared.set(state);
         while state != RunState::Stopped {

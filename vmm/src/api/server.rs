@@ -93,6 +93,8 @@ impl ApiServer {
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                // Its connection threads inherit the filter.
+                crate::sandbox::enter_or_exit(crate::sandbox::Kind::Api);
                 for conn in listener.incoming() {
                     match conn {
                         Ok(stream) => {

@@ -91,6 +91,8 @@ pub struct RunArgs {
     pub devices: DeviceArgs,
     #[command(flatten)]
     pub debug: DebugConsoleArg,
+    #[command(flatten)]
+    pub sandbox: SandboxArg,
 }
 
 #[derive(Parser, Debug)]
@@ -144,6 +146,22 @@ impl DebugConsoleArg {
 }
 
 #[derive(Parser, Debug)]
+pub struct SandboxArg {
+    /// Seccomp filters on this ferry's threads once they are set up: on (a call outside a
+    /// thread's filter stops ferry with one line naming it), log (let it through; the
+    /// kernel logs it), off.
+    #[arg(long, value_enum, default_value_t = vmm::sandbox::Mode::On)]
+    pub seccomp: vmm::sandbox::Mode,
+}
+
+impl SandboxArg {
+    /// Sets the process's seccomp mode (before any thread of the VM starts).
+    pub fn apply(&self) -> anyhow::Result<()> {
+        Ok(vmm::sandbox::set_mode(self.seccomp)?)
+    }
+}
+
+#[derive(Parser, Debug)]
 pub struct RestoreArgs {
     /// A snapshot written by `ferry ctl snapshot`, or the same compressed with zstd.
     pub file: PathBuf,
@@ -157,6 +175,8 @@ pub struct RestoreArgs {
     pub devices: DeviceArgs,
     #[command(flatten)]
     pub debug: DebugConsoleArg,
+    #[command(flatten)]
+    pub sandbox: SandboxArg,
 }
 
 #[derive(Parser, Debug)]
@@ -198,6 +218,8 @@ pub struct ReceiveArgs {
     pub devices: DeviceArgs,
     #[command(flatten)]
     pub debug: DebugConsoleArg,
+    #[command(flatten)]
+    pub sandbox: SandboxArg,
 }
 
 /// Reads and checks a shared key file (private to its owner, 16 to 4096 bytes).

@@ -14,6 +14,7 @@ use vmm::{api, vm, VmEvent};
 use super::args::{read_key, ReceiveArgs, RestoreArgs, RunArgs};
 
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
+    a.sandbox.apply()?;
     let memory = parse_size(&a.memory).context("--memory")?;
     let console = Box::new(FlushingWriter(std::io::stdout()));
     let vmm::devices::virtio::backends::Devices { disks, nets } = a.devices.parse()?;
@@ -86,6 +87,7 @@ fn serve(
     std::thread::Builder::new()
         .name("stdin".into())
         .spawn(move || {
+            vmm::sandbox::enter_or_exit(vmm::sandbox::Kind::Stdin);
             let mut buf = [0u8; 64];
             let mut stdin = std::io::stdin();
             while let Ok(n @ 1..) = stdin.read(&mut buf) {
@@ -103,6 +105,7 @@ fn serve(
     if start {
         vm.start()?;
     }
+    vmm::sandbox::enter(vmm::sandbox::Kind::Main)?;
     let event = loop {
         if let Some(e) = vm.next_event(Duration::from_secs(1)) {
             break e;
@@ -129,6 +132,7 @@ fn serve(
 }
 
 pub fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
+    a.sandbox.apply()?;
     let devices = a.devices.parse()?;
     let console = Box::new(FlushingWriter(std::io::stdout()));
     let vm = vmm::snapshot::restore_file(&a.file, &devices, console)
@@ -138,6 +142,7 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
+    a.sandbox.apply()?;
     let addr: vmm::migrate::Address = a.listen.parse()?;
     let host = match &a.host {
         Some(p) => Some(cpuid::dump::load(p).with_context(|| format!("--host {}", p.display()))?),
@@ -170,6 +175,8 @@ pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         },
         max_vcpus: a.max_vcpus.unwrap_or_else(vmm::migrate::host_vcpu_limit),
     };
+    // From here the process reads a peer's bytes: filtered.
+    vmm::sandbox::enter(vmm::sandbox::Kind::Receiver)?;
     eprintln!(
         "ferry: waiting for a VM on {} ({})",
         a.listen,

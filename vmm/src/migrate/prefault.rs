@@ -76,7 +76,10 @@ impl Prefault {
         let s = shared.clone();
         let helper = std::thread::Builder::new()
             .name("mig-prefault".into())
-            .spawn(move || run(&mem, &s))
+            .spawn(move || {
+                crate::sandbox::enter_or_exit(crate::sandbox::Kind::Prefault);
+                run(&mem, &s)
+            })
             .inspect_err(|e| log::info!("no readahead of guest RAM: {e}"))
             .ok();
         Prefault {

@@ -91,6 +91,7 @@ impl EventLoop {
         let thread = std::thread::Builder::new()
             .name("virtio".into())
             .spawn(move || {
+                crate::sandbox::enter_or_exit(crate::sandbox::Kind::Virtio);
                 while !stopping.load(Ordering::SeqCst) {
                     if let Err(e) = manager.run_with_timeout(100) {
                         log::error!("virtio event loop: {e:?}");

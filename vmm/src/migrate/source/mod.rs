@@ -75,7 +75,10 @@ fn send_on(
         let throttle = &throttle;
         std::thread::Builder::new()
             .name("mig-throttle".into())
-            .spawn_scoped(scope, move || throttle_loop(vm, throttle, throttle_stopped))
+            .spawn_scoped(scope, move || {
+                crate::sandbox::enter_or_exit(crate::sandbox::Kind::Throttle);
+                throttle_loop(vm, throttle, throttle_stopped)
+            })
             .map_err(|source| {
                 let e = Error::Thread {
                     what: "throttle",

@@ -1,0 +1,150 @@
+//! Seccomp filters on ferry's threads: a call outside a thread kind's filter ends the
+//! process with one line naming the thread and the call; every thread of a running ferry
+//! (a VM with a disk, a waiting destination, the VM it received) runs under a filter, and
+//! `--seccomp=off` leaves them all unfiltered.
+
+use std::process::Command;
+use std::time::Duration;
+
+use ferry_tests::process::{count_line, free_tcp_port, run_tiny, temp_path, Ferry};
+use ferry_tests::tiny::{wait_for, LONG_COUNT};
+use vmm::sandbox::Kind;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn probe(mode: &str, kind: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sandbox-probe"))
+        .args([mode, kind])
+        .output()
+        .expect("run sandbox-probe")
+}
+
+#[test]
+fn a_forbidden_call_in_any_thread_kind_is_one_line_naming_it() {
+    for kind in Kind::ALL {
+        let out = probe("on", kind.name());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(159), "{}: {err}", kind.name());
+        assert_eq!(
+            err,
+            format!(
+                "ferry: seccomp: the {} thread made a system call outside its filter: \
+                 getppid (110); ferry stops (--seccomp=log lets it through and logs it)\n",
+                kind.name()
+            )
+        );
+        assert!(out.stdout.is_empty(), "the call did not return");
+    }
+}
+
+#[test]
+fn log_mode_lets_the_call_through() {
+    let out = probe("log", "vcpu");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ppid = std::process::id();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("ppid {ppid}\n")
+    );
+}
+
+/// Each thread of `pid`: its name and its seccomp mode (0 none, 2 filter).
+fn threads(pid: u32) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in dir.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let Some(mode) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .and_then(|v| v.trim().parse().ok())
+        else {
+            continue;
+        };
+        out.push((comm.trim().to_string(), mode));
+    }
+    out.sort();
+    out
+}
+
+/// Waits until every thread of `f` is filtered and `names` are among them; returns them.
+fn all_filtered(f: &Ferry, names: &[&str]) -> Vec<(String, u32)> {
+    let pid = f.pid();
+    let ready = || {
+        let t = threads(pid);
+        names.iter().all(|n| t.iter().any(|(c, _)| c == n)) && t.iter().all(|(_, m)| *m == 2)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ready() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t = threads(pid);
+    for n in names {
+        assert!(t.iter().any(|(c, _)| c == n), "no {n} thread in {t:?}");
+    }
+    for (name, mode) in &t {
+        assert_eq!(
+            *mode, 2,
+            "thread {name} of ferry {pid} is not filtered: {t:?}"
+        );
+    }
+    t
+}
+
+#[test]
+fn every_thread_of_a_running_ferry_and_of_its_destination_is_filtered() {
+    ferry_tests::require_kvm();
+    let disk = temp_path("sandbox.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk_arg = format!("path={}", disk.display());
+    let sock = temp_path("sandbox.sock");
+    let mut src = run_tiny(&LONG_COUNT, &["--disk", &disk_arg], &sock);
+    src.wait_line(LIMIT, |l| count_line(l).is_some_and(|n| n >= 3));
+    let t = all_filtered(&src, &["ferry", "vcpu0", "virtio", "api"]);
+    eprintln!("source: {t:?}");
+
+    let url = format!("tcp:127.0.0.1:{}", free_tcp_port());
+    let d_sock = temp_path("sandbox-dst.sock");
+    let mut dst = Ferry::receive(
+        &url,
+        &[
+            "--disk",
+            &disk_arg,
+            "--api-socket",
+            d_sock.to_str().unwrap(),
+        ],
+    );
+    let t = all_filtered(&dst, &["ferry"]);
+    eprintln!("waiting destination: {t:?}");
+    let (ok, out) = src.ctl(&["migrate", &url]);
+    assert!(ok, "{out}");
+    assert!(src.wait_exit(LIMIT).success(), "{}", src.transcript());
+    wait_for("the destination's control socket", LIMIT, || {
+        d_sock.exists()
+    });
+    dst.wait_line(LIMIT, |l| count_line(l).is_some());
+    let t = all_filtered(&dst, &["ferry", "vcpu0", "virtio", "api"]);
+    eprintln!("destination running: {t:?}");
+    assert!(dst.ctl(&["stop"]).0);
+    assert!(dst.wait_exit(LIMIT).success(), "{}", dst.transcript());
+}
+
+#[test]
+fn seccomp_off_leaves_every_thread_unfiltered() {
+    ferry_tests::require_kvm();
+    let sock = temp_path("sandbox-off.sock");
+    let mut f = run_tiny(&LONG_COUNT, &["--seccomp", "off"], &sock);
+    f.wait_line(LIMIT, |l| count_line(l).is_some_and(|n| n >= 3));
+    let t = threads(f.pid());
+    assert!(t.iter().any(|(c, _)| c == "vcpu0"), "{t:?}");
+    assert!(t.iter().all(|(_, m)| *m == 0), "{t:?}");
+    assert!(f.ctl(&["stop"]).0);
+    assert!(f.wait_exit(LIMIT).success(), "{}", f.transcript());
+}
