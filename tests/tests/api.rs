@@ -103,3 +103,43 @@ fn the_socket_is_private_and_never_replaces_a_regular_file() {
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 }
+
+#[test]
+fn connections_beyond_the_cap_are_answered_with_a_failure_and_closed() {
+    use vmm::api::MAX_CONNECTIONS;
+    ferry_tests::sandbox_on(None);
+    let t = TinyVm::new(&REAL_HLT, 1);
+    let vm = Arc::new(t.vm);
+    let path = temp_path("capped.sock");
+    let _server = ApiServer::start(&path, vm).unwrap();
+    let ask = |s: &mut UnixStream| -> String {
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        // The connection over the cap may be closed before this request arrives.
+        let _ = s.write_all(b"{\"cmd\":\"status\"}\n");
+        let mut line = String::new();
+        BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        line
+    };
+    let mut held: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+        .map(|_| UnixStream::connect(&path).unwrap())
+        .collect();
+    for s in &mut held {
+        assert!(
+            ask(s).contains("\"ok\":true"),
+            "a connection under the cap is served"
+        );
+    }
+    let mut one_more = UnixStream::connect(&path).unwrap();
+    let answer = ask(&mut one_more);
+    assert!(
+        answer.contains(&format!("more than {MAX_CONNECTIONS} control connections")),
+        "{answer}"
+    );
+    drop(held.pop());
+    wait_for("a connection slot to free", LIMIT, || {
+        let mut s = UnixStream::connect(&path).unwrap();
+        ask(&mut s).contains("\"ok\":true")
+    });
+}

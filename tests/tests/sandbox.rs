@@ -148,3 +148,31 @@ fn seccomp_off_leaves_every_thread_unfiltered() {
     assert!(f.ctl(&["stop"]).0);
     assert!(f.wait_exit(LIMIT).success(), "{}", f.transcript());
 }
+
+#[test]
+fn guest_ram_is_left_out_of_core_dumps() {
+    ferry_tests::require_kvm();
+    let sock = temp_path("sandbox-dump.sock");
+    let mut f = run_tiny(&LONG_COUNT, &[], &sock);
+    f.wait_line(LIMIT, |l| count_line(l).is_some());
+    // run_tiny gives the guest 64 MiB: one anonymous mapping of 65536 kB.
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", f.pid())).unwrap();
+    let (mut size, mut flags) = ("", Vec::new());
+    for l in smaps.lines() {
+        if let Some(v) = l.strip_prefix("Size:") {
+            size = v.trim();
+        } else if let Some(v) = l.strip_prefix("VmFlags:") {
+            if size == "65536 kB" {
+                flags.push(v.trim());
+            }
+        }
+    }
+    assert_eq!(flags.len(), 1, "one 64 MiB mapping: {flags:?}");
+    assert!(
+        flags[0].split_whitespace().any(|f| f == "dd"),
+        "VmFlags:{}",
+        flags[0]
+    );
+    assert!(f.ctl(&["stop"]).0);
+    assert!(f.wait_exit(LIMIT).success(), "{}", f.transcript());
+}

@@ -57,6 +57,8 @@ pub enum Error {
     },
     #[error("guest RAM is not attached to a VM yet")]
     NotAttached,
+    #[error("cannot keep guest memory out of core dumps (MADV_DONTDUMP): {0}")]
+    NoDump(#[source] std::io::Error),
 }
 
 /// The pages whose bits are set in `words` (bit i of word w is page 64 w + i), counted from
@@ -133,22 +135,31 @@ pub fn populate(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> std::io::Result<()
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(from - start))
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        // SAFETY: [host, host + (to - from)) lies inside this region's mapping (clipped
-        // above), which `mem` keeps alive for the call. MADV_POPULATE_WRITE only faults the
-        // pages in as writable, never changes their contents, so a vCPU or another thread
-        // writing them at the same time sees nothing different.
-        let rc = unsafe {
-            libc::madvise(
-                host.cast::<libc::c_void>(),
-                (to - from) as usize,
-                libc::MADV_POPULATE_WRITE,
-            )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        // [host, host + (to - from)) lies inside this region's mapping (clipped above),
+        // which `mem` keeps alive for the call. MADV_POPULATE_WRITE only faults the pages
+        // in as writable, never changes their contents, so a vCPU or another thread writing
+        // them at the same time sees nothing different.
+        advise(host, (to - from) as usize, libc::MADV_POPULATE_WRITE)?;
     }
     Ok(())
+}
+
+/// madvise(2) of `[host, host + len)`, a range inside a mapping of guest RAM, with an advice
+/// that changes how the kernel backs or dumps it, never what it holds.
+fn advise(host: *mut u8, len: usize, advice: libc::c_int) -> std::io::Result<()> {
+    debug_assert!([
+        libc::MADV_POPULATE_WRITE,
+        libc::MADV_HUGEPAGE,
+        libc::MADV_DONTDUMP
+    ]
+    .contains(&advice));
+    // SAFETY: these advices change how the kernel backs a mapping (faulting pages in, huge
+    // pages) or whether a core dump holds it, never what it holds or whether it stays
+    // mapped, so the call is sound for any range; an unmapped one fails with ENOMEM.
+    match unsafe { libc::madvise(host.cast::<libc::c_void>(), len, advice) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
 }
 
 /// The bytes of guest RAM `[gpa, gpa + len)`, read in place (no copy); None unless that
@@ -198,22 +209,12 @@ impl GuestRam {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
                 .expect("a region contains its own first byte");
-            // SAFETY: [host, host + len) is exactly the mapping this region owns; the advice
-            // changes how the kernel backs it (transparent huge pages: 512x fewer faults and
-            // TLB entries), never its contents or validity.
-            let rc = unsafe {
-                libc::madvise(
-                    host.cast::<libc::c_void>(),
-                    region.len() as usize,
-                    libc::MADV_HUGEPAGE,
-                )
-            };
-            if rc != 0 {
-                log::info!(
-                    "guest memory: no transparent huge pages: {}",
-                    std::io::Error::last_os_error()
-                );
+            // The whole mapping this region owns. Transparent huge pages: 512x fewer faults
+            // and TLB entries. Left out of core dumps: the guest's RAM is not ferry's to dump.
+            if let Err(e) = advise(host, region.len() as usize, libc::MADV_HUGEPAGE) {
+                log::info!("guest memory: no transparent huge pages: {e}");
             }
+            advise(host, region.len() as usize, libc::MADV_DONTDUMP).map_err(Error::NoDump)?;
         }
         Ok(GuestRam {
             vm: OnceLock::new(),

@@ -13,6 +13,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +23,9 @@ use crate::vm::Vm;
 
 /// Longest request line accepted.
 pub const MAX_REQUEST: usize = 64 * 1024;
+/// Connections served at once, each on its own thread; one more is answered with a
+/// failure and closed (a bound on the threads and files a client can make ferry hold).
+pub const MAX_CONNECTIONS: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -95,17 +99,10 @@ impl ApiServer {
             .spawn(move || {
                 // Its connection threads inherit the filter.
                 crate::sandbox::enter_or_exit(crate::sandbox::Kind::Api);
+                let open = Arc::new(AtomicUsize::new(0));
                 for conn in listener.incoming() {
                     match conn {
-                        Ok(stream) => {
-                            let (vm, control) = (vm.clone(), control.clone());
-                            if let Err(e) = std::thread::Builder::new()
-                                .name("api-conn".into())
-                                .spawn(move || serve(stream, &vm, &control))
-                            {
-                                log::warn!("api: cannot start a connection thread: {e}");
-                            }
-                        }
+                        Ok(stream) => accept(stream, &vm, &control, &open),
                         Err(e) => log::warn!("api: accept failed: {e}"),
                     }
                 }
@@ -123,6 +120,31 @@ impl ApiServer {
 impl Drop for ApiServer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Serves `stream` on a thread of its own, unless MAX_CONNECTIONS are open already.
+fn accept(mut stream: UnixStream, vm: &Arc<Vm>, control: &Arc<Control>, open: &Arc<AtomicUsize>) {
+    if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+        open.fetch_sub(1, Ordering::SeqCst);
+        let e = format!("more than {MAX_CONNECTIONS} control connections at once");
+        let _ = writeln!(
+            stream,
+            "{}",
+            wire::answer_line(&Answer::Failure(Failure::new(e)))
+        );
+        return;
+    }
+    let (vm, control, count) = (vm.clone(), control.clone(), open.clone());
+    let spawned = std::thread::Builder::new()
+        .name("api-conn".into())
+        .spawn(move || {
+            serve(stream, &vm, &control);
+            count.fetch_sub(1, Ordering::SeqCst);
+        });
+    if let Err(e) = spawned {
+        open.fetch_sub(1, Ordering::SeqCst);
+        log::warn!("api: cannot start a connection thread: {e}");
     }
 }
 
