@@ -20,7 +20,8 @@ use std::path::Path;
 /// test process with ferry's one-line report (status 159). With `kind`, the calling
 /// thread enters that kind's filter too (the thread a test runs a destination on).
 pub fn sandbox_on(kind: Option<vmm::sandbox::Kind>) {
-    vmm::sandbox::set_mode(vmm::sandbox::Mode::On).expect("compiling ferry's seccomp filters");
+    vmm::sandbox::set_mode(vmm::sandbox::Mode::On, None)
+        .expect("compiling ferry's seccomp filters");
     if let Some(kind) = kind {
         vmm::sandbox::enter(kind).expect("entering a seccomp filter");
     }

@@ -176,3 +176,93 @@ fn guest_ram_is_left_out_of_core_dumps() {
     assert!(f.ctl(&["stop"]).0);
     assert!(f.wait_exit(LIMIT).success(), "{}", f.transcript());
 }
+
+/// The `Uid:`, `Gid:`, `Groups:` and `CapEff:` lines of each thread of `pid`.
+fn credentials(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let keep = ["Uid:", "Gid:", "Groups:", "CapEff:"];
+        let lines: Vec<String> = status
+            .lines()
+            .filter(|l| keep.iter().any(|k| l.starts_with(k)))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        out.push(lines.join(", "));
+    }
+    out
+}
+
+const NOBODY: &str = "Uid: 65534 65534 65534 65534, Gid: 65534 65534 65534 65534, \
+                      Groups: 65534, CapEff: 0000000000000000";
+
+#[test]
+fn user_makes_every_thread_that_user_once_set_up_and_a_migration_runs_between_two() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    ferry_tests::require_kvm();
+    // A directory the user may write: the snapshot and the destination's sockets go there.
+    let dir = temp_path("as-nobody");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = dir.join("src.sock");
+    let mut src = run_tiny(&LONG_COUNT, &["--user", "65534:65534"], &sock);
+    src.wait_line(LIMIT, |l| count_line(l).is_some_and(|n| n >= 3));
+    for c in credentials(src.pid()) {
+        assert_eq!(c, NOBODY);
+    }
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().uid(),
+        65534,
+        "the control socket"
+    );
+    let snap = dir.join("as-nobody.snap");
+    let (ok, out) = src.ctl(&["snapshot", snap.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        std::fs::metadata(&snap).unwrap().uid(),
+        65534,
+        "the snapshot"
+    );
+
+    // A destination as the same user: its listener and VM built after the drop (with the
+    // /dev/kvm it kept), the source admitted as its own user (SO_PEERCRED).
+    let url = format!("unix:{}", dir.join("mig.sock").display());
+    let d_sock = dir.join("dst.sock");
+    let args = ["--user", "65534", "--api-socket", d_sock.to_str().unwrap()];
+    let mut dst = Ferry::receive(&url, &args);
+    wait_for("the destination to listen", LIMIT, || {
+        dir.join("mig.sock").exists()
+    });
+    for c in credentials(dst.pid()) {
+        assert_eq!(c, NOBODY);
+    }
+    let (ok, out) = src.ctl(&["migrate", &url]);
+    assert!(ok, "{out}");
+    assert!(src.wait_exit(LIMIT).success(), "{}", src.transcript());
+    wait_for("the destination's control socket", LIMIT, || {
+        d_sock.exists()
+    });
+    dst.wait_line(LIMIT, |l| count_line(l).is_some());
+    for c in credentials(dst.pid()) {
+        assert_eq!(c, NOBODY);
+    }
+    assert!(dst.ctl(&["stop"]).0);
+    assert!(dst.wait_exit(LIMIT).success(), "{}", dst.transcript());
+}
+
+#[test]
+fn a_bad_user_is_one_line() {
+    for (arg, says) in [
+        ("x", "user id \"x\" is not a number"),
+        ("0:y", "group id \"y\" is not a number"),
+        ("4000000", "no entry in the password database"),
+    ] {
+        let mut cmd = Command::new(ferry_tests::process::ferry_bin());
+        cmd.args(["run", "--image", "/nonexistent", "--user", arg]);
+        let line = ferry_tests::process::one_error_line(&mut cmd);
+        assert!(line.contains(says) && line.contains("--user"), "{line}");
+    }
+}

@@ -26,7 +26,7 @@ fn main() {
         eprintln!("sandbox-probe: unknown kind {kind}");
         std::process::exit(2);
     };
-    if let Err(e) = sandbox::set_mode(mode) {
+    if let Err(e) = sandbox::set_mode(mode, None) {
         eprintln!("sandbox-probe: {e}");
         std::process::exit(1);
     }

@@ -152,12 +152,21 @@ pub struct SandboxArg {
     /// kernel logs it), off.
     #[arg(long, value_enum, default_value_t = vmm::sandbox::Mode::On)]
     pub seccomp: vmm::sandbox::Mode,
+    /// Once /dev/kvm, disks, taps and sockets are open, become this user (numeric
+    /// UID[:GID]; without GID, the user's primary group): its group alone, no capabilities.
+    #[arg(long, value_name = "UID[:GID]")]
+    pub user: Option<vmm::sandbox::User>,
 }
 
 impl SandboxArg {
-    /// Sets the process's seccomp mode (before any thread of the VM starts).
+    /// Sets the process's seccomp mode and the user it will become (before any thread of
+    /// the VM starts); with a user, /dev/kvm is opened now, for a VM built after the drop.
     pub fn apply(&self) -> anyhow::Result<()> {
-        Ok(vmm::sandbox::set_mode(self.seccomp)?)
+        vmm::sandbox::set_mode(self.seccomp, self.user)?;
+        if self.user.is_some() {
+            vmm::vm::keep_kvm_open()?;
+        }
+        Ok(())
     }
 }
 

@@ -83,6 +83,11 @@ fn serve(
         Some(p) => Some(api::ApiServer::start(p, vm.clone())?),
         None => None,
     };
+    // Everything that needs root is open: become --user (a destination already has).
+    if let Some(p) = api_socket {
+        vmm::sandbox::hand_over(p)?;
+    }
+    vmm::sandbox::drop_privileges()?;
     let input = vm.clone();
     std::thread::Builder::new()
         .name("stdin".into())
@@ -175,7 +180,11 @@ pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         },
         max_vcpus: a.max_vcpus.unwrap_or_else(vmm::migrate::host_vcpu_limit),
     };
-    // From here the process reads a peer's bytes: filtered.
+    // From here the process reads a peer's bytes: as --user, and filtered.
+    if let vmm::migrate::Address::Unix(path) = &addr {
+        vmm::sandbox::hand_over(path)?;
+    }
+    vmm::sandbox::drop_privileges()?;
     vmm::sandbox::enter(vmm::sandbox::Kind::Receiver)?;
     eprintln!(
         "ferry: waiting for a VM on {} ({})",

@@ -15,6 +15,9 @@
 //! otherwise.
 
 mod rules;
+mod user;
+
+pub use user::{drop_privileges, hand_over, user, User};
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -98,6 +101,11 @@ pub enum Error {
     },
     #[error("installing the SIGSYS handler: {0}")]
     Handler(std::io::Error),
+    #[error("{step}: {source}")]
+    Drop {
+        step: String,
+        source: std::io::Error,
+    },
 }
 
 static MODE: AtomicU8 = AtomicU8::new(0);
@@ -109,9 +117,13 @@ thread_local! {
     static KIND: Cell<&'static str> = const { Cell::new("unfiltered") };
 }
 
-/// The process's mode. Compiles every kind's filter (an error here is one of the lists'),
-/// and with `On` installs the SIGSYS handler. Call once, before any thread enters a kind.
-pub fn set_mode(mode: Mode) -> Result<(), Error> {
+/// The process's mode, and the user it will become ([`drop_privileges`]). Compiles every
+/// kind's filter (an error here is one of the lists'), and with `On` installs the SIGSYS
+/// handler. Call once, before any thread enters a kind.
+pub fn set_mode(mode: Mode, user: Option<User>) -> Result<(), Error> {
+    if let Some(u) = user {
+        user::set(u);
+    }
     if mode != Mode::Off {
         let mismatch = match mode {
             Mode::Log => SeccompAction::Log,
@@ -144,10 +156,11 @@ fn compile(kind: Kind, mismatch: SeccompAction) -> Result<BpfProgram, Error> {
         kind: kind.name(),
         source,
     };
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = rules::allowed(kind)
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = rules::allowed(kind)
         .into_iter()
         .map(|nr| (nr, Vec::new()))
         .collect();
+    rules.extend(user::credential_rules().map_err(build)?);
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(build)?;
     BpfProgram::try_from(filter).map_err(build)

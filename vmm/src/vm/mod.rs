@@ -39,6 +39,8 @@ pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum Error {
     #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
     OpenKvm(kvm_ioctls::Error),
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    OpenKvmFile(std::io::Error),
     #[error("KVM API version {0} is not the supported version 12")]
     KvmApiVersion(i32),
     #[error("this host's KVM lacks a required capability: {0}")]
@@ -150,9 +152,36 @@ pub fn max_vcpus(kvm: &Kvm) -> u32 {
     (kvm.get_max_vcpus() as u32).min(boot::mptable::MAX_CPUS)
 }
 
-/// Opens /dev/kvm with a clear error.
+/// /dev/kvm, opened before ferry gave up root ([`keep_kvm_open`]).
+static KVM: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// Opens /dev/kvm now and keeps it, so that [`open_kvm`] works after ferry has become a
+/// user who may not open it.
+pub fn keep_kvm_open() -> Result<(), Error> {
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(Error::OpenKvmFile)?;
+    let _ = KVM.set(dev);
+    Ok(())
+}
+
+/// Opens /dev/kvm (a duplicate of the kept one, if any) with a clear error.
 pub fn open_kvm() -> Result<Kvm, Error> {
-    let kvm = Kvm::new().map_err(Error::OpenKvm)?;
+    let kvm = match KVM.get() {
+        Some(dev) => {
+            let fd = dev.try_clone().map_err(Error::OpenKvmFile)?;
+            // SAFETY: `fd` is a fresh duplicate of an open /dev/kvm, owned by nothing else;
+            // Kvm takes it over and closes it.
+            unsafe {
+                <Kvm as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(
+                    fd,
+                ))
+            }
+        }
+        None => Kvm::new().map_err(Error::OpenKvm)?,
+    };
     let v = kvm.get_api_version();
     if v != 12 {
         return Err(Error::KvmApiVersion(v));
