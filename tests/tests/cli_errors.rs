@@ -10,7 +10,7 @@ use ferry_tests::process::{temp_path, Ferry};
 fn expect_error(args: &[&str], needles: &[&str]) {
     let mut f = Ferry::spawn(args);
     let status = f.wait_exit(Duration::from_secs(60));
-    assert!(!status.success(), "{args:?} succeeded:\n{}", f.transcript());
+    assert_eq!(status.code(), Some(1), "{args:?}:\n{}", f.transcript());
     let err = f.stderr_lines();
     assert_eq!(
         err.len(),
@@ -232,4 +232,99 @@ fn restore_refuses_a_corrupt_or_foreign_snapshot() {
     let truncated = temp_path("truncated.snap");
     std::fs::write(&truncated, &bytes[..bytes.len() - 100]).unwrap();
     expect_error(&["restore", p(&truncated)], &["snapshot", p(&truncated)]);
+}
+
+/// Every kind of argument and file, wrong, missing, oversized or hostile (an endless
+/// /dev/zero where a file is expected): one line naming it, status 1, nothing read past a cap.
+#[test]
+fn hostile_and_oversized_flags_and_files() {
+    ferry_tests::require_kvm();
+    let g = guest();
+    let tls = temp_path("hostile-tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    let _ = std::fs::remove_file(tls.join("ca-cert.pem"));
+    std::os::unix::fs::symlink("/dev/zero", tls.join("ca-cert.pem")).unwrap();
+    let sock = temp_path("hostile.sock");
+    let listen = format!("unix:{}", sock.display());
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["run", "--image", "/dev/zero", "--memory", "64M"],
+            &["image /dev/zero", "larger than 67108864 bytes"],
+        ),
+        (
+            &["run", "--image", "/dev/null", "--cpu", "/dev/zero"],
+            &["/dev/zero", "larger than 1048576 bytes"],
+        ),
+        (
+            &["run", "--kernel", "/dev/zero"],
+            &["kernel /dev/zero", "not a regular file"],
+        ),
+        (
+            &["run", "--kernel", p(&g.vmlinux), "--initrd", "/dev/zero"],
+            &["initrd /dev/zero", "not a regular file"],
+        ),
+        (
+            &["run", "--image", "/dev/null", "--disk", "path=/dev/zero"],
+            &["disk /dev/zero", "not a regular file"],
+        ),
+        (
+            &[
+                "run",
+                "--image",
+                "/dev/null",
+                "--net",
+                "tap=abcdefghijklmnopq",
+            ],
+            &["abcdefghijklmnopq", "1 to 15 characters"],
+        ),
+        (
+            &["run", "--image", "/dev/null", "--memory", "100T"],
+            &["too large"],
+        ),
+        (
+            &["run", "--image", "/dev/null", "--memory", "12Q"],
+            &["12Q"],
+        ),
+        (&["run", "--image", "/dev/null", "--vcpus", "-1"], &["'-1'"]),
+        (
+            &["run", "--image", "/dev/null", "--initrd", "x"],
+            &["--initrd", "--image"],
+        ),
+        (&["run", "--bogus"], &["--bogus"]),
+        (
+            &["run", "--image", "/dev/null", "--seccomp", "maybe"],
+            &["maybe", "--seccomp"],
+        ),
+        (
+            &["run", "--image", "/dev/null", "--user", "root"],
+            &["--user", "\"root\" is not a number"],
+        ),
+        (
+            &["restore", "/dev/zero"],
+            &["/dev/zero", "not a ferry VM stream"],
+        ),
+        (&["restore", "/nonexistent.snap"], &["/nonexistent.snap"]),
+        (
+            &["receive", "--listen", &listen, "--tls-dir", p(&tls)],
+            &["ca-cert.pem", "larger than"],
+        ),
+        (
+            &["receive", "--listen", &listen, "--key-file", "/dev/zero"],
+            &["/dev/zero"],
+        ),
+        (&["receive", "--listen", "bogus:1"], &["bogus:1"]),
+        (
+            &["receive", "--listen", &listen, "--max-memory", "lots"],
+            &["--max-memory", "lots"],
+        ),
+        (&["cpu", "show", "/dev/zero"], &["/dev/zero", "larger than"]),
+        (
+            &["ctl", "--api-socket", p(&sock), "frobnicate"],
+            &["frobnicate"],
+        ),
+    ];
+    for (args, needles) in cases {
+        expect_error(args, needles);
+    }
+    assert!(!sock.exists(), "no listener was left behind");
 }

@@ -19,7 +19,7 @@ pub const DEFAULT_PROFILE: &str = "x86-64-v2";
 pub enum Error {
     #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
     Supported(kvm_ioctls::Error),
-    #[error("CPU profile {0:?}: no built-in profile of that name ({names}) and no such file: {1}", names = cpuid::builtin::NAMES.join(", "))]
+    #[error("CPU profile {0:?}: no built-in profile of that name ({names}) and no profile file to read: {1}", names = cpuid::builtin::NAMES.join(", "))]
     NoProfile(String, std::io::Error),
     #[error(transparent)]
     Profile(#[from] profile::Error),
@@ -228,13 +228,20 @@ pub fn raw_host_leaves() -> Vec<Leaf> {
     out
 }
 
+/// The largest CPU profile file read (a real one is a few KiB).
+pub const MAX_PROFILE_BYTES: u64 = 1 << 20;
+
 /// A profile by built-in name or file path.
 pub fn load_profile(spec: &str, host: &CpuidDump) -> Result<CpuProfile, Error> {
     if let Some(p) = cpuid::builtin::builtin(spec, host) {
         return Ok(p?);
     }
-    let text = std::fs::read_to_string(spec).map_err(|e| Error::NoProfile(spec.into(), e))?;
-    Ok(CpuProfile::from_json(spec, &text)?)
+    let bytes = crate::files::read_capped(std::path::Path::new(spec), MAX_PROFILE_BYTES)
+        .map_err(|e| Error::NoProfile(spec.into(), e))?;
+    Ok(CpuProfile::from_json(
+        spec,
+        &String::from_utf8_lossy(&bytes),
+    )?)
 }
 
 /// The default profile for this host.

@@ -18,6 +18,7 @@ pub mod cpu;
 pub mod cpu_model;
 pub mod devices;
 pub mod event;
+pub mod files;
 pub mod memory;
 pub mod migrate;
 pub mod msrs;

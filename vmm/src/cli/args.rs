@@ -67,10 +67,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub image: Option<PathBuf>,
     /// How to enter --image.
-    #[arg(long, value_parser = ["real", "long64"], default_value = "long64")]
+    #[arg(long, value_parser = ["real", "long64"], default_value = "long64", requires = "image")]
     pub entry: String,
-    /// An initramfs.
-    #[arg(long)]
+    /// An initramfs (with --kernel).
+    #[arg(long, conflicts_with = "image")]
     pub initrd: Option<PathBuf>,
     /// The kernel command line.
     #[arg(long, default_value = DEFAULT_CMDLINE)]

@@ -43,7 +43,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
             for n in nets {
                 b = b.net(n);
             }
-            boot_image(b, &image, &a.entry)?
+            boot_image(b, &image, &a.entry, memory)?
         }
         (None, None) => anyhow::bail!("give --kernel or --image"),
     };
@@ -52,9 +52,15 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// A raw machine-code image (tests/tiny): `real` mode at 0x1000, `long64` at 0x10000.
-fn boot_image(b: vm::VmBuilder, image: &std::path::Path, entry: &str) -> anyhow::Result<vmm::Vm> {
+fn boot_image(
+    b: vm::VmBuilder,
+    image: &std::path::Path,
+    entry: &str,
+    memory: u64,
+) -> anyhow::Result<vmm::Vm> {
     use vmm::boot::{layout::BOOT_STACK_TOP, EntryPoint};
-    let bytes = std::fs::read(image).with_context(|| format!("image {}", image.display()))?;
+    let bytes = vmm::files::read_capped(image, memory)
+        .with_context(|| format!("image {}", image.display()))?;
     let (addr, entry) = match entry {
         "real" => (0x1000, EntryPoint::Real { rip: 0x1000 }),
         _ => (
