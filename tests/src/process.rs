@@ -218,6 +218,17 @@ impl Ferry {
         None
     }
 
+    /// `ferry ctl stop`, then requires that the process exits with status 0.
+    pub fn stop(&mut self) {
+        let (ok, out) = self.ctl(&["stop"]);
+        assert!(ok, "stop: {out}");
+        assert!(
+            self.wait_exit(Duration::from_secs(60)).success(),
+            "{}",
+            self.transcript()
+        );
+    }
+
     /// Waits for the process to exit; drains its output.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;

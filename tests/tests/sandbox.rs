@@ -132,8 +132,7 @@ fn every_thread_of_a_running_ferry_and_of_its_destination_is_filtered() {
     dst.wait_line(LIMIT, |l| count_line(l).is_some());
     let t = all_filtered(&dst, &["ferry", "vcpu0", "virtio", "api"]);
     eprintln!("destination running: {t:?}");
-    assert!(dst.ctl(&["stop"]).0);
-    assert!(dst.wait_exit(LIMIT).success(), "{}", dst.transcript());
+    dst.stop();
 }
 
 #[test]
@@ -145,8 +144,7 @@ fn seccomp_off_leaves_every_thread_unfiltered() {
     let t = threads(f.pid());
     assert!(t.iter().any(|(c, _)| c == "vcpu0"), "{t:?}");
     assert!(t.iter().all(|(_, m)| *m == 0), "{t:?}");
-    assert!(f.ctl(&["stop"]).0);
-    assert!(f.wait_exit(LIMIT).success(), "{}", f.transcript());
+    f.stop();
 }
 
 #[test]
@@ -173,8 +171,7 @@ fn guest_ram_is_left_out_of_core_dumps() {
         "VmFlags:{}",
         flags[0]
     );
-    assert!(f.ctl(&["stop"]).0);
-    assert!(f.wait_exit(LIMIT).success(), "{}", f.transcript());
+    f.stop();
 }
 
 /// The `Uid:`, `Gid:`, `Groups:` and `CapEff:` lines of each thread of `pid`.
@@ -249,8 +246,7 @@ fn user_makes_every_thread_that_user_once_set_up_and_a_migration_runs_between_tw
     for c in credentials(dst.pid()) {
         assert_eq!(c, NOBODY);
     }
-    assert!(dst.ctl(&["stop"]).0);
-    assert!(dst.wait_exit(LIMIT).success(), "{}", dst.transcript());
+    dst.stop();
 }
 
 #[test]

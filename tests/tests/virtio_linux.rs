@@ -80,7 +80,7 @@ fn the_service_answers_100_requests_in_order_and_the_disk_holds_each() {
     assert_eq!(acks, want, "every request answered once, in order");
 
     assert_eq!(client(&ns, &["ping", "5"]).len(), 5);
-    stop(&mut f);
+    f.stop();
     let log = read_log(&std::fs::read(&disk).unwrap());
     assert_eq!(log.bad_end, None, "the log ends cleanly");
     let want: Vec<Record> = (1..=100).map(|n| Record { seq: n, request: n }).collect();
@@ -96,7 +96,7 @@ fn the_service_answers_100_requests_in_order_and_the_disk_holds_each() {
         .map(|i| format!("ACK {} {}", 500 + i, 101 + i))
         .collect();
     assert_eq!(lines, want);
-    stop(&mut f);
+    f.stop();
     let log = read_log(&std::fs::read(&disk).unwrap());
     assert_eq!(log.bad_end, None);
     assert_eq!(log.records.len(), 105);
@@ -106,14 +106,5 @@ fn the_service_answers_100_requests_in_order_and_the_disk_holds_each() {
             seq: 105,
             request: 504
         }
-    );
-}
-
-fn stop(f: &mut Ferry) {
-    assert!(f.ctl(&["stop"]).0);
-    assert!(
-        f.wait_exit(Duration::from_secs(60)).success(),
-        "{}",
-        f.transcript()
     );
 }

@@ -140,32 +140,12 @@ const BUILD: &[c_long] = &[
     SYS_flock,
 ];
 
-/// A destination while it receives: its listener and connection (accepting, reading,
-/// answering, timeouts), the key and TLS handshake; and, since every thread the VM will
-/// run is started from it and inherits its filter, all that those threads may do.
+/// A destination while it receives, beyond what the control socket's kind allows (its
+/// socket calls, files, TLS): binding its listener and making it private, checking a
+/// peer's uid. Every thread the VM will run is started from it and inherits its filter, so
+/// [`allowed`] gives it the union of all kinds too.
 const RECEIVER: &[c_long] = &[
-    SYS_accept4,
-    SYS_accept,
-    SYS_read,
-    SYS_readv,
-    SYS_recvfrom,
-    SYS_recvmsg,
-    SYS_sendto,
-    SYS_sendmsg,
-    SYS_setsockopt,
-    SYS_getsockopt,
-    SYS_getsockname,
-    SYS_getpeername,
-    SYS_shutdown,
-    SYS_poll,
-    SYS_ppoll,
-    SYS_unlink,
-    SYS_bind,
-    SYS_listen,
-    SYS_chmod,
-    SYS_fchmod,
-    SYS_mkdir,
-    SYS_getuid,
+    SYS_bind, SYS_listen, SYS_unlink, SYS_chmod, SYS_fchmod, SYS_mkdir, SYS_getuid,
 ];
 
 /// The system calls `kind` may make.
