@@ -3,12 +3,18 @@
 
 /// The first 8 bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"FERRYVM\0";
-/// The stream format version this ferry writes. Version 2 added the GCPU section (the guest
-/// CPU as the saving host ran it: TSC rate, effective CPUID); version 3 the VIRT sections
-/// (virtio devices) and the device list in the Hello.
+/// The stream format version this ferry writes for a state and its memory ranges, and
+/// names in a migration's Hello. Version 2 added the GCPU section (the guest CPU as the
+/// saving host ran it: TSC rate, effective CPUID); version 3 the VIRT sections (virtio
+/// devices) and the device list in the Hello.
 pub const FORMAT_VERSION: u32 = 3;
+/// The version of a snapshot whose memory is a file-mappable image (MEMI sections, which
+/// version 4 added): the lowest version that holds what a stream carries is what it says.
+pub const IMAGE_FORMAT_VERSION: u32 = 4;
+/// The newest stream format version this ferry reads.
+pub const NEWEST_FORMAT_VERSION: u32 = IMAGE_FORMAT_VERSION;
 /// The oldest stream format version this ferry reads: every version from this one to
-/// [`FORMAT_VERSION`] restores (docs/migration-format.md, "Compatibility").
+/// [`NEWEST_FORMAT_VERSION`] restores (docs/migration-format.md, "Compatibility").
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// The version of every section this ferry writes and reads.
 pub const SECTION_VERSION: u16 = 1;
@@ -84,3 +90,9 @@ pub const MAX_DEVICE_BACKEND: u64 = 4 + 4 + MAX_DISK_PATH as u64 + 8 + 1;
 /// The largest encoded virtio device (a VIRT payload).
 pub const MAX_VIRTIO_STATE: u64 =
     MAX_DEVICE_BACKEND + 4 + 4 + 8 + 4 + 4 + 4 + 1 + 4 + MAX_VIRTIO_QUEUES as u64 * VIRTQUEUE_SIZE;
+/// Most extents (runs of pages holding data) in one MEMI image.
+pub const MAX_IMAGE_EXTENTS: u32 = 1 << 20;
+/// An encoded MEMI extent: offset, length, CRC-32.
+pub const IMAGE_EXTENT_SIZE: u64 = 8 + 8 + 4;
+/// The fixed fields of a MEMI payload before its extents: gpa, length, extent count, pad.
+pub const IMAGE_HEAD_SIZE: u64 = 8 + 8 + 4 + 4;

@@ -1,5 +1,6 @@
 //! Files a user names, read with a cap: a profile, an image or a certificate may be a FIFO,
-//! /dev/zero or simply huge, and nothing past the cap is read or allocated.
+//! /dev/zero or simply huge, and nothing past the cap is read or allocated. And a file's
+//! pages dropped from the page cache, for measuring a restore from disk.
 
 use std::io::Read;
 use std::path::Path;
@@ -14,6 +15,20 @@ pub fn read_capped(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
         return Err(std::io::Error::other(format!("larger than {max} bytes")));
     }
     Ok(bytes)
+}
+
+/// Writes back and drops `path`'s pages from the page cache (posix_fadvise DONTNEED): the
+/// next read comes from the disk. Pages some process has mapped stay.
+pub fn drop_cached(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    f.sync_all()?;
+    // SAFETY: posix_fadvise only advises the kernel about the open file's cached pages; it
+    // reads and writes no memory of this process.
+    match unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) } {
+        0 => Ok(()),
+        e => Err(std::io::Error::from_raw_os_error(e)),
+    }
 }
 
 #[cfg(test)]

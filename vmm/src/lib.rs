@@ -24,6 +24,7 @@ pub mod migrate;
 pub mod msrs;
 pub mod sandbox;
 pub mod snapshot;
+pub mod timeline;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm;

@@ -9,6 +9,7 @@ use clap::Parser;
 mod cli;
 
 fn main() -> ExitCode {
+    vmm::timeline::mark("main");
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = match cli::args::Cli::try_parse() {
         Ok(args) => args,

@@ -18,6 +18,8 @@ pub enum FileError {
     Stream(#[from] migration::stream::Error),
     #[error(transparent)]
     Save(#[from] Error),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::Error),
     #[error("{path}: {source}")]
     Write {
         path: std::path::PathBuf,
@@ -29,16 +31,21 @@ pub enum FileError {
 /// Saves the paused `vm` and writes it to `<path>.partial` (a new file, never through an
 /// existing one or a link), syncs it, renames it over `path` and syncs the directory;
 /// removes the partial file on failure. Guest RAM goes from where it lies into the file
-/// ([`Vm::save_in_place`]; `lifecycle` is the VM's lifecycle guard, held). Returns the bytes
-/// written and the memory ranges.
+/// ([`Vm::save_in_place`]; `lifecycle` is the VM's lifecycle guard, held) as one image per
+/// RAM region (format version 4, MEMI): its non-zero extents at their places, page
+/// aligned, zero pages left as holes, so that [`restore_file`] can map it. Returns the
+/// stream's bytes (the file's length; its disk use is the extents) and the extents.
 pub fn write_file(
     vm: &Vm,
     lifecycle: &std::sync::MutexGuard<'_, ()>,
     path: &std::path::Path,
 ) -> Result<(u64, usize), FileError> {
+    let regions = vm.ram().regions();
     vm.save_in_place(lifecycle, |state, ranges| {
-        write_new(path, |w| migration::write_vm_ranges(w, state, ranges))
-            .map(|bytes| (bytes, ranges.len()))
+        write_new(path, |w| {
+            migration::write_vm_image(w, state, &regions, ranges)
+        })
+        .map(|bytes| (bytes, ranges.len()))
     })?
 }
 
@@ -90,46 +97,86 @@ fn write_new(
 /// The first bytes of a zstd frame.
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
-/// Opens a snapshot file: a VM stream as `ferry ctl snapshot` writes it, or the same
-/// compressed with zstd (told by its first bytes, whatever its name). Decompression is
-/// streaming, its window capped at 100 MiB by the decoder; the stream reader's caps apply
-/// to what comes out.
-fn open(path: &std::path::Path) -> Result<Box<dyn std::io::Read>, FileError> {
+/// A snapshot file as found: plain (a VM stream from offset 0), or compressed with zstd
+/// (told by its first bytes, whatever its name).
+enum Opened {
+    Plain(std::fs::File),
+    Zstd(Box<dyn std::io::Read>),
+}
+
+/// Opens a snapshot file. Decompression is streaming, its window capped at 100 MiB by the
+/// decoder; the stream reader's caps apply to what comes out.
+fn open(path: &std::path::Path) -> Result<Opened, FileError> {
     use std::io::{BufReader, Read, Seek};
     let mut file = std::fs::File::open(path).map_err(FileError::Open)?;
     let mut magic = [0u8; 4];
     let n = file.read(&mut magic).map_err(FileError::Open)?;
     file.rewind().map_err(FileError::Open)?;
-    let file = BufReader::with_capacity(1 << 20, file);
     if n == magic.len() && magic == ZSTD_MAGIC {
+        let file = BufReader::with_capacity(1 << 20, file);
         let z = ruzstd::decoding::StreamingDecoder::new(file).map_err(FileError::Zstd)?;
-        return Ok(Box::new(BufReader::with_capacity(1 << 20, z)));
+        return Ok(Opened::Zstd(Box::new(BufReader::with_capacity(1 << 20, z))));
     }
-    Ok(Box::new(file))
+    Ok(Opened::Plain(file))
 }
 
 /// Reads a whole snapshot file ([`open`]), its memory included, onto the heap.
 pub fn read_file(path: &std::path::Path) -> Result<VmState, FileError> {
-    Ok(migration::stream::read_vm(&mut open(path)?)?)
+    Ok(match open(path)? {
+        Opened::Plain(f) => {
+            migration::stream::read_vm(&mut std::io::BufReader::with_capacity(1 << 20, f))?
+        }
+        Opened::Zstd(mut r) => migration::stream::read_vm(&mut r)?,
+    })
 }
 
-/// Restores the snapshot file at `path` into a new VM, paused, as [`Vm::restore`] does, with
-/// its memory written into guest RAM as each section arrives: the heap holds one MEMR section
-/// at a time (at most 64 MiB, 4 MiB as ferry writes them), never the guest's RAM.
+/// Restores the snapshot file at `path` into a new VM, paused, as [`Vm::restore`] does.
+/// A plain file's memory images (MEMI) are mapped, private, over guest RAM: no page is
+/// read before the guest touches it, and the file must not change while the VM runs
+/// (replacing it with a new file, as `ferry ctl snapshot` does, is fine). Memory ranges
+/// (MEMR: older snapshots, or a compressed file's images) are written into guest RAM as
+/// each arrives: the heap holds one section or extent at a time (at most 64 MiB), never
+/// the guest's RAM.
 pub fn restore_file(
     path: &std::path::Path,
     devices: &DeviceChoice,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<Vm, FileError> {
     use vm_memory::{Bytes, GuestAddress};
-    let mut input = open(path)?;
-    let (state, rest) = migration::read_head(&mut input)?;
-    let mut vm = Vm::build_for(&state, devices, console)?;
-    rest.memory(|gpa, data| {
-        vm.memory()
-            .write_slice(data, GuestAddress(gpa))
-            .map_err(|_| "is not guest RAM")
-    })?;
+    let (mut vm, state) = match open(path)? {
+        Opened::Plain(file) => {
+            let len = file.metadata().map_err(FileError::Open)?.len();
+            let mut input = std::io::BufReader::with_capacity(1 << 16, &file);
+            let (state, rest) = migration::read_head(&mut input)?;
+            crate::timeline::mark("state read");
+            let ram = std::cell::RefCell::new(crate::memory::GuestRam::new(state.config.memory)?);
+            rest.memory_mapped(
+                |image| ram.borrow_mut().map_image(&file, len, image),
+                |gpa, data| {
+                    let ram = ram.borrow();
+                    let mem = ram.memory();
+                    mem.write_slice(data, GuestAddress(gpa))
+                        .map_err(|_| "is not guest RAM")
+                },
+            )?;
+            crate::timeline::mark("memory");
+            let ram = Some(ram.into_inner());
+            (Vm::build_for(&state, devices, console, ram)?, state)
+        }
+        Opened::Zstd(mut input) => {
+            let (state, rest) = migration::read_head(&mut input)?;
+            crate::timeline::mark("state read");
+            let vm = Vm::build_for(&state, devices, console, None)?;
+            rest.memory(|gpa, data| {
+                vm.memory()
+                    .write_slice(data, GuestAddress(gpa))
+                    .map_err(|_| "is not guest RAM")
+            })?;
+            crate::timeline::mark("memory");
+            (vm, state)
+        }
+    };
     vm.restore_state(&state)?;
+    crate::timeline::mark("loaded");
     Ok(vm)
 }

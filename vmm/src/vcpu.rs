@@ -256,6 +256,7 @@ impl Vcpu {
             if state != RunState::Running {
                 continue;
             }
+            crate::timeline::first_run();
             if let Next::Stop = self.run_once() {
                 state = RunState::Stopped;
                 self.shared.set(state);

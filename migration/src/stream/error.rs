@@ -4,7 +4,7 @@ use std::io;
 
 use super::Tag;
 use crate::codec;
-use crate::limits::{FORMAT_VERSION, OLDEST_FORMAT_VERSION};
+use crate::limits::{NEWEST_FORMAT_VERSION, OLDEST_FORMAT_VERSION};
 
 /// Why a stream was refused (reading) or a state could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -19,7 +19,7 @@ pub enum Error {
     Truncated { offset: u64, what: &'static str },
     #[error("bad magic {found:02x?}: not a ferry VM stream")]
     BadMagic { found: [u8; 8] },
-    #[error("stream format version {found}, this ferry reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}")]
+    #[error("stream format version {found}, this ferry reads versions {OLDEST_FORMAT_VERSION} to {NEWEST_FORMAT_VERSION}")]
     Version { found: u32 },
     #[error("section {tag} at offset {offset} is not part of stream format version {version}")]
     NotInVersion { tag: Tag, offset: u64, version: u32 },

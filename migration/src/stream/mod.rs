@@ -21,9 +21,10 @@
 //!   writes a stream the reader refuses.
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 
 mod error;
+mod image;
 mod reader;
 mod rules;
 
@@ -35,6 +36,8 @@ use crate::state::*;
 pub use crate::limits::*;
 use error::too_large;
 pub use error::Error;
+pub use image::Image;
+use image::Images;
 use reader::Input;
 pub use rules::validate;
 
@@ -72,11 +75,12 @@ impl Tag {
     pub const SERL: Tag = Tag(*b"SERL");
     pub const VIRT: Tag = Tag(*b"VIRT");
     pub const MEMR: Tag = Tag(*b"MEMR");
+    pub const MEMI: Tag = Tag(*b"MEMI");
     pub const END: Tag = Tag(*b"END\0");
 
     /// The position of this tag in the required order; None for an unknown tag.
     pub(crate) fn rank(self) -> Option<u8> {
-        const ORDER: [Tag; 9] = [
+        const ORDER: [Tag; 10] = [
             Tag::CONF,
             Tag::CPUP,
             Tag::GCPU,
@@ -85,6 +89,7 @@ impl Tag {
             Tag::SERL,
             Tag::VIRT,
             Tag::MEMR,
+            Tag::MEMI,
             Tag::END,
         ];
         ORDER.iter().position(|t| *t == self).map(|i| i as u8)
@@ -116,6 +121,7 @@ impl Tag {
             Tag::SERL => "SERL payload",
             Tag::VIRT => "VIRT payload",
             Tag::MEMR => "MEMR payload",
+            Tag::MEMI => "MEMI payload",
             Tag::END => "END payload",
             _ => "section payload",
         }
@@ -187,9 +193,82 @@ fn write_parts(
             .range(*gpa, data.len() as u64)
             .map_err(invalid_input)?;
     }
+    let mut n = write_head(w, vm, FORMAT_VERSION)?;
+    for pieces in memr_sections(memory, section, MAX_MEMR_RANGES as usize) {
+        let count = encode(|e| e.count_u32("MEMR count", pieces.len(), MAX_MEMR_RANGES))?;
+        let heads: Vec<[u8; 16]> = pieces
+            .iter()
+            .map(|(gpa, data)| range_head(*gpa, data))
+            .collect();
+        let mut parts: Vec<&[u8]> = vec![&count];
+        for (head, (_, data)) in heads.iter().zip(&pieces) {
+            parts.push(head);
+            parts.push(data);
+        }
+        n += write_section(w, Tag::MEMR, &parts)?;
+    }
+    n += write_section(w, Tag::END, &[])?;
+    Ok(n)
+}
+
+/// Writes `vm` (no memory ranges of its own) as a snapshot file in format version 4: its
+/// memory as one MEMI image per RAM region of `regions` (gpa, length: ascending, together
+/// config.memory), each page aligned in the file so that a restore can map it, the pages
+/// outside `memory` (the non-zero extents, ascending, each inside one region) left as
+/// holes, which take no disk. `w` is positioned where the stream starts; the file must not
+/// hold data past it (holes read as zero). Returns the stream's length.
+pub fn write_vm_image<W: Write + Seek>(
+    w: &mut W,
+    vm: &VmState,
+    regions: &[(u64, u64)],
+    memory: &[(u64, &[u8])],
+) -> io::Result<u64> {
+    if !vm.memory.is_empty() {
+        let why = "write_vm_image: the state carries memory ranges of its own";
+        return Err(invalid_input(Error::Invalid(why.into())));
+    }
+    validate(vm).map_err(invalid_input)?;
+    let mut check = rules::MemCheck::new(&vm.config);
+    for (gpa, len) in regions {
+        check.range(*gpa, *len).map_err(invalid_input)?;
+    }
+    let pieces = memr_sections(memory, RANGES_SECTION_BYTES as usize, 1)
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>();
+    let mut rest = &pieces[..];
+    let mut per_region = Vec::new();
+    for &(gpa, len) in regions {
+        let inside = rest
+            .iter()
+            .take_while(|(at, d)| *at >= gpa && at + d.len() as u64 <= gpa + len)
+            .count();
+        per_region.push(&rest[..inside]);
+        rest = &rest[inside..];
+    }
+    if let Some((gpa, data)) = rest.first() {
+        let why = "is not inside one RAM region, or the extents do not ascend";
+        return Err(invalid_input(Error::Memory {
+            gpa: *gpa,
+            len: data.len() as u64,
+            why,
+        }));
+    }
+    let base = w.stream_position()?;
+    let mut n = write_head(w, vm, IMAGE_FORMAT_VERSION)?;
+    for (region, extents) in regions.iter().zip(per_region) {
+        n += image::write_image(w, base, n, *region, extents)?;
+    }
+    n += write_section(w, Tag::END, &[])?;
+    Ok(n)
+}
+
+/// Writes the stream header (format `version`) and every section before memory; returns
+/// the bytes written.
+fn write_head(w: &mut impl Write, vm: &VmState, version: u32) -> io::Result<u64> {
     let mut head = Encoder::new();
     head.bytes(&MAGIC);
-    head.u32(FORMAT_VERSION);
+    head.u32(version);
     head.u32(0);
     w.write_all(head.as_slice())?;
     let mut n = HEADER_SIZE;
@@ -207,20 +286,6 @@ fn write_parts(
     for device in &vm.devices {
         n += write_section(w, Tag::VIRT, &[&encode(|e| enc_virtio(e, device))?])?;
     }
-    for pieces in memr_sections(memory, section, MAX_MEMR_RANGES as usize) {
-        let count = encode(|e| e.count_u32("MEMR count", pieces.len(), MAX_MEMR_RANGES))?;
-        let heads: Vec<[u8; 16]> = pieces
-            .iter()
-            .map(|(gpa, data)| range_head(*gpa, data))
-            .collect();
-        let mut parts: Vec<&[u8]> = vec![&count];
-        for (head, (_, data)) in heads.iter().zip(&pieces) {
-            parts.push(head);
-            parts.push(data);
-        }
-        n += write_section(w, Tag::MEMR, &parts)?;
-    }
-    n += write_section(w, Tag::END, &[])?;
     Ok(n)
 }
 
@@ -256,7 +321,11 @@ fn collect(
 /// ranges, and the rest of the stream, whose memory [`Rest::memory`] hands over range by
 /// range, so that a restore writes it into guest RAM without holding it all on the heap.
 pub fn read_head<R: Read>(r: &mut R) -> Result<(VmState, Rest<'_, R>), Error> {
-    let mut input = Input { r, offset: 0 };
+    let mut input = Input {
+        r,
+        offset: 0,
+        version: 0,
+    };
     let (vm, next) = input.head()?;
     let config = vm.config.clone();
     Ok((
@@ -295,17 +364,24 @@ impl<R: Read> Rest<'_, R> {
         mut self,
         mut sink: impl FnMut(u64, &[u8]) -> Result<(), &'static str>,
     ) -> Result<u64, Error> {
-        let n = self.input.memory(&self.config, self.next, &mut sink)?;
+        let n = self
+            .input
+            .memory(&self.config, self.next, &mut Images::Read, &mut sink)?;
+        Self::end(self.input, n)
+    }
+
+    /// Requires that nothing follows END in `input`; returns `n`.
+    fn end(input: Input<'_, R>, n: u64) -> Result<u64, Error> {
         let mut byte = [0u8; 1];
         loop {
-            return match self.input.r.read(&mut byte) {
+            return match input.r.read(&mut byte) {
                 Ok(0) => Ok(n),
                 Ok(_) => Err(Error::Trailing {
-                    offset: self.input.offset,
+                    offset: input.offset,
                 }),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(source) => Err(Error::Io {
-                    offset: self.input.offset,
+                    offset: input.offset,
                     source,
                 }),
             };
@@ -317,7 +393,31 @@ impl<R: Read> Rest<'_, R> {
         mut self,
         mut sink: impl FnMut(u64, &[u8]) -> Result<(), &'static str>,
     ) -> Result<u64, Error> {
-        self.input.memory(&self.config, self.next, &mut sink)
+        self.input
+            .memory(&self.config, self.next, &mut Images::Read, &mut sink)
+    }
+}
+
+impl<R: Read + Seek> Rest<'_, R> {
+    /// As [`Rest::memory`], but each MEMI image (a version 4 snapshot's memory) goes to
+    /// `map` once its table passed every check, and its bytes are skipped, never read: the
+    /// caller maps them from the file at [`Image::offset`] (the stream must start at
+    /// offset 0 of the file for that to be the file offset). The image's bytes are not
+    /// checked against the extents' CRCs. MEMR ranges still go to `sink`. Returns the
+    /// bytes of memory handed over or mapped.
+    pub fn memory_mapped(
+        mut self,
+        mut map: impl FnMut(&Image) -> Result<(), &'static str>,
+        mut sink: impl FnMut(u64, &[u8]) -> Result<(), &'static str>,
+    ) -> Result<u64, Error> {
+        let mut images = Images::Map {
+            map: &mut map,
+            skip: image::seek_over::<R>,
+        };
+        let n = self
+            .input
+            .memory(&self.config, self.next, &mut images, &mut sink)?;
+        Self::end(self.input, n)
     }
 }
 

@@ -4,6 +4,7 @@
 use std::io::{self, Read};
 
 use super::error::{too_large, Error};
+use super::image::Images;
 use super::rules::{check_config, check_irqchip, check_serial, check_vcpu, check_virtio, MemCheck};
 use super::Tag;
 use crate::codec::{self, Decoder};
@@ -18,22 +19,24 @@ pub(super) type MemorySink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), &'static st
 
 /// A frame header as read: where it starts and its 16 raw bytes (covered by the CRC).
 pub(super) struct Frame {
-    tag: Tag,
+    pub(super) tag: Tag,
     version: u16,
     reserved: u16,
-    len: u64,
-    offset: u64,
-    raw: [u8; 16],
+    pub(super) len: u64,
+    pub(super) offset: u64,
+    pub(super) raw: [u8; 16],
 }
 
-/// The reading side: a reader and the stream offset of its next byte.
+/// The reading side: a reader, the stream offset of its next byte, and the stream's format
+/// version once its header is read.
 pub(super) struct Input<'r, R: Read> {
     pub(super) r: &'r mut R,
     pub(super) offset: u64,
+    pub(super) version: u32,
 }
 
 impl<R: Read> Input<'_, R> {
-    fn exact(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), Error> {
+    pub(super) fn exact(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), Error> {
         match self.r.read_exact(buf) {
             Ok(()) => {
                 self.offset += buf.len() as u64;
@@ -61,12 +64,15 @@ impl<R: Read> Input<'_, R> {
         let mut word = [0u8; 4];
         self.exact(&mut word, "stream format version")?;
         let version = u32::from_le_bytes(word);
-        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
+        if !(OLDEST_FORMAT_VERSION..=NEWEST_FORMAT_VERSION).contains(&version) {
             return Err(Error::Version { found: version });
         }
         self.exact(&mut word, "stream flags")?;
         match u32::from_le_bytes(word) {
-            0 => Ok(version),
+            0 => {
+                self.version = version;
+                Ok(version)
+            }
             flags => Err(Error::Flags(flags)),
         }
     }
@@ -101,20 +107,7 @@ impl<R: Read> Input<'_, R> {
     /// Checks a frame's version, reserved field and length cap, then reads its payload and
     /// CRC and checks the CRC.
     fn body(&mut self, f: &Frame) -> Result<Vec<u8>, Error> {
-        if f.version != SECTION_VERSION {
-            return Err(Error::SectionVersion {
-                tag: f.tag,
-                found: f.version,
-                supported: SECTION_VERSION,
-            });
-        }
-        if f.reserved != 0 {
-            return Err(Error::Reserved {
-                tag: f.tag,
-                offset: f.offset + 6,
-                value: f.reserved,
-            });
-        }
+        self.frame_fields(f)?;
         let cap = f.tag.payload_cap().unwrap_or(0);
         if f.len > cap {
             return Err(too_large(f.tag.payload_name(), f.len, cap));
@@ -140,9 +133,28 @@ impl<R: Read> Input<'_, R> {
         Ok(payload)
     }
 
+    /// Checks a frame's section version and reserved field.
+    pub(super) fn frame_fields(&self, f: &Frame) -> Result<(), Error> {
+        if f.version != SECTION_VERSION {
+            return Err(Error::SectionVersion {
+                tag: f.tag,
+                found: f.version,
+                supported: SECTION_VERSION,
+            });
+        }
+        if f.reserved != 0 {
+            return Err(Error::Reserved {
+                tag: f.tag,
+                offset: f.offset + 6,
+                value: f.reserved,
+            });
+        }
+        Ok(())
+    }
+
     /// Reads `len` (already checked against a cap) bytes, growing the buffer at most to
     /// twice what has arrived (or 1 MiB) ahead of the data.
-    fn payload(&mut self, len: u64, what: &'static str) -> Result<Vec<u8>, Error> {
+    pub(super) fn payload(&mut self, len: u64, what: &'static str) -> Result<Vec<u8>, Error> {
         const CHUNK: usize = 1 << 20;
         let len = usize::try_from(len).map_err(|_| too_large(what, len, usize::MAX as u64))?;
         let mut buf = Vec::new();
@@ -248,7 +260,10 @@ impl<R: Read> Input<'_, R> {
     fn devices(&mut self, version: u32) -> Result<(Vec<VirtioState>, Frame), Error> {
         let mut devices = Vec::new();
         loop {
-            let f = self.expect(&[Tag::VIRT, Tag::MEMR, Tag::END], "VIRT, MEMR or END")?;
+            let f = self.expect(
+                &[Tag::VIRT, Tag::MEMR, Tag::MEMI, Tag::END],
+                "VIRT, MEMR, MEMI or END",
+            )?;
             if f.tag != Tag::VIRT {
                 return Ok((devices, f));
             }
@@ -269,28 +284,43 @@ impl<R: Read> Input<'_, R> {
         }
     }
 
-    /// MEMR sections until END (`first` read already, END's body read here): each range
-    /// handed to `sink` in order, and only once its whole section has arrived with a good
-    /// CRC and every range in it has passed the checks. Holds one section at a time (at most
-    /// MEMR's cap). Returns the bytes of memory handed over.
+    /// MEMR and MEMI sections until END (`first` read already, END's body read here): each
+    /// MEMR range handed to `sink` in order, and only once its whole section has arrived
+    /// with a good CRC and every range in it has passed the checks; each MEMI image as
+    /// `images` says (super::image). Holds one section (at most MEMR's cap) or one MEMI
+    /// extent at a time. Returns the bytes of memory handed over or mapped.
     pub(super) fn memory(
         &mut self,
         config: &MachineConfig,
         first: Frame,
+        images: &mut Images<'_, R>,
         sink: &mut MemorySink<'_>,
     ) -> Result<u64, Error> {
+        const ALLOWED: [Tag; 3] = [Tag::MEMR, Tag::MEMI, Tag::END];
         let mut mem = MemCheck::new(config);
         let mut pending = Some(first);
         let mut total = 0u64;
         loop {
             let f = match pending.take() {
                 Some(f) => f,
-                None => self.expect(&[Tag::MEMR, Tag::END], "MEMR or END")?,
+                None => self.expect(&ALLOWED, "MEMR, MEMI or END")?,
             };
-            order(&f, &[Tag::MEMR, Tag::END], "MEMR or END")?;
+            order(&f, &ALLOWED, "MEMR, MEMI or END")?;
             if f.tag == Tag::END {
                 self.body(&f)?;
                 return Ok(total);
+            }
+            if f.tag == Tag::MEMI {
+                if self.version < IMAGE_FORMAT_VERSION {
+                    let (tag, offset, version) = (f.tag, f.offset, self.version);
+                    return Err(Error::NotInVersion {
+                        tag,
+                        offset,
+                        version,
+                    });
+                }
+                total += self.image(&f, &mut mem, images, sink)?;
+                continue;
             }
             let payload = self.body(&f)?;
             let mut d = Decoder::with_base(&payload, f.offset + FRAME_HEADER_SIZE);

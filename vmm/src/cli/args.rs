@@ -128,11 +128,18 @@ pub struct DebugConsoleArg {
     /// Append the bytes the guest writes to I/O port 0xe9 (the debug console) to FILE.
     #[arg(long, value_name = "FILE")]
     pub debug_console: Option<PathBuf>,
+    /// Print, when a vCPU first enters the guest, the start-up milestones (ms after main)
+    /// and the CPU time ferry has used so far, as one line on stderr.
+    #[arg(long)]
+    pub timeline: bool,
 }
 
 impl DebugConsoleArg {
     /// Attaches the debug console file, if one was given, to `vm`.
     pub fn attach(&self, vm: &vmm::Vm) -> anyhow::Result<()> {
+        if self.timeline {
+            vmm::timeline::print_at_first_run();
+        }
         if let Some(p) = &self.debug_console {
             let f = std::fs::OpenOptions::new()
                 .append(true)

@@ -89,6 +89,7 @@ fn serve(
         Some(p) => Some(api::ApiServer::start(p, vm.clone())?),
         None => None,
     };
+    vmm::timeline::mark("control socket");
     // Everything that needs root is open: become --user (a destination already has).
     if let Some(p) = api_socket {
         vmm::sandbox::hand_over(p)?;
@@ -115,6 +116,7 @@ fn serve(
         .context("starting the console input thread")?;
     if start {
         vm.start()?;
+        vmm::timeline::mark("started");
     }
     vmm::sandbox::enter(vmm::sandbox::Kind::Main)?;
     let event = loop {

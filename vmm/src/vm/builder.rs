@@ -159,6 +159,7 @@ impl VmBuilder {
     /// Builds the machine and readies its vCPUs (paused).
     pub fn build(self, boot: Boot) -> Result<Vm, Error> {
         let kvm = super::open_kvm()?;
+        crate::timeline::mark("kvm");
         config::validate_memory(self.memory)?;
         config::validate_vcpus(self.vcpus, super::max_vcpus(&kvm))?;
         if let Boot::Linux(cfg) = boot {
@@ -186,11 +187,13 @@ impl VmBuilder {
         };
         fd.create_pit2(pit)
             .map_err(super::kvm_op("KVM_CREATE_PIT2"))?;
+        crate::timeline::mark("vm");
         let mut ram = match self.ram {
             Some(ram) => ram,
             None => GuestRam::new(self.memory)?,
         };
         ram.attach(fd.clone())?;
+        crate::timeline::mark("ram");
         let (events_tx, events_rx) = channel();
         let mut devices = Devices::new(&fd, events_tx.clone(), self.console)?;
         for (bus, base, len, dev, name) in self.devices {
@@ -206,6 +209,7 @@ impl VmBuilder {
             devices.add_virtio(&fd, net, ram.memory().clone())?;
         }
         devices.start_virtio()?;
+        crate::timeline::mark("devices");
         let unstarted = (0..self.vcpus)
             .map(|id| {
                 fd.create_vcpu(u64::from(id))
@@ -213,6 +217,7 @@ impl VmBuilder {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let effective = cpu_model::set_cpuid(&unstarted, &table)?;
+        crate::timeline::mark("vcpus");
         let mut vm = Vm {
             kvm,
             fd,

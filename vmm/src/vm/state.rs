@@ -249,22 +249,28 @@ impl Vm {
         devices: &DeviceChoice,
         console: Box<dyn std::io::Write + Send>,
     ) -> Result<Vm, Error> {
-        let mut vm = Vm::build_for(state, devices, console)?;
+        let mut vm = Vm::build_for(state, devices, console, None)?;
         vm.restore_state(state)?;
         Ok(vm)
     }
 
     /// The machine [`Vm::restore`] loads `state` into: its memory size, vCPUs, CPU and
-    /// devices, nothing of its state loaded yet.
+    /// devices, nothing of its state loaded yet; its RAM `ram` where given (of the state's
+    /// size, not attached to a VM: a snapshot's images mapped into it), else new.
     pub fn build_for(
         state: &VmState,
         devices: &DeviceChoice,
         console: Box<dyn std::io::Write + Send>,
+        ram: Option<crate::memory::GuestRam>,
     ) -> Result<Vm, Error> {
         let cfg = &state.config;
         let saved: Vec<_> = state.devices.iter().map(|d| d.backend.clone()).collect();
         let devices = devices.resolve(&saved).map_err(Error::Devices)?;
-        let vm = VmBuilder::new(cfg.memory, cfg.vcpus)
+        let mut builder = VmBuilder::new(cfg.memory, cfg.vcpus);
+        if let Some(ram) = ram {
+            builder = builder.ram(ram);
+        }
+        let vm = builder
             .console(console)
             .devices(devices)
             .cpu(CpuChoice::Saved {

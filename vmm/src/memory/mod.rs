@@ -8,7 +8,8 @@
 //! [ slot 0: RAM                 ][ MMIO gap: IOAPIC, LAPIC, ... ][ slot 1: RAM ]
 //! ```
 //! Invariant: every slot is page aligned and backed by exactly one vm-memory region at the
-//! same guest address; slot i is region i.
+//! same guest address; slot i is region i. A restored region may be a private mapping of
+//! a snapshot file instead (image.rs): its pages are read from the file on first touch.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -21,6 +22,8 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+mod image;
 
 /// Guest memory with a dirty bitmap for writes made by the VMM.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
@@ -191,6 +194,9 @@ pub struct GuestRam {
     dirty_logging: AtomicBool,
     /// KVM's manual dirty-log protection is on (see [`GuestRam::manual_protect`]).
     manual_protect: bool,
+    /// Extents (gpa, length, ascending) mapped from a snapshot file that hold data: pages
+    /// whose contents are in the file, resident or not (image.rs).
+    file_extents: Vec<(u64, u64)>,
 }
 
 impl GuestRam {
@@ -221,6 +227,7 @@ impl GuestRam {
             mem,
             dirty_logging: AtomicBool::new(false),
             manual_protect: false,
+            file_extents: Vec::new(),
         })
     }
 
@@ -370,7 +377,8 @@ impl GuestRam {
 
     /// Guest addresses of the blocks of `block` bytes (a power of two, 4 KiB to 64 MiB) of
     /// RAM (ascending) holding at least one page resident in this process's memory
-    /// (mincore: what the guest or ferry touched and the kernel has not swapped out). Cheap
+    /// (mincore: what the guest or ferry touched and the kernel has not swapped out), or
+    /// holding data of a mapped snapshot image (resident or not). Cheap
     /// (no per-page entries are built for untouched RAM), and a hint only: a page swapped
     /// out counts as not resident. Where mincore fails, every block counts.
     pub fn resident_blocks(&self, block: u64) -> Vec<u64> {
@@ -405,13 +413,14 @@ impl GuestRam {
                 }
             }
         }
+        self.add_file_blocks(&mut blocks, block);
         blocks
     }
 
     /// Pages of every slot that the guest or ferry ever touched (bitmaps as in
     /// [`GuestRam::take_dirty_log`]), from the kernel's page table for this process
-    /// (/proc/self/pagemap: present or swapped) without reading the pages. A page never
-    /// touched reads as zero. Where pagemap cannot be read, every page counts as touched.
+    /// (/proc/self/pagemap: present or swapped) without reading the pages, and the pages
+    /// of a mapped snapshot image that hold data. A page never touched reads as zero. Where pagemap cannot be read, every page counts as touched.
     pub fn touched_pages(&self) -> Vec<Vec<u64>> {
         let pagemap = Pagemap::open();
         (0..self.mem.num_regions())
@@ -461,6 +470,7 @@ impl GuestRam {
             }
             page += n;
         }
+        self.add_file_pages(&mut bits, r.start_addr().0, first_page);
         bits
     }
 
