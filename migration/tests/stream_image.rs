@@ -13,6 +13,9 @@ mod fixtures;
 use fixtures::golden_vm;
 
 const PAGE: usize = 4096;
+/// The image snapshot below as format version 4 writes it (`FERRY_UPDATE_GOLDEN=1` rewrites
+/// it when the format changes on purpose, which also means a new version).
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/v4-image.bin");
 /// Two regions as ferry lays them out around an MMIO hole, small.
 const REGIONS: [(u64, u64); 2] = [(0, 16 * PAGE as u64), (1 << 32, 8 * PAGE as u64)];
 
@@ -91,6 +94,17 @@ fn an_image_snapshot_reads_back_as_its_extents_and_maps_page_aligned() {
     }
     assert_eq!(images[0].extents, vec![(4096, 8192), (9 * 4096, 4096)]);
     assert_eq!(images[1].extents, vec![(1 << 32, 4096)]);
+}
+
+#[test]
+fn golden_image_file_matches_byte_for_byte() {
+    let bytes = write(0);
+    if std::env::var_os("FERRY_UPDATE_GOLDEN").is_some_and(|v| v == "1") {
+        std::fs::write(GOLDEN, &bytes).unwrap();
+    }
+    let golden = std::fs::read(GOLDEN).expect("the version 4 golden file");
+    assert!(golden == bytes, "write_vm_image output differs from {GOLDEN}");
+    assert_eq!(decode_vm(&golden).unwrap().memory.len(), 3);
 }
 
 #[test]
