@@ -103,7 +103,10 @@ fn golden_image_file_matches_byte_for_byte() {
         std::fs::write(GOLDEN, &bytes).unwrap();
     }
     let golden = std::fs::read(GOLDEN).expect("the version 4 golden file");
-    assert!(golden == bytes, "write_vm_image output differs from {GOLDEN}");
+    assert!(
+        golden == bytes,
+        "write_vm_image output differs from {GOLDEN}"
+    );
     assert_eq!(decode_vm(&golden).unwrap().memory.len(), 3);
 }
 

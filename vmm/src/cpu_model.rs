@@ -19,6 +19,8 @@ pub const DEFAULT_PROFILE: &str = "x86-64-v2";
 pub enum Error {
     #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
     Supported(kvm_ioctls::Error),
+    #[error("the thread reading this host's CPUID ended without an answer")]
+    HostReader,
     #[error("CPU profile {0:?}: no built-in profile of that name ({names}) and no profile file to read: {1}", names = cpuid::builtin::NAMES.join(", "))]
     NoProfile(String, std::io::Error),
     #[error(transparent)]

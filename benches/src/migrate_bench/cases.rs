@@ -21,7 +21,9 @@ pub(crate) enum CaseGuest {
     Storm,
 }
 
-pub(crate) const CASES: [Case; 5] = [
+/// The idle cases double as the growth curve (main.rs, `growth`): ferry's cost per GiB of
+/// guest and per GiB sent from 256 MiB to 8 GiB.
+pub(crate) const CASES: [Case; 9] = [
     Case {
         name: "256 MiB idle",
         memory: "256M",
@@ -31,6 +33,26 @@ pub(crate) const CASES: [Case; 5] = [
         name: "1 GiB idle",
         memory: "1G",
         guest: CaseGuest::Linux("workload=idle"),
+    },
+    Case {
+        name: "2 GiB idle",
+        memory: "2G",
+        guest: CaseGuest::Linux("workload=idle"),
+    },
+    Case {
+        name: "4 GiB idle",
+        memory: "4G",
+        guest: CaseGuest::Linux("workload=idle"),
+    },
+    Case {
+        name: "8 GiB idle",
+        memory: "8G",
+        guest: CaseGuest::Linux("workload=idle"),
+    },
+    Case {
+        name: "8 GiB, 1 GiB dirtied",
+        memory: "8G",
+        guest: CaseGuest::Linux("workload=dirty:1024"),
     },
     Case {
         name: "256 MiB, 16 MiB dirtied",

@@ -244,10 +244,14 @@ fn main() -> Result<()> {
         args.runs
     );
     let mut summary = String::new();
+    let mut idle = Vec::new();
     for case in cases {
         let ((f_beat, f), (q_beat, q)) = run_case(&ferry, case, &args)?;
         if f.is_empty() || q.is_empty() {
             continue;
+        }
+        if case.guest == CaseGuest::Linux("workload=idle") {
+            idle.push((case, f[0].1.clone(), q[1].1.clone()));
         }
         let (section, line) = if args.tls {
             let (s, _) = case_section(case, f_beat, q_beat, &f, &q);
@@ -260,6 +264,9 @@ fn main() -> Result<()> {
         md += "\n\n";
         summary += &line;
         summary += "\n";
+    }
+    if idle.len() >= 2 && !args.tls {
+        md += &growth(&idle);
     }
     md += &format!("Host:\n\n{}\n", host_facts(&qemu_version));
     md += &format!(
@@ -275,6 +282,39 @@ fn main() -> Result<()> {
     }
     let _ = std::fs::remove_dir_all(temp(""));
     Ok(())
+}
+
+/// The growth curve over the idle cases: ferry's defaults (and QEMU unthrottled beside
+/// them), total time per GiB of guest and per GiB actually sent (medians).
+fn growth(idle: &[(&Case, Vec<Option<Sample>>, Vec<Option<Sample>>)]) -> String {
+    let mut md = "### Growth: idle guests from 256 MiB up\n\nMedians of the cases above. \
+        Time per GiB of guest is what a user waits per GiB of the machine; time per GiB sent \
+        is the cost of the bytes that move (an idle guest's are few: its zero and untouched \
+        pages are never sent); what grows faster than the bytes sent is a cost of the guest's \
+        size itself (scanning, dirty-log bitmaps, memslots).\n\n\
+        | guest RAM | ferry total ms | ferry MiB sent | ferry ms per GiB of guest | ferry ms per GiB sent | QEMU unthrottled total ms | QEMU ms per GiB of guest |\n\
+        |---|---:|---:|---:|---:|---:|---:|\n"
+        .to_string();
+    for (case, f, q) in idle {
+        let gib = vmm::config::parse_size(case.memory).unwrap_or(0) as f64 / (1u64 << 30) as f64;
+        let (Some(ft), Some(fb), Some(qt)) = (
+            median(f, |x| x.total_ms),
+            median(f, |x| x.bytes),
+            median(q, |x| x.total_ms),
+        ) else {
+            continue;
+        };
+        let sent = fb / (1u64 << 30) as f64;
+        md += &format!(
+            "| {} | {ft:.1} | {:.1} | {:.1} | {:.0} | {qt:.1} | {:.1} |\n",
+            case.memory,
+            fb / (1u64 << 20) as f64,
+            ft / gib,
+            ft / sent,
+            qt / gib
+        );
+    }
+    md + "\n"
 }
 
 /// `--tls`: ferry over TLS against QEMU over TLS, and each against its own plaintext.

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use cpuid::profile::CpuProfile;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 use migration::GuestCpu;
 
 use super::{Error, Vm};
@@ -166,34 +166,29 @@ impl VmBuilder {
             cfg.check_files()?;
         }
         check_caps(&kvm)?;
-        let host_cpu = cpu_model::host_dump(&kvm)?;
+        // Reading this host's CPUID (each CPUID instruction may exit to an outer hypervisor)
+        // and creating the VM and its memslots (KVM's own time, mostly) overlap: only the
+        // profile's checks need the first, and nothing of the guest is loaded before them.
+        let ram = self.ram;
+        let memory = self.memory;
+        let (host_cpu, made) = std::thread::scope(|s| {
+            let host = std::thread::Builder::new()
+                .name("host-cpuid".into())
+                .spawn_scoped(s, || cpu_model::host_dump(&kvm));
+            let made = create_machine(&kvm, ram, memory);
+            let host = match host {
+                Ok(h) => h.join().unwrap_or(Err(cpu_model::Error::HostReader)),
+                Err(_) => cpu_model::host_dump(&kvm),
+            };
+            (host, made)
+        });
+        let (fd, ram) = made?;
+        let host_cpu = host_cpu?;
         let (profile, saved) = resolve(self.cpu, &host_cpu)?;
         cpu_model::check_host(&profile, &host_cpu)?;
         super::check_address_width(&profile, self.memory)?;
         let table = cpuid::table::guest_table(&profile, self.vcpus);
-        vcpu::install_kick_handler().map_err(Error::KickHandler)?;
-        let fd = Arc::new(kvm.create_vm().map_err(super::kvm_op("KVM_CREATE_VM"))?);
-        fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
-            .map_err(super::kvm_op("KVM_SET_TSS_ADDR"))?;
-        if kvm.check_extension(Cap::SetIdentityMapAddr) {
-            fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
-                .map_err(super::kvm_op("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        }
-        fd.create_irq_chip()
-            .map_err(super::kvm_op("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit)
-            .map_err(super::kvm_op("KVM_CREATE_PIT2"))?;
-        crate::timeline::mark("vm");
-        let mut ram = match self.ram {
-            Some(ram) => ram,
-            None => GuestRam::new(self.memory)?,
-        };
-        ram.attach(fd.clone())?;
-        crate::timeline::mark("ram");
+        crate::timeline::mark("cpu model");
         let (events_tx, events_rx) = channel();
         let mut devices = Devices::new(&fd, events_tx.clone(), self.console)?;
         for (bus, base, len, dev, name) in self.devices {
@@ -239,10 +234,44 @@ impl VmBuilder {
         vm.boot(boot, saved.as_ref())?;
         // A restored machine's vCPU threads start once its state is in (restore_state).
         if !matches!(boot, Boot::Restored) {
+            crate::timeline::mark("kernel");
             vm.spawn_vcpus()?;
         }
         Ok(vm)
     }
+}
+
+/// A new VM with its in-kernel irqchip and PIT, and `ram` (or new RAM of `memory` bytes)
+/// registered as its memslots.
+fn create_machine(
+    kvm: &Kvm,
+    ram: Option<GuestRam>,
+    memory: u64,
+) -> Result<(Arc<VmFd>, GuestRam), Error> {
+    vcpu::install_kick_handler().map_err(Error::KickHandler)?;
+    let fd = Arc::new(kvm.create_vm().map_err(super::kvm_op("KVM_CREATE_VM"))?);
+    fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+        .map_err(super::kvm_op("KVM_SET_TSS_ADDR"))?;
+    if kvm.check_extension(Cap::SetIdentityMapAddr) {
+        fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(super::kvm_op("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    }
+    fd.create_irq_chip()
+        .map_err(super::kvm_op("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    fd.create_pit2(pit)
+        .map_err(super::kvm_op("KVM_CREATE_PIT2"))?;
+    crate::timeline::mark("vm");
+    let mut ram = match ram {
+        Some(ram) => ram,
+        None => GuestRam::new(memory)?,
+    };
+    ram.attach(fd.clone())?;
+    crate::timeline::mark("ram");
+    Ok((fd, ram))
 }
 
 /// The KVM capabilities ferry cannot do without.
