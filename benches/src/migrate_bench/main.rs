@@ -284,9 +284,12 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// An idle case with ferry's defaults' samples and QEMU unthrottled's.
+type IdleCase<'a> = (&'a Case, Vec<Option<Sample>>, Vec<Option<Sample>>);
+
 /// The growth curve over the idle cases: ferry's defaults (and QEMU unthrottled beside
 /// them), total time per GiB of guest and per GiB actually sent (medians).
-fn growth(idle: &[(&Case, Vec<Option<Sample>>, Vec<Option<Sample>>)]) -> String {
+fn growth(idle: &[IdleCase]) -> String {
     let mut md = "### Growth: idle guests from 256 MiB up\n\nMedians of the cases above. \
         Time per GiB of guest is what a user waits per GiB of the machine; time per GiB sent \
         is the cost of the bytes that move (an idle guest's are few: its zero and untouched \
