@@ -221,13 +221,13 @@ fn restore_refuses_a_corrupt_or_foreign_snapshot() {
     std::fs::write(&corrupt, &flipped).unwrap();
     expect_error(&["restore", p(&corrupt)], &["snapshot", p(&corrupt)]);
     // A snapshot of a later format version than this ferry knows: one line naming both.
-    let mut v4 = bytes.clone();
-    v4[8..12].copy_from_slice(&4u32.to_le_bytes());
-    let foreign = temp_path("v4.snap");
-    std::fs::write(&foreign, &v4).unwrap();
+    let mut v5 = bytes.clone();
+    v5[8..12].copy_from_slice(&5u32.to_le_bytes());
+    let foreign = temp_path("v5.snap");
+    std::fs::write(&foreign, &v5).unwrap();
     expect_error(
         &["restore", p(&foreign)],
-        &["format version 4", "versions 1 to 3"],
+        &["format version 5", "versions 1 to 4"],
     );
     let truncated = temp_path("truncated.snap");
     std::fs::write(&truncated, &bytes[..bytes.len() - 100]).unwrap();
