@@ -14,7 +14,7 @@
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use super::error::{too_large, Error};
-use super::reader::{Frame, Input, MemorySink};
+use super::reader::{Frame, Images, Input, MemorySink};
 use super::rules::MemCheck;
 use super::{invalid_input, Tag};
 use crate::codec::{Decoder, Encoder};
@@ -31,16 +31,6 @@ pub struct Image {
     pub offset: u64,
     /// (gpa, length) of each extent.
     pub extents: Vec<(u64, u64)>,
-}
-
-/// What to do with a MEMI image: read it and hand its extents to the sink, or give it to
-/// `map` and skip its bytes with `skip` (a seekable input).
-pub(super) enum Images<'a, R> {
-    Read,
-    Map {
-        map: &'a mut dyn FnMut(&Image) -> Result<(), &'static str>,
-        skip: fn(&mut R, u64) -> io::Result<()>,
-    },
 }
 
 /// Skips `n` bytes of a seekable input.

@@ -37,8 +37,7 @@ pub use crate::limits::*;
 use error::too_large;
 pub use error::Error;
 pub use image::Image;
-use image::Images;
-use reader::Input;
+use reader::{Images, Input};
 pub use rules::validate;
 
 /// Payload caps per section: the largest payload the field caps allow.

@@ -4,9 +4,8 @@
 use std::io::{self, Read};
 
 use super::error::{too_large, Error};
-use super::image::Images;
 use super::rules::{check_config, check_irqchip, check_serial, check_vcpu, check_virtio, MemCheck};
-use super::Tag;
+use super::{Image, Tag};
 use crate::codec::{self, Decoder};
 use crate::limits::*;
 use crate::records::dec_virtio;
@@ -16,6 +15,16 @@ use crate::state::*;
 /// Where memory ranges go as they are read: (gpa, bytes); an error is why that range cannot
 /// be taken.
 pub(super) type MemorySink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), &'static str> + 'a;
+
+/// What to do with a MEMI image: read it and hand its extents to the sink, or give it to
+/// `map` and skip its bytes with `skip` (a seekable input).
+pub(super) enum Images<'a, R> {
+    Read,
+    Map {
+        map: &'a mut dyn FnMut(&Image) -> Result<(), &'static str>,
+        skip: fn(&mut R, u64) -> io::Result<()>,
+    },
+}
 
 /// A frame header as read: where it starts and its 16 raw bytes (covered by the CRC).
 pub(super) struct Frame {
