@@ -26,6 +26,9 @@ fuzz_target!(|data: &[u8]| {
                     Input::Pages { round }
                 }
                 Ok(Precopy::Touched(w)) => Input::Message(Message::Touched(w)),
+                Ok(Precopy::Missing { first_page, words }) => {
+                    Input::Message(Message::Missing { first_page, words })
+                }
                 Ok(Precopy::Cancel(c)) => Input::Message(Message::Cancel(c)),
                 Ok(Precopy::Sync) => Input::Message(Message::Sync),
                 Ok(Precopy::State) => Input::Message(Message::State),
@@ -53,6 +56,9 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             Action::Readahead(words) => assert!(words.len() <= protocol::MAX_TOUCHED_WORDS),
+            Action::Missing { first_page, words } => {
+                assert!(words.len() <= protocol::MAX_MISSING_WORDS && first_page % 64 == 0)
+            }
             Action::LoadState => {
                 let loaded = migration::stream::read_vm_until_end(&mut r);
                 outcome = Some(Input::Done(loaded.map(|_| ()).map_err(|e| e.to_string())));

@@ -17,6 +17,15 @@
 //!                                          <- Running | Failed {reason}   (the source ends
 //!                                             its copy on Running, resumes it on Failed)
 //! ```
+//! Postcopy: before State the source sends Missing {pages} (the pages the destination lacks
+//! or holds stale; no last round), and after Running the destination asks for them:
+//!
+//! ```text
+//!                                          <- PageRequest {ranges}   (faulted pages first)
+//! Pages (exactly the pages asked for)     ->
+//!                                          <- PostcopyDone   (every missing page is here;
+//!                                             the source ends its copy)
+//! ```
 //! Every message is a frame: tag [4] | payload length u32 | payload. Payloads are capped; a
 //! frame that is not the one expected at that point is an error.
 
@@ -44,6 +53,12 @@ pub const fn touched_words(ram_end: u64) -> usize {
 }
 /// Largest reason string in Refuse/Failed.
 pub const MAX_REASON: u32 = 4096;
+/// Most words in one Missing message (64 pages each: 2 GiB of guest RAM).
+pub const MAX_MISSING_WORDS: usize = 8192;
+/// Most ranges in one PageRequest, and most pages in all of them together (one page frame
+/// answers a request).
+pub const MAX_REQUEST_RANGES: usize = 64;
+pub const MAX_REQUEST_PAGES: u32 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -130,6 +145,17 @@ pub enum Message {
     AuthResponse([u8; 32], [u8; 32]),
     /// The source's proof.
     AuthProof([u8; 32]),
+    /// Postcopy, before State: pages the destination must fetch after Running, as a bitmap
+    /// of 4 KiB pages (bit b of word w: page `first_page + 64 w + b`; `first_page` a
+    /// multiple of 64).
+    Missing {
+        first_page: u64,
+        words: Vec<u64>,
+    },
+    /// Postcopy, from the destination: send these (guest address, pages) now.
+    PageRequest(Vec<(u64, u32)>),
+    /// Postcopy, from the destination: every missing page has arrived.
+    PostcopyDone,
 }
 
 /// What the destination reads during precopy.
@@ -141,6 +167,10 @@ pub enum Precopy {
     State,
     Sync,
     Touched(Vec<u64>),
+    Missing {
+        first_page: u64,
+        words: Vec<u64>,
+    },
 }
 
 impl Message {
@@ -161,6 +191,9 @@ impl Message {
             Message::AuthChallenge(_) => b"AUT1",
             Message::AuthResponse(..) => b"AUT2",
             Message::AuthProof(_) => b"AUT3",
+            Message::Missing { .. } => b"MISS",
+            Message::PageRequest(_) => b"PREQ",
+            Message::PostcopyDone => b"PDON",
         }
     }
 
@@ -182,6 +215,9 @@ impl Message {
             Message::AuthChallenge(_) => "AuthChallenge",
             Message::AuthResponse(..) => "AuthResponse",
             Message::AuthProof(_) => "AuthProof",
+            Message::Missing { .. } => "Missing",
+            Message::PageRequest(_) => "PageRequest",
+            Message::PostcopyDone => "PostcopyDone",
         }
     }
 }
@@ -236,7 +272,32 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<u64, Error> {
         | Message::Running
         | Message::State
         | Message::Sync
-        | Message::Synced => {}
+        | Message::Synced
+        | Message::PostcopyDone => {}
+        Message::Missing { first_page, words } => {
+            if words.len() > MAX_MISSING_WORDS || first_page % 64 != 0 {
+                return Err(Error::TooLarge {
+                    tag: "MISS".into(),
+                    len: (12 + 8 * words.len()).try_into().unwrap_or(u32::MAX),
+                });
+            }
+            e.u64(*first_page);
+            e.u32(words.len() as u32);
+            words.iter().for_each(|w| e.u64(*w));
+        }
+        Message::PageRequest(ranges) => {
+            if !request_fits(ranges) {
+                return Err(Error::TooLarge {
+                    tag: "PREQ".into(),
+                    len: (4 + 12 * ranges.len()).try_into().unwrap_or(u32::MAX),
+                });
+            }
+            e.u32(ranges.len() as u32);
+            for (gpa, pages) in ranges {
+                e.u64(*gpa);
+                e.u32(*pages);
+            }
+        }
         Message::Touched(words) => {
             if words.len() > MAX_TOUCHED_WORDS {
                 return Err(Error::TooLarge {
@@ -297,8 +358,9 @@ pub fn recv_precopy(r: &mut impl Read) -> Result<Precopy, Error> {
         Message::State => Ok(Precopy::State),
         Message::Sync => Ok(Precopy::Sync),
         Message::Touched(words) => Ok(Precopy::Touched(words)),
+        Message::Missing { first_page, words } => Ok(Precopy::Missing { first_page, words }),
         other => Err(Error::Unexpected {
-            expected: "Pages, Sync, Touched, Cancel or State",
+            expected: "Pages, Sync, Touched, Missing, Cancel or State",
             found: other.name().into(),
         }),
     }
@@ -355,6 +417,31 @@ fn message(r: &mut impl Read, tag: [u8; 4], len: u32) -> Result<Message, Error> 
         b"AUT1" => Message::AuthChallenge(d.array("auth nonce")?),
         b"AUT2" => Message::AuthResponse(d.array("auth nonce")?, d.array("auth proof")?),
         b"AUT3" => Message::AuthProof(d.array("auth proof")?),
+        b"MISS" => {
+            let first_page = d.u64("Missing first page")?;
+            let n = d.u32("Missing words")?;
+            if n as usize > MAX_MISSING_WORDS || first_page % 64 != 0 {
+                return Err(Error::TooLarge { tag: tag_s, len });
+            }
+            let words = (0..n)
+                .map(|_| d.u64("Missing word"))
+                .collect::<Result<_, _>>()?;
+            Message::Missing { first_page, words }
+        }
+        b"PREQ" => {
+            let n = d.u32("PageRequest ranges")?;
+            if n as usize > MAX_REQUEST_RANGES {
+                return Err(Error::TooLarge { tag: tag_s, len });
+            }
+            let ranges: Vec<(u64, u32)> = (0..n)
+                .map(|_| Ok((d.u64("PageRequest address")?, d.u32("PageRequest pages")?)))
+                .collect::<Result<_, crate::codec::Error>>()?;
+            if !request_fits(&ranges) {
+                return Err(Error::TooLarge { tag: tag_s, len });
+            }
+            Message::PageRequest(ranges)
+        }
+        b"PDON" => Message::PostcopyDone,
         _ => {
             return Err(Error::Unexpected {
                 expected: "a migration message",
@@ -364,6 +451,15 @@ fn message(r: &mut impl Read, tag: [u8; 4], len: u32) -> Result<Message, Error> 
     };
     d.finish("message payload")?;
     Ok(m)
+}
+
+/// Whether a PageRequest keeps to the caps: at most [`MAX_REQUEST_RANGES`] ranges, each
+/// of at least one page, [`MAX_REQUEST_PAGES`] pages in all.
+fn request_fits(ranges: &[(u64, u32)]) -> bool {
+    let pages: u64 = ranges.iter().map(|&(_, n)| u64::from(n)).sum();
+    ranges.len() <= MAX_REQUEST_RANGES
+        && ranges.iter().all(|&(_, n)| n > 0)
+        && pages <= u64::from(MAX_REQUEST_PAGES)
 }
 
 /// A Hello's payload: the version 1 fields, then (version 2 on) the guest CPU record, then
@@ -421,195 +517,4 @@ pub fn expect(r: &mut impl Read, expected: &'static str) -> Result<Message, Erro
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn messages_round_trip() {
-        for m in [
-            Message::Hello(Hello::new(256 << 20, 2, "{\"x\":1}".into(), None)),
-            Message::Hello(Hello::new(
-                256 << 20,
-                2,
-                "{\"x\":1}".into(),
-                Some(crate::state::GuestCpu {
-                    host_vendor: "GenuineIntel".into(),
-                    host_signature: 0xc06f2,
-                    tsc_khz: 2_100_000,
-                    cpuid: vec![crate::state::CpuidEntry {
-                        function: 1,
-                        eax: 0x1_0676,
-                        ..Default::default()
-                    }],
-                }),
-            )),
-            Message::Hello(Hello::new(64 << 20, 1, "p".into(), None).with_devices(vec![
-                crate::state::DeviceBackend::Disk {
-                    path: "/srv/a.img".into(),
-                    size: 1 << 30,
-                    read_only: true,
-                },
-                crate::state::DeviceBackend::Net {
-                    mac: [0x52, 0x54, 0, 1, 2, 3],
-                    tap: "tap0".into(),
-                },
-            ])),
-            Message::Accept,
-            Message::Refuse("missing features: ssse3".into()),
-            Message::Restored,
-            Message::Failed("KVM_SET_MSRS".into()),
-            Message::Commit,
-            Message::Running,
-            Message::Cancel("timed out".into()),
-            Message::State,
-            Message::Sync,
-            Message::Synced,
-            Message::Touched(vec![0b1011, u64::MAX]),
-            Message::Touched(Vec::new()),
-            Message::AuthChallenge([1; 32]),
-            Message::AuthResponse([2; 32], [3; 32]),
-            Message::AuthProof([4; 32]),
-        ] {
-            let mut buf = Vec::new();
-            let n = send(&mut buf, &m).unwrap();
-            assert_eq!(n, buf.len() as u64, "{} bytes written", m.name());
-            assert_eq!(recv(&mut buf.as_slice()).unwrap(), m);
-        }
-    }
-
-    #[test]
-    fn a_peers_reason_and_tag_reach_error_lines_escaped() {
-        let mut buf = Vec::new();
-        send(
-            &mut buf,
-            &Message::Refuse("no\nferry: error: forged\u{1b}[31m".into()),
-        )
-        .unwrap();
-        match recv(&mut buf.as_slice()).unwrap() {
-            Message::Refuse(r) => {
-                assert_eq!(r, "no\\nferry: error: forged\\u{1b}[31m");
-                assert!(!r.contains('\n') && !r.contains('\u{1b}'));
-            }
-            other => panic!("{other:?}"),
-        }
-        let mut odd = b"A\nB\x07".to_vec();
-        odd.extend_from_slice(&0u32.to_le_bytes());
-        let e = recv(&mut odd.as_slice()).unwrap_err().to_string();
-        assert!(
-            e.contains("A\\") && !e.contains('\n') && !e.contains('\u{7}'),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn hostile_frames_are_errors() {
-        let mut huge = b"HELO".to_vec();
-        huge.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(
-            recv(&mut huge.as_slice()),
-            Err(Error::TooLarge { .. })
-        ));
-        let mut bad = b"XXXX".to_vec();
-        bad.extend_from_slice(&0u32.to_le_bytes());
-        assert!(recv(&mut bad.as_slice()).is_err());
-        let mut buf = Vec::new();
-        let h = Hello::new(
-            1,
-            1,
-            "p".into(),
-            Some(crate::state::GuestCpu {
-                host_vendor: "GenuineIntel".into(),
-                host_signature: 0xc06f2,
-                tsc_khz: 2_100_000,
-                cpuid: vec![crate::state::CpuidEntry {
-                    function: 1,
-                    eax: 0x1_0676,
-                    ..Default::default()
-                }],
-            }),
-        );
-        let h = h.with_devices(vec![crate::state::DeviceBackend::Net {
-            mac: [2; 6],
-            tap: "t".into(),
-        }]);
-        send(&mut buf, &Message::Hello(h)).unwrap();
-        for cut in 0..buf.len() {
-            assert!(recv(&mut &buf[..cut]).is_err(), "truncated at {cut}");
-        }
-        // A device of an unknown kind (the kind's first byte, right after the count).
-        let kind = buf.len() - (4 + 6 + 4 + 1);
-        assert_eq!(buf[kind], 1, "the network card's kind");
-        let mut forged = buf.clone();
-        forged[kind] = 9;
-        let err = recv(&mut forged.as_slice()).unwrap_err().to_string();
-        assert!(err.contains("device kind"), "{err}");
-        // A Touched map longer than any Hello's RAM, or claiming more words than it holds.
-        let mut long = b"TUCH".to_vec();
-        long.extend_from_slice(&4u32.to_le_bytes());
-        long.extend_from_slice(&(MAX_TOUCHED_WORDS as u32 + 1).to_le_bytes());
-        assert!(matches!(
-            recv(&mut long.as_slice()),
-            Err(Error::TooLarge { .. })
-        ));
-        let mut short = b"TUCH".to_vec();
-        short.extend_from_slice(&12u32.to_le_bytes());
-        short.extend_from_slice(&2u32.to_le_bytes());
-        short.extend_from_slice(&7u64.to_le_bytes());
-        assert!(recv(&mut short.as_slice()).is_err());
-        assert!(send(
-            &mut Vec::new(),
-            &Message::Touched(vec![0; MAX_TOUCHED_WORDS + 1])
-        )
-        .is_err());
-        let mut trailing = Vec::new();
-        send(&mut trailing, &Message::Accept).unwrap();
-        trailing[4] = 1;
-        trailing.push(0);
-        assert!(
-            recv(&mut trailing.as_slice()).is_err(),
-            "payload where none belongs"
-        );
-    }
-
-    #[test]
-    fn precopy_reads_pages_cancel_and_state() {
-        let mut w = crate::pages::BatchWriter::new();
-        w.set_round(3);
-        w.page_slot()[0] = 7;
-        w.commit_page(0x5000, false);
-        let mut stream = w.finish().to_vec();
-        send(&mut stream, &Message::Cancel("user".into())).unwrap();
-        send(&mut stream, &Message::State).unwrap();
-        send(&mut stream, &Message::Commit).unwrap();
-        let mut r = stream.as_slice();
-        match recv_precopy(&mut r).unwrap() {
-            Precopy::Pages(mut h) => {
-                assert_eq!((h.round, h.runs[0].gpa, h.data_len), (3, 0x5000, 4096));
-                let mut page = vec![0u8; h.data_len];
-                r.read_exact(&mut page).unwrap();
-                assert_eq!(page[0], 7);
-                h.crc_update(&page);
-                h.check_crc(&mut r).unwrap();
-            }
-            other => panic!("{other:?}"),
-        }
-        assert!(matches!(recv_precopy(&mut r).unwrap(), Precopy::Cancel(c) if c == "user"));
-        assert!(matches!(recv_precopy(&mut r).unwrap(), Precopy::State));
-        let e = recv_precopy(&mut r).unwrap_err().to_string();
-        assert!(e.contains("Commit"), "{e}");
-        // A page frame claiming more than the cap is refused before reading it.
-        let mut huge = b"PAGS".to_vec();
-        huge.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert!(recv_precopy(&mut huge.as_slice()).is_err());
-    }
-
-    #[test]
-    fn expect_names_what_came_instead() {
-        let mut buf = Vec::new();
-        send(&mut buf, &Message::Commit).unwrap();
-        let e = expect(&mut buf.as_slice(), "Restored")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("Restored") && e.contains("Commit"), "{e}");
-    }
-}
+mod tests;

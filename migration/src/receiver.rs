@@ -16,6 +16,9 @@
 //!                               DeviceState (LoadState) --Done(ok): Restored--> AwaitCommit
 //!                                                    Commit: Start --> Starting --Done(ok)--> Running
 //! ```
+//! Missing (postcopy: the pages to fetch after Running) is taken in any precopy state.
+//! After Running a postcopy driver asks for those pages while the guest runs (Phase
+//! Postcopy); the machine has ended by then.
 //! Touched (the blocks round 0 fills) is taken only before the first Sync; Cancel ends it
 //! in any precopy state. A refusal carries the Refuse to send, a failure of this side the
 //! Failed to send, so that the source knows why.
@@ -35,6 +38,8 @@ pub enum Phase {
     AwaitCommit,
     /// Commit sent (source) or received (destination).
     AfterCommit,
+    /// Postcopy: the guest runs at the destination, which fetches its missing pages.
+    Postcopy,
 }
 
 impl std::fmt::Display for Phase {
@@ -45,6 +50,7 @@ impl std::fmt::Display for Phase {
             Phase::Switchover => write!(f, "after the pause, before Restored"),
             Phase::AwaitCommit => write!(f, "after Restored, before Commit"),
             Phase::AfterCommit => write!(f, "after Commit"),
+            Phase::Postcopy => write!(f, "postcopy, the guest running at the destination"),
         }
     }
 }
@@ -91,6 +97,9 @@ pub enum Action {
     WritePages,
     /// A hint: the 2 MiB blocks round 0 fills (the driver checks the map's length).
     Readahead(Vec<u64>),
+    /// Postcopy: these pages are to be fetched after Running (the driver checks them
+    /// against RAM).
+    Missing { first_page: u64, words: Vec<u64> },
     /// The end of a round: every page in RAM and the machine built; report with Done.
     Sync,
     /// Read the VM stream and restore it; report with Done.
@@ -258,6 +267,9 @@ impl Receiver {
                 Ok(Action::WritePages)
             }
             Input::Message(Message::Touched(words)) if round0_open => Ok(Action::Readahead(words)),
+            Input::Message(Message::Missing { first_page, words }) => {
+                Ok(Action::Missing { first_page, words })
+            }
             Input::Message(Message::Sync) => {
                 self.state = State::Syncing { round };
                 Ok(Action::Sync)
@@ -279,8 +291,8 @@ impl Receiver {
             State::Handshake => "Hello",
             State::Precopy {
                 round0_open: true, ..
-            } => "Pages, Sync, Touched, Cancel or State",
-            State::Precopy { .. } => "Pages, Sync, Cancel or State",
+            } => "Pages, Sync, Touched, Missing, Cancel or State",
+            State::Precopy { .. } => "Pages, Sync, Missing, Cancel or State",
             _ => "the outcome of the last step",
         };
         Failure {

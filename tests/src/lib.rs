@@ -9,6 +9,7 @@ pub mod netns;
 pub mod process;
 pub mod relay;
 pub mod service;
+pub mod storm;
 pub mod tiny;
 pub mod tls_relay;
 

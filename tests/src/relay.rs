@@ -25,6 +25,9 @@ pub enum At {
     /// Commit is forwarded and the destination's answer (Running) held: the guest runs at
     /// the destination, the source has not heard so.
     Running,
+    /// Postcopy: the destination's n-th PageRequest (from 1) is held: the guest runs at the
+    /// destination, which waits for pages only the source has.
+    PageRequest(u32),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,9 +295,18 @@ fn pump_to_destination(from: TcpStream, to: TcpStream, at: At, sh: &Shared, tx: 
 
 /// Destination to source: every message is a frame.
 fn pump_to_source(from: TcpStream, to: TcpStream, at: At, sh: &Shared, tx: &Sender<Event>) {
+    let mut requests = 0;
     pump(from, to, sh, tx, read_frame, |u| match &u.tag {
         b"RSTD" if at == At::Restored => Step::Hold,
         b"RUNG" if at == At::Running => Step::Hold,
+        b"PREQ" => {
+            requests += 1;
+            if at == At::PageRequest(requests) {
+                Step::Hold
+            } else {
+                Step::Forward
+            }
+        }
         _ => Step::Forward,
     });
 }

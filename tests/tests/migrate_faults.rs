@@ -172,6 +172,7 @@ fn phases(at: At) -> (&'static str, Option<&'static str>) {
             Some("phase: after Restored, before Commit"),
         ),
         At::Running => ("phase: after Commit", None),
+        At::PageRequest(_) => ("phase: postcopy", Some("phase: postcopy")),
     }
 }
 

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use ferry_tests::process::{count_line as count, free_tcp_port, run_tiny, temp_path, Ferry};
+use ferry_tests::storm::{json_report, storm_pass, storm_source};
 use ferry_tests::tiny::{wait_for, LONG_COUNT};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -138,53 +139,6 @@ fn a_host_profile_guest_is_refused_by_a_host_of_the_other_vendor() {
     assert!(ok && st.contains("running"), "{st}");
     assert!(src.ctl(&["stop"]).0);
     assert!(src.wait_exit(LIMIT).success());
-}
-
-/// The storm guest (tests/tiny/long_storm.S): its status (passes, bad pages) and working set.
-const STORM_STATUS: u64 = 0x80_0000;
-const STORM_BUF: u64 = 0x100_0000;
-const STORM_PAGES: u64 = 4096;
-
-fn storm_source(sock: &Path) -> Ferry {
-    run_tiny(&ferry_tests::tiny::LONG_STORM, &[], sock)
-}
-
-fn read_u64(state: &migration::VmState, gpa: u64) -> u64 {
-    for r in &state.memory {
-        if gpa >= r.gpa && gpa + 8 <= r.gpa + r.data.len() as u64 {
-            let at = (gpa - r.gpa) as usize;
-            return u64::from_le_bytes(r.data[at..at + 8].try_into().unwrap());
-        }
-    }
-    0
-}
-
-/// Snapshots the storm guest of a running ferry (which goes on running) and checks its memory
-/// is consistent: no bad page seen, and the working set holds pass + 1 up to some page and
-/// pass from there. Returns the pass.
-fn storm_pass(f: &Ferry, tag: &str) -> u64 {
-    let path = temp_path(tag);
-    let (ok, out) = f.ctl(&["snapshot", path.to_str().unwrap()]);
-    assert!(ok, "{out}");
-    let state = migration::stream::decode_vm(&std::fs::read(&path).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&path);
-    let (pass, bad) = (
-        read_u64(&state, STORM_STATUS),
-        read_u64(&state, STORM_STATUS + 8),
-    );
-    assert_eq!(bad, 0, "the guest found pages without its last store");
-    let values: Vec<u64> = (0..STORM_PAGES)
-        .map(|i| read_u64(&state, STORM_BUF + i * 4096))
-        .collect();
-    let done = values.iter().take_while(|v| **v == pass + 1).count();
-    assert!(values[done..].iter().all(|v| *v == pass), "pass {pass}");
-    pass
-}
-
-fn json_report(out: &str) -> serde_json::Value {
-    let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap_or(""))
-        .unwrap_or_else(|_| panic!("ctl --json prints the answer first: {out}"));
-    v["report"].clone()
 }
 
 #[test]

@@ -186,6 +186,12 @@ fn every_input() -> Vec<Input> {
         msg(Message::AuthChallenge(NS)),
         msg(Message::AuthResponse(NS, NS)),
         msg(Message::AuthProof(NS)),
+        msg(Message::Missing {
+            first_page: 0,
+            words: vec![1],
+        }),
+        msg(Message::PageRequest(vec![(0, 1)])),
+        msg(Message::PostcopyDone),
         Input::Pages { round: 0 },
         Input::Done(Ok(())),
     ]
@@ -197,10 +203,16 @@ fn every_state_refuses_every_input_it_does_not_take() {
     let takes: &[(&str, &[&str])] = &[
         ("Handshake", &["Hello"]),
         ("Checking", &["an outcome"]),
-        ("Accepted", &["Pages", "Sync", "Touched", "Cancel", "State"]),
-        ("Precopy", &["Pages", "Sync", "Touched", "Cancel", "State"]),
+        (
+            "Accepted",
+            &["Pages", "Sync", "Touched", "Missing", "Cancel", "State"],
+        ),
+        (
+            "Precopy",
+            &["Pages", "Sync", "Touched", "Missing", "Cancel", "State"],
+        ),
         ("Syncing", &["an outcome"]),
-        ("Precopy1", &["Pages", "Sync", "Cancel", "State"]),
+        ("Precopy1", &["Pages", "Sync", "Missing", "Cancel", "State"]),
         ("DeviceState", &["an outcome"]),
         ("AwaitCommit", &["Commit"]),
         ("Starting", &["an outcome"]),

@@ -70,7 +70,7 @@ pub fn call_raw<T: DeserializeOwned>(
             Incoming::Answer(answer) => {
                 return Ok(Reply {
                     line: line.trim_end().to_string(),
-                    answer,
+                    answer: *answer,
                 })
             }
         }

@@ -368,6 +368,7 @@ fn migrate_options(
         o.peer_timeout = d;
     }
     o.max_bandwidth = m.max_bandwidth.filter(|b| *b >= 1);
+    o.postcopy_after = m.postcopy_after;
     if let Some(t) = m.max_throttle {
         if t > 99 {
             return Err(format!("max_throttle is at most 99 (percent), not {t}"));

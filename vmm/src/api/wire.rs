@@ -68,6 +68,9 @@ pub struct MigrateRequest {
     pub tls_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_timeout_ms: Option<f64>,
+    /// Postcopy after this many precopy rounds (0: at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_after: Option<u32>,
     /// Send `{"progress":...}` lines before the answer.
     #[serde(default)]
     pub progress: bool,
@@ -246,7 +249,8 @@ pub fn progress_line(p: &Progress) -> String {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Incoming<T> {
     Progress(Progress),
-    Answer(Result<T, Failure>),
+    /// Boxed: an answer (a migration's report) is far larger than a progress line.
+    Answer(Box<Result<T, Failure>>),
 }
 
 /// Parses a line the server wrote in answer to a request whose answer type is `T`.
@@ -259,8 +263,8 @@ pub fn parse_line<T: DeserializeOwned>(line: &str) -> Result<Incoming<T>, serde_
     let head: Head = serde_json::from_str(line)?;
     Ok(match (head.ok, head.progress) {
         (None, Some(p)) => Incoming::Progress(p),
-        (Some(true), _) => Incoming::Answer(Ok(serde_json::from_str(line)?)),
-        _ => Incoming::Answer(Err(serde_json::from_str(line)?)),
+        (Some(true), _) => Incoming::Answer(Box::new(Ok(serde_json::from_str(line)?))),
+        _ => Incoming::Answer(Box::new(Err(serde_json::from_str(line)?))),
     })
 }
 
@@ -273,8 +277,10 @@ mod tests {
     /// server's own writer: the same JSON.
     fn round_trip<T: DeserializeOwned>(line: &str, wrap: fn(T) -> Answer) -> bool {
         let answer = match parse_line::<T>(line).unwrap_or_else(|e| panic!("{line}: {e}")) {
-            Incoming::Answer(Ok(t)) => wrap(t),
-            Incoming::Answer(Err(f)) => Answer::Failure(f),
+            Incoming::Answer(a) => match *a {
+                Ok(t) => wrap(t),
+                Err(f) => Answer::Failure(f),
+            },
             Incoming::Progress(_) => panic!("{line}: a progress line"),
         };
         let back: Value = serde_json::from_str(&answer_line(&answer)).unwrap();
@@ -335,7 +341,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let f = parse_line::<Status>(r#"{"ok":false,"error":"x"}"#).unwrap();
-        assert_eq!(f, Incoming::Answer(Err(Failure::new("x"))));
+        assert_eq!(f, Incoming::Answer(Box::new(Err(Failure::new("x")))));
         assert!(parse_line::<Status>(r#"{"ok":true,"state":"running"}"#).is_err());
     }
 

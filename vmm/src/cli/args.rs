@@ -289,6 +289,11 @@ pub enum CtlCmd {
         /// Commit the guest then runs on here).
         #[arg(long, default_value = "60s", value_parser = vmm::config::parse_duration)]
         peer_timeout: Duration,
+        /// Postcopy: if precopy has not converged after N rounds (0: at once), run the
+        /// guest at the destination and fetch the rest of its memory on demand. If the
+        /// link then dies the guest is lost there and kept paused here.
+        #[arg(long, value_name = "N")]
+        postcopy_after: Option<u32>,
     },
     /// Cancel the migration in progress; the guest keeps running here.
     Cancel,

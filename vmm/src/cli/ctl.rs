@@ -148,6 +148,7 @@ fn request(cmd: &CtlCmd) -> anyhow::Result<Request> {
             tls_dir,
             tls_name,
             peer_timeout,
+            postcopy_after,
         } => Request::Migrate(MigrateRequest {
             url: url.clone(),
             max_downtime_ms: Some(max_downtime.as_secs_f64() * 1e3),
@@ -161,6 +162,7 @@ fn request(cmd: &CtlCmd) -> anyhow::Result<Request> {
             tls_dir: tls_dir.as_deref().map(absolute).transpose()?,
             tls_name: tls_name.clone(),
             peer_timeout_ms: Some(peer_timeout.as_secs_f64() * 1e3),
+            postcopy_after: *postcopy_after,
             progress: true,
         }),
     })

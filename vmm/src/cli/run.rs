@@ -156,6 +156,13 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
 
 pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
     a.sandbox.apply()?;
+    // Postcopy needs a userfaultfd that reports the kernel's faults too (KVM's), which
+    // only a privileged process may open: opened now, before --user drops privileges.
+    if a.sandbox.user.is_some() {
+        if let Err(e) = vmm::migrate::keep_userfaultfd_open() {
+            log::warn!("postcopy will be refused: {e}");
+        }
+    }
     let addr: vmm::migrate::Address = a.listen.parse()?;
     let host = match &a.host {
         Some(p) => Some(cpuid::dump::load(p).with_context(|| format!("--host {}", p.display()))?),

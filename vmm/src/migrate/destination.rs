@@ -3,7 +3,6 @@
 use std::io::{BufReader, Read, Write};
 use std::time::{Duration, Instant};
 
-use cpuid::profile::CpuProfile;
 use cpuid::CpuidDump;
 use migration::auth::Key;
 use migration::protocol::{self, Hello, Message, Precopy};
@@ -11,6 +10,8 @@ use migration::receiver::{Action, Failure, Input, Receiver};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::devices::virtio::backends::Devices as DeviceChoice;
+
+use super::admission::{acceptable, host_memory_limit, host_vcpu_limit, within_limits};
 use crate::vm::Vm;
 
 use super::*;
@@ -40,26 +41,6 @@ pub struct ReceiveOptions {
 
 /// How long a destination waits for a whole migration by default.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(3600);
-
-/// What this host can hold: its available memory less an eighth (and at least 256 MiB)
-/// for itself, as /proc/meminfo says now; no limit where it cannot tell (the machine's own
-/// checks still apply).
-pub fn host_memory_limit() -> u64 {
-    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        m.lines()
-            .find_map(|l| l.strip_prefix("MemAvailable:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-    });
-    match available.map(|kib| kib * 1024) {
-        Some(bytes) => bytes.saturating_sub((bytes / 8).max(256 << 20)),
-        None => u64::MAX,
-    }
-}
-
-/// The default vCPU limit: four per host CPU.
-pub fn host_vcpu_limit() -> u32 {
-    std::thread::available_parallelism().map_or(1, |n| n.get() as u32) * 4
-}
 
 impl Default for ReceiveOptions {
     fn default() -> Self {
@@ -157,6 +138,8 @@ pub fn receive_with(
         vm: None,
         readahead: None,
         pages: None,
+        missing: None,
+        postcopy: None,
     };
     let mut start = Some(start);
     // The outcome of an action the machine waits for, handed to it instead of a read.
@@ -186,7 +169,7 @@ pub fn receive_with(
                 protocol::send(&mut d.conn, &m).map_err(proto(phase, "answering the source"))?;
             }
             Action::CheckHello(h) => {
-                let ok = within_limits(&h, opts)
+                let ok = within_limits(&h, opts.max_memory, opts.max_vcpus)
                     .and_then(|()| acceptable(&h, opts.host.as_ref()))
                     .and_then(|()| opts.devices.resolve(&h.devices));
                 outcome = Some(Input::Done(ok.map(|devices| d.devices = Some(devices))));
@@ -195,6 +178,7 @@ pub fn receive_with(
             Action::Accept => d.accept()?,
             Action::WritePages => d.write_pages(phase)?,
             Action::Readahead(words) => d.readahead(&words)?,
+            Action::Missing { first_page, words } => d.missing(first_page, &words)?,
             Action::Sync => {
                 // The end of round 0: later rounds rewrite pages already there.
                 d.readahead = None;
@@ -202,10 +186,12 @@ pub fn receive_with(
             }
             Action::LoadState => outcome = Some(Input::Done(d.load_state()?)),
             Action::Start => {
+                // Postcopy: missing pages dropped and faults reported before any vCPU runs.
+                let ready = d.prepare_postcopy();
                 let vm =
                     d.vm.as_ref()
                         .ok_or(Error::Restore("the VM was not built".into()))?;
-                let run = start.take().map_or(Ok(()), |s| s(vm));
+                let run = ready.and_then(|()| start.take().map_or(Ok(()), |s| s(vm)));
                 outcome = Some(Input::Done(run.map_err(|e| {
                     format!("starting the guest (phase: {phase}): {e}; the source keeps it")
                 })));
@@ -215,6 +201,7 @@ pub fn receive_with(
                     // The source keeps its copy paused and says the guest may run here.
                     log::warn!("confirming Running to the source (phase: {phase}): {e}");
                 }
+                d.postcopy()?;
                 return d
                     .vm
                     .take()
@@ -240,6 +227,10 @@ struct Driver<'c, C: Read + Write> {
     readahead: Option<super::prefault::Prefault>,
     /// The head of the page frame just read.
     pages: Option<migration::pages::FrameHead>,
+    /// Postcopy: the pages to fetch once the guest runs.
+    missing: Option<super::postcopy::Missing>,
+    /// Postcopy, from Start on: guest RAM and the userfaultfd that reports its faults.
+    postcopy: Option<(super::postcopy::Ram, super::postcopy::uffd::Uffd)>,
 }
 
 impl<C: Read + Write> Driver<'_, C> {
@@ -261,6 +252,9 @@ impl<C: Read + Write> Driver<'_, C> {
                     Input::Pages { round }
                 }
                 Precopy::Touched(words) => Input::Message(Message::Touched(words)),
+                Precopy::Missing { first_page, words } => {
+                    Input::Message(Message::Missing { first_page, words })
+                }
                 Precopy::Cancel(why) => Input::Message(Message::Cancel(why)),
                 Precopy::Sync => Input::Message(Message::Sync),
                 Precopy::State => Input::Message(Message::State),
@@ -360,6 +354,57 @@ impl<C: Read + Write> Driver<'_, C> {
             r.touched(words);
         }
         Ok(())
+    }
+
+    /// Postcopy: a Missing message's pages, each of which must be guest RAM.
+    fn missing(&mut self, first_page: u64, words: &[u64]) -> Result<(), Error> {
+        let ram_end = self.regions.iter().map(|&(s, l)| s + l).max().unwrap_or(0);
+        let missing = self
+            .missing
+            .get_or_insert_with(|| super::postcopy::Missing::new(ram_end));
+        missing
+            .add(first_page, words, &self.regions)
+            .map_err(|why| {
+                let _ = protocol::send(&mut self.conn, &Message::Failed(why.clone()));
+                Error::Restore(why)
+            })
+    }
+
+    /// Postcopy (the source named missing pages): guest RAM registered with a
+    /// userfaultfd and the missing pages dropped, before the guest starts.
+    fn prepare_postcopy(&mut self) -> Result<(), String> {
+        let Some(missing) = &self.missing else {
+            return Ok(());
+        };
+        let ram = self
+            .mem
+            .as_ref()
+            .and_then(|m| super::postcopy::Ram::new(m, &self.regions))
+            .ok_or("postcopy: guest RAM is not as the Hello described")?;
+        let uffd = super::postcopy::prepare(&ram, missing)?;
+        self.postcopy = Some((ram, uffd));
+        Ok(())
+    }
+
+    /// Postcopy, the guest running: every missing page fetched. On failure the guest
+    /// cannot go on (part of its memory is only at the source): its vCPUs stay blocked on
+    /// their faults, the VM is not torn down (that would wait for them), and the caller
+    /// ends the process.
+    fn postcopy(&mut self) -> Result<(), Error> {
+        let (Some((ram, uffd)), Some(missing)) = (self.postcopy.take(), self.missing.take()) else {
+            return Ok(());
+        };
+        let total = missing.total;
+        match super::postcopy::fetch(&mut self.conn, uffd, &ram, missing) {
+            Ok(stats) => {
+                log::info!("postcopy: {total} pages missing at the switch; {stats:?}");
+                Ok(())
+            }
+            Err(e) => {
+                std::mem::forget(self.vm.take());
+                Err(Error::PostcopyLost(e.to_string()))
+            }
+        }
     }
 
     /// The machine, built: needed by the first Sync (the end of round 0) at the latest.
@@ -497,65 +542,4 @@ fn discard(mem: &crate::memory::GuestMemoryMmap, gpa: u64, len: u64) -> Result<(
     } else {
         Err(())
     }
-}
-
-/// Whether the Hello asks for no more than this side takes (`--max-memory`, `--max-vcpus`),
-/// checked before anything is allocated.
-fn within_limits(h: &Hello, opts: &ReceiveOptions) -> Result<(), String> {
-    if h.memory > opts.max_memory {
-        return Err(format!(
-            "the guest has {} MiB of RAM, more than this destination takes (--max-memory {} MiB)",
-            h.memory >> 20,
-            opts.max_memory >> 20
-        ));
-    }
-    if h.vcpus > opts.max_vcpus {
-        return Err(format!(
-            "the guest has {} vCPUs, more than this destination takes (--max-vcpus {})",
-            h.vcpus, opts.max_vcpus
-        ));
-    }
-    Ok(())
-}
-
-/// Whether this host can take the VM a Hello describes; the reason if not.
-fn acceptable(h: &Hello, host: Option<&CpuidDump>) -> Result<(), String> {
-    use migration::limits::{FORMAT_VERSION, OLDEST_FORMAT_VERSION};
-    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&h.format_version) {
-        return Err(format!(
-            "stream format version {}, this ferry reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}",
-            h.format_version,
-        ));
-    }
-    // The machine's size, checked here so that a Hello this host cannot build is refused
-    // before Accept (the machine is built while pages arrive).
-    let kvm = crate::vm::open_kvm().map_err(|e| e.to_string())?;
-    crate::config::validate_memory(h.memory)
-        .and_then(|()| crate::config::validate_vcpus(h.vcpus, crate::vm::max_vcpus(&kvm)))
-        .map_err(|e| format!("cannot create the VM here: {e}"))?;
-    let profile = CpuProfile::from_json("the source's CPU profile", &h.cpu_profile)
-        .map_err(|e| e.to_string())?;
-    let live;
-    let host = match host {
-        Some(h) => h,
-        None => {
-            live = crate::cpu_model::host_dump(&kvm).map_err(|e| e.to_string())?;
-            &live
-        }
-    };
-    if !profile.migratable && host.vendor() != Some(profile.identity.vendor) {
-        return Err(format!(
-            "CPU profile {} describes one host and is not migratable to a host of another vendor",
-            migration::protocol::printable(&profile.name)
-        ));
-    }
-    cpuid::profile::check(&profile, host).map_err(|m| {
-        let name = migration::protocol::printable(&profile.name);
-        format!("this host cannot run CPU profile {name}: {m}")
-    })?;
-    // The guest CPU as the source runs it against what this host's KVM makes of the
-    // profile: refused here, before Accept, rather than by the machine built after it.
-    let here = crate::admit::probe(&kvm, &profile, h.vcpus)
-        .map_err(|e| format!("cannot create the VM here: {e}"))?;
-    crate::admit::admit(h.guest_cpu.as_ref(), &profile, h.vcpus, &here).map(|_| ())
 }

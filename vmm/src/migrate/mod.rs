@@ -23,16 +23,21 @@
 //! Either side gives up on a peer that closes the connection, or sends or takes nothing for
 //! the peer timeout; every error names the [`Phase`] it happened in.
 
+mod admission;
 mod destination;
 pub mod key;
 mod net;
+mod postcopy;
 mod prefault;
 mod source;
 mod tls;
 
-pub use destination::{host_memory_limit, host_vcpu_limit, DEFAULT_DEADLINE};
+pub use admission::{host_memory_limit, host_vcpu_limit};
+pub use destination::DEFAULT_DEADLINE;
 pub use destination::{receive, receive_from, receive_over, receive_with, ReceiveOptions};
 pub use net::{check_local, Address, Listener};
+pub use postcopy::uffd::keep_open as keep_userfaultfd_open;
+pub use postcopy::Stats as PostcopyStats;
 pub use prefault::SLACK as PREFAULT_SLACK;
 pub use source::{send, send_over};
 pub use tls::{default_name as tls_default_name, generate as tls_generate};
@@ -105,6 +110,10 @@ pub enum Error {
     NoCommit(String),
     #[error("no word from the destination after Commit (phase: after Commit): {0}; the guest stays paused here, as it may run there: if the destination does not run it, `ferry ctl resume` runs it here")]
     Unconfirmed(String),
+    #[error("the link broke during postcopy (phase: postcopy, the guest running at the destination): {0}; the guest has run there since the switch and some of its pages were never sent: it stays paused here (`ferry ctl resume` would roll it back to the switch)")]
+    PostcopyBroken(String),
+    #[error("postcopy failed with the guest running here: {0}; pages of the guest that never arrived are only at the source, so it cannot go on here (the source keeps its copy paused)")]
+    PostcopyLost(String),
     #[error("migration cancelled: {reason}; the VM runs here as before")]
     Cancelled { reason: String, report: Box<Report> },
     #[error("the source cancelled the migration: {0}")]
@@ -170,6 +179,9 @@ pub struct Options {
     pub tls: Option<SourceTls>,
     /// Give up on a destination that sends or takes nothing for this long.
     pub peer_timeout: Duration,
+    /// Postcopy: if precopy has not converged after this many rounds (0: at once, no
+    /// precopy round), the destination runs the guest and fetches the rest on demand.
+    pub postcopy_after: Option<u32>,
 }
 
 impl Default for Options {
@@ -182,6 +194,7 @@ impl Default for Options {
             key: None,
             tls: None,
             peer_timeout: PEER_TIMEOUT,
+            postcopy_after: None,
         }
     }
 }
@@ -254,6 +267,21 @@ pub struct Report {
     pub handshake_ms: f64,
     /// How long each round took (the first 1000), ms.
     pub round_ms: Vec<f64>,
+    /// Postcopy: pages named missing at the switch, pages sent on request (the same,
+    /// once complete), requests answered, and ms from Running to PostcopyDone (absent from
+    /// the JSON without postcopy).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub postcopy_missing: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub postcopy_pages: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub postcopy_requests: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub postcopy_ms: f64,
+}
+
+fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// The downtime, phase by phase (ms).

@@ -143,10 +143,17 @@ const BUILD: &[c_long] = &[
 
 /// A destination while it receives, beyond what the control socket's kind allows (its
 /// socket calls, files, TLS): binding its listener and making it private, checking a
-/// peer's uid. Every thread the VM will run is started from it and inherits its filter, so
+/// peer's uid, postcopy's userfaultfd (its ioctls and poll are the control socket's). Every thread the VM will run is started from it and inherits its filter, so
 /// [`allowed`] gives it the union of all kinds too.
 const RECEIVER: &[c_long] = &[
-    SYS_bind, SYS_listen, SYS_unlink, SYS_chmod, SYS_fchmod, SYS_mkdir, SYS_getuid,
+    SYS_bind,
+    SYS_listen,
+    SYS_unlink,
+    SYS_chmod,
+    SYS_fchmod,
+    SYS_mkdir,
+    SYS_getuid,
+    SYS_userfaultfd,
 ];
 
 /// The system calls `kind` may make.

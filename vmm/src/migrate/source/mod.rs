@@ -12,6 +12,7 @@ use crate::vm::Vm;
 use super::net::connect;
 use super::*;
 
+mod postcopy;
 mod round;
 use round::{count_pages, touched_map};
 
@@ -96,8 +97,10 @@ fn send_on(
     });
     result.map_err(|(e, report, bandwidth_mbps)| {
         let _ = vm.ram().set_dirty_tracking(false);
-        // After Commit without an answer the guest may run there: it stays paused here.
-        if !was_paused && !matches!(e, Error::Unconfirmed(_)) {
+        // After Commit without an answer the guest may run there, and in a broken postcopy
+        // it has run there: it stays paused here.
+        let ran_there = matches!(e, Error::Unconfirmed(_) | Error::PostcopyBroken(_));
+        if !was_paused && !ran_there {
             if let Err(r) = vm.resume() {
                 log::error!("resuming the VM after a failed migration: {r}");
             }
@@ -187,6 +190,8 @@ struct Sender<'a, C: Read + Write> {
     in_place: Vec<(&'a [u8], usize, usize)>,
     /// The Touched map, sent before round 0.
     touched: Vec<u64>,
+    /// Postcopy: the destination runs the guest and asks for pages (no cancel any more).
+    serving: bool,
 }
 
 impl<'a, C: Read + Write> Sender<'a, C> {
@@ -226,17 +231,22 @@ impl<'a, C: Read + Write> Sender<'a, C> {
             quiescent: false,
             in_place: Vec::new(),
             touched: Vec::new(),
+            serving: false,
         }
     }
 
     fn run(&mut self) -> Result<Report, Error> {
-        let dirty = self.precopy()?;
-        self.switchover(dirty)
+        if self.opts.postcopy_after == Some(0) {
+            return self.switchover(None, true);
+        }
+        let (dirty, postcopy) = self.precopy()?;
+        self.switchover(Some(dirty), postcopy)
     }
 
-    /// The Touched map, dirty tracking on, then rounds until the policy says switch over;
-    /// returns the pages dirtied during the last round sent.
-    fn precopy(&mut self) -> Result<Vec<Vec<u64>>, Error> {
+    /// The Touched map, dirty tracking on, then rounds until the policy says switch over
+    /// (or, with postcopy, the rounds asked for have been sent); returns the pages dirtied
+    /// during the last round sent, and whether to go on in postcopy.
+    fn precopy(&mut self) -> Result<(Vec<Vec<u64>>, bool), Error> {
         let vm = self.vm;
         // First what round 0 will fill, so that the destination backs it meanwhile.
         let words = std::mem::take(&mut self.touched);
@@ -269,8 +279,16 @@ impl<'a, C: Read + Write> Sender<'a, C> {
             let predicted = migration::converge::predicted_downtime(&observed);
             self.report.predicted_downtime_ms = ms(predicted);
             use migration::converge::Decision;
-            match migration::converge::decide(&target, &observed) {
-                Decision::Switchover => return Ok(dirty),
+            let decision = migration::converge::decide(&target, &observed);
+            let postcopy_due = self
+                .opts
+                .postcopy_after
+                .is_some_and(|n| self.report.rounds >= n);
+            if postcopy_due && decision != Decision::Switchover {
+                return Ok((dirty, true));
+            }
+            match decision {
+                Decision::Switchover => return Ok((dirty, false)),
                 Decision::Cancel(reason) => {
                     return Err(Error::Cancelled {
                         reason,
@@ -287,9 +305,15 @@ impl<'a, C: Read + Write> Sender<'a, C> {
         }
     }
 
-    /// Pause; what the guest dirtied since the last harvest joins the last round; the
-    /// state; then Restored, Commit and Running.
-    fn switchover(&mut self, mut dirty: Vec<Vec<u64>>) -> Result<Report, Error> {
+    /// Pause; what the guest dirtied since the last harvest joins the last round (None:
+    /// postcopy at once, every touched page); those pages sent, or with `postcopy` named
+    /// Missing; the state; then Restored, Commit and Running; with `postcopy`, the pages
+    /// the destination asks for until it has them all.
+    fn switchover(
+        &mut self,
+        dirty: Option<Vec<Vec<u64>>>,
+        postcopy: bool,
+    ) -> Result<Report, Error> {
         let vm = self.vm;
         self.throttle.store(0, Ordering::SeqCst);
         let paused_at = Instant::now();
@@ -297,12 +321,22 @@ impl<'a, C: Read + Write> Sender<'a, C> {
         self.paused = true;
         self.quiescent = true;
         let t_paused = Instant::now();
-        for (a, b) in dirty.iter_mut().zip(take_dirty(vm)?) {
-            for (x, y) in a.iter_mut().zip(b) {
-                *x |= y;
+        let dirty = match dirty {
+            Some(mut dirty) => {
+                for (a, b) in dirty.iter_mut().zip(take_dirty(vm)?) {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        *x |= y;
+                    }
+                }
+                dirty
             }
+            None => self.touched_pages(),
+        };
+        if postcopy {
+            self.report.postcopy_missing = self.send_missing(&dirty)?;
+        } else {
+            self.send_round(Some(&dirty))?;
         }
-        self.send_round(Some(&dirty))?;
         let t_last_round = Instant::now();
         let state = vm.save_state_with(false).map_err(Error::SaveState)?;
         let t_saved = Instant::now();
@@ -324,6 +358,15 @@ impl<'a, C: Read + Write> Sender<'a, C> {
         };
         let mut r = self.finish(paused_at)?;
         r.downtime_phases.destination_ms = ms(t_sent.elapsed());
+        if postcopy {
+            let running = Instant::now();
+            self.serve()?;
+            r.postcopy_ms = ms(running.elapsed());
+            r.postcopy_pages = self.report.postcopy_pages;
+            r.postcopy_requests = self.report.postcopy_requests;
+            r.bytes = self.report.bytes;
+            r.total_ms = ms(self.started.elapsed());
+        }
         Ok(r)
     }
 

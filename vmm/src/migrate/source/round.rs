@@ -251,7 +251,8 @@ impl<'a, C: Read + Write> Sender<'a, C> {
             (self.progress)(&p);
             self.control.set_progress(Some(p));
         }
-        if self.control.cancel.load(Ordering::SeqCst) {
+        // Once the guest runs at the destination (postcopy) there is nothing to cancel.
+        if self.control.cancel.load(Ordering::SeqCst) && !self.serving {
             return Err(Error::Cancelled {
                 reason: format!(
                     "cancelled by request in round {} after {} bytes",

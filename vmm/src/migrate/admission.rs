@@ -1,0 +1,88 @@
+//! What a destination takes: the limits it was given (`--max-memory`, `--max-vcpus`, by
+//! default what this host can hold) and a Hello checked against this host (format version,
+//! machine size, CPU profile, the guest CPU as run), all before anything is allocated.
+
+use cpuid::profile::CpuProfile;
+use cpuid::CpuidDump;
+use migration::protocol::Hello;
+
+/// What this host can hold: its available memory less an eighth (and at least 256 MiB)
+/// for itself, as /proc/meminfo says now; no limit where it cannot tell (the machine's own
+/// checks still apply).
+pub fn host_memory_limit() -> u64 {
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    match available.map(|kib| kib * 1024) {
+        Some(bytes) => bytes.saturating_sub((bytes / 8).max(256 << 20)),
+        None => u64::MAX,
+    }
+}
+
+/// The default vCPU limit: four per host CPU.
+pub fn host_vcpu_limit() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32) * 4
+}
+
+/// Whether the Hello asks for no more than this side takes (`--max-memory`, `--max-vcpus`),
+/// checked before anything is allocated.
+pub(super) fn within_limits(h: &Hello, max_memory: u64, max_vcpus: u32) -> Result<(), String> {
+    if h.memory > max_memory {
+        return Err(format!(
+            "the guest has {} MiB of RAM, more than this destination takes (--max-memory {} MiB)",
+            h.memory >> 20,
+            max_memory >> 20
+        ));
+    }
+    if h.vcpus > max_vcpus {
+        return Err(format!(
+            "the guest has {} vCPUs, more than this destination takes (--max-vcpus {})",
+            h.vcpus, max_vcpus
+        ));
+    }
+    Ok(())
+}
+
+/// Whether this host can take the VM a Hello describes; the reason if not.
+pub(super) fn acceptable(h: &Hello, host: Option<&CpuidDump>) -> Result<(), String> {
+    use migration::limits::{FORMAT_VERSION, OLDEST_FORMAT_VERSION};
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&h.format_version) {
+        return Err(format!(
+            "stream format version {}, this ferry reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}",
+            h.format_version,
+        ));
+    }
+    // The machine's size, checked here so that a Hello this host cannot build is refused
+    // before Accept (the machine is built while pages arrive).
+    let kvm = crate::vm::open_kvm().map_err(|e| e.to_string())?;
+    crate::config::validate_memory(h.memory)
+        .and_then(|()| crate::config::validate_vcpus(h.vcpus, crate::vm::max_vcpus(&kvm)))
+        .map_err(|e| format!("cannot create the VM here: {e}"))?;
+    let profile = CpuProfile::from_json("the source's CPU profile", &h.cpu_profile)
+        .map_err(|e| e.to_string())?;
+    let live;
+    let host = match host {
+        Some(h) => h,
+        None => {
+            live = crate::cpu_model::host_dump(&kvm).map_err(|e| e.to_string())?;
+            &live
+        }
+    };
+    if !profile.migratable && host.vendor() != Some(profile.identity.vendor) {
+        return Err(format!(
+            "CPU profile {} describes one host and is not migratable to a host of another vendor",
+            migration::protocol::printable(&profile.name)
+        ));
+    }
+    cpuid::profile::check(&profile, host).map_err(|m| {
+        let name = migration::protocol::printable(&profile.name);
+        format!("this host cannot run CPU profile {name}: {m}")
+    })?;
+    // The guest CPU as the source runs it against what this host's KVM makes of the
+    // profile: refused here, before Accept, rather than by the machine built after it.
+    let here = crate::admit::probe(&kvm, &profile, h.vcpus)
+        .map_err(|e| format!("cannot create the VM here: {e}"))?;
+    crate::admit::admit(h.guest_cpu.as_ref(), &profile, h.vcpus, &here).map(|_| ())
+}
