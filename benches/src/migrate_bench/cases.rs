@@ -201,6 +201,30 @@ pub(crate) const QEMU_TLS_MODES: [Mode; 2] = [
     },
 ];
 
+/// `--postcopy`: each VMM switching to postcopy after one full precopy pass and, for
+/// reference, its precopy, in the same run.
+pub(crate) const FERRY_POSTCOPY_MODES: [Mode; 2] = [
+    Mode::Ferry("ferry --postcopy-after 1", &["--postcopy-after", "1"]),
+    Mode::Ferry("ferry defaults (precopy)", &[]),
+];
+
+pub(crate) const QEMU_POSTCOPY_MODES: [Mode; 2] = [
+    Mode::Qemu {
+        name: "QEMU unthrottled, postcopy-ram after the first pass",
+        unthrottled: true,
+        downtime_ms: None,
+        capability: Some("postcopy-ram"),
+        tls: false,
+    },
+    Mode::Qemu {
+        name: "QEMU unthrottled (precopy)",
+        unthrottled: true,
+        downtime_ms: None,
+        capability: None,
+        tls: false,
+    },
+];
+
 /// One migration's numbers; None where it did not finish.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Sample {

@@ -45,6 +45,8 @@ const APP_BEGIN: &str = "<!-- migrate-bench app begin -->";
 const APP_END: &str = "<!-- migrate-bench app end -->";
 const TLS_BEGIN: &str = "<!-- migrate-bench tls begin -->";
 const TLS_END: &str = "<!-- migrate-bench tls end -->";
+const POSTCOPY_BEGIN: &str = "<!-- migrate-bench postcopy begin -->";
+const POSTCOPY_END: &str = "<!-- migrate-bench postcopy end -->";
 /// A migration that has not finished by then counts as not finished (and is cancelled).
 const MIGRATION_LIMIT: Duration = Duration::from_secs(30);
 const BOOT_LIMIT: Duration = Duration::from_secs(900);
@@ -57,6 +59,9 @@ usage: migrate-bench [--runs N] [--write FILE] [--case NAME]... [--only ferry|qe
                  every 1 ms while it migrates (needs root and ip(8))
   --tls          each VMM over TLS (certificates made for the run, both sides
                  authenticated: ferry --tls-dir, QEMU tls-creds-x509) and in plaintext
+  --postcopy     each VMM switching to postcopy after one full pass (ferry --postcopy-after 1,
+                 QEMU postcopy-ram and migrate-start-postcopy) and by precopy; by default
+                 the heaviest case and 1 GiB with 128 MiB dirtied
   --write FILE   replace the migration section of FILE (BENCHMARKS.md) with the table
   --case NAME    only the cases whose name contains NAME (repeatable; default all)
   --only VMM     only ferry's or only QEMU's modes (default both)
@@ -72,6 +77,8 @@ struct Args {
     app: bool,
     /// Encrypted against plaintext (cases::FERRY_TLS_MODES, QEMU_TLS_MODES).
     tls: bool,
+    /// Postcopy against precopy (cases::FERRY_POSTCOPY_MODES, QEMU_POSTCOPY_MODES).
+    postcopy: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -82,6 +89,7 @@ fn parse_args() -> Result<Args> {
         only: None,
         app: false,
         tls: false,
+        postcopy: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -93,6 +101,7 @@ fn parse_args() -> Result<Args> {
             "--only" => a.only = Some(val()?),
             "--app" => a.app = true,
             "--tls" => a.tls = true,
+            "--postcopy" => a.postcopy = true,
             "--help" | "-h" => {
                 print!("{USAGE}");
                 std::process::exit(0);
@@ -102,6 +111,12 @@ fn parse_args() -> Result<Args> {
     }
     if a.runs == 0 {
         bail!("--runs must be at least 1");
+    }
+    if a.tls && a.postcopy {
+        bail!("--tls and --postcopy are separate runs");
+    }
+    if a.postcopy && a.cases.is_empty() {
+        a.cases = vec!["rewritten from ring 3".into(), "1 GiB, 128 MiB dirtied".into()];
     }
     if let Some(o) = a.only.as_deref().filter(|o| !["ferry", "qemu"].contains(o)) {
         bail!("--only {o:?}: expected ferry or qemu");
@@ -146,6 +161,8 @@ fn run_case(ferry: &Path, case: &Case, args: &Args) -> Result<(CaseResult, CaseR
     );
     let (fmodes, qmodes): (&[Mode], &[Mode]) = if args.tls {
         (&FERRY_TLS_MODES, &QEMU_TLS_MODES)
+    } else if args.postcopy {
+        (&FERRY_POSTCOPY_MODES, &QEMU_POSTCOPY_MODES)
     } else {
         (&FERRY_MODES, &QEMU_MODES)
     };
@@ -214,6 +231,8 @@ fn main() -> Result<()> {
     }
     let (begin, end) = if args.tls {
         (TLS_BEGIN, TLS_END)
+    } else if args.postcopy {
+        (POSTCOPY_BEGIN, POSTCOPY_END)
     } else {
         (BEGIN, END)
     };
@@ -221,7 +240,9 @@ fn main() -> Result<()> {
         .iter()
         .filter(|c| args.cases.is_empty() || args.cases.iter().any(|n| c.name.contains(n.as_str())))
         .collect();
-    let mut md = if args.tls {
+    let mut md = if args.postcopy {
+        format!("{begin}\n## Postcopy: ferry and QEMU side by side\n\nEach VMM switching to postcopy once one full precopy pass is out (ferry `--postcopy-after 1`, which switches then unless precopy has converged; QEMU `postcopy-ram` on both sides and `migrate-start-postcopy` once `dirty-sync-count` reaches 2) and, for reference, by precopy, in the same run. ")
+    } else if args.tls {
         format!("{begin}\n## Live migration over TLS: ferry and QEMU side by side\n\nEach VMM encrypted (TLS 1.3, certificates made for the run by `ferry tls generate` and read by both: ferry `--tls-dir` on both sides, QEMU `tls-creds-x509` with `verify-peer` on both sides and `tls-hostname`) and, for reference, in plaintext, in the same run. ")
     } else {
         format!("{begin}\n## Live migration: ferry and QEMU side by side\n\n")
@@ -253,9 +274,9 @@ fn main() -> Result<()> {
         if case.guest == CaseGuest::Linux("workload=idle") {
             idle.push((case, f[0].1.clone(), q[1].1.clone()));
         }
-        let (section, line) = if args.tls {
+        let (section, line) = if args.tls || args.postcopy {
             let (s, _) = case_section(case, f_beat, q_beat, &f, &q);
-            (s, tls_line(case, &f, &q))
+            (s, pair_line(case, &f, &q, if args.tls { "TLS" } else { "postcopy" }))
         } else {
             case_section(case, f_beat, q_beat, &f, &q)
         };
@@ -265,14 +286,18 @@ fn main() -> Result<()> {
         summary += &line;
         summary += "\n";
     }
-    if idle.len() >= 2 && !args.tls {
+    if idle.len() >= 2 && !args.tls && !args.postcopy {
         md += &growth(&idle);
     }
     md += &format!("Host:\n\n{}\n", host_facts(&qemu_version));
     md += &format!(
         "Guest: {}. Reproduce: `cargo build --release --workspace && target/release/migrate-bench {}--runs {} --write BENCHMARKS.md`\n{end}\n",
         g.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-        if args.tls { "--tls " } else { "" },
+        match (args.tls, args.postcopy) {
+            (true, _) => "--tls ",
+            (_, true) => "--postcopy ",
+            _ => "",
+        },
         args.runs
     );
     print!("{md}");
@@ -320,19 +345,22 @@ fn growth(idle: &[IdleCase]) -> String {
     md + "\n"
 }
 
-/// `--tls`: ferry over TLS against QEMU over TLS, and each against its own plaintext.
-fn tls_line(
+/// `--tls` or `--postcopy`: ferry's first mode (TLS, postcopy) against QEMU's, and each
+/// against its own reference mode (plaintext, precopy).
+fn pair_line(
     case: &Case,
     f: &[(Mode, Vec<Option<Sample>>)],
     q: &[(Mode, Vec<Option<Sample>>)],
+    what: &str,
 ) -> String {
     let mut line = format!("\n{}: ", case.name);
     let total = |x: &Sample| x.total_ms;
     let blackout = |x: &Sample| x.blackout_ms;
+    let reference = if what == "TLS" { "plaintext" } else { "precopy" };
     for (what, a, b) in [
-        ("ferry TLS / QEMU TLS", &f[0].1, &q[0].1),
-        ("ferry TLS / ferry plaintext", &f[0].1, &f[1].1),
-        ("QEMU TLS / QEMU plaintext", &q[0].1, &q[1].1),
+        (format!("ferry {what} / QEMU {what}"), &f[0].1, &q[0].1),
+        (format!("ferry {what} / ferry {reference}"), &f[0].1, &f[1].1),
+        (format!("QEMU {what} / QEMU {reference}"), &q[0].1, &q[1].1),
     ] {
         line += &format!("{what}: ");
         for (m, get) in [

@@ -92,7 +92,7 @@ pub(crate) fn qemu_setup(q: &mut Qmp, mode: &Mode) -> Result<()> {
     else {
         unreachable!()
     };
-    let caps: Vec<Value> = ["auto-converge", "multifd"]
+    let caps: Vec<Value> = ["auto-converge", "multifd", "postcopy-ram"]
         .iter()
         .map(|c| json!({"capability": c, "state": capability == Some(*c)}))
         .collect();
@@ -171,8 +171,20 @@ impl Guest for QemuGuest {
         }
         self.qmp.exec("migrate", json!({ "uri": uri }))?;
         let deadline = Instant::now() + MIGRATION_LIMIT;
+        // Postcopy once the first full pass is done (QEMU counts it as the second sync).
+        let mut postcopy_due = matches!(
+            mode,
+            Mode::Qemu {
+                capability: Some("postcopy-ram"),
+                ..
+            }
+        );
         let info = loop {
             let info = self.qmp.exec("query-migrate", json!({}))?;
+            if postcopy_due && info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0) >= 2 {
+                self.qmp.exec("migrate-start-postcopy", json!({}))?;
+                postcopy_due = false;
+            }
             match info["status"].as_str() {
                 Some("completed") => break Some(info),
                 Some("failed") | Some("cancelled") => bail!("QEMU migration: {info}"),
