@@ -56,9 +56,9 @@ pub const MAX_REASON: u32 = 4096;
 /// Most words in one Missing message (64 pages each: 2 GiB of guest RAM).
 pub const MAX_MISSING_WORDS: usize = 8192;
 /// Most ranges in one PageRequest, and most pages in all of them together (one page frame
-/// answers a request).
+/// answers a request: at most its data pages).
 pub const MAX_REQUEST_RANGES: usize = 64;
-pub const MAX_REQUEST_PAGES: u32 = 256;
+pub const MAX_REQUEST_PAGES: u32 = crate::pages::MAX_DATA_PAGES as u32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

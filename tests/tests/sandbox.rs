@@ -123,7 +123,8 @@ fn every_thread_of_a_running_ferry_and_of_its_destination_is_filtered() {
     );
     let t = all_filtered(&dst, &["ferry"]);
     eprintln!("waiting destination: {t:?}");
-    let (ok, out) = src.ctl(&["migrate", &url]);
+    // By postcopy: the userfaultfd that reports KVM's faults, opened before the drop.
+    let (ok, out) = src.ctl(&["migrate", &url, "--postcopy-after", "0"]);
     assert!(ok, "{out}");
     assert!(src.wait_exit(LIMIT).success(), "{}", src.transcript());
     wait_for("the destination's control socket", LIMIT, || {
@@ -225,7 +226,8 @@ fn user_makes_every_thread_that_user_once_set_up_and_a_migration_runs_between_tw
     );
 
     // A destination as the same user: its listener and VM built after the drop (with the
-    // /dev/kvm it kept), the source admitted as its own user (SO_PEERCRED).
+    // /dev/kvm and the userfaultfd it kept), the source admitted as its own user
+    // (SO_PEERCRED).
     let url = format!("unix:{}", dir.join("mig.sock").display());
     let d_sock = dir.join("dst.sock");
     let args = ["--user", "65534", "--api-socket", d_sock.to_str().unwrap()];
@@ -236,7 +238,8 @@ fn user_makes_every_thread_that_user_once_set_up_and_a_migration_runs_between_tw
     for c in credentials(dst.pid()) {
         assert_eq!(c, NOBODY);
     }
-    let (ok, out) = src.ctl(&["migrate", &url]);
+    // By postcopy: the userfaultfd that reports KVM's faults, opened before the drop.
+    let (ok, out) = src.ctl(&["migrate", &url, "--postcopy-after", "0"]);
     assert!(ok, "{out}");
     assert!(src.wait_exit(LIMIT).success(), "{}", src.transcript());
     wait_for("the destination's control socket", LIMIT, || {

@@ -116,7 +116,10 @@ fn parse_args() -> Result<Args> {
         bail!("--tls and --postcopy are separate runs");
     }
     if a.postcopy && a.cases.is_empty() {
-        a.cases = vec!["rewritten from ring 3".into(), "1 GiB, 128 MiB dirtied".into()];
+        a.cases = vec![
+            "rewritten from ring 3".into(),
+            "1 GiB, 128 MiB dirtied".into(),
+        ];
     }
     if let Some(o) = a.only.as_deref().filter(|o| !["ferry", "qemu"].contains(o)) {
         bail!("--only {o:?}: expected ferry or qemu");
@@ -276,7 +279,10 @@ fn main() -> Result<()> {
         }
         let (section, line) = if args.tls || args.postcopy {
             let (s, _) = case_section(case, f_beat, q_beat, &f, &q);
-            (s, pair_line(case, &f, &q, if args.tls { "TLS" } else { "postcopy" }))
+            (
+                s,
+                pair_line(case, &f, &q, if args.tls { "TLS" } else { "postcopy" }),
+            )
         } else {
             case_section(case, f_beat, q_beat, &f, &q)
         };
@@ -356,10 +362,18 @@ fn pair_line(
     let mut line = format!("\n{}: ", case.name);
     let total = |x: &Sample| x.total_ms;
     let blackout = |x: &Sample| x.blackout_ms;
-    let reference = if what == "TLS" { "plaintext" } else { "precopy" };
+    let reference = if what == "TLS" {
+        "plaintext"
+    } else {
+        "precopy"
+    };
     for (what, a, b) in [
         (format!("ferry {what} / QEMU {what}"), &f[0].1, &q[0].1),
-        (format!("ferry {what} / ferry {reference}"), &f[0].1, &f[1].1),
+        (
+            format!("ferry {what} / ferry {reference}"),
+            &f[0].1,
+            &f[1].1,
+        ),
         (format!("QEMU {what} / QEMU {reference}"), &q[0].1, &q[1].1),
     ] {
         line += &format!("{what}: ");

@@ -380,26 +380,35 @@ fn place(
     let mut at = 0usize;
     let mut placed = 0;
     for run in &runs {
-        for i in 0..run.len() / PAGE {
-            let gpa = run.gpa + i * PAGE;
-            let host = ram.host(gpa, PAGE).expect("checked above");
-            let page = if run.zero {
-                None
-            } else {
-                let p = &data[at..at + PAGE as usize];
-                at += PAGE as usize;
-                Some(p)
-            };
-            // Only a page asked for and not here yet: never one the guest has written.
-            if !clear(&mut missing.asked, gpa / PAGE) {
+        let pages = run.len() / PAGE;
+        let first = run.gpa / PAGE;
+        // Stretches of pages asked for and not here yet, each placed with one ioctl; any
+        // other page is left alone (never one the guest may have written).
+        let mut i = 0;
+        while i < pages {
+            if !clear(&mut missing.asked, first + i) {
+                i += 1;
                 continue;
             }
-            let r = match page {
-                Some(p) => uffd.copy(host, p),
-                None => uffd.zero(host, PAGE as usize),
+            let mut n = 1;
+            while i + n < pages && clear(&mut missing.asked, first + i + n) {
+                n += 1;
+            }
+            let host = ram
+                .host((first + i) * PAGE, n * PAGE)
+                .expect("checked above");
+            let r = if run.zero {
+                uffd.zero(host, (n * PAGE) as usize)
+            } else {
+                let from = at + (i * PAGE) as usize;
+                uffd.copy(host, &data[from..from + (n * PAGE) as usize])
             };
-            r.map_err(io(Phase::Postcopy, "placing a page"))?;
-            placed += 1;
+            r.map_err(io(Phase::Postcopy, "placing pages"))?;
+            placed += n;
+            i += n;
+        }
+        if !run.zero {
+            at += (pages * PAGE) as usize;
         }
     }
     Ok(placed)
