@@ -350,6 +350,22 @@ pub fn count_line(l: &str) -> Option<u64> {
         .flatten()
 }
 
+/// Checks that the counting guest's values in `text` (its consoles joined in order) go on
+/// by exactly one, with no gap or repeat, and that there are at least `min` of them;
+/// returns how many.
+pub fn assert_counts_by_one(text: &str, min: usize) -> usize {
+    let all: Vec<u64> = text.lines().filter_map(count_line).collect();
+    assert!(
+        all.len() >= min,
+        "{} values, expected at least {min}",
+        all.len()
+    );
+    for w in all.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "the count must go on by one:\n{text}");
+    }
+    all.len()
+}
+
 /// `ferry run --image` of a tiny guest with 64 MiB, `extra` arguments and a control socket
 /// at `sock`; returns once the socket exists.
 pub fn run_tiny(image: &crate::tiny::TinyImage, extra: &[&str], sock: &Path) -> Ferry {

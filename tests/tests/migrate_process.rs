@@ -6,7 +6,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use ferry_tests::process::{count_line as count, free_tcp_port, run_tiny, temp_path, Ferry};
+use ferry_tests::process::{assert_counts_by_one, count_line as count, free_tcp_port};
+use ferry_tests::process::{run_tiny, temp_path, Ferry};
 use ferry_tests::storm::{json_report, storm_pass, storm_source};
 use ferry_tests::tiny::{wait_for, LONG_COUNT};
 
@@ -45,18 +46,7 @@ fn migrate_and_check(url: &str, tag: &str) {
     assert!(ok && status.contains("running"), "{status}");
     assert!(dst.ctl(&["stop"]).0);
     assert!(dst.wait_exit(LIMIT).success(), "{}", dst.transcript());
-    let all: Vec<u64> = (before + &dst.stdout_text())
-        .lines()
-        .filter_map(count)
-        .collect();
-    for w in all.windows(2) {
-        assert_eq!(
-            w[1],
-            w[0] + 1,
-            "the count must go on by one across the move"
-        );
-    }
-    assert!(all.len() > 100);
+    assert_counts_by_one(&(before + &dst.stdout_text()), 101);
 }
 
 #[test]

@@ -39,6 +39,8 @@ pub(super) struct Missing {
     cursor: u64,
     /// Pages named missing in all.
     pub total: u64,
+    /// Pages wanted or asked for, not placed yet.
+    left: u64,
 }
 
 fn bit(words: &[u64], page: u64) -> bool {
@@ -67,6 +69,7 @@ impl Missing {
             pages,
             cursor: 0,
             total: 0,
+            left: 0,
         }
     }
 
@@ -91,8 +94,9 @@ impl Missing {
                     ));
                 }
                 if !bit(&self.want, page) {
-                    self.want[(page / 64) as usize] |= 1 << b_of(page);
+                    set(&mut self.want, page);
                     self.total += 1;
+                    self.left += 1;
                 }
             }
         }
@@ -112,17 +116,33 @@ impl Missing {
     }
 
     fn is_done(&self) -> bool {
-        self.want.iter().chain(&self.asked).all(|w| *w == 0)
+        self.left == 0
     }
 
     /// Moves `page` from wanted to asked; false if it was not wanted.
     fn ask(&mut self, page: u64) -> bool {
         if clear(&mut self.want, page) {
-            self.asked[(page / 64) as usize] |= 1 << b_of(page);
+            set(&mut self.asked, page);
             true
         } else {
             false
         }
+    }
+
+    /// Moves `page` back from asked to wanted (to go with a later request).
+    fn unask(&mut self, page: u64) {
+        if clear(&mut self.asked, page) {
+            set(&mut self.want, page);
+        }
+    }
+
+    /// `page` has arrived: true if it was asked for (and is to be placed).
+    fn arrived(&mut self, page: u64) -> bool {
+        let asked = clear(&mut self.asked, page);
+        if asked {
+            self.left -= 1;
+        }
+        asked
     }
 
     /// The next wanted pages from the cursor on (wrapping once), as ranges of a request.
@@ -150,8 +170,8 @@ impl Missing {
     }
 }
 
-fn b_of(page: u64) -> u64 {
-    page % 64
+fn set(words: &mut [u64], page: u64) {
+    words[(page / 64) as usize] |= 1 << (page % 64);
 }
 
 /// Adds a page to a request's ranges: to the last range where it follows it inside one
@@ -278,8 +298,7 @@ pub(super) fn fetch(
                         push_page(&mut urgent, page, &regions);
                     } else {
                         // Asked for with the next request instead.
-                        missing.want[(page / 64) as usize] |= 1 << b_of(page);
-                        clear(&mut missing.asked, page);
+                        missing.unask(page);
                     }
                 } else if !bit(&missing.asked, page) {
                     // Never touched at the source: a zero page.
@@ -386,12 +405,12 @@ fn place(
         // other page is left alone (never one the guest may have written).
         let mut i = 0;
         while i < pages {
-            if !clear(&mut missing.asked, first + i) {
+            if !missing.arrived(first + i) {
                 i += 1;
                 continue;
             }
             let mut n = 1;
-            while i + n < pages && clear(&mut missing.asked, first + i + n) {
+            while i + n < pages && missing.arrived(first + i + n) {
                 n += 1;
             }
             let host = ram
@@ -412,4 +431,49 @@ fn place(
         }
     }
     Ok(placed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_missing_set_takes_only_ram_and_hands_out_capped_requests() {
+        // RAM at [0, 8 MiB) and [16 MiB, 24 MiB).
+        let regions = [(0, 8 << 20), (16 << 20, 8 << 20)];
+        let mut m = Missing::new(24 << 20);
+        // Page 2048 (8 MiB) lies in the gap.
+        assert!(m.add(2048, &[1], &regions).is_err());
+        // Every page of both regions, in 64-page words.
+        for first in [0u64, 4096] {
+            m.add(first, &[u64::MAX; 32], &regions).unwrap();
+        }
+        assert_eq!(m.total, 4096);
+        assert_eq!(m.runs(), vec![(0, 2048), (4096, 2048)]);
+        let mut asked = 0u64;
+        while !m.want.iter().all(|w| *w == 0) {
+            let r = m.background(&regions);
+            let pages: u64 = r.iter().map(|&(_, n)| u64::from(n)).sum();
+            assert!(!r.is_empty() && r.len() <= MAX_REQUEST_RANGES, "{r:?}");
+            assert!(pages <= u64::from(MAX_REQUEST_PAGES));
+            // A range never crosses a region's end.
+            for &(gpa, n) in &r {
+                let end = gpa + u64::from(n) * PAGE;
+                assert!(regions.iter().any(|&(s, l)| gpa >= s && end <= s + l));
+            }
+            asked += pages;
+        }
+        assert_eq!(asked, 4096);
+        assert!(!m.is_done(), "asked for is not arrived");
+        // A page arrives once; one never asked for is not placed.
+        assert!(m.arrived(5));
+        assert!(!m.arrived(5));
+        m.unask(6);
+        assert!(!m.arrived(6), "back among the wanted");
+        assert_eq!(m.background(&regions), vec![(6 * PAGE, 1)]);
+        for page in (0..2048).chain(4096..6144).filter(|p| *p != 5) {
+            assert!(m.arrived(page), "{page}");
+        }
+        assert!(m.is_done());
+    }
 }

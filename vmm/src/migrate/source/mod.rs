@@ -330,7 +330,8 @@ impl<'a, C: Read + Write> Sender<'a, C> {
                 }
                 dirty
             }
-            None => self.touched_pages(),
+            // Postcopy at once: every page the guest has touched is missing.
+            None => vm.ram().touched_pages(),
         };
         if postcopy {
             self.report.postcopy_missing = self.send_missing(&dirty)?;

@@ -10,19 +10,6 @@ use migration::protocol::{self, Message, MAX_MISSING_WORDS};
 use super::*;
 
 impl<'a, C: Read + Write> Sender<'a, C> {
-    /// Postcopy at once (no precopy round): every page the guest has touched is missing.
-    pub(super) fn touched_pages(&self) -> Vec<Vec<u64>> {
-        let pagemap = crate::memory::Pagemap::open();
-        self.regions
-            .iter()
-            .enumerate()
-            .map(|(region, &(_, len))| {
-                let words = (len / PAGE).div_ceil(64) as usize;
-                self.vm.ram().touched_range(&pagemap, region, 0, words)
-            })
-            .collect()
-    }
-
     /// The Missing messages: each region's bits (pages from the region's start) as pages of
     /// guest-physical memory, in pieces of at most [`MAX_MISSING_WORDS`]; words with no page
     /// set at either end of a piece are left out.
@@ -41,7 +28,7 @@ impl<'a, C: Read + Write> Sender<'a, C> {
                     first_page: start / PAGE + 64 * (i * MAX_MISSING_WORDS + first) as u64,
                     words: piece[first..=last].to_vec(),
                 };
-                pages += count_pages(std::slice::from_ref(&piece.to_vec()));
+                pages += piece.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
                 self.report.bytes += protocol::send(self.conn, &m)
                     .map_err(proto(Phase::Switchover, "sending the missing pages"))?;
             }
