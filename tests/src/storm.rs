@@ -46,6 +46,22 @@ pub fn storm_pass(f: &Ferry, tag: &str) -> u64 {
     pass
 }
 
+/// tests/tiny/pvh_storm.S: vCPU i's pass count.
+const PVH_STORM_STATUS: u64 = 0x30_0000;
+
+/// Snapshots the PVH storm guest of a running ferry (which goes on running) and returns the
+/// pass count of each of its first `vcpus` vCPUs.
+pub fn pvh_storm_passes(f: &Ferry, vcpus: u64, tag: &str) -> Vec<u64> {
+    let path = temp_path(tag);
+    let (ok, out) = f.ctl(&["snapshot", path.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let state = migration::stream::decode_vm(&std::fs::read(&path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&path);
+    (0..vcpus)
+        .map(|i| read_u64(&state, PVH_STORM_STATUS + 8 * i))
+        .collect()
+}
+
 pub fn json_report(out: &str) -> serde_json::Value {
     let v: serde_json::Value = serde_json::from_str(out.lines().next().unwrap_or(""))
         .unwrap_or_else(|_| panic!("ctl --json prints the answer first: {out}"));
