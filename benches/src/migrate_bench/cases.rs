@@ -9,6 +9,7 @@ pub(crate) struct Case {
     pub(crate) name: &'static str,
     pub(crate) memory: &'static str,
     pub(crate) guest: CaseGuest,
+    pub(crate) vcpus: u32,
 }
 
 /// Which guest a case boots.
@@ -16,58 +17,73 @@ pub(crate) struct Case {
 pub(crate) enum CaseGuest {
     /// The Linux test guest with this workload option.
     Linux(&'static str),
-    /// tests/tiny/pvh_storm.S: ring 3 rewriting 256 MiB at native speed, a 1 ms heartbeat
-    /// from its local APIC timer.
+    /// tests/tiny/pvh_storm.S: ring 3 rewriting 256 MiB at native speed (each vCPU its
+    /// share), a 1 ms heartbeat from its local APIC timer.
     Storm,
 }
 
 /// The idle cases double as the growth curve (main.rs, `growth`): ferry's cost per GiB of
 /// guest and per GiB sent from 256 MiB to 8 GiB.
-pub(crate) const CASES: [Case; 9] = [
+pub(crate) const CASES: [Case; 10] = [
     Case {
         name: "256 MiB idle",
         memory: "256M",
         guest: CaseGuest::Linux("workload=idle"),
+        vcpus: 1,
     },
     Case {
         name: "1 GiB idle",
         memory: "1G",
         guest: CaseGuest::Linux("workload=idle"),
+        vcpus: 1,
     },
     Case {
         name: "2 GiB idle",
         memory: "2G",
         guest: CaseGuest::Linux("workload=idle"),
+        vcpus: 1,
     },
     Case {
         name: "4 GiB idle",
         memory: "4G",
         guest: CaseGuest::Linux("workload=idle"),
+        vcpus: 1,
     },
     Case {
         name: "8 GiB idle",
         memory: "8G",
         guest: CaseGuest::Linux("workload=idle"),
+        vcpus: 1,
     },
     Case {
         name: "8 GiB, 1 GiB dirtied",
         memory: "8G",
         guest: CaseGuest::Linux("workload=dirty:1024"),
+        vcpus: 1,
     },
     Case {
         name: "256 MiB, 16 MiB dirtied",
         memory: "256M",
         guest: CaseGuest::Linux("workload=dirty:16"),
+        vcpus: 1,
     },
     Case {
         name: "1 GiB, 128 MiB dirtied",
         memory: "1G",
         guest: CaseGuest::Linux("workload=dirty:128"),
+        vcpus: 1,
     },
     Case {
         name: "1 GiB, 256 MiB rewritten from ring 3 (the heaviest dirtying here)",
         memory: "1G",
         guest: CaseGuest::Storm,
+        vcpus: 1,
+    },
+    Case {
+        name: "1 GiB, 4 vCPUs rewriting 256 MiB from ring 3 (64 MiB each)",
+        memory: "1G",
+        guest: CaseGuest::Storm,
+        vcpus: 4,
     },
 ];
 

@@ -29,14 +29,15 @@ impl FerryGuest {
         if let Some(initrd) = &initrd {
             cmd.arg("--initrd").arg(initrd);
         }
-        cmd.args(["--memory", case.memory, "--vcpus", "1", "--cmdline"])
+        let vcpus = case.vcpus.to_string();
+        cmd.args(["--memory", case.memory, "--vcpus", &vcpus, "--cmdline"])
             .arg(&cmdline)
             .arg("--api-socket")
             .arg(Self::sock(0))
             .arg("--debug-console")
             .arg(fifo);
         let src = Proc::spawn(&mut cmd, beats)?;
-        boot(&src)?;
+        boot(&src, case)?;
         Ok(FerryGuest {
             ferry: ferry.to_path_buf(),
             src,

@@ -63,7 +63,8 @@ usage: migrate-bench [--runs N] [--write FILE] [--case NAME]... [--only ferry|qe
                  QEMU postcopy-ram and migrate-start-postcopy) and by precopy; by default
                  the heaviest case and 1 GiB with 128 MiB dirtied
   --write FILE   replace the migration section of FILE (BENCHMARKS.md) with the table
-  --case NAME    only the cases whose name contains NAME (repeatable; default all)
+  --case NAME    only the cases whose name contains NAME (repeatable; default all); with
+                 --write, they get a section of their own beside the full run's
   --only VMM     only ferry's or only QEMU's modes (default both)
 ";
 
@@ -71,6 +72,9 @@ struct Args {
     runs: usize,
     write: Option<PathBuf>,
     cases: Vec<String>,
+    /// The cases named by `--case` (not the ones a mode picks by default): a run of these
+    /// writes its own section, leaving the full table alone.
+    named_cases: Vec<String>,
     /// Only this VMM ("ferry" or "qemu"); both by default.
     only: Option<String>,
     /// The application's view (app.rs) instead of the cases.
@@ -86,6 +90,7 @@ fn parse_args() -> Result<Args> {
         runs: 5,
         write: None,
         cases: Vec::new(),
+        named_cases: Vec::new(),
         only: None,
         app: false,
         tls: false,
@@ -115,6 +120,7 @@ fn parse_args() -> Result<Args> {
     if a.tls && a.postcopy {
         bail!("--tls and --postcopy are separate runs");
     }
+    a.named_cases = a.cases.clone();
     if a.postcopy && a.cases.is_empty() {
         a.cases = vec![
             "rewritten from ring 3".into(),
@@ -232,30 +238,30 @@ fn main() -> Result<()> {
     if args.tls {
         vmm::migrate::tls_generate(&tls_dir(), &["127.0.0.1".to_string()])?;
     }
-    let (begin, end) = if args.tls {
-        (TLS_BEGIN, TLS_END)
-    } else if args.postcopy {
-        (POSTCOPY_BEGIN, POSTCOPY_END)
-    } else {
-        (BEGIN, END)
-    };
+    let (begin, end) = section_markers(&args);
     let cases: Vec<&Case> = CASES
         .iter()
         .filter(|c| args.cases.is_empty() || args.cases.iter().any(|n| c.name.contains(n.as_str())))
         .collect();
-    let mut md = if args.postcopy {
-        format!("{begin}\n## Postcopy: ferry and QEMU side by side\n\nEach VMM switching to postcopy once one full precopy pass is out (ferry `--postcopy-after 1`, which switches then unless precopy has converged; QEMU `postcopy-ram` on both sides and `migrate-start-postcopy` once `dirty-sync-count` reaches 2) and, for reference, by precopy, in the same run. ")
-    } else if args.tls {
-        format!("{begin}\n## Live migration over TLS: ferry and QEMU side by side\n\nEach VMM encrypted (TLS 1.3, certificates made for the run by `ferry tls generate` and read by both: ferry `--tls-dir` on both sides, QEMU `tls-creds-x509` with `verify-peer` on both sides and `tls-hostname`) and, for reference, in plaintext, in the same run. ")
+    let sub = if args.named_cases.is_empty() {
+        String::new()
     } else {
-        format!("{begin}\n## Live migration: ferry and QEMU side by side\n\n")
+        format!(", cases with {}", args.named_cases.join("; "))
+    };
+    let mut md = if args.postcopy {
+        format!("{begin}\n## Postcopy: ferry and QEMU side by side{sub}\n\nEach VMM switching to postcopy once one full precopy pass is out (ferry `--postcopy-after 1`, which switches then unless precopy has converged; QEMU `postcopy-ram` on both sides and `migrate-start-postcopy` once `dirty-sync-count` reaches 2) and, for reference, by precopy, in the same run. ")
+    } else if args.tls {
+        format!("{begin}\n## Live migration over TLS: ferry and QEMU side by side{sub}\n\nEach VMM encrypted (TLS 1.3, certificates made for the run by `ferry tls generate` and read by both: ferry `--tls-dir` on both sides, QEMU `tls-creds-x509` with `verify-peer` on both sides and `tls-hostname`) and, for reference, in plaintext, in the same run. ")
+    } else {
+        format!("{begin}\n## Live migration: ferry and QEMU side by side{sub}\n\n")
     };
     md += &format!(
         "Test guest (tests/guest: Linux 6.1, PVH ELF vmlinux), 1 vCPU, asked for a heartbeat \
          every 1 ms on the debug port (`hb_us=1000 hb_port`; the interval it achieves on this \
-         host is given per case: its kernel runs emulated here); the heaviest case boots \
+         host is given per case: its kernel runs emulated here); the heaviest cases boot \
          tests/tiny/pvh_storm.S instead (a PVH ELF both VMMs boot: ring 3 rewriting 256 MiB at \
-         native speed, a 1 ms local APIC timer heartbeat), migrated over loopback TCP from one process to a new one, {} runs per mode; \
+         native speed, a 1 ms local APIC timer heartbeat; with 4 vCPUs, each rewrites its 64 MiB \
+         and the host's 2 cores are shared by the 4 vCPU threads and the VMM's own), migrated over loopback TCP from one process to a new one, {} runs per mode; \
          per case and VMM the guest boots once and each migration moves it on, after 50 \
          heartbeats at its new host (a guest that just arrived warms up first). Modes are \
          interleaved: every run migrates once in each mode, ferry's modes first in odd runs \
@@ -296,8 +302,13 @@ fn main() -> Result<()> {
         md += &growth(&idle);
     }
     md += &format!("Host:\n\n{}\n", host_facts(&qemu_version));
+    let named: String = args
+        .named_cases
+        .iter()
+        .map(|c| format!("--case {c:?} "))
+        .collect();
     md += &format!(
-        "Guest: {}. Reproduce: `cargo build --release --workspace && target/release/migrate-bench {}--runs {} --write BENCHMARKS.md`\n{end}\n",
+        "Guest: {}. Reproduce: `cargo build --release --workspace && target/release/migrate-bench {}{named}--runs {} --write BENCHMARKS.md`\n{end}\n",
         g.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         match (args.tls, args.postcopy) {
             (true, _) => "--tls ",
@@ -309,10 +320,29 @@ fn main() -> Result<()> {
     print!("{md}");
     eprint!("{summary}");
     if let Some(path) = &args.write {
-        replace_section(path, begin, end, &md)?;
+        replace_section(path, &begin, &end, &md)?;
     }
     let _ = std::fs::remove_dir_all(temp(""));
     Ok(())
+}
+
+/// The markers of the section a run writes: one per kind of run (plain, `--tls`,
+/// `--postcopy`), and one more per set of cases named with `--case`, so that a run of some
+/// cases does not replace the table of a full run.
+fn section_markers(args: &Args) -> (String, String) {
+    let (begin, end) = if args.tls {
+        (TLS_BEGIN, TLS_END)
+    } else if args.postcopy {
+        (POSTCOPY_BEGIN, POSTCOPY_END)
+    } else {
+        (BEGIN, END)
+    };
+    if args.named_cases.is_empty() {
+        return (begin.into(), end.into());
+    }
+    let cases = args.named_cases.join("; ").replace("--", "-");
+    let mark = |m: &str| format!("{} (cases: {cases}) -->", m.trim_end_matches(" -->"));
+    (mark(begin), mark(end))
 }
 
 /// An idle case with ferry's defaults' samples and QEMU unthrottled's.

@@ -166,9 +166,20 @@ pub(crate) fn temp(name: &str) -> PathBuf {
     dir.join(name)
 }
 
-/// Boots the guest and waits until it heartbeats.
-pub(crate) fn boot(p: &Proc) -> Result<()> {
-    p.wait_line(0, BOOT_LIMIT, "GUEST-READY", |l| l.contains("GUEST-READY"))?;
+/// Boots the guest and waits until it heartbeats; the storm guest must say that all of the
+/// case's vCPUs came up.
+pub(crate) fn boot(p: &Proc, case: &Case) -> Result<()> {
+    let (i, _) = p.wait_line(0, BOOT_LIMIT, "GUEST-READY", |l| l.contains("GUEST-READY"))?;
+    if case.guest == CaseGuest::Storm {
+        let line = p.lines.lock().unwrap()[i].1.clone();
+        if !line.contains(&format!("cpus={}", case.vcpus)) {
+            bail!(
+                "{}: {} vCPUs asked for, the guest says {line:?}",
+                case.name,
+                case.vcpus
+            );
+        }
+    }
     // A little steady state (the dirtying workload's first passes).
     p.wait_beats(500, BOOT_LIMIT)
 }

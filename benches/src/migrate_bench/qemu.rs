@@ -59,7 +59,7 @@ pub(crate) fn qemu_cmd(case: &Case, qmp: &Path, debugcon: &Path, incoming: bool)
     let (kernel, initrd, cmdline) = boot_files(case);
     let mut c = Command::new("qemu-system-x86_64");
     c.args(["-M", "microvm,acpi=off", "-enable-kvm", "-cpu", "host"])
-        .args(["-m", case.memory, "-smp", "1"])
+        .args(["-m", case.memory, "-smp", &case.vcpus.to_string()])
         .args([
             "-nodefaults",
             "-no-user-config",
@@ -136,7 +136,7 @@ impl QemuGuest {
         let (fifo, beats) = debug_fifo("qemu-0.hb")?;
         let src = Proc::spawn(&mut qemu_cmd(case, &Self::qmp_path(0), &fifo, false), beats)?;
         let qmp = Qmp::connect(&Self::qmp_path(0))?;
-        boot(&src)?;
+        boot(&src, case)?;
         Ok(QemuGuest { src, qmp, n: 0 })
     }
 }
