@@ -142,8 +142,9 @@ fn parse_args() -> Result<Args> {
 }
 
 /// Both VMMs through every mode of a case, interleaved: each run migrates once in every
-/// mode, ferry's modes first in odd runs and QEMU's first in even ones, so that a change in
-/// the host's load in the course of the case falls on every mode alike. Each VMM's guest
+/// mode, ferry's modes first in odd runs and QEMU's first in even ones, and each VMM's modes
+/// in order in odd runs and in reverse in even ones, so that a change in the host's load in
+/// the course of the case falls on every mode alike. Each VMM's guest
 /// boots once; the one not migrating is paused (the heaviest case's guest keeps a core
 /// busy), and resumed and given [`SETTLE_BEATS`] before its next migration.
 fn run_case(ferry: &Path, case: &Case, args: &Args) -> Result<(CaseResult, CaseResult)> {
@@ -186,9 +187,15 @@ fn run_case(ferry: &Path, case: &Case, args: &Args) -> Result<(CaseResult, CaseR
             };
             let Some(g) = g else { continue };
             g.run(true)?;
-            for (mode, samples) in modes.iter().zip(samples) {
+            // In order in odd runs, in reverse in even ones: a cost that falls on whichever
+            // mode goes first (the destination's first touch of fresh RAM) falls on each.
+            let mut order: Vec<usize> = (0..modes.len()).collect();
+            if run % 2 == 0 {
+                order.reverse();
+            }
+            for i in order {
                 settle(g.src())?;
-                samples.push(g.migrate(case, mode, run)?);
+                samples[i].push(g.migrate(case, &modes[i], run)?);
             }
             g.run(false)?;
         }
@@ -265,7 +272,8 @@ fn main() -> Result<()> {
          per case and VMM the guest boots once and each migration moves it on, after 50 \
          heartbeats at its new host (a guest that just arrived warms up first). Modes are \
          interleaved: every run migrates once in each mode, ferry's modes first in odd runs \
-         and QEMU's in even ones, the other VMM's guest paused meanwhile. Cells are \
+         and QEMU's in even ones, each VMM's modes in the order shown in odd runs and in \
+         reverse in even ones, the other VMM's guest paused meanwhile. Cells are \
          min / **median** / max. Total time and downtime as each VMM reports them (ferry: \
          pause to Restored; QEMU: query-migrate); blackout: host time from the last heartbeat \
          of the source to the first of the destination (debug-port bytes: the measure's \
