@@ -15,6 +15,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use migration::pages::{decode, is_zero, BatchWriter, PAGE_SIZE};
+use vm_memory::GuestMemoryBackend;
 use vmm::boot::{layout::BOOT_STACK_TOP, EntryPoint};
 
 const GIB: u64 = 1 << 30;
@@ -91,6 +92,21 @@ fn dirty(c: &mut Criterion) {
     });
     g.bench_function("untouched pages from pagemap", |b| {
         b.iter(|| black_box(vm.ram().touched_pages()))
+    });
+    let pagemap = vmm::memory::Pagemap::open();
+    let host = vm
+        .ram()
+        .memory()
+        .get_host_address(vm_memory::GuestAddress(0))
+        .expect("RAM at 0") as u64;
+    let pages = (GIB / PAGE_SIZE as u64) as usize;
+    let mut bits = vec![0u64; pages / 64];
+    g.bench_function(
+        "untouched pages from pagemap entries (kernels before 6.7)",
+        |b| b.iter(|| pagemap.mark_touched_by_reading(host, pages, black_box(&mut bits))),
+    );
+    g.bench_function("untouched pages by PAGEMAP_SCAN", |b| {
+        b.iter(|| pagemap.mark_touched_by_scan(host, pages, black_box(&mut bits)))
     });
     let words = (GIB / PAGE_SIZE as u64 / 64) as usize;
     let bits: Vec<u64> = (0..words)

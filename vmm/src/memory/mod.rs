@@ -24,6 +24,9 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 mod image;
+mod pagemap;
+
+pub use pagemap::Pagemap;
 
 /// Guest memory with a dirty bitmap for writes made by the VMM.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
@@ -96,21 +99,6 @@ fn enable_manual_protect(vm: &VmFd) -> bool {
     };
     cap.args[0] = u64::from(want);
     vm.enable_cap(&cap).is_ok()
-}
-
-/// This process's /proc/self/pagemap, opened once for many lookups (None where it cannot
-/// be read: then every page counts as touched).
-#[derive(Debug)]
-pub struct Pagemap(Option<std::fs::File>);
-
-impl Pagemap {
-    pub fn open() -> Pagemap {
-        Pagemap(
-            std::fs::File::open("/proc/self/pagemap")
-                .inspect_err(|e| log::info!("pagemap: {e}; treating every page as touched"))
-                .ok(),
-        )
-    }
 }
 
 /// The RAM ranges (guest address, size) for `size` bytes of guest memory.
@@ -440,7 +428,6 @@ impl GuestRam {
         first_page: u64,
         words: usize,
     ) -> Vec<u64> {
-        use std::os::unix::fs::FileExt;
         let mut bits = vec![0u64; words];
         let Some(r) = self.mem.iter().nth(region) else {
             return bits;
@@ -450,26 +437,7 @@ impl GuestRam {
         let host = r
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .expect("a region contains its own first byte") as u64;
-        let mut entries = vec![0u8; 8 * pages.min(8192)];
-        let mut page = 0usize;
-        while page < pages {
-            let n = (pages - page).min(8192);
-            let buf = &mut entries[..8 * n];
-            let offset = (host / PAGE_SIZE + first_page + page as u64) * 8;
-            let ok = pagemap
-                .0
-                .as_ref()
-                .is_some_and(|f| f.read_exact_at(buf, offset).is_ok());
-            for i in 0..n {
-                let e = u64::from_le_bytes(buf[8 * i..8 * i + 8].try_into().expect("8"));
-                // Bit 63: present in RAM; bit 62: swapped out.
-                if !ok || e & (3 << 62) != 0 {
-                    let p = page + i;
-                    bits[p / 64] |= 1 << (p % 64);
-                }
-            }
-            page += n;
-        }
+        pagemap.mark_touched(host + first_page * PAGE_SIZE, pages, &mut bits);
         self.add_file_pages(&mut bits, r.start_addr().0, first_page);
         bits
     }
