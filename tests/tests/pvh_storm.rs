@@ -24,19 +24,32 @@ fn assert_by_one(b: &[u8]) {
     }
 }
 
-/// Every one of the guest's `vcpus` vCPUs has passed over its share of the working set,
-/// and does again: a second look finds every pass count higher.
-fn assert_all_rewrite(f: &Ferry, vcpus: u64, tag: &str) -> Vec<u64> {
-    let before = pvh_storm_passes(f, vcpus, &format!("{tag}-1.snap"));
-    std::thread::sleep(Duration::from_millis(200));
-    let after = pvh_storm_passes(f, vcpus, &format!("{tag}-2.snap"));
-    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+/// Snapshots the guest until `done` holds for its pass counts (within [`LIMIT`]: a first
+/// pass over fresh RAM, or a vCPU thread waiting for one of 2 cores, can take a while).
+fn passes_until(f: &Ferry, vcpus: u64, tag: &str, done: impl Fn(&[u64]) -> bool) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let now = pvh_storm_passes(f, vcpus, tag);
+        if done(&now) {
+            return now;
+        }
         assert!(
-            *b > 0 && a > b,
-            "vCPU {i} rewrites its share: {before:?} then {after:?}"
+            std::time::Instant::now() < deadline,
+            "{tag}: the vCPUs' pass counts stay at {now:?}"
         );
+        std::thread::sleep(Duration::from_millis(200));
     }
-    after
+}
+
+/// Every one of the guest's `vcpus` vCPUs has passed over its share of the working set,
+/// and does again: a later look finds every pass count higher.
+fn assert_all_rewrite(f: &Ferry, vcpus: u64, tag: &str) -> Vec<u64> {
+    let before = passes_until(f, vcpus, &format!("{tag}-1.snap"), |p| {
+        p.iter().all(|n| *n > 0)
+    });
+    passes_until(f, vcpus, &format!("{tag}-2.snap"), |p| {
+        before.iter().zip(p).all(|(b, a)| a > b)
+    })
 }
 
 fn boot_migrate(vcpus: u64, tag: &str) {

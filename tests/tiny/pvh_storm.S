@@ -144,7 +144,7 @@ to_ring3:
 	iretq
 
 # Copies the real-mode start to TRAMPOLINE, sends INIT and then SIPI (twice, as the MP
-# specification asks) to all but this vCPU, waits 50 heartbeats for the others to say they
+# specification asks) to all but this vCPU, waits 200 heartbeats for the others to say they
 # are here, and publishes how many vCPUs rewrite the working set (`cpus`) and the digit
 # the ready line prints.
 start_others:
@@ -161,7 +161,7 @@ start_others:
 	mov	$1, %ecx
 	call	wait_beats
 	movl	$(0xc4600 | (TRAMPOLINE >> 12)), 0x300(%rbx)
-	mov	$50, %ecx
+	mov	$200, %ecx
 	call	wait_beats
 	movb	$1, present(%rip)
 	xor	%eax, %eax
