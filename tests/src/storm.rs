@@ -24,15 +24,21 @@ fn read_u64(state: &migration::VmState, gpa: u64) -> u64 {
     0
 }
 
-/// Snapshots the storm guest of a running ferry (which goes on running) and checks its memory
-/// is consistent: no bad page seen, and the working set holds pass + 1 up to some page and
-/// pass from there. Returns the pass.
-pub fn storm_pass(f: &Ferry, tag: &str) -> u64 {
+/// A snapshot of a running ferry's VM (which goes on running), decoded.
+fn snapshot(f: &Ferry, tag: &str) -> migration::VmState {
     let path = temp_path(tag);
     let (ok, out) = f.ctl(&["snapshot", path.to_str().unwrap()]);
     assert!(ok, "{out}");
     let state = migration::stream::decode_vm(&std::fs::read(&path).unwrap()).unwrap();
     let _ = std::fs::remove_file(&path);
+    state
+}
+
+/// Snapshots the storm guest of a running ferry (which goes on running) and checks its memory
+/// is consistent: no bad page seen, and the working set holds pass + 1 up to some page and
+/// pass from there. Returns the pass.
+pub fn storm_pass(f: &Ferry, tag: &str) -> u64 {
+    let state = snapshot(f, tag);
     let (pass, bad) = (
         read_u64(&state, STORM_STATUS),
         read_u64(&state, STORM_STATUS + 8),
@@ -52,11 +58,7 @@ const PVH_STORM_STATUS: u64 = 0x30_0000;
 /// Snapshots the PVH storm guest of a running ferry (which goes on running) and returns the
 /// pass count of each of its first `vcpus` vCPUs.
 pub fn pvh_storm_passes(f: &Ferry, vcpus: u64, tag: &str) -> Vec<u64> {
-    let path = temp_path(tag);
-    let (ok, out) = f.ctl(&["snapshot", path.to_str().unwrap()]);
-    assert!(ok, "{out}");
-    let state = migration::stream::decode_vm(&std::fs::read(&path).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&path);
+    let state = snapshot(f, tag);
     (0..vcpus)
         .map(|i| read_u64(&state, PVH_STORM_STATUS + 8 * i))
         .collect()

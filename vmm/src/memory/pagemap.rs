@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-const PAGE: u64 = 4096;
+use migration::limits::PAGE_SIZE as PAGE;
 
 /// `struct pm_scan_arg` (include/uapi/linux/fs.h).
 #[repr(C)]
