@@ -27,8 +27,9 @@ use crate::protocol::{self, Message};
 /// Bytes of each nonce and each proof.
 pub const NONCE_SIZE: usize = 32;
 pub const PROOF_SIZE: usize = 32;
-/// Shortest key accepted.
-pub const MIN_KEY: usize = 16;
+/// Shortest key accepted: 256 bits, what `ferry key generate` writes (a shorter one, a
+/// passphrase say, would fall to an offline guess from any proof a client collects).
+pub const MIN_KEY: usize = 32;
 /// Longest key file accepted.
 pub const MAX_KEY: usize = 4096;
 
@@ -181,7 +182,7 @@ impl Key {
 mod tests {
     use super::*;
 
-    const K: &[u8] = b"0123456789abcdef-shared";
+    const K: &[u8] = b"0123456789abcdef-shared-key-bytes";
 
     #[test]
     fn both_sides_prove_the_key() {
@@ -196,7 +197,7 @@ mod tests {
     #[test]
     fn a_wrong_key_a_replay_and_a_reflection_fail() {
         let k = Key::new(K).unwrap();
-        let other = Key::new(b"another key of 16+ bytes").unwrap();
+        let other = Key::new(b"another key of thirty-two bytes!!").unwrap();
         let (ns, nd) = ([1u8; 32], [2u8; 32]);
         let ps = other.source_proof(&nd, &ns);
         assert!(k.check_source(&nd, &ns, &ps).is_err(), "wrong key");
@@ -232,7 +233,7 @@ mod tests {
         // A source with another key is told nothing it can use, and stops.
         let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
         let d = std::thread::spawn(move || destination_handshake(&mut b, &k, [7; 32]));
-        let other = Key::new(b"another key of 16+ bytes").unwrap();
+        let other = Key::new(b"another key of thirty-two bytes!!").unwrap();
         assert!(matches!(
             source_handshake(&mut a, &other, [3; 32]),
             Err(Error::BadProof)
@@ -245,6 +246,8 @@ mod tests {
     fn key_sizes() {
         assert!(Key::new(b"short").is_err());
         assert!(Key::new(&[7u8; MAX_KEY + 1]).is_err());
-        assert!(Key::new(b"exactly-16-bytes\n").is_ok());
+        assert!(Key::new(b"exactly-16-bytes\n").is_err());
+        assert!(Key::new(b"exactly-thirty-two-bytes-of-key!\n").is_ok());
+        assert!(Key::new(&[7u8; 31]).is_err());
     }
 }

@@ -19,4 +19,4 @@ pub mod stream;
 
 pub use state::*;
 pub use stream::{decode_vm, read_vm, read_vm_until_end, validate, write_vm, FORMAT_VERSION};
-pub use stream::{read_head, write_vm_image, write_vm_ranges, Image};
+pub use stream::{read_head, read_head_as, write_vm_image, write_vm_ranges, Announced, Image};

@@ -95,7 +95,11 @@ fn connection_error(e: &std::io::Error) -> String {
         ConnectionReset | ConnectionAborted | BrokenPipe => {
             format!("the peer closed the connection ({e})")
         }
-        WouldBlock | TimedOut => "the peer sent or took nothing within the peer timeout".into(),
+        // A socket's own timeout; a timeout with words of its own (a deadline) says them.
+        WouldBlock | TimedOut if e.get_ref().is_none() => {
+            "the peer sent or took nothing within the peer timeout".into()
+        }
+        WouldBlock | TimedOut => e.to_string(),
         _ => format!("connection: {e}"),
     }
 }

@@ -108,7 +108,7 @@ fn a_source_without_the_key_is_refused_and_nothing_is_restored() {
 fn a_wrong_key_is_refused_on_both_sides() {
     ferry_tests::require_kvm();
     let key = key_file("auth-right.key", b"a shared key of 32 bytes, random");
-    let wrong = key_file("auth-wrong.key", b"another key, also long enough");
+    let wrong = key_file("auth-wrong.key", b"another key, also long enough: 32+");
     let s_sock = temp_path("auth-wrong-src.sock");
     let url = format!("tcp:127.0.0.1:{}", free_tcp_port());
     let mut src = source(&s_sock);

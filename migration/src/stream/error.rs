@@ -35,6 +35,8 @@ pub enum Error {
     },
     #[error("duplicate section {tag} at offset {offset}")]
     Duplicate { tag: Tag, offset: u64 },
+    #[error("the VM state is not the machine the Hello announced: {0}")]
+    NotAnnounced(String),
     #[error("{found} VCPU sections where the config says {expected} vCPUs")]
     VcpuCount { expected: u32, found: u32 },
     #[error("VCPU section {expected} carries vCPU id {found}; ids must be 0..n in order")]

@@ -37,6 +37,7 @@ pub use crate::limits::*;
 use error::too_large;
 pub use error::Error;
 pub use image::Image;
+pub use reader::Announced;
 use reader::{Images, Input};
 pub use rules::validate;
 
@@ -320,12 +321,30 @@ fn collect(
 /// ranges, and the rest of the stream, whose memory [`Rest::memory`] hands over range by
 /// range, so that a restore writes it into guest RAM without holding it all on the heap.
 pub fn read_head<R: Read>(r: &mut R) -> Result<(VmState, Rest<'_, R>), Error> {
+    read_head_of(r, None)
+}
+
+/// [`read_head`] of a stream that must carry the machine `announced` describes: its config,
+/// CPU profile and device count are compared as each section arrives, before any vCPU or
+/// device section is read, so a stream can never make the reader hold more than the
+/// announced machine's state.
+pub fn read_head_as<'r, R: Read>(
+    r: &'r mut R,
+    announced: &Announced<'_>,
+) -> Result<(VmState, Rest<'r, R>), Error> {
+    read_head_of(r, Some(announced))
+}
+
+fn read_head_of<'r, R: Read>(
+    r: &'r mut R,
+    announced: Option<&Announced<'_>>,
+) -> Result<(VmState, Rest<'r, R>), Error> {
     let mut input = Input {
         r,
         offset: 0,
         version: 0,
     };
-    let (vm, next) = input.head()?;
+    let (vm, next) = input.head(announced)?;
     let config = vm.config.clone();
     Ok((
         vm,

@@ -38,6 +38,17 @@ pub(super) struct Frame {
 
 /// The reading side: a reader, the stream offset of its next byte, and the stream's format
 /// version once its header is read.
+/// What a migration's Hello announced of the machine its stream carries: a destination
+/// reads the stream with `read_head_as`, so that nothing the Hello did not announce (and
+/// admission did not check) is allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Announced<'a> {
+    pub memory: u64,
+    pub vcpus: u32,
+    pub cpu_profile: &'a str,
+    pub devices: usize,
+}
+
 pub(super) struct Input<'r, R: Read> {
     pub(super) r: &'r mut R,
     pub(super) offset: u64,
@@ -197,13 +208,26 @@ impl<R: Read> Input<'_, R> {
 
     /// The stream from its header through the last section before memory: the state with
     /// no memory ranges, and the frame after it (MEMR or END, not yet read).
-    pub(super) fn head(&mut self) -> Result<(VmState, Frame), Error> {
+    pub(super) fn head(
+        &mut self,
+        announced: Option<&Announced<'_>>,
+    ) -> Result<(VmState, Frame), Error> {
         let version = self.header()?;
         let f = self.expect(&[Tag::CONF], "CONF")?;
         let config = self.section(&f, dec_config)?;
         check_config(&config)?;
+        if let Some(a) = announced {
+            as_announced("guest RAM (bytes)", config.memory, a.memory)?;
+            as_announced("vCPU count", config.vcpus.into(), a.vcpus.into())?;
+        }
         let f = self.expect(&[Tag::CPUP], "CPUP")?;
         let cpu_profile = self.section(&f, |d| d.str_u32("cpu profile", MAX_PROFILE_JSON))?;
+        if announced.is_some_and(|a| a.cpu_profile != cpu_profile) {
+            return Err(Error::NotAnnounced(
+                "the CPU profile differs from the Hello's".into(),
+            ));
+        }
+        let most_devices = announced.map_or(MAX_VIRTIO_DEVICES as usize, |a| a.devices);
         let mut next = self.frame()?;
         let mut guest_cpu = None;
         if next.tag == Tag::GCPU {
@@ -251,7 +275,7 @@ impl<R: Read> Input<'_, R> {
         let f = self.expect(&[Tag::SERL], "SERL")?;
         let serial = self.section(&f, dec_serial)?;
         check_serial(&serial)?;
-        let (devices, next) = self.devices(version)?;
+        let (devices, next) = self.devices(version, most_devices)?;
         let vm = VmState {
             config,
             cpu_profile,
@@ -266,7 +290,7 @@ impl<R: Read> Input<'_, R> {
     }
 
     /// VIRT sections (format version 3 on): the virtio devices; and the frame after them.
-    fn devices(&mut self, version: u32) -> Result<(Vec<VirtioState>, Frame), Error> {
+    fn devices(&mut self, version: u32, most: usize) -> Result<(Vec<VirtioState>, Frame), Error> {
         let mut devices = Vec::new();
         loop {
             let f = self.expect(
@@ -286,6 +310,10 @@ impl<R: Read> Input<'_, R> {
             if devices.len() >= MAX_VIRTIO_DEVICES as usize {
                 let n = devices.len() as u64 + 1;
                 return Err(too_large("VIRT sections", n, MAX_VIRTIO_DEVICES.into()));
+            }
+            if devices.len() >= most {
+                let n = devices.len() as u64 + 1;
+                as_announced("device count", n, most as u64)?;
             }
             let device = self.section(&f, dec_virtio)?;
             check_virtio(&device, devices.len())?;
@@ -372,4 +400,14 @@ fn order(f: &Frame, allowed: &[Tag], expected: &'static str) -> Result<(), Error
             offset: f.offset,
         }),
     }
+}
+
+/// A value of the stream against what the Hello announced.
+fn as_announced(what: &str, found: u64, announced: u64) -> Result<(), Error> {
+    if found == announced {
+        return Ok(());
+    }
+    Err(Error::NotAnnounced(format!(
+        "its {what} is {found}, the Hello announced {announced}"
+    )))
 }
