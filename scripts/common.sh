@@ -36,6 +36,11 @@ require_iproute2() {
 	command -v ip >/dev/null || apt_install iproute2
 }
 
+# A trust test traces which files a destination opens.
+require_strace() {
+	command -v strace >/dev/null || apt_install strace
+}
+
 # A migration test connects to a Unix-socket destination as another user with python3.
 require_python3() {
 	command -v python3 >/dev/null || apt_install python3-minimal

@@ -61,9 +61,11 @@ fn main() -> Result<()> {
     ferry_tests::require_kvm();
     // Certificates for the encrypted runs, made here (as `ferry tls generate` does).
     let certs = std::env::temp_dir().join(format!("ferry-page-tls-{}", std::process::id()));
-    vmm::migrate::tls_generate(&certs, &["127.0.0.1".to_string()])?;
+    let g = vmm::migrate::TlsGenerate::new(&certs, vec!["127.0.0.1".into()]);
+    vmm::migrate::tls_generate(&certs, &g)?;
     let result = measure(memory, runs, running, &certs);
     let _ = std::fs::remove_dir_all(&certs);
+    let _ = std::fs::remove_file(&g.ca_key);
     result
 }
 
@@ -197,7 +199,7 @@ fn ferry(src: &vmm::Vm, memory: u64, tls: Option<&Path>) -> Result<vmm::migrate:
     };
     let dest = std::thread::spawn(move || -> Result<vmm::Vm> {
         let sink = Box::new(std::io::sink());
-        Ok(vmm::migrate::receive_from(listener, &ropts, sink, |_| {
+        Ok(vmm::migrate::receive_from(listener, ropts, sink, |_| {
             Ok(())
         })?)
     });

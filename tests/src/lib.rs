@@ -23,6 +23,10 @@ use std::path::Path;
 pub fn sandbox_on(kind: Option<vmm::sandbox::Kind>) {
     vmm::sandbox::set_mode(vmm::sandbox::Mode::On, None)
         .expect("compiling ferry's seccomp filters");
+    // Threads a narrowly filtered thread needs (a destination's VM) start from here, and
+    // /dev/kvm is open already, as `ferry receive` and `ferry restore` have them.
+    vmm::sandbox::start_spawner().expect("starting the spawner thread");
+    vmm::vm::keep_kvm_open().expect("opening /dev/kvm");
     if let Some(kind) = kind {
         vmm::sandbox::enter(kind).expect("entering a seccomp filter");
     }

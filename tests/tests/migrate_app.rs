@@ -36,13 +36,20 @@ fn os(args: &[&str]) -> Vec<std::ffi::OsString> {
     args.iter().map(|a| a.into()).collect()
 }
 
-/// `ferry receive` in `ns`, its card on `tap` (its disk: the source's); returns it once
+/// The guest's disk, as every side names it (`--disk`).
+fn disk_arg() -> String {
+    format!("path={}", temp_path("app-log.img").display())
+}
+
+/// `ferry receive` in `ns`, its card on `tap`, its disk the source's image; returns it once
 /// it listens, and the URL it listens on.
 fn receive(ns: &Netns, name: &str, tap: &str) -> (Ferry, String) {
     let url = format!("unix:{}", temp_path(&format!("{name}.mig")).display());
     let sock = temp_path(&format!("{name}.sock"));
     let net = format!("tap={tap}");
-    let mut args = os(&["receive", "--listen", &url, "--net", &net, "--api-socket"]);
+    let disk = disk_arg();
+    let mut args = os(&["receive", "--listen", &url, "--disk", &disk, "--net", &net]);
+    args.push("--api-socket".into());
     args.push(sock.into());
     let mut f = ferry_in(ns, &args);
     f.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
@@ -67,7 +74,15 @@ fn snapshot_and_restore(ns: &Netns, src: &mut Ferry, tap: &str) -> Ferry {
     assert!(src.wait_exit(LIMIT).success(), "{}", src.transcript());
     let sock = temp_path("app-restored.sock");
     let net = format!("tap={tap}");
-    let mut args = os(&["restore", snap.to_str().unwrap(), "--net", &net]);
+    let disk = disk_arg();
+    let mut args = os(&[
+        "restore",
+        snap.to_str().unwrap(),
+        "--disk",
+        &disk,
+        "--net",
+        &net,
+    ]);
     args.extend(os(&["--api-socket", sock.to_str().unwrap()]));
     let f = ferry_in(ns, &args);
     let deadline = std::time::Instant::now() + LIMIT;
@@ -163,7 +178,7 @@ fn ten_hops_a_snapshot_and_a_killed_destination_on_one_connection() {
     TAPS.iter().for_each(|t| ns.tap_on_bridge(t, "appbr"));
     let disk = temp_path("app-log.img");
     std::fs::write(&disk, vec![0u8; 16 << 20]).unwrap();
-    let disk_arg = format!("path={}", disk.display());
+    let disk_arg = disk_arg();
     let net_arg = format!("tap={}", TAPS[0]);
     let sock = temp_path("app-0.sock");
     let extra = ["--disk", &disk_arg, "--net", &net_arg];

@@ -74,12 +74,27 @@ fn src_keeps_it_then_the_real_one_gets_through(
     dst.wait_line(LIMIT, |l| count(l).is_some());
 }
 
+/// Whether `cert` is still valid `days` from now (`openssl x509 -checkend`).
+fn valid_in(cert: &Path, days: u64) -> bool {
+    let out = Command::new("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-checkend",
+            &(days * 86400).to_string(),
+            "-in",
+        ])
+        .arg(cert)
+        .output()
+        .expect("openssl");
+    out.status.success()
+}
+
 #[test]
-fn generated_certificates_keep_their_keys_private() {
+fn generated_certificates_keep_their_keys_private_expire_and_the_ca_key_stays_apart() {
     let dir = certificates("tls-gen");
     for (f, mode) in [
         ("ca-cert.pem", 0o644),
-        ("ca-key.pem", 0o600),
         ("server-cert.pem", 0o644),
         ("server-key.pem", 0o600),
         ("client-cert.pem", 0o644),
@@ -88,10 +103,44 @@ fn generated_certificates_keep_their_keys_private() {
         let m = std::fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777;
         assert_eq!(m & 0o077, mode & 0o077, "{f}: {m:o}");
     }
+    // The CA key, which makes certificates, is not in the directory both hosts get.
+    assert!(!dir.join("ca-key.pem").exists());
+    let ca_key = PathBuf::from(format!("{}.ca-key.pem", dir.display()));
+    let m = std::fs::metadata(&ca_key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(m, 0o600, "{}", ca_key.display());
+    // A year by default; --days otherwise.
+    for f in ["ca-cert.pem", "server-cert.pem", "client-cert.pem"] {
+        assert!(valid_in(&dir.join(f), 364), "{f}");
+        assert!(!valid_in(&dir.join(f), 366), "{f} expires within a year");
+    }
+    let short = temp_path("tls-gen-2d");
+    let mut gen = Ferry::spawn(&["tls", "generate", short.to_str().unwrap(), "--days", "2"]);
+    assert!(gen.wait_exit(LIMIT).success(), "{}", gen.transcript());
+    assert!(valid_in(&short.join("client-cert.pem"), 1));
+    assert!(!valid_in(&short.join("client-cert.pem"), 3));
     // Never over existing files.
     let mut again = Ferry::spawn(&["tls", "generate", dir.to_str().unwrap()]);
     assert!(!again.wait_exit(LIMIT).success());
     assert!(again.stderr_lines().join("\n").contains("exists already"));
+}
+
+#[test]
+fn tls_allow_takes_only_a_source_certificate_of_that_name() {
+    ferry_tests::require_kvm();
+    let certs = certificates("tls-allow");
+    let dir = certs.to_str().unwrap();
+    let url = format!("tcp:127.0.0.1:{}", free_tcp_port());
+    let mut dst = Ferry::receive(&url, &["--tls-dir", dir, "--tls-allow", "backup-host"]);
+    let src = source("tls-allow.sock");
+    let (ok, out) = migrate(&src, &url, &["--tls-dir", dir]);
+    assert!(!ok, "{out}");
+    refused(&mut dst, "names none of --tls-allow backup-host");
+    drop(dst);
+    // The name `ferry tls generate` gives the source by default.
+    let mut dst = Ferry::receive(&url, &["--tls-dir", dir, "--tls-allow", "ferry-source"]);
+    let (ok, out) = migrate(&src, &url, &["--tls-dir", dir]);
+    assert!(ok && out.contains("migration completed"), "{out}");
+    dst.wait_line(LIMIT, |l| count(l).is_some());
 }
 
 #[test]

@@ -12,34 +12,49 @@ use vmm::sandbox::Kind;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-fn probe(mode: &str, kind: &str) -> std::process::Output {
+fn probe(mode: &str, kind: &str, call: &str) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_sandbox-probe"))
-        .args([mode, kind])
+        .args([mode, kind, call])
         .output()
         .expect("run sandbox-probe")
 }
 
+/// Each kind refuses a call no thread makes, an ioctl that is none of KVM's, TUN's,
+/// userfaultfd's or PAGEMAP_SCAN, an openat that would create or truncate a file for
+/// writing, and an executable mapping, each with one line naming the thread and the call.
 #[test]
 fn a_forbidden_call_in_any_thread_kind_is_one_line_naming_it() {
     for kind in Kind::ALL {
-        let out = probe("on", kind.name());
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(159), "{}: {err}", kind.name());
-        assert_eq!(
-            err,
-            format!(
-                "ferry: seccomp: the {} thread made a system call outside its filter: \
-                 getppid (110); ferry stops (--seccomp=log lets it through and logs it)\n",
+        for (call, named) in [
+            ("getppid", "getppid (110)"),
+            ("ioctl", "ioctl (16)"),
+            ("openat", "openat (257)"),
+            ("exec", "mmap (9)"),
+        ] {
+            let out = probe("on", kind.name(), call);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(159),
+                "{} {call}: {err}",
                 kind.name()
-            )
-        );
-        assert!(out.stdout.is_empty(), "the call did not return");
+            );
+            assert_eq!(
+                err,
+                format!(
+                    "ferry: seccomp: the {} thread made a system call outside its filter: \
+                     {named}; ferry stops (--seccomp=log lets it through and logs it)\n",
+                    kind.name()
+                )
+            );
+            assert!(out.stdout.is_empty(), "the call did not return");
+        }
     }
 }
 
 #[test]
 fn log_mode_lets_the_call_through() {
-    let out = probe("log", "vcpu");
+    let out = probe("log", "vcpu", "getppid");
     assert!(
         out.status.success(),
         "{}",
@@ -145,6 +160,13 @@ fn seccomp_off_leaves_every_thread_unfiltered() {
     let t = threads(f.pid());
     assert!(t.iter().any(|(c, _)| c == "vcpu0"), "{t:?}");
     assert!(t.iter().all(|(_, m)| *m == 0), "{t:?}");
+    let warned: Vec<&str> = f
+        .stderr_lines()
+        .into_iter()
+        .filter(|l| l.contains("warning"))
+        .collect();
+    assert_eq!(warned.len(), 1, "one warning line: {warned:?}");
+    assert!(warned[0].contains("--seccomp off"), "{warned:?}");
     f.stop();
 }
 

@@ -30,8 +30,12 @@ fn a_counting_guest_continues_in_a_new_vm_with_equal_registers_and_memory() {
     assert!(!saved.memory.is_empty());
 
     // A new VM from the saved state, with its own test device.
-    let vm2 =
-        Vm::restore(&saved, &Default::default(), Box::new(Console::default())).expect("restore");
+    let vm2 = Vm::restore(
+        &saved,
+        &mut Default::default(),
+        Box::new(Console::default()),
+    )
+    .expect("restore");
     let mmio2 = Arc::new(Mutex::new(Recorder::default()));
     vm2.devices()
         .add(

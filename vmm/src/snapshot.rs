@@ -3,7 +3,7 @@
 
 use migration::VmState;
 
-use crate::devices::virtio::backends::Devices as DeviceChoice;
+use crate::devices::virtio::backends::Opened as HostDevices;
 use crate::vm::state::Error;
 use crate::vm::Vm;
 
@@ -104,11 +104,10 @@ enum Opened {
     Zstd(Box<dyn std::io::Read>),
 }
 
-/// Opens a snapshot file. Decompression is streaming, its window capped at 100 MiB by the
-/// decoder; the stream reader's caps apply to what comes out.
-fn open(path: &std::path::Path) -> Result<Opened, FileError> {
+/// Tells a snapshot file's kind by its first bytes. Decompression is streaming, its window
+/// capped at 100 MiB by the decoder; the stream reader's caps apply to what comes out.
+fn classify(mut file: std::fs::File) -> Result<Opened, FileError> {
     use std::io::{BufReader, Read, Seek};
-    let mut file = std::fs::File::open(path).map_err(FileError::Open)?;
     let mut magic = [0u8; 4];
     let n = file.read(&mut magic).map_err(FileError::Open)?;
     file.rewind().map_err(FileError::Open)?;
@@ -122,7 +121,8 @@ fn open(path: &std::path::Path) -> Result<Opened, FileError> {
 
 /// Reads a whole snapshot file ([`open`]), its memory included, onto the heap.
 pub fn read_file(path: &std::path::Path) -> Result<VmState, FileError> {
-    Ok(match open(path)? {
+    let file = std::fs::File::open(path).map_err(FileError::Open)?;
+    Ok(match classify(file)? {
         Opened::Plain(f) => {
             migration::stream::read_vm(&mut std::io::BufReader::with_capacity(1 << 20, f))?
         }
@@ -139,11 +139,22 @@ pub fn read_file(path: &std::path::Path) -> Result<VmState, FileError> {
 /// the guest's RAM.
 pub fn restore_file(
     path: &std::path::Path,
-    devices: &DeviceChoice,
+    devices: &mut HostDevices,
+    console: Box<dyn std::io::Write + Send>,
+) -> Result<Vm, FileError> {
+    let file = std::fs::File::open(path).map_err(FileError::Open)?;
+    restore_from(file, devices, console)
+}
+
+/// [`restore_file`] from a snapshot file opened already (`ferry restore` opens it before
+/// it gives up root and enters its filter, and reads it only after).
+pub fn restore_from(
+    file: std::fs::File,
+    devices: &mut HostDevices,
     console: Box<dyn std::io::Write + Send>,
 ) -> Result<Vm, FileError> {
     use vm_memory::{Bytes, GuestAddress};
-    let (mut vm, state) = match open(path)? {
+    let (mut vm, state) = match classify(file)? {
         Opened::Plain(file) => {
             let len = file.metadata().map_err(FileError::Open)?.len();
             let mut input = std::io::BufReader::with_capacity(1 << 16, &file);

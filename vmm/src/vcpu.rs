@@ -430,9 +430,7 @@ impl VcpuHandle {
     pub fn spawn(vcpu: Vcpu, cmds: Sender<VcpuCmd>) -> std::io::Result<Self> {
         let id = vcpu.id;
         let shared = vcpu.shared.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || vcpu.run_loop())?;
+        let thread = crate::sandbox::spawn(format!("vcpu{id}"), move || vcpu.run_loop())?;
         Ok(VcpuHandle {
             id,
             cmds,

@@ -181,6 +181,7 @@ impl AppGuest {
         let mut c = self.ns.command(ferry);
         c.args(["receive", "--listen", &url, "--net"]);
         c.arg(format!("tap={}", TAPS[tap]));
+        c.arg("--disk").arg(format!("path={}", self.disk.display()));
         c.arg("--api-socket").arg(sock(n));
         let dst = Proc::spawn(&mut c, no_beats())?;
         dst.wait_line(0, MIGRATION_LIMIT, "the destination", |l| {

@@ -243,7 +243,8 @@ fn main() -> Result<()> {
         return app_main(&ferry, &args, &qemu_version);
     }
     if args.tls {
-        vmm::migrate::tls_generate(&tls_dir(), &["127.0.0.1".to_string()])?;
+        let g = vmm::migrate::TlsGenerate::new(&tls_dir(), vec!["127.0.0.1".into()]);
+        vmm::migrate::tls_generate(&tls_dir(), &g)?;
     }
     let (begin, end) = section_markers(&args);
     let cases: Vec<&Case> = CASES

@@ -1,10 +1,13 @@
 //! Puts one thread under a ferry thread kind's seccomp filter, with ferry's SIGSYS report,
-//! and has it make a call no kind allows (getppid):
+//! and has it make a call no kind allows:
 //!
-//!   sandbox-probe on|log KIND     KIND as the report names it ("vcpu", "control socket", ...)
+//!   sandbox-probe on|log KIND [CALL]   KIND as the report names it ("vcpu", ...); CALL:
+//!                                      getppid (default), ioctl (FIONREAD), openat (a
+//!                                      file created for writing), exec (an mmap with
+//!                                      PROT_EXEC)
 //!
 //! With `on` the process ends with ferry's one-line report and status 159; with `log` the
-//! call goes through and it prints "ppid N".
+//! call goes through and it prints what it returned ("ppid N" for getppid).
 
 use vmm::sandbox::{self, Kind, Mode};
 
@@ -30,15 +33,28 @@ fn main() {
         eprintln!("sandbox-probe: {e}");
         std::process::exit(1);
     }
+    let call = args.get(2).cloned().unwrap_or_else(|| "getppid".into());
     let probe = std::thread::Builder::new()
         .name("probe".into())
         .spawn(move || {
             sandbox::enter_or_exit(kind);
-            std::os::unix::process::parent_id()
+            match call.as_str() {
+                "getppid" => format!("ppid {}", std::os::unix::process::parent_id()),
+                "ioctl" => format!("ioctl {}", sandbox::probe::ioctl()),
+                "exec" => format!("exec {}", sandbox::probe::exec_mapping()),
+                "openat" => {
+                    let p =
+                        std::env::temp_dir().join(format!("sandbox-probe-{}", std::process::id()));
+                    let made = std::fs::File::create(&p).is_ok();
+                    let _ = std::fs::remove_file(&p);
+                    format!("openat {made}")
+                }
+                other => format!("unknown call {other}"),
+            }
         })
         .expect("spawning the probe thread");
     match probe.join() {
-        Ok(ppid) => println!("ppid {ppid}"),
+        Ok(line) => println!("{line}"),
         Err(_) => std::process::exit(1),
     }
 }

@@ -11,4 +11,4 @@ pub mod client;
 pub mod server;
 pub mod wire;
 
-pub use server::{ApiServer, Error, MAX_CONNECTIONS, MAX_REQUEST};
+pub use server::{ApiListener, ApiServer, Error, MAX_CONNECTIONS, MAX_REQUEST};

@@ -60,11 +60,27 @@ pub struct ApiServer {
     path: PathBuf,
 }
 
+/// A control socket bound (as root, before ferry gives up privileges) and not yet served.
+#[derive(Debug)]
+pub struct ApiListener {
+    listener: Option<UnixListener>,
+    path: PathBuf,
+}
+
 impl ApiServer {
     /// Binds `path` (replacing a stale socket file nobody listens on) and serves `vm` on a
     /// background thread.
     pub fn start(path: &Path, vm: Arc<Vm>) -> Result<ApiServer, Error> {
-        let control = Arc::new(Control::default());
+        ApiServer::bind(path)?.serve(vm)
+    }
+
+    /// Binds `path` (replacing a stale socket file nobody listens on), mode 0600; serve it
+    /// with [`ApiListener::serve`] once the VM exists.
+    pub fn bind(path: &Path) -> Result<ApiListener, Error> {
+        let bind = |source| Error::Bind {
+            path: path.to_path_buf(),
+            source,
+        };
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             use std::os::unix::fs::FileTypeExt;
             if !meta.file_type().is_socket() {
@@ -77,23 +93,34 @@ impl ApiServer {
                     path: path.to_path_buf(),
                 });
             }
-            std::fs::remove_file(path).map_err(|source| Error::Bind {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            std::fs::remove_file(path).map_err(bind)?;
         }
-        let listener = UnixListener::bind(path).map_err(|source| Error::Bind {
+        let listener = UnixListener::bind(path).map_err(bind)?;
+        let bound = ApiListener {
+            listener: Some(listener),
             path: path.to_path_buf(),
-            source,
-        })?;
+        };
         // Only ferry's own user may steer the VM (and make it write files).
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
-            |source| Error::Bind {
-                path: path.to_path_buf(),
-                source,
-            },
-        )?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind)?;
+        Ok(bound)
+    }
+}
+
+impl ApiListener {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves `vm` on a background thread.
+    pub fn serve(mut self, vm: Arc<Vm>) -> Result<ApiServer, Error> {
+        let control = Arc::new(Control::default());
+        // From here the server's Drop removes the socket file.
+        let path = std::mem::take(&mut self.path);
+        let Some(listener) = self.listener.take() else {
+            return Err(Error::Closed { path });
+        };
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
@@ -108,12 +135,19 @@ impl ApiServer {
                 }
             })
             .map_err(|source| Error::Bind {
-                path: path.to_path_buf(),
+                path: path.clone(),
                 source,
             })?;
-        Ok(ApiServer {
-            path: path.to_path_buf(),
-        })
+        Ok(ApiServer { path })
+    }
+}
+
+impl Drop for ApiListener {
+    /// A listener never served takes its socket file with it.
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -369,6 +403,7 @@ fn migrate_options(
     }
     o.max_bandwidth = m.max_bandwidth.filter(|b| *b >= 1);
     o.postcopy_after = m.postcopy_after;
+    o.insecure = m.insecure;
     if let Some(t) = m.max_throttle {
         if t > 99 {
             return Err(format!("max_throttle is at most 99 (percent), not {t}"));

@@ -71,6 +71,10 @@ pub struct MigrateRequest {
     /// Postcopy after this many precopy rounds (0: at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postcopy_after: Option<u32>,
+    /// Send the guest unencrypted even to a peer off this host (without `key_file` or
+    /// `tls_dir`): by default only to loopback or to a Unix socket of this user.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
     /// Send `{"progress":...}` lines before the answer.
     #[serde(default)]
     pub progress: bool,

@@ -42,12 +42,22 @@ pub enum Cmd {
 #[derive(Subcommand, Debug)]
 pub enum TlsCmd {
     /// Write a new CA and, signed by it, a destination's and a source's certificate into
-    /// DIR (for --tls-dir on both sides; QEMU's tls-creds-x509 reads the same layout).
+    /// DIR (for --tls-dir on both sides; QEMU's tls-creds-x509 reads the same layout). The
+    /// CA's key goes outside DIR (DIR.ca-key.pem by default): keep it off both hosts.
     Generate {
         dir: PathBuf,
         /// A host name or address the source will connect to (repeat for more).
         #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
         names: Vec<String>,
+        /// The source certificate's name, which a destination's --tls-allow may require.
+        #[arg(long, default_value = "ferry-source")]
+        source_name: String,
+        /// Days the certificates are valid from now.
+        #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=36500))]
+        days: u32,
+        /// Where to write the CA's private key (default: DIR.ca-key.pem, beside DIR).
+        #[arg(long, value_name = "FILE")]
+        ca_key: Option<PathBuf>,
     },
 }
 
@@ -135,20 +145,41 @@ pub struct DebugConsoleArg {
 }
 
 impl DebugConsoleArg {
+    /// Opens the debug console file, if one was given (before ferry's filters forbid it).
+    pub fn open(&self) -> anyhow::Result<DebugConsole> {
+        let file = match &self.debug_console {
+            Some(p) => Some(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(p)
+                    .with_context(|| format!("--debug-console {}", p.display()))?,
+            ),
+            None => None,
+        };
+        Ok(DebugConsole {
+            file,
+            timeline: self.timeline,
+        })
+    }
+}
+
+/// The debug console file, opened, and whether to print the timeline.
+#[derive(Debug)]
+pub struct DebugConsole {
+    file: Option<std::fs::File>,
+    timeline: bool,
+}
+
+impl DebugConsole {
     /// Attaches the debug console file, if one was given, to `vm`.
-    pub fn attach(&self, vm: &vmm::Vm) -> anyhow::Result<()> {
+    pub fn attach(self, vm: &vmm::Vm) {
         if self.timeline {
             vmm::timeline::print_at_first_run();
         }
-        if let Some(p) = &self.debug_console {
-            let f = std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(p)
-                .with_context(|| format!("--debug-console {}", p.display()))?;
+        if let Some(f) = self.file {
             vm.set_debug_console(Box::new(f));
         }
-        Ok(())
     }
 }
 
@@ -169,6 +200,15 @@ impl SandboxArg {
     /// Sets the process's seccomp mode and the user it will become (before any thread of
     /// the VM starts); with a user, /dev/kvm is opened now, for a VM built after the drop.
     pub fn apply(&self) -> anyhow::Result<()> {
+        match self.seccomp {
+            vmm::sandbox::Mode::On => {}
+            vmm::sandbox::Mode::Log => eprintln!(
+                "ferry: warning: --seccomp log: calls outside ferry's filters are let through (the kernel logs them)"
+            ),
+            vmm::sandbox::Mode::Off => eprintln!(
+                "ferry: warning: --seccomp off: ferry's threads run without system call filters"
+            ),
+        }
         vmm::sandbox::set_mode(self.seccomp, self.user)?;
         if self.user.is_some() {
             vmm::vm::keep_kvm_open()?;
@@ -207,7 +247,7 @@ pub struct ReceiveArgs {
     /// this one.
     #[arg(long)]
     pub host: Option<PathBuf>,
-    /// Take only a source that proves this shared key (16 to 4096 bytes), and prove it to
+    /// Take only a source that proves this shared key (32 to 4096 bytes), and prove it to
     /// the source. Without one, ferry listens on a Unix socket or a loopback address only.
     #[arg(long, value_name = "FILE")]
     pub key_file: Option<PathBuf>,
@@ -215,6 +255,10 @@ pub struct ReceiveArgs {
     /// server-cert.pem, server-key.pem): only a source whose certificate the CA signed.
     #[arg(long, value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// Take only a source whose certificate names NAME (repeatable; `ferry tls generate
+    /// --source-name`); without it, any certificate the CA signed.
+    #[arg(long = "tls-allow", value_name = "NAME", requires = "tls_dir")]
+    pub tls_allow: Vec<String>,
     /// Give up on a migration that has not handed over the guest this long after the
     /// source connected.
     #[arg(long, default_value = "1h", value_parser = vmm::config::parse_duration)]
@@ -238,7 +282,7 @@ pub struct ReceiveArgs {
     pub sandbox: SandboxArg,
 }
 
-/// Reads and checks a shared key file (private to its owner, 16 to 4096 bytes).
+/// Reads and checks a shared key file (private to its owner, 32 to 4096 bytes).
 pub fn read_key(path: &std::path::Path) -> anyhow::Result<migration::auth::Key> {
     Ok(vmm::migrate::key::load(path)?)
 }
@@ -294,6 +338,11 @@ pub enum CtlCmd {
         /// link then dies the guest is lost there and kept paused here.
         #[arg(long, value_name = "N")]
         postcopy_after: Option<u32>,
+        /// Without --key-file or --tls-dir, send the guest's memory and state unencrypted
+        /// even to an address off this host, or to a Unix socket another user listens on
+        /// (refused otherwise: anyone on the path could read or change them).
+        #[arg(long)]
+        insecure: bool,
     },
     /// Cancel the migration in progress; the guest keeps running here.
     Cancel,

@@ -26,6 +26,14 @@ fn say(line: &str) {
 pub fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
     let req = request(&a.cmd)?;
     let name = command_name(&req);
+    if let Request::Migrate(m) = &req {
+        if m.insecure && m.key_file.is_none() && m.tls_dir.is_none() {
+            eprintln!(
+                "ferry: warning: --insecure: the guest's memory and state go to {} unencrypted and unauthenticated",
+                m.url
+            );
+        }
+    }
     let show_progress = !a.json && std::io::stderr().is_terminal();
     let mut shown = false;
     let mut on_progress = |p: &Progress| {
@@ -149,6 +157,7 @@ fn request(cmd: &CtlCmd) -> anyhow::Result<Request> {
             tls_name,
             peer_timeout,
             postcopy_after,
+            insecure,
         } => Request::Migrate(MigrateRequest {
             url: url.clone(),
             max_downtime_ms: Some(max_downtime.as_secs_f64() * 1e3),
@@ -163,6 +172,7 @@ fn request(cmd: &CtlCmd) -> anyhow::Result<Request> {
             tls_name: tls_name.clone(),
             peer_timeout_ms: Some(peer_timeout.as_secs_f64() * 1e3),
             postcopy_after: *postcopy_after,
+            insecure: *insecure,
             progress: true,
         }),
     })

@@ -24,12 +24,27 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("ferry: wrote a new key to {} (mode 0600)", file.display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Tls(args::TlsCmd::Generate { dir, names }) => {
-            vmm::migrate::tls_generate(&dir, &names)?;
+        Cmd::Tls(args::TlsCmd::Generate {
+            dir,
+            names,
+            source_name,
+            days,
+            ca_key,
+        }) => {
+            let g = vmm::migrate::TlsGenerate {
+                ca_key: ca_key.unwrap_or_else(|| vmm::migrate::TlsGenerate::default_ca_key(&dir)),
+                names,
+                source_name,
+                days,
+            };
+            vmm::migrate::tls_generate(&dir, &g)?;
             eprintln!(
-                "ferry: wrote a CA, a destination certificate for {} and a source certificate to {} (keys mode 0600)",
-                names.join(", "),
-                dir.display()
+                "ferry: wrote a CA, a destination certificate for {} and a source certificate for {} to {}, valid {} days (keys mode 0600); the CA key is {}: keep it off both hosts",
+                g.names.join(", "),
+                g.source_name,
+                dir.display(),
+                g.days,
+                g.ca_key.display()
             );
             Ok(ExitCode::SUCCESS)
         }

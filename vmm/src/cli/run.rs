@@ -47,8 +47,17 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
         }
         (None, None) => anyhow::bail!("give --kernel or --image"),
     };
-    a.debug.attach(&vm)?;
-    serve(vm, a.api_socket.as_deref(), true)
+    a.debug.open()?.attach(&vm);
+    let api = bind_api(a.api_socket.as_deref())?;
+    serve(vm, api, true)
+}
+
+/// Binds the control socket, if one was asked for (served once the VM exists).
+fn bind_api(path: Option<&std::path::Path>) -> anyhow::Result<Option<api::ApiListener>> {
+    Ok(match path {
+        Some(p) => Some(api::ApiServer::bind(p)?),
+        None => None,
+    })
 }
 
 /// A raw machine-code image (tests/tiny): `real` mode at 0x1000, `long64` at 0x10000.
@@ -78,23 +87,21 @@ fn boot_image(
     })?)
 }
 
-/// Runs a built (or restored) VM until it ends: control socket, console input, events.
-fn serve(
-    vm: vmm::Vm,
-    api_socket: Option<&std::path::Path>,
-    start: bool,
-) -> anyhow::Result<ExitCode> {
+/// Runs a built (or restored) VM until it ends: control socket (bound already), console
+/// input, events.
+fn serve(vm: vmm::Vm, api: Option<api::ApiListener>, start: bool) -> anyhow::Result<ExitCode> {
     let vm = Arc::new(vm);
-    let _api = match api_socket {
-        Some(p) => Some(api::ApiServer::start(p, vm.clone())?),
+    // Everything that needs root is open: become --user (a restore or a destination
+    // already has).
+    if let Some(l) = &api {
+        vmm::sandbox::hand_over(l.path())?;
+    }
+    vmm::sandbox::drop_privileges()?;
+    let _api = match api {
+        Some(l) => Some(l.serve(vm.clone())?),
         None => None,
     };
     vmm::timeline::mark("control socket");
-    // Everything that needs root is open: become --user (a destination already has).
-    if let Some(p) = api_socket {
-        vmm::sandbox::hand_over(p)?;
-    }
-    vmm::sandbox::drop_privileges()?;
     let input = vm.clone();
     std::thread::Builder::new()
         .name("stdin".into())
@@ -144,25 +151,33 @@ fn serve(
     }
 }
 
+/// `ferry restore`: what needs root is opened first (the snapshot file, the disks and taps
+/// the command line names, the control socket, /dev/kvm with --user); then ferry becomes
+/// --user and enters its filter, and only then reads the file.
 pub fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     a.sandbox.apply()?;
-    let devices = a.devices.parse()?;
+    let what = || format!("restoring snapshot {}", a.file.display());
+    let file = std::fs::File::open(&a.file).with_context(what)?;
+    let mut devices = a.devices.parse()?.open().map_err(anyhow::Error::msg)?;
+    let debug = a.debug.open()?;
+    vmm::vm::keep_kvm_open()?;
+    let api = bind_api(a.api_socket.as_deref())?;
+    if let Some(l) = &api {
+        vmm::sandbox::hand_over(l.path())?;
+    }
+    vmm::sandbox::drop_privileges()?;
+    vmm::sandbox::enter(vmm::sandbox::Kind::Loader)?;
     let console = Box::new(FlushingWriter(std::io::stdout()));
-    let vm = vmm::snapshot::restore_file(&a.file, &devices, console)
-        .with_context(|| format!("restoring snapshot {}", a.file.display()))?;
-    a.debug.attach(&vm)?;
-    serve(vm, a.api_socket.as_deref(), !a.paused)
+    let vm = vmm::snapshot::restore_from(file, &mut devices, console).with_context(what)?;
+    debug.attach(&vm);
+    serve(vm, api, !a.paused)
 }
 
-pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
-    a.sandbox.apply()?;
-    // Postcopy needs a userfaultfd that reports the kernel's faults too (KVM's), which
-    // only a privileged process may open: opened now, before --user drops privileges.
-    if a.sandbox.user.is_some() {
-        if let Err(e) = vmm::migrate::keep_userfaultfd_open() {
-            log::warn!("postcopy will be refused: {e}");
-        }
-    }
+/// What `ferry receive` was asked for: where it listens and how it takes a VM (the disks
+/// and taps given opened).
+fn receive_options(
+    a: &ReceiveArgs,
+) -> anyhow::Result<(vmm::migrate::Address, vmm::migrate::ReceiveOptions)> {
     let addr: vmm::migrate::Address = a.listen.parse()?;
     let host = match &a.host {
         Some(p) => Some(cpuid::dump::load(p).with_context(|| format!("--host {}", p.display()))?),
@@ -172,7 +187,7 @@ pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
     let tls = a
         .tls_dir
         .as_deref()
-        .map(vmm::migrate::DestinationTls::load)
+        .map(|d| vmm::migrate::DestinationTls::load(d)?.allow(a.tls_allow.clone()))
         .transpose()?;
     if key.is_none() && tls.is_none() {
         vmm::migrate::check_local(&addr)?;
@@ -181,26 +196,46 @@ pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         !a.peer_timeout.is_zero(),
         "--peer-timeout must be more than 0"
     );
-    let listener = vmm::migrate::Listener::bind(&addr)?;
     let opts = vmm::migrate::ReceiveOptions {
         host,
         key,
         tls,
         deadline: a.deadline,
         peer_timeout: a.peer_timeout,
-        devices: a.devices.parse()?,
+        devices: a.devices.parse()?.open().map_err(anyhow::Error::msg)?,
         max_memory: match &a.max_memory {
             Some(m) => parse_size(m).context("--max-memory")?,
             None => vmm::migrate::host_memory_limit(),
         },
         max_vcpus: a.max_vcpus.unwrap_or_else(vmm::migrate::host_vcpu_limit),
     };
-    // From here the process reads a peer's bytes: as --user, and filtered.
+    Ok((addr, opts))
+}
+
+/// `ferry receive`: what needs root is opened first (the listener, the disks and taps
+/// given, /dev/kvm, the debug console); then ferry becomes --user and enters its filter
+/// (the destination's), takes the first source that authenticates (each handshake on a
+/// thread filtered as one), and receives its VM on a thread filtered as the receiver,
+/// which parses the source's stream and starts no thread itself (the spawner does).
+pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
+    a.sandbox.apply()?;
+    // Postcopy needs a userfaultfd that reports the kernel's faults too (KVM's), which
+    // only a privileged process may open: opened now, before --user drops privileges.
+    if a.sandbox.user.is_some() {
+        if let Err(e) = vmm::migrate::keep_userfaultfd_open() {
+            log::warn!("postcopy will be refused: {e}");
+        }
+    }
+    let (addr, opts) = receive_options(&a)?;
+    let debug = a.debug.open()?;
+    vmm::vm::keep_kvm_open()?;
+    let listener = vmm::migrate::Listener::bind(&addr)?;
     if let vmm::migrate::Address::Unix(path) = &addr {
         vmm::sandbox::hand_over(path)?;
     }
     vmm::sandbox::drop_privileges()?;
-    vmm::sandbox::enter(vmm::sandbox::Kind::Receiver)?;
+    vmm::sandbox::enter(vmm::sandbox::Kind::Launcher)?;
+    vmm::sandbox::start_spawner().context("starting the spawner thread")?;
     eprintln!(
         "ferry: waiting for a VM on {} ({})",
         a.listen,
@@ -211,20 +246,29 @@ pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
             (false, false) => "no key: local connections only, unencrypted",
         }
     );
+    let source = vmm::migrate::accept_source(listener, &opts)?;
     // Run the guest as soon as the source commits: the control socket and the rest follow.
     let mut commit_to_run = Duration::ZERO;
-    let vm = vmm::migrate::receive_from(
-        listener,
-        &opts,
-        Box::new(FlushingWriter(std::io::stdout())),
-        |vm| {
-            let committed = std::time::Instant::now();
-            a.debug.attach(vm).map_err(|e| format!("{e:#}"))?;
-            vm.start().map_err(|e| e.to_string())?;
-            commit_to_run = committed.elapsed();
-            Ok(())
-        },
-    )?;
+    let received = std::thread::scope(|s| {
+        let receiving = std::thread::Builder::new()
+            .name("mig-receive".into())
+            .spawn_scoped(s, || {
+                vmm::sandbox::enter_or_exit(vmm::sandbox::Kind::Receiver);
+                let console = Box::new(FlushingWriter(std::io::stdout()));
+                vmm::migrate::receive_source(source, opts, console, |vm| {
+                    let committed = std::time::Instant::now();
+                    debug.attach(vm);
+                    vm.start().map_err(|e| e.to_string())?;
+                    commit_to_run = committed.elapsed();
+                    Ok(())
+                })
+            })
+            .context("starting the receiving thread")?;
+        receiving
+            .join()
+            .map_err(|_| anyhow::anyhow!("the receiving thread panicked"))
+    })?;
+    let vm = received?;
     eprintln!(
         "ferry: received the VM ({} MiB, {} vCPUs, CPU profile {}); running it ({:.1} ms after Commit)",
         vm.memory_size() >> 20,
@@ -232,5 +276,6 @@ pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         vm.cpu_profile().name,
         commit_to_run.as_secs_f64() * 1e3
     );
-    serve(vm, a.api_socket.as_deref(), false)
+    let api = bind_api(a.api_socket.as_deref())?;
+    serve(vm, api, false)
 }

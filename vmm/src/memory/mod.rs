@@ -25,6 +25,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegion
 
 mod image;
 mod pagemap;
+pub(crate) use pagemap::PAGEMAP_SCAN;
 
 pub use pagemap::Pagemap;
 

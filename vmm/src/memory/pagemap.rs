@@ -41,7 +41,7 @@ struct PageRegion {
 const PAGE_IS_PRESENT: u64 = 1 << 3;
 const PAGE_IS_SWAPPED: u64 = 1 << 4;
 /// `_IOWR('f', 16, struct pm_scan_arg)`.
-const PAGEMAP_SCAN: libc::c_ulong =
+pub(crate) const PAGEMAP_SCAN: libc::c_ulong =
     0xc000_0000 | ((std::mem::size_of::<PmScanArg>() as libc::c_ulong) << 16) | (0x66 << 8) | 16;
 /// Ranges asked for per ioctl.
 const REGIONS: usize = 512;

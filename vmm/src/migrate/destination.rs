@@ -9,7 +9,7 @@ use migration::protocol::{self, Hello, Message, Precopy};
 use migration::receiver::{Action, Failure, Input, Receiver};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::devices::virtio::backends::Devices as DeviceChoice;
+use crate::devices::virtio::backends::{Backends, Opened as HostDevices};
 
 use super::admission::{acceptable, host_memory_limit, host_vcpu_limit, within_limits};
 use crate::vm::Vm;
@@ -17,7 +17,7 @@ use crate::vm::Vm;
 use super::*;
 
 /// How the destination takes a VM.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ReceiveOptions {
     /// Check the CPU profile against this recorded host instead of this one.
     pub host: Option<CpuidDump>,
@@ -30,8 +30,9 @@ pub struct ReceiveOptions {
     pub deadline: Duration,
     /// Give up on a source that sends or takes nothing for this long.
     pub peer_timeout: Duration,
-    /// The disks and network cards given here (`--disk`, `--net`); none: the source's.
-    pub devices: DeviceChoice,
+    /// The disks and taps this side opened (`--disk`, `--net`): the only ones a guest is
+    /// taken onto; a guest with devices is refused without them.
+    pub devices: HostDevices,
     /// The most guest RAM this side takes (a larger Hello is refused before anything is
     /// allocated); see [`host_memory_limit`].
     pub max_memory: u64,
@@ -50,7 +51,7 @@ impl Default for ReceiveOptions {
             tls: None,
             deadline: DEFAULT_DEADLINE,
             peer_timeout: PEER_TIMEOUT,
-            devices: DeviceChoice::default(),
+            devices: HostDevices::none(),
             max_memory: host_memory_limit(),
             max_vcpus: host_vcpu_limit(),
         }
@@ -65,7 +66,7 @@ impl Default for ReceiveOptions {
 /// without one, only a Unix socket or a loopback address may be listened on.
 pub fn receive(
     addr: &Address,
-    opts: &ReceiveOptions,
+    opts: ReceiveOptions,
     console: Box<dyn std::io::Write + Send>,
     start: impl FnOnce(&Vm) -> Result<(), String>,
 ) -> Result<Vm, Error> {
@@ -75,32 +76,32 @@ pub fn receive(
     receive_from(Listener::bind(addr)?, opts, console, start)
 }
 
-/// [`receive`] on a listener bound already. With a key or TLS, a peer that does not
-/// authenticate within [`HANDSHAKE_TIMEOUT`] is dropped (and named in a warning) and the
-/// listener waits for the next; the first that does is the source.
+/// [`receive`] on a listener bound already: [`super::accept_source`], then
+/// [`receive_source`] on the calling thread.
 pub fn receive_from(
     listener: Listener,
-    opts: &ReceiveOptions,
+    opts: ReceiveOptions,
     console: Box<dyn std::io::Write + Send>,
     start: impl FnOnce(&Vm) -> Result<(), String>,
 ) -> Result<Vm, Error> {
-    let secured = opts.key.is_some() || opts.tls.is_some();
-    let handshake = HANDSHAKE_TIMEOUT.min(opts.peer_timeout);
-    let conn = loop {
-        let sock = listener.accept(opts.peer_timeout, secured)?;
-        match super::tls::from_source(
-            sock,
-            opts.key.as_ref(),
-            opts.tls.as_ref(),
-            handshake,
-            opts.peer_timeout,
-        ) {
-            Ok(c) => break c,
-            Err(e) => log::warn!("refused a connection: {e}; waiting for the source"),
-        }
-    };
-    drop(listener);
-    receive_with(conn, opts, console, start)
+    let source = super::handshakes::accept_source(listener, &opts)?;
+    receive_source(source, opts, console, start)
+}
+
+/// Receives the VM from a source that has connected and authenticated
+/// ([`super::accept_source`]): its `--deadline` bounds every read and write until the guest
+/// is handed over. `ferry receive` runs this on a thread of its own, filtered as the
+/// receiver: it parses the source's stream.
+pub fn receive_source(
+    source: super::handshakes::Source,
+    opts: ReceiveOptions,
+    console: Box<dyn std::io::Write + Send>,
+    start: impl FnOnce(&Vm) -> Result<(), String>,
+) -> Result<Vm, Error> {
+    let super::handshakes::Source { conn, lifted, .. } = source;
+    receive_on(conn, opts, console, start, &|| {
+        lifted.store(true, std::sync::atomic::Ordering::Relaxed)
+    })
 }
 
 /// [`receive`] over a connected stream, without a key; the VM comes back paused (the
@@ -114,16 +115,27 @@ pub fn receive_over(
         host: host.cloned(),
         ..Default::default()
     };
-    receive_with(conn, &opts, console, |_| Ok(()))
+    receive_with(conn, opts, console, |_| Ok(()))
 }
 
 /// [`receive`] over a connected stream (its timeouts set by the caller): the I/O around
 /// migration::receiver's state machine, which decides every step.
 pub fn receive_with(
-    mut conn: impl Read + Write,
-    opts: &ReceiveOptions,
+    conn: impl Read + Write,
+    opts: ReceiveOptions,
     console: Box<dyn std::io::Write + Send>,
     start: impl FnOnce(&Vm) -> Result<(), String>,
+) -> Result<Vm, Error> {
+    receive_on(conn, opts, console, start, &|| {})
+}
+
+/// [`receive_with`], calling `handed_over` once the source has been told Running.
+fn receive_on(
+    mut conn: impl Read + Write,
+    mut opts: ReceiveOptions,
+    console: Box<dyn std::io::Write + Send>,
+    start: impl FnOnce(&Vm) -> Result<(), String>,
+    handed_over: &dyn Fn(),
 ) -> Result<Vm, Error> {
     let began = std::time::Instant::now();
     let mut rx = Receiver::new();
@@ -201,6 +213,7 @@ pub fn receive_with(
                     // The source keeps its copy paused and says the guest may run here.
                     log::warn!("confirming Running to the source (phase: {phase}): {e}");
                 }
+                handed_over();
                 d.postcopy()?;
                 return d
                     .vm
@@ -216,8 +229,8 @@ struct Driver<'c, C: Read + Write> {
     conn: &'c mut C,
     console: Option<Box<dyn std::io::Write + Send>>,
     hello: Option<Hello>,
-    /// The disks and network cards to build: the Hello's, checked against this side's.
-    devices: Option<DeviceChoice>,
+    /// The disks and taps to build on: this side's, matched to the Hello's devices.
+    devices: Option<Backends>,
     /// Guest RAM, filled from round 0 on while the rest of the machine is built.
     mem: Option<crate::memory::GuestMemoryMmap>,
     regions: Vec<(u64, u64)>,
@@ -315,10 +328,10 @@ impl<C: Read + Write> Driver<'_, C> {
                 profile_json: h.cpu_profile.clone(),
                 guest_cpu: h.guest_cpu.clone(),
             })
-            .devices(self.devices.take().unwrap_or_default());
-        let building = std::thread::Builder::new()
-            .name("mig-build".into())
-            .spawn(move || builder.build(crate::vm::Boot::Restored));
+            .backends(self.devices.take().unwrap_or_default());
+        let building = crate::sandbox::spawn("mig-build".into(), move || {
+            builder.build(crate::vm::Boot::Restored)
+        });
         match building {
             Ok(b) => self.building = Some(b),
             Err(e) => return Err(refuse(self.conn, e.to_string())),
@@ -431,8 +444,17 @@ impl<C: Read + Write> Driver<'_, C> {
         };
         // Memory ranges in the stream (a source sends memory as pages; a stream may still
         // carry some) go into guest RAM as each section arrives, not onto the heap.
+        let Some(h) = self.hello.as_ref() else {
+            return Ok(Err("no Hello".into()));
+        };
+        let announced = migration::Announced {
+            memory: h.memory,
+            vcpus: h.vcpus,
+            cpu_profile: &h.cpu_profile,
+            devices: h.devices.len(),
+        };
         let mut input = BufReader::new(&mut self.conn);
-        let state = migration::read_head(&mut input)
+        let state = migration::read_head_as(&mut input, &announced)
             .and_then(|(state, rest)| {
                 rest.memory_until_end(|gpa, data| {
                     vm.memory()

@@ -66,7 +66,7 @@ pub fn load(path: &Path) -> Result<Key, Error> {
 /// Writes a new key file of [`GENERATED_KEY`] random bytes with mode 0600; an existing
 /// file is left as it is and refused.
 pub fn generate(path: &Path) -> Result<(), Error> {
-    let key: [u8; GENERATED_KEY] = super::random().map_err(io(Path::new("/dev/urandom")))?;
+    let key: [u8; GENERATED_KEY] = super::random().map_err(io(Path::new("getrandom")))?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -25,6 +25,7 @@
 
 mod admission;
 mod destination;
+mod handshakes;
 pub mod key;
 mod net;
 mod postcopy;
@@ -33,14 +34,18 @@ mod source;
 mod tls;
 
 pub use admission::{host_memory_limit, host_vcpu_limit};
+pub use destination::ReceiveOptions;
 pub use destination::DEFAULT_DEADLINE;
-pub use destination::{receive, receive_from, receive_over, receive_with, ReceiveOptions};
+pub use destination::{receive, receive_from, receive_over, receive_source, receive_with};
+pub use handshakes::{accept_source, Source, MAX_HANDSHAKES};
 pub use net::{check_local, Address, Listener};
 pub use postcopy::uffd::keep_open as keep_userfaultfd_open;
 pub use postcopy::Stats as PostcopyStats;
 pub use prefault::SLACK as PREFAULT_SLACK;
 pub use source::{send, send_over};
-pub use tls::{default_name as tls_default_name, generate as tls_generate};
+pub use tls::{
+    default_name as tls_default_name, generate as tls_generate, Generate as TlsGenerate,
+};
 pub use tls::{DestinationTls, SourceTls, HANDSHAKE_TIMEOUT};
 
 use std::io::{Read, Write};
@@ -104,7 +109,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("reading /dev/urandom: {0}")]
+    #[error("getrandom: {0}")]
     Random(#[source] std::io::Error),
     #[error("no Commit from the source (phase: after Restored, before Commit): {0}; the guest stays with the source")]
     NoCommit(String),
@@ -124,6 +129,8 @@ pub enum Error {
     Auth(String),
     #[error("refusing to listen on {0} without --key-file or --tls-dir: anyone who can reach it could hand this ferry a VM; use a Unix socket or a loopback address, or give a shared key or certificates")]
     Unauthenticated(String),
+    #[error("refusing to send the guest unencrypted to {0}: give --key-file or --tls-dir (on both sides), or --insecure to send its memory and state in the clear anyway")]
+    Plaintext(String),
     #[error("TLS: {0}")]
     Tls(String),
     #[error("TLS files: {0}")]
@@ -182,6 +189,9 @@ pub struct Options {
     /// Postcopy: if precopy has not converged after this many rounds (0: at once, no
     /// precopy round), the destination runs the guest and fetches the rest on demand.
     pub postcopy_after: Option<u32>,
+    /// Without a key or certificates, send the guest in plaintext even to a peer off this
+    /// host (or a Unix socket of another user); refused by default.
+    pub insecure: bool,
 }
 
 impl Default for Options {
@@ -195,6 +205,7 @@ impl Default for Options {
             tls: None,
             peer_timeout: PEER_TIMEOUT,
             postcopy_after: None,
+            insecure: false,
         }
     }
 }
@@ -368,10 +379,25 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// `N` bytes from the kernel's random source.
+/// `N` bytes from the kernel's random source (getrandom(2): no file to open, so a filtered
+/// thread may ask).
 fn random<const N: usize>() -> std::io::Result<[u8; N]> {
     let mut n = [0u8; N];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut n))?;
+    let mut filled = 0;
+    while filled < N {
+        let rest = &mut n[filled..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`, which is valid
+        // for writes of that many bytes for the call.
+        let got = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if got < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+            continue;
+        }
+        filled += got as usize;
+    }
     Ok(n)
 }
 

@@ -61,7 +61,15 @@ impl<S: Socket + ?Sized> Socket for Box<S> {
     }
 }
 
-pub(super) fn connect(addr: &Address, timeout: Duration) -> Result<Box<dyn Socket>, Error> {
+/// Connects to `addr`; with `own_user`, a Unix socket must be listened on by a process of
+/// this user or root (SO_PEERCRED; root may read this process's memory anyway, and a
+/// destination started as root that becomes `--user` listened as root), or the connection
+/// is closed and refused.
+pub(super) fn connect(
+    addr: &Address,
+    timeout: Duration,
+    own_user: bool,
+) -> Result<Box<dyn Socket>, Error> {
     let err = |source| Error::Connect {
         what: "connecting to",
         addr: format!("{addr:?}"),
@@ -77,17 +85,26 @@ pub(super) fn connect(addr: &Address, timeout: Duration) -> Result<Box<dyn Socke
         }
         Address::Unix(p) => {
             let s = UnixStream::connect(p).map_err(err)?;
+            if own_user {
+                let uid = peer_uid(&s).map_err(err)?;
+                if uid != own_uid() && uid != 0 {
+                    return Err(Error::Plaintext(format!(
+                        "{}, a socket of uid {uid}, not this user's",
+                        p.display()
+                    )));
+                }
+            }
             s.set_timeout(timeout).map_err(err)?;
             Box::new(s)
         }
     })
 }
 
-/// Refuses an address other hosts can reach: without a key anyone who can connect could
-/// hand this ferry a VM to run.
-pub fn check_local(addr: &Address) -> Result<(), Error> {
+/// Whether every address `addr` names is on this host: a Unix socket, or a TCP address
+/// that resolves to loopback only.
+pub fn is_local(addr: &Address) -> Result<bool, Error> {
     let Address::Tcp(hp) = addr else {
-        return Ok(());
+        return Ok(true);
     };
     use std::net::ToSocketAddrs;
     let addrs: Vec<std::net::SocketAddr> = hp
@@ -98,10 +115,16 @@ pub fn check_local(addr: &Address) -> Result<(), Error> {
             source: e,
         })?
         .collect();
-    if addrs.is_empty() || addrs.iter().any(|a| !a.ip().is_loopback()) {
-        return Err(Error::Unauthenticated(hp.clone()));
+    Ok(!addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback()))
+}
+
+/// Refuses an address other hosts can reach: without a key anyone who can connect could
+/// hand this ferry a VM to run.
+pub fn check_local(addr: &Address) -> Result<(), Error> {
+    match (is_local(addr)?, addr) {
+        (false, Address::Tcp(hp)) => Err(Error::Unauthenticated(hp.clone())),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// A bound migration listener: the destination says it is waiting only once this exists,
@@ -139,41 +162,191 @@ impl Listener {
             }
         })
     }
+}
 
-    /// Waits for one peer; reads and writes on the connection give up after `timeout`.
-    /// Without a key, a peer on a Unix socket must be of this process's user (SO_PEERCRED):
-    /// another is refused here, and the listener goes on waiting.
-    pub(super) fn accept(&self, timeout: Duration, keyed: bool) -> Result<Box<dyn Socket>, Error> {
-        let err = |addr: String, source| Error::Connect {
+/// A connection accepted: the socket, its [`Closer`], and the peer's name for log lines.
+pub(super) type Accepted = (Box<dyn Socket>, Closer, String);
+
+/// Shuts a connection down from another thread (its reads and writes then fail at once).
+#[derive(Debug)]
+pub(super) enum Closer {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Closer {
+    pub(super) fn close(&self) {
+        let _ = match self {
+            Closer::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Closer::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl Listener {
+    /// [`Listener::accept`], waiting at most `wait`: None if nobody connected by then.
+    /// Also returns a [`Closer`] of the connection and the peer's name for log lines (its
+    /// address; on a Unix socket, its uid and pid).
+    pub(super) fn accept_within(
+        &self,
+        timeout: Duration,
+        keyed: bool,
+        wait: Duration,
+    ) -> Result<Option<Accepted>, Error> {
+        use std::os::fd::AsRawFd;
+        let (fd, shown) = match self {
+            Listener::Tcp(l, hp) => (l.as_raw_fd(), hp.clone()),
+            Listener::Unix(l, p) => (l.as_raw_fd(), p.display().to_string()),
+        };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `pfd` is one valid pollfd for the call; the listener keeps `fd` open.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(None);
+            }
+            return Err(Error::Connect {
+                what: "accepting on",
+                addr: shown,
+                source: e,
+            });
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        let err = |source| Error::Connect {
             what: "accepting on",
-            addr,
+            addr: shown.clone(),
             source,
         };
         match self {
-            Listener::Tcp(l, hp) => {
-                let (s, _) = l.accept().map_err(|e| err(hp.clone(), e))?;
+            Listener::Tcp(l, _) => {
+                let (s, peer) = l.accept().map_err(err)?;
                 s.set_nodelay(true)
                     .and_then(|()| s.set_timeout(timeout))
-                    .map_err(|e| err(hp.clone(), e))?;
-                Ok(Box::new(s))
+                    .map_err(err)?;
+                let closer = Closer::Tcp(s.try_clone().map_err(err)?);
+                Ok(Some((Box::new(s), closer, peer.to_string())))
             }
-            Listener::Unix(l, p) => loop {
-                let shown = p.display().to_string();
-                let (s, _) = l.accept().map_err(|e| err(shown.clone(), e))?;
-                if !keyed {
-                    match peer_uid(&s) {
-                        Ok(uid) if uid == own_uid() => {}
-                        Ok(uid) => {
-                            log::warn!("{shown}: refused a peer of uid {uid}: without a key only this user's processes may connect");
-                            continue;
-                        }
-                        Err(e) => return Err(err(shown, e)),
-                    }
+            Listener::Unix(l, _) => {
+                let (s, _) = l.accept().map_err(err)?;
+                let (uid, pid) = peer_cred(&s).map_err(err)?;
+                if !keyed && uid != own_uid() {
+                    log::warn!("{shown}: refused a peer of uid {uid}: without a key only this user's processes may connect");
+                    return Ok(None);
                 }
-                s.set_timeout(timeout).map_err(|e| err(shown, e))?;
-                return Ok(Box::new(s));
-            },
+                s.set_timeout(timeout).map_err(err)?;
+                let closer = Closer::Unix(s.try_clone().map_err(err)?);
+                Ok(Some((Box::new(s), closer, format!("uid {uid} pid {pid}"))))
+            }
         }
+    }
+}
+
+/// A socket whose reads and writes all end by `deadline`, however a peer trickles: each
+/// gives up after the peer timeout or at the deadline, whichever comes first.
+pub(super) struct Bounded {
+    sock: Box<dyn Socket>,
+    deadline: std::time::Instant,
+    timeout: Duration,
+    /// Whether the socket's timeout is cut short for the deadline now.
+    short: std::cell::Cell<bool>,
+    /// Set once the guest is handed over: the deadline no longer applies.
+    lifted: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Bounded {
+    pub(super) fn new(
+        sock: Box<dyn Socket>,
+        deadline: std::time::Instant,
+        timeout: Duration,
+        lifted: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Bounded {
+        Bounded {
+            sock,
+            deadline,
+            timeout,
+            short: std::cell::Cell::new(false),
+            lifted,
+        }
+    }
+
+    /// Arms the socket for the next call: a system call only when the deadline is nearer
+    /// than the peer timeout.
+    fn arm(&mut self) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.lifted.load(Ordering::Relaxed) {
+            if self.short.get() {
+                self.set_timeout(self.timeout)?;
+            }
+            return Ok(());
+        }
+        let left = self
+            .deadline
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(deadline_passed());
+        }
+        if left < self.timeout {
+            self.sock.set_timeout(left)?;
+            self.short.set(true);
+        }
+        Ok(())
+    }
+
+    /// A timeout at the deadline is named as such.
+    fn named<T>(&self, r: std::io::Result<T>) -> std::io::Result<T> {
+        use std::io::ErrorKind::{TimedOut, WouldBlock};
+        match r {
+            Err(e) if matches!(e.kind(), TimedOut | WouldBlock) && self.short.get() => {
+                Err(deadline_passed())
+            }
+            other => other,
+        }
+    }
+}
+
+fn deadline_passed() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "the migration's deadline (--deadline) passed",
+    )
+}
+
+impl Read for Bounded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        let r = self.sock.read(buf);
+        self.named(r)
+    }
+}
+
+impl Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        let r = self.sock.write(buf);
+        self.named(r)
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.arm()?;
+        let r = self.sock.write_vectored(bufs);
+        self.named(r)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sock.flush()
+    }
+}
+
+impl Socket for Bounded {
+    fn set_timeout(&self, t: Duration) -> std::io::Result<()> {
+        self.short.set(false);
+        self.sock.set_timeout(t)
     }
 }
 
@@ -194,6 +367,11 @@ fn own_uid() -> u32 {
 /// The user ID of the process at the other end of `s` (SO_PEERCRED: as it was when it
 /// connected).
 fn peer_uid(s: &UnixStream) -> std::io::Result<u32> {
+    peer_cred(s).map(|(uid, _)| uid)
+}
+
+/// The user and process IDs of the process at the other end of `s` (SO_PEERCRED).
+fn peer_cred(s: &UnixStream) -> std::io::Result<(u32, i32)> {
     use std::os::fd::AsRawFd;
     let mut cred = libc::ucred {
         pid: 0,
@@ -215,7 +393,7 @@ fn peer_uid(s: &UnixStream) -> std::io::Result<u32> {
     if r != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(cred.uid)
+    Ok((cred.uid, cred.pid))
 }
 
 /// Whether a socket bound at `path` is listening, from /proc/net/unix (connecting to find

@@ -74,14 +74,12 @@ impl Prefault {
         };
         let shared = Arc::new((Mutex::new(window), Condvar::new()));
         let s = shared.clone();
-        let helper = std::thread::Builder::new()
-            .name("mig-prefault".into())
-            .spawn(move || {
-                crate::sandbox::enter_or_exit(crate::sandbox::Kind::Prefault);
-                run(&mem, &s)
-            })
-            .inspect_err(|e| log::info!("no readahead of guest RAM: {e}"))
-            .ok();
+        let helper = crate::sandbox::spawn("mig-prefault".into(), move || {
+            crate::sandbox::enter_or_exit(crate::sandbox::Kind::Prefault);
+            run(&mem, &s)
+        })
+        .inspect_err(|e| log::info!("no readahead of guest RAM: {e}"))
+        .ok();
         Prefault {
             shared,
             helper,

@@ -27,7 +27,7 @@ use crate::boot::{self, layout, EntryPoint};
 use crate::config::{self, VmConfig};
 use crate::config::{DiskConfig, NetConfig};
 use crate::devices::manager::{BusKind, Devices};
-use crate::devices::virtio::backends::Devices as DeviceChoice;
+use crate::devices::virtio::backends::Backends;
 use crate::devices::virtio::net::{default_mac, Net};
 use crate::devices::virtio::{block::Block, tap::Tap};
 use crate::devices::SharedDevice;
@@ -77,6 +77,8 @@ pub struct VmBuilder {
     devices: Vec<(BusKind, u64, u64, SharedDevice, &'static str)>,
     disks: Vec<DiskConfig>,
     nets: Vec<NetConfig>,
+    /// Disks and taps opened already (a restored or received guest's).
+    opened: Backends,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -101,6 +103,7 @@ impl VmBuilder {
             devices: Vec::new(),
             disks: Vec::new(),
             nets: Vec::new(),
+            opened: Backends::default(),
         }
     }
 
@@ -116,10 +119,10 @@ impl VmBuilder {
         self
     }
 
-    /// The disks and network cards of `d`, disks first.
-    pub fn devices(mut self, d: DeviceChoice) -> Self {
-        self.disks.extend(d.disks);
-        self.nets.extend(d.nets);
+    /// Disks and taps opened already, matched to a saved guest's devices (these go on the
+    /// bus before any of [`VmBuilder::disk`] and [`VmBuilder::net`]).
+    pub fn backends(mut self, b: Backends) -> Self {
+        self.opened = b;
         self
     }
 
@@ -194,14 +197,21 @@ impl VmBuilder {
         for (bus, base, len, dev, name) in self.devices {
             devices.add(bus, base, len, dev, name)?;
         }
+        let opened = self.opened;
+        let mut blocks: Vec<Block> = opened.disks;
         for d in &self.disks {
-            let block = Box::new(Block::open(d)?);
-            devices.add_virtio(&fd, block, ram.memory().clone())?;
+            blocks.push(Block::open(d)?);
         }
-        for (i, n) in self.nets.iter().enumerate() {
-            let mac = n.mac.unwrap_or_else(|| default_mac(i));
-            let net = Box::new(Net::new(Tap::open(&n.tap)?, mac));
-            devices.add_virtio(&fd, net, ram.memory().clone())?;
+        for block in blocks {
+            devices.add_virtio(&fd, Box::new(block), ram.memory().clone())?;
+        }
+        let mut nets = opened.nets;
+        for n in &self.nets {
+            let mac = n.mac.unwrap_or_else(|| default_mac(nets.len()));
+            nets.push((Tap::open(&n.tap)?, mac));
+        }
+        for (tap, mac) in nets {
+            devices.add_virtio(&fd, Box::new(Net::new(tap, mac)), ram.memory().clone())?;
         }
         devices.start_virtio()?;
         crate::timeline::mark("devices");

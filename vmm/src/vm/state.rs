@@ -17,7 +17,7 @@ use migration::{IrqchipState, MachineConfig, MemoryRange, VmState};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::{Boot, CpuChoice, Error as VmError, Vm, VmBuilder};
-use crate::devices::virtio::backends::Devices as DeviceChoice;
+use crate::devices::virtio::backends::Opened;
 use crate::memory::PAGE_SIZE;
 use crate::vcpu::{RunState, SaveRequest, VcpuCmd};
 use crate::vcpu_state;
@@ -242,11 +242,11 @@ impl Vm {
     }
 
     /// Builds a new VM from a saved state, paused: `start` continues the guest. Its disks
-    /// and network cards are the saved ones, or those of `devices` where given (checked
-    /// against the saved ones first, crate::devices::virtio::backends).
+    /// and network cards are those this side opened (`devices`, checked against the saved
+    /// ones first, crate::devices::virtio::backends); a guest with devices needs them.
     pub fn restore(
         state: &VmState,
-        devices: &DeviceChoice,
+        devices: &mut Opened,
         console: Box<dyn std::io::Write + Send>,
     ) -> Result<Vm, Error> {
         let mut vm = Vm::build_for(state, devices, console, None)?;
@@ -259,7 +259,7 @@ impl Vm {
     /// size, not attached to a VM: a snapshot's images mapped into it), else new.
     pub fn build_for(
         state: &VmState,
-        devices: &DeviceChoice,
+        devices: &mut Opened,
         console: Box<dyn std::io::Write + Send>,
         ram: Option<crate::memory::GuestRam>,
     ) -> Result<Vm, Error> {
@@ -272,7 +272,7 @@ impl Vm {
         }
         let vm = builder
             .console(console)
-            .devices(devices)
+            .backends(devices)
             .cpu(CpuChoice::Saved {
                 profile_json: state.cpu_profile.clone(),
                 guest_cpu: state.guest_cpu.clone(),

@@ -1,15 +1,21 @@
 //! A saved or migrating guest's devices against what this side was given: the disks and
-//! network cards a restored or received machine is built with, checked before any memory
-//! moves. Both sides must name the same disk image (shared storage: the same canonical path
-//! and size, read-only or not alike); a network card keeps its MAC and may sit on another
-//! tap. Given nothing, this side takes the saved list as it is.
+//! network cards a restored or received machine is built with. This side decides every
+//! host resource: the images and taps its own command line (or API request) names are
+//! opened here, before any peer byte or snapshot is read and before ferry gives up root
+//! ([`Opened::open`]); a guest is then taken only onto those ([`Opened::resolve`], before
+//! any memory moves). The paths and taps a source or a snapshot names are compared, never
+//! opened. Both sides must name the same disk image (shared storage: the same canonical
+//! path and size, read-only or not alike); a network card keeps its MAC and may sit on
+//! another tap.
 
 use migration::DeviceBackend;
 
-use super::block::DiskConfig;
+use super::block::{Block, DiskConfig};
 use super::net::NetConfig;
+use super::tap::Tap;
+use super::Backend;
 
-/// What this side was given (`--disk`, `--net`), and the saved devices they must match.
+/// What this side was given (`--disk`, `--net`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Devices {
     pub disks: Vec<DiskConfig>,
@@ -17,9 +23,49 @@ pub struct Devices {
 }
 
 impl Devices {
-    /// The devices to build for a guest saved with `saved` (in bus order: disks, then network
-    /// cards); one line naming the first mismatch if this side's cannot take it.
-    pub fn resolve(&self, saved: &[DeviceBackend]) -> Result<Devices, String> {
+    /// Opens every disk image and tap named (one line naming the first that fails).
+    pub fn open(&self) -> Result<Opened, String> {
+        let disks = self
+            .disks
+            .iter()
+            .map(|d| Block::open(d).map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        let nets = self
+            .nets
+            .iter()
+            .map(|n| Ok((Tap::open(&n.tap).map_err(|e| e.to_string())?, n.mac)))
+            .collect::<Result<_, String>>()?;
+        Ok(Opened { disks, nets })
+    }
+}
+
+/// The disks and taps this side opened for a guest to come, not yet matched to it.
+#[derive(Debug, Default)]
+pub struct Opened {
+    disks: Vec<Block>,
+    /// Each tap and the MAC this side asked for, if it did.
+    nets: Vec<(Tap, Option<[u8; 6]>)>,
+}
+
+/// The backends a restored or received guest's devices are built on, matched to it.
+#[derive(Debug, Default)]
+pub struct Backends {
+    pub disks: Vec<Block>,
+    /// Each tap and the MAC of the guest's card on it.
+    pub nets: Vec<(Tap, [u8; 6])>,
+}
+
+impl Opened {
+    /// Nothing opened: for a guest without devices.
+    pub fn none() -> Opened {
+        Opened::default()
+    }
+
+    /// Takes what this side opened for a guest saved with `saved` (in bus order: disks,
+    /// then network cards), or one line naming the first mismatch. A guest with devices
+    /// where this side was given none is refused with the flags to give: this side never
+    /// opens what a peer or a file names.
+    pub fn resolve(&mut self, saved: &[DeviceBackend]) -> Result<Backends, String> {
         let disks: Vec<_> = saved.iter().filter_map(as_disk).collect();
         let nets: Vec<_> = saved.iter().filter_map(as_net).collect();
         let in_order = saved
@@ -29,76 +75,81 @@ impl Devices {
         if !in_order {
             return Err("the saved devices are not disks first, then network cards".into());
         }
-        Ok(Devices {
-            disks: self.disks(&disks)?,
-            nets: self.nets(&nets)?,
-        })
-    }
-
-    fn disks(&self, saved: &[(&str, u64, bool)]) -> Result<Vec<DiskConfig>, String> {
-        if self.disks.is_empty() {
-            return Ok(saved
-                .iter()
-                .map(|&(path, _, read_only)| DiskConfig {
-                    path: path.into(),
-                    read_only,
-                })
-                .collect());
+        self.check_given(disks.len(), nets.len())?;
+        count("disk", self.disks.len(), disks.len())?;
+        count("network card", self.nets.len(), nets.len())?;
+        for (i, (d, &(path, size, read_only))) in self.disks.iter().zip(&disks).enumerate() {
+            check_disk(i, d, path, size, read_only)?;
         }
-        count("disk", self.disks.len(), saved.len())?;
-        for (i, (d, &(path, size, read_only))) in self.disks.iter().zip(saved).enumerate() {
-            let here = std::fs::canonicalize(&d.path)
-                .map_err(|e| format!("disk {i}: {}: {e}", d.path.display()))?;
-            let len = std::fs::metadata(&here)
-                .map_err(|e| format!("disk {i}: {}: {e}", here.display()))?
-                .len();
-            if here.to_string_lossy() != path || len != size {
+        for (i, ((_, m), &(mac, _))) in self.nets.iter().zip(&nets).enumerate() {
+            if let Some(m) = m.filter(|m| *m != mac) {
                 return Err(format!(
-                    "disk {i}: this side was given {} ({len} bytes), the guest's disk is {} ({size} bytes): both sides must name the same image",
-                    here.display(),
-                    migration::protocol::printable(path)
-                ));
-            }
-            if d.read_only != read_only {
-                let ro = |r: bool| if r { "read-only" } else { "writable" };
-                return Err(format!(
-                    "disk {i}: {} here, {} for the guest",
-                    ro(d.read_only),
-                    ro(read_only)
-                ));
-            }
-        }
-        Ok(self.disks.clone())
-    }
-
-    fn nets(&self, saved: &[([u8; 6], &str)]) -> Result<Vec<NetConfig>, String> {
-        if self.nets.is_empty() {
-            return Ok(saved
-                .iter()
-                .map(|&(mac, tap)| NetConfig {
-                    tap: tap.into(),
-                    mac: Some(mac),
-                })
-                .collect());
-        }
-        count("network card", self.nets.len(), saved.len())?;
-        self.nets
-            .iter()
-            .zip(saved)
-            .enumerate()
-            .map(|(i, (n, &(mac, _)))| match n.mac {
-                Some(m) if m != mac => Err(format!(
                     "network card {i}: mac={} here, the guest's card has {}",
                     super::net::format_mac(m),
                     super::net::format_mac(mac)
-                )),
-                _ => Ok(NetConfig {
-                    tap: n.tap.clone(),
-                    mac: Some(mac),
-                }),
-            })
-            .collect()
+                ));
+            }
+        }
+        let taken = std::mem::take(self);
+        Ok(Backends {
+            disks: taken.disks,
+            nets: taken
+                .nets
+                .into_iter()
+                .zip(nets)
+                .map(|((tap, _), (mac, _))| (tap, mac))
+                .collect(),
+        })
     }
+
+    /// A guest with disks or cards needs this side's own: given none, the flags to give.
+    fn check_given(&self, disks: usize, nets: usize) -> Result<(), String> {
+        let mut missing = Vec::new();
+        if disks > 0 && self.disks.is_empty() {
+            missing.push(format!(
+                "{disks} disk(s): give --disk path=IMAGE for each, the same image(s)"
+            ));
+        }
+        if nets > 0 && self.nets.is_empty() {
+            missing.push(format!(
+                "{nets} network card(s): give --net tap=NAME for each, a tap of this host"
+            ));
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "the guest has {}; this side opens only the images and taps its own command line names, never those the guest was saved with",
+            missing.join(" and ")
+        ))
+    }
+}
+
+/// Disk `i` opened here against the guest's: the same canonical path, size and mode.
+fn check_disk(i: usize, d: &Block, path: &str, size: u64, read_only: bool) -> Result<(), String> {
+    let DeviceBackend::Disk {
+        path: here,
+        size: len,
+        read_only: ro_here,
+    } = d.backend()
+    else {
+        return Err(format!("disk {i}: not a disk"));
+    };
+    if here != path || len != size {
+        return Err(format!(
+            "disk {i}: this side was given {here} ({len} bytes), the guest's disk is {} ({size} bytes): both sides must name the same image",
+            migration::protocol::printable(path)
+        ));
+    }
+    if ro_here != read_only {
+        let ro = |r: bool| if r { "read-only" } else { "writable" };
+        return Err(format!(
+            "disk {i}: {} here, {} for the guest",
+            ro(ro_here),
+            ro(read_only)
+        ));
+    }
+    Ok(())
 }
 
 fn count(what: &str, here: usize, saved: usize) -> Result<(), String> {
@@ -165,86 +216,97 @@ mod tests {
         ]
     }
 
-    #[test]
-    fn given_nothing_the_saved_devices_are_taken_as_they_are() {
-        let (_d, p) = image(4096);
-        let got = Devices::default().resolve(&saved(&p, 4096)).unwrap();
-        assert_eq!(
-            got.disks,
-            vec![DiskConfig {
-                path: p,
-                read_only: false
-            }]
-        );
-        assert_eq!(got.nets[0].tap, "tapA");
-        assert_eq!(got.nets[0].mac, Some([2, 0, 0, 0, 0, 7]));
+    fn disk_only(path: &std::path::Path, size: u64) -> Vec<DeviceBackend> {
+        saved(path, size)[..1].to_vec()
     }
 
-    #[test]
-    fn another_tap_keeps_the_mac_and_the_same_image_is_accepted() {
-        let (_d, p) = image(4096);
-        let here = Devices {
-            disks: vec![DiskConfig {
-                path: p.clone(),
-                read_only: false,
-            }],
-            nets: vec![NetConfig {
-                tap: "tapB".into(),
-                mac: None,
-            }],
-        };
-        let got = here.resolve(&saved(&p, 4096)).unwrap();
-        assert_eq!(got.nets[0].tap, "tapB");
-        assert_eq!(got.nets[0].mac, Some([2, 0, 0, 0, 0, 7]));
-    }
-
-    #[test]
-    fn another_image_size_count_mac_or_mode_is_one_line() {
-        let (_d, p) = image(4096);
-        let (_e, other) = image(4096);
-        let disk = |path: &std::path::Path, read_only| Devices {
+    fn given(path: &std::path::Path, read_only: bool) -> Opened {
+        Devices {
             disks: vec![DiskConfig {
                 path: path.into(),
                 read_only,
             }],
             nets: vec![],
-        };
-        let err = disk(&other, false).resolve(&saved(&p, 4096)).unwrap_err();
+        }
+        .open()
+        .unwrap()
+    }
+
+    #[test]
+    fn given_nothing_a_guest_with_devices_is_refused_with_the_flags_to_give() {
+        let (_d, p) = image(4096);
+        let err = Opened::none().resolve(&saved(&p, 4096)).unwrap_err();
+        assert!(
+            err.contains("1 disk(s): give --disk path=IMAGE")
+                && err.contains("1 network card(s): give --net tap=NAME"),
+            "{err}"
+        );
+        assert!(!err.contains('\n'));
+        // Given its disk but no tap, only the card is named.
+        let err = given(&p, false).resolve(&saved(&p, 4096)).unwrap_err();
+        assert!(err.contains("--net") && !err.contains("--disk"), "{err}");
+        // A guest without devices needs nothing.
+        let got = Opened::none().resolve(&[]).unwrap();
+        assert!(got.disks.is_empty() && got.nets.is_empty());
+    }
+
+    #[test]
+    fn the_same_image_is_taken_once() {
+        let (_d, p) = image(4096);
+        let mut here = given(&p, false);
+        let got = here.resolve(&disk_only(&p, 4096)).unwrap();
+        assert_eq!(got.disks.len(), 1);
+        assert_eq!(got.disks[0].path(), p.as_path());
+        // Taken: nothing is left for a second guest.
+        let err = here.resolve(&disk_only(&p, 4096)).unwrap_err();
+        assert!(err.contains("give --disk"), "{err}");
+    }
+
+    #[test]
+    fn another_image_size_count_or_mode_is_one_line() {
+        let (_d, p) = image(4096);
+        let (_e, other) = image(4096);
+        let err = given(&other, false)
+            .resolve(&disk_only(&p, 4096))
+            .unwrap_err();
         assert!(err.contains("both sides must name the same image"), "{err}");
-        let err = disk(&p, false).resolve(&saved(&p, 8192)).unwrap_err();
+        let err = given(&p, false).resolve(&disk_only(&p, 8192)).unwrap_err();
         assert!(
             err.contains("(4096 bytes)") && err.contains("(8192 bytes)"),
             "{err}"
         );
-        let err = disk(&p, true).resolve(&saved(&p, 4096)).unwrap_err();
+        let err = given(&p, true).resolve(&disk_only(&p, 4096)).unwrap_err();
         assert_eq!(err, "disk 0: read-only here, writable for the guest");
         let two = Devices {
-            disks: vec![],
-            nets: vec![
-                NetConfig {
-                    tap: "a".into(),
-                    mac: None
+            disks: vec![
+                DiskConfig {
+                    path: p.clone(),
+                    read_only: false,
                 };
                 2
             ],
+            nets: vec![],
         };
-        let err = two.resolve(&saved(&p, 4096)).unwrap_err();
-        assert_eq!(
-            err,
-            "this side was given 2 network card(s), the guest has 1"
-        );
-        let mac = Devices {
-            disks: vec![],
-            nets: vec![NetConfig {
-                tap: "a".into(),
-                mac: Some([2; 6]),
+        let err = two
+            .open()
+            .unwrap()
+            .resolve(&disk_only(&p, 4096))
+            .unwrap_err();
+        assert_eq!(err, "this side was given 2 disk(s), the guest has 1");
+    }
+
+    #[test]
+    fn a_path_that_is_not_an_image_is_refused_when_opened() {
+        let dir = std::env::temp_dir();
+        let err = Devices {
+            disks: vec![DiskConfig {
+                path: dir.clone(),
+                read_only: true,
             }],
-        };
-        let err = mac.resolve(&saved(&p, 4096)).unwrap_err();
-        assert!(
-            err.contains("02:02:02:02:02:02") && err.contains("02:00:00:00:00:07"),
-            "{err}"
-        );
-        assert!(!err.contains('\n'));
+            nets: vec![],
+        }
+        .open()
+        .unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
     }
 }

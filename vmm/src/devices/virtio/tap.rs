@@ -10,7 +10,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 /// TUNSETOFFLOAD = _IOW('T', 208, unsigned int).
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+pub(crate) const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 /// What the tap may hand us unfinished (linux/if_tun.h): a checksum left to the guest,
 /// TCP segments of up to 64 KiB (IPv4, IPv6, with ECN).
 pub const TUN_F_CSUM: u32 = 0x01;

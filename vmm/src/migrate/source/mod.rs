@@ -35,7 +35,16 @@ pub fn send(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, Error> {
     let _active = control.begin().ok_or(Error::Busy)?;
-    let sock = connect(addr, opts.peer_timeout)?;
+    let plaintext = opts.key.is_none() && opts.tls.is_none();
+    if plaintext && !opts.insecure {
+        if let (false, Address::Tcp(hp)) = (super::net::is_local(addr)?, addr) {
+            return Err(Error::Plaintext(format!("{hp}, an address off this host")));
+        }
+    }
+    let sock = connect(addr, opts.peer_timeout, plaintext && !opts.insecure)?;
+    if plaintext && opts.insecure {
+        log::warn!("sending the guest unencrypted to {addr:?} (--insecure): anyone on the path can read and change its memory and state");
+    }
     let conn = super::tls::to_destination(
         sock,
         opts.key.as_ref(),

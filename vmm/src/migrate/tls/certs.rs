@@ -1,10 +1,12 @@
 //! Certificates with rcgen: `ferry tls generate DIR` (a CA, and a destination's and a
 //! source's certificate signed by it, in the layout --tls-dir and QEMU's tls-creds-x509
-//! read), and the throw-away certificate of a keyed destination.
+//! read; each valid for a number of days; the CA's key written apart from DIR, since DIR
+//! goes to both hosts and whoever holds that key can make certificates), and the
+//! throw-away certificate of a keyed destination.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
@@ -27,9 +29,45 @@ pub(super) fn throwaway(
     Ok((c.cert.der().clone(), key.into()))
 }
 
-fn params(cn: &str, names: &[String]) -> Result<CertificateParams, Error> {
+/// What `ferry tls generate` makes.
+#[derive(Debug, Clone)]
+pub struct Generate {
+    /// Host names or addresses the source will connect to: the destination certificate's.
+    pub names: Vec<String>,
+    /// The source certificate's name (what a destination's `--tls-allow` names).
+    pub source_name: String,
+    /// Days each certificate is valid from now (and from an hour ago, for clocks that lag).
+    pub days: u32,
+    /// Where the CA's private key goes: not in the directory both hosts use.
+    pub ca_key: PathBuf,
+}
+
+impl Generate {
+    /// Certificates for a destination named `names` with `dir`'s defaults: a source named
+    /// `ferry-source`, valid a year, the CA key at [`Generate::default_ca_key`].
+    pub fn new(dir: &Path, names: Vec<String>) -> Generate {
+        Generate {
+            names,
+            source_name: "ferry-source".into(),
+            days: 365,
+            ca_key: Generate::default_ca_key(dir),
+        }
+    }
+
+    /// The default place of the CA key for `dir`: beside it, `DIR.ca-key.pem`.
+    pub fn default_ca_key(dir: &Path) -> PathBuf {
+        let mut name = dir.as_os_str().to_owned();
+        name.push(".ca-key.pem");
+        PathBuf::from(name)
+    }
+}
+
+fn params(cn: &str, names: &[String], days: u32) -> Result<CertificateParams, Error> {
     let mut p = CertificateParams::new(names.to_vec()).map_err(gen_err)?;
     p.distinguished_name.push(DnType::CommonName, cn);
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::hours(1);
+    p.not_after = now + time::Duration::days(i64::from(days));
     Ok(p)
 }
 
@@ -39,8 +77,9 @@ fn leaf(
     names: &[String],
     purpose: ExtendedKeyUsagePurpose,
     ca: &(rcgen::Certificate, KeyPair),
+    days: u32,
 ) -> Result<(String, String), Error> {
-    let mut p = params(cn, names)?;
+    let mut p = params(cn, names, days)?;
     p.key_usages = vec![
         KeyUsagePurpose::DigitalSignature,
         KeyUsagePurpose::KeyEncipherment,
@@ -51,48 +90,67 @@ fn leaf(
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// Writes a new CA (`ca-cert.pem`, `ca-key.pem`), a destination certificate for `names`
-/// (`server-cert.pem`, `server-key.pem`: host names or addresses the source will connect
-/// to) and a source certificate (`client-cert.pem`, `client-key.pem`) into `dir`, created
-/// if missing. Keys get mode 0600; an existing file is never overwritten.
-pub fn generate(dir: &Path, names: &[String]) -> Result<(), Error> {
+/// Writes a new CA (`ca-cert.pem` in `dir`, its key at `g.ca_key`), a destination
+/// certificate for `g.names` (`server-cert.pem`, `server-key.pem`: host names or addresses
+/// the source will connect to) and a source certificate for `g.source_name`
+/// (`client-cert.pem`, `client-key.pem`) into `dir`, created if missing, each valid for
+/// `g.days`. Keys get mode 0600; an existing file is never overwritten.
+pub fn generate(dir: &Path, g: &Generate) -> Result<(), Error> {
+    let names = &g.names;
     if names.is_empty() {
         return Err(Error::TlsFiles(
             "the destination's certificate needs at least one name".into(),
         ));
     }
-    let mut ca_params = params("ferry migration CA", &[])?;
+    if g.days == 0 {
+        return Err(Error::TlsFiles(
+            "a certificate is valid for 1 day or more".into(),
+        ));
+    }
+    if g.ca_key.starts_with(dir) {
+        return Err(Error::TlsFiles(format!(
+            "{}: the CA key goes outside {}, which both hosts are given",
+            g.ca_key.display(),
+            dir.display()
+        )));
+    }
+    let mut ca_params = params("ferry migration CA", &[], g.days)?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_key = KeyPair::generate().map_err(gen_err)?;
     let ca_cert = ca_params.self_signed(&ca_key).map_err(gen_err)?;
     let ca = (ca_cert, ca_key);
-    let (server_cert, server_key) =
-        leaf(&names[0], names, ExtendedKeyUsagePurpose::ServerAuth, &ca)?;
+    let (server_cert, server_key) = leaf(
+        &names[0],
+        names,
+        ExtendedKeyUsagePurpose::ServerAuth,
+        &ca,
+        g.days,
+    )?;
     let (client_cert, client_key) = leaf(
-        "ferry migration source",
-        &[],
+        &g.source_name,
+        std::slice::from_ref(&g.source_name),
         ExtendedKeyUsagePurpose::ClientAuth,
         &ca,
+        g.days,
     )?;
     let files = [
-        ("ca-cert.pem", ca.0.pem(), 0o644),
-        ("ca-key.pem", ca.1.serialize_pem(), 0o600),
-        ("server-cert.pem", server_cert, 0o644),
-        ("server-key.pem", server_key, 0o600),
-        ("client-cert.pem", client_cert, 0o644),
-        ("client-key.pem", client_key, 0o600),
+        (dir.join("ca-cert.pem"), ca.0.pem(), 0o644),
+        (g.ca_key.clone(), ca.1.serialize_pem(), 0o600),
+        (dir.join("server-cert.pem"), server_cert, 0o644),
+        (dir.join("server-key.pem"), server_key, 0o600),
+        (dir.join("client-cert.pem"), client_cert, 0o644),
+        (dir.join("client-key.pem"), client_key, 0o600),
     ];
-    if let Some((f, ..)) = files.iter().find(|(f, ..)| dir.join(f).exists()) {
+    if let Some((f, ..)) = files.iter().find(|(f, ..)| f.exists()) {
         return Err(Error::TlsFiles(format!(
             "{} exists already: ferry tls generate writes only new files",
-            dir.join(f).display()
+            f.display()
         )));
     }
     let io = |p: &Path, e: std::io::Error| Error::TlsFiles(format!("{}: {e}", p.display()));
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-    for (f, text, mode) in files {
-        let p = dir.join(f);
+    for (p, text, mode) in files {
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)

@@ -18,7 +18,7 @@
 
 mod certs;
 
-pub use certs::generate;
+pub use certs::{generate, Generate};
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -54,6 +54,8 @@ pub struct SourceTls {
 #[derive(Debug, Clone)]
 pub struct DestinationTls {
     config: Arc<ServerConfig>,
+    /// The names a source's certificate must carry one of (none: any the CA signed).
+    allow: Vec<String>,
 }
 
 fn tls_err(what: impl std::fmt::Display) -> Error {
@@ -146,7 +148,42 @@ impl DestinationTls {
         config.send_tls13_tickets = 0;
         Ok(DestinationTls {
             config: Arc::new(config),
+            allow: Vec::new(),
         })
+    }
+
+    /// Takes only a source whose certificate names one of `names` (`--tls-allow`).
+    pub fn allow(mut self, names: Vec<String>) -> Result<DestinationTls, Error> {
+        for n in &names {
+            ServerName::try_from(n.as_str())
+                .map_err(|_| Error::TlsFiles(format!("--tls-allow {n:?}: not a name")))?;
+        }
+        self.allow = names;
+        Ok(self)
+    }
+
+    /// Whether the source's certificate (the CA has signed it) names one of the allowed.
+    fn allows(&self, conn: &ServerConnection) -> Result<(), Error> {
+        if self.allow.is_empty() {
+            return Ok(());
+        }
+        let named = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|der| webpki::EndEntityCert::try_from(der).ok())
+            .is_some_and(|cert| {
+                self.allow.iter().any(|n| {
+                    ServerName::try_from(n.as_str())
+                        .is_ok_and(|sn| cert.verify_is_valid_for_subject_name(&sn).is_ok())
+                })
+            });
+        if named {
+            return Ok(());
+        }
+        Err(Error::Auth(format!(
+            "the source's certificate names none of --tls-allow {}",
+            self.allow.join(", ")
+        )))
     }
 }
 
@@ -339,6 +376,14 @@ where
     Ok(())
 }
 
+/// Draws from the TLS library's random source once, so that whatever it does on first use
+/// (aws-lc looks for a VM generation ID device) happens on the calling thread, not on a
+/// handshake's, whose filter allows no file.
+pub(super) fn warm_up() {
+    let mut b = [0u8; 16];
+    let _ = provider().secure_random.fill(&mut b);
+}
+
 /// This session's binding of the shared key.
 fn bound(key: &Key, conn: &rustls::ConnectionCommon<impl rustls::SideData>) -> Result<Key, Error> {
     let exporter = conn
@@ -391,6 +436,7 @@ pub(super) fn from_source(
     handshake: Duration,
     timeout: Duration,
 ) -> Result<Box<dyn Conn>, Error> {
+    let tls_choice = tls;
     let config = match (tls, key) {
         (Some(t), _) => t.config.clone(),
         (None, Some(_)) => keyed_server()?,
@@ -409,6 +455,9 @@ pub(super) fn from_source(
                 let _ = protocol::send(&mut io, &protocol::Message::Refuse(why.into()));
             }
             return Err(e);
+        }
+        if let Some(t) = tls_choice {
+            t.allows(&tls)?;
         }
         if let Some(key) = key {
             let key = bound(key, &tls)?;
