@@ -457,6 +457,25 @@ fn message(r: &mut impl Read, tag: [u8; 4], len: u32) -> Result<Message, Error> 
     Ok(m)
 }
 
+/// Checks a PageRequest's ranges against guest RAM (`regions`: start and length of each):
+/// every range page-aligned and inside one region, its end computed without overflow, so
+/// that the source reads only guest RAM for it. One line naming the first that is not.
+pub fn check_request(ranges: &[(u64, u32)], regions: &[(u64, u64)]) -> Result<(), String> {
+    const PAGE: u64 = crate::limits::PAGE_SIZE;
+    for &(gpa, n) in ranges {
+        let end = gpa.checked_add(u64::from(n) * PAGE);
+        let inside = regions.iter().any(|&(start, len)| {
+            gpa >= start && end.is_some_and(|e| start.checked_add(len).is_some_and(|r| e <= r))
+        });
+        if gpa % PAGE != 0 || !inside {
+            return Err(format!(
+                "asked for {n} pages at {gpa:#x}, which are not guest RAM"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether a PageRequest keeps to the caps: at most [`MAX_REQUEST_RANGES`] ranges, each
 /// of at least one page, [`MAX_REQUEST_PAGES`] pages in all.
 fn request_fits(ranges: &[(u64, u32)]) -> bool {

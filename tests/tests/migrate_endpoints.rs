@@ -188,3 +188,52 @@ fn a_touched_map_and_zero_pages_over_all_ram_do_not_back_it() {
     drop(s);
     let _ = dest.wait_exit(std::time::Duration::from_secs(60));
 }
+
+#[test]
+fn a_vm_state_larger_than_the_hello_announced_is_refused_at_its_config() {
+    use migration::protocol::{self, Hello, Message};
+    use std::io::Write;
+    ferry_tests::require_kvm();
+    // A real guest's state, claiming 256 vCPUs after a Hello that announced one.
+    let sock = temp_path("endpoints-state.sock");
+    let mut f = ferry_tests::process::run_tiny(&ferry_tests::tiny::LONG_COUNT, &[], &sock);
+    f.wait_line(std::time::Duration::from_secs(60), |l| {
+        ferry_tests::process::count_line(l).is_some()
+    });
+    let snap = temp_path("endpoints-state.snap");
+    let (ok, out) = f.ctl(&["snapshot", snap.to_str().unwrap(), "--stop"]);
+    assert!(ok, "{out}");
+    let mut state = vmm::snapshot::read_file(&snap).unwrap();
+    state.memory.clear();
+    state.vcpus = (0..256)
+        .map(|id| migration::VcpuState {
+            id,
+            ..state.vcpus[0].clone()
+        })
+        .collect();
+    state.config.vcpus = 256;
+    let mut stream = Vec::new();
+    migration::write_vm(&mut stream, &state).unwrap();
+
+    let path = temp_path("endpoints-state.mig");
+    let url = format!("unix:{}", path.display());
+    let mut dest = Ferry::receive(&url, &[]);
+    let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let hello = Hello::new(
+        state.config.memory,
+        1,
+        state.cpu_profile.clone(),
+        state.guest_cpu.clone(),
+    );
+    protocol::send(&mut s, &Message::Hello(hello)).unwrap();
+    assert_eq!(protocol::recv(&mut s).unwrap(), Message::Accept);
+    protocol::send(&mut s, &Message::State).unwrap();
+    let _ = s.write_all(&stream);
+    let st = dest.wait_exit(std::time::Duration::from_secs(60));
+    assert!(!st.success(), "{}", dest.transcript());
+    let text = dest.stderr_lines().join("\n");
+    assert!(
+        text.contains("its vCPU count is 256, the Hello announced 1"),
+        "{text}"
+    );
+}

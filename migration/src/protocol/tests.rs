@@ -250,3 +250,19 @@ fn postcopy_messages_past_their_caps_are_refused_both_ways() {
         Precopy::Missing { first_page: 128, ref words } if words == &[7]
     ));
 }
+
+#[test]
+fn a_page_request_is_checked_against_guest_ram_without_overflow() {
+    let ram = [(0u64, 0x10_0000u64), (0x1_0000_0000, 0x1000)];
+    assert!(check_request(&[(0x1000, 1), (0x1_0000_0000, 1)], &ram).is_ok());
+    for bad in [
+        (0x10_0000 - 0x1000, 2),
+        (!0xfffu64, 2),
+        (0x1_0000_0000, 2),
+        (0x1001, 1),
+        (0x20_0000, 1),
+    ] {
+        let e = check_request(&[bad], &ram).unwrap_err();
+        assert!(e.contains("not guest RAM"), "{bad:?}: {e}");
+    }
+}

@@ -265,11 +265,8 @@ pub(super) fn rules(kind: Kind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Backe
     map.insert(SYS_mmap, vec![no_exec()?]);
     map.insert(SYS_mprotect, vec![no_exec()?]);
     // std checks that a descriptor is open before it closes it (F_GETFD, debug builds).
-    if !map.contains_key(&SYS_fcntl) {
-        map.insert(
-            SYS_fcntl,
-            vec![rule(vec![cond(1, Op::Eq, F_GETFD as u64)?])?],
-        );
+    if let std::collections::btree_map::Entry::Vacant(e) = map.entry(SYS_fcntl) {
+        e.insert(vec![rule(vec![cond(1, Op::Eq, F_GETFD as u64)?])?]);
     }
     if !a.ioctls.is_empty() {
         let ioctls = a
