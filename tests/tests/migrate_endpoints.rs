@@ -1,7 +1,9 @@
 //! The migration's endpoints as a local user meets them: key files private to their owner
 //! (`ferry key generate` makes them so, a readable one is refused with one line), a Unix
 //! listener of mode 0600, and a second `ferry receive` on a path where one listens already
-//! refused, the first left listening.
+//! refused, the first left listening. A Hello over the destination's limits is refused
+//! before anything is allocated, and a VM state larger than its Hello announced is refused
+//! at its config, before any vCPU state is read.
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
