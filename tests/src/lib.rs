@@ -32,6 +32,16 @@ pub fn sandbox_on(kind: Option<vmm::sandbox::Kind>) {
     }
 }
 
+/// This host's default guest CPU profile as JSON, as a source's Hello carries it (a test
+/// playing a source).
+pub fn host_profile_json() -> String {
+    let kvm = vmm::vm::open_kvm().expect("/dev/kvm");
+    let host = vmm::cpu_model::host_dump(&kvm).expect("this host's CPUID");
+    vmm::cpu_model::default_profile(&host)
+        .expect("this host's default profile")
+        .to_json()
+}
+
 /// Fails the calling test unless /dev/kvm can be opened for reading and writing.
 pub fn require_kvm() {
     use std::os::unix::fs::FileTypeExt;

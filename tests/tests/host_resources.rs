@@ -76,13 +76,6 @@ fn a_guest_with_a_disk_is_not_taken_without_disk_and_runs_on_at_the_source() {
     f.stop();
 }
 
-/// The default CPU profile of this host, as a source's Hello carries it.
-fn profile_json() -> String {
-    let kvm = vmm::vm::open_kvm().expect("/dev/kvm");
-    let host = vmm::cpu_model::host_dump(&kvm).unwrap();
-    vmm::cpu_model::default_profile(&host).unwrap().to_json()
-}
-
 /// Plays a source that sends `hello` to `ferry receive --listen unix:.. extra` run under
 /// strace; returns the destination's answer and every path it opened.
 fn hostile_hello(name: &str, hello: Hello, extra: &[&str]) -> (Message, String) {
@@ -134,7 +127,7 @@ fn a_hostile_hello_naming_host_files_as_disks_never_opens_them() {
         read_only: false,
     };
     let hello = || {
-        Hello::new(64 << 20, 1, profile_json(), None).with_devices(vec![
+        Hello::new(64 << 20, 1, ferry_tests::host_profile_json(), None).with_devices(vec![
             disk(&secret, padded.len() as u64),
             disk(&tenant, 1 << 20),
         ])

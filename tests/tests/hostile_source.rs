@@ -16,12 +16,6 @@ use vmm::sandbox::Kind;
 
 const MEMORY: u64 = 64 << 20;
 
-fn profile_json() -> String {
-    let kvm = vmm::vm::open_kvm().expect("/dev/kvm");
-    let host = vmm::cpu_model::host_dump(&kvm).unwrap();
-    vmm::cpu_model::default_profile(&host).unwrap().to_json()
-}
-
 /// Plays `script` as the source (after Hello and the destination's Accept when `hello`),
 /// and returns the destination's error.
 fn against_destination(hello: bool, script: impl FnOnce(&mut UnixStream)) -> String {
@@ -35,7 +29,7 @@ fn against_destination(hello: bool, script: impl FnOnce(&mut UnixStream)) -> Str
         migrate::receive_over(b, None, Box::new(Console::default()))
     });
     if hello {
-        let h = Hello::new(MEMORY, 1, profile_json(), None);
+        let h = Hello::new(MEMORY, 1, ferry_tests::host_profile_json(), None);
         protocol::send(&mut a, &Message::Hello(h)).unwrap();
         assert_eq!(protocol::recv(&mut a).unwrap(), Message::Accept);
     }
@@ -155,7 +149,7 @@ fn a_hello_the_destination_cannot_build_is_refused() {
             ferry_tests::sandbox_on(Some(Kind::Receiver));
             migrate::receive_over(b, None, Box::new(Console::default()))
         });
-        let h = Hello::new(memory, vcpus, profile_json(), None);
+        let h = Hello::new(memory, vcpus, ferry_tests::host_profile_json(), None);
         protocol::send(&mut a, &Message::Hello(h)).unwrap();
         match protocol::recv(&mut a).unwrap() {
             // Too many vCPUs for this host's limit, or for its KVM.

@@ -55,13 +55,6 @@ fn eight_idle_connections_do_not_stop_a_keyed_migration() {
     drop(idle);
 }
 
-/// The default CPU profile of this host, as a source's Hello carries it.
-fn profile_json() -> String {
-    let kvm = vmm::vm::open_kvm().expect("/dev/kvm");
-    let host = vmm::cpu_model::host_dump(&kvm).unwrap();
-    vmm::cpu_model::default_profile(&host).unwrap().to_json()
-}
-
 #[test]
 fn a_trickling_source_is_cut_at_the_deadline() {
     ferry_tests::require_kvm();
@@ -69,7 +62,7 @@ fn a_trickling_source_is_cut_at_the_deadline() {
     let url = format!("unix:{}", path.display());
     let mut dst = Ferry::receive(&url, &["--deadline", "3s", "--peer-timeout", "10m"]);
     let mut s = UnixStream::connect(&path).unwrap();
-    let hello = Hello::new(64 << 20, 1, profile_json(), None);
+    let hello = Hello::new(64 << 20, 1, ferry_tests::host_profile_json(), None);
     protocol::send(&mut s, &Message::Hello(hello)).unwrap();
     assert_eq!(protocol::recv(&mut s).unwrap(), Message::Accept);
     // One page frame, a byte every 100 ms: each read gets something long before the peer

@@ -139,9 +139,7 @@ fn a_touched_map_and_zero_pages_over_all_ram_do_not_back_it() {
     use std::io::Write;
     ferry_tests::require_kvm();
     const GIB: u64 = 1 << 30;
-    let kvm = vmm::vm::open_kvm().unwrap();
-    let host = vmm::cpu_model::host_dump(&kvm).unwrap();
-    let profile = vmm::cpu_model::default_profile(&host).unwrap().to_json();
+    let profile = ferry_tests::host_profile_json();
     let path = temp_path("endpoints-backing.mig");
     let url = format!("unix:{}", path.display());
     let mut dest = Ferry::receive(&url, &[]);
