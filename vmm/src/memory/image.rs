@@ -14,11 +14,27 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::{advise, GuestRam, PAGE_SIZE};
 
+/// Whether the extents of `image` are nonzero, page aligned, ascending and inside it: what
+/// the pages and blocks below count on (the stream's reader refuses any other).
+fn extents_inside(image: &migration::Image) -> bool {
+    let mut next = image.gpa;
+    let end = image.gpa.checked_add(image.len);
+    image.extents.iter().all(|&(gpa, len)| {
+        let ok = len != 0
+            && (gpa | len) % PAGE_SIZE == 0
+            && gpa >= next
+            && gpa.checked_add(len).is_some_and(|e| Some(e) <= end);
+        next = gpa.saturating_add(len);
+        ok
+    })
+}
+
 impl GuestRam {
     /// Maps `image` from `file` (the snapshot, `file_len` bytes long) over the RAM region it
     /// covers, before the RAM is attached to a VM: its data extents read from the file on
     /// demand, its holes zero. The image must lie inside one region, at a page-aligned file
-    /// offset, and end within the file.
+    /// offset, whole pages long, and end within the file; its extents (which the stream's
+    /// reader checked already) nonzero, page aligned, ascending and inside it.
     pub fn map_image(
         &mut self,
         file: &std::fs::File,
@@ -28,8 +44,11 @@ impl GuestRam {
         if self.vm.get().is_some() {
             return Err("guest RAM is attached to a VM already");
         }
-        if image.offset % PAGE_SIZE != 0 || image.gpa % PAGE_SIZE != 0 {
+        if (image.offset | image.gpa | image.len) % PAGE_SIZE != 0 {
             return Err("image is not page aligned");
+        }
+        if !extents_inside(image) {
+            return Err("image extents are not page aligned, ascending and inside the image");
         }
         if image
             .offset
@@ -109,5 +128,42 @@ impl GuestRam {
         }
         blocks.sort_unstable();
         blocks.dedup();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Found by the snapshot_image fuzz target: an image whose extents lay outside it (or
+    // ran past u64) was mapped, and counting its blocks allocated without bound; an image
+    // not whole pages long mapped file bytes over RAM past its end.
+    #[test]
+    fn images_with_bad_extents_or_partial_pages_are_refused() {
+        let p = std::env::temp_dir().join(format!("ferry-image-{}.bin", std::process::id()));
+        std::fs::write(&p, vec![7u8; 4 * PAGE_SIZE as usize]).unwrap();
+        let file = std::fs::File::open(&p).unwrap();
+        let image = |len, extents| migration::Image {
+            gpa: PAGE_SIZE,
+            len,
+            offset: PAGE_SIZE,
+            extents,
+        };
+        let page = PAGE_SIZE;
+        let bad = [
+            image(2 * page, vec![(4 * page, page)]),
+            image(2 * page, vec![(page, u64::MAX - page)]),
+            image(2 * page, vec![(2 * page, page), (page, page)]),
+            image(2 * page, vec![(page, 0)]),
+            image(page + 100, vec![]),
+        ];
+        let mut ram = GuestRam::new(16 * page).unwrap();
+        for i in &bad {
+            assert!(ram.map_image(&file, 4 * page, i).is_err(), "{i:?}");
+        }
+        let good = image(2 * page, vec![(page, page), (2 * page, page)]);
+        ram.map_image(&file, 4 * page, &good).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        assert_eq!(ram.resident_blocks(page), [page, 2 * page]);
     }
 }

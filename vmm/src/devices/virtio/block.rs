@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::{Queue, QueueT};
 
-use super::{descriptors, Backend, Error};
+use super::{descriptors, pop, Backend, Error};
 use crate::memory::GuestMemoryMmap;
 
 /// Bytes of a sector.
@@ -242,11 +242,12 @@ impl Backend for Block {
         mem: &GuestMemoryMmap,
     ) -> Result<bool, Error> {
         let mut used = false;
-        let Some(q) = queues.get_mut(index) else {
+        // A queue the driver did not make ready has no rings to read or write.
+        let Some(q) = queues.get_mut(index).filter(|q| q.ready()) else {
             return Ok(false);
         };
         loop {
-            while let Some(chain) = q.pop_descriptor_chain(mem) {
+            while let Some(chain) = pop(q, index, mem)? {
                 let head = chain.head_index();
                 let len = self.request(chain, mem)?;
                 q.add_used(mem, head, len)
@@ -277,5 +278,62 @@ impl Backend for Block {
             self.path.display(),
             if self.read_only { " (read-only)" } else { "" }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// Guest RAM (64 KiB) and a ready 16-entry queue: descriptors at 0x1000, available
+    /// ring at 0x2000, used ring at 0x3000.
+    fn ram_and_queue() -> (GuestMemoryMmap, Queue) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let mut q = super::super::new_queue(16);
+        q.set_desc_table_address(Some(0x1000), Some(0));
+        q.set_avail_ring_address(Some(0x2000), Some(0));
+        q.set_used_ring_address(Some(0x3000), Some(0));
+        q.set_ready(true);
+        (mem, q)
+    }
+
+    fn disk(name: &str) -> (Block, PathBuf) {
+        let p = std::env::temp_dir().join(format!("ferry-block-{}-{name}.img", std::process::id()));
+        std::fs::write(&p, vec![0u8; 8 * SECTOR as usize]).unwrap();
+        let cfg = DiskConfig {
+            path: p.clone(),
+            read_only: false,
+        };
+        (Block::open(&cfg).unwrap(), p)
+    }
+
+    // Found by the virtio_blk fuzz target: virtio-queue reports no chain for an available
+    // index more than a queue ahead, yet more buffers to enable_notification, and the
+    // device looped for ever.
+    #[test]
+    fn an_available_index_more_than_a_queue_ahead_is_a_device_error() {
+        let (mem, q) = ram_and_queue();
+        let (mut blk, path) = disk("ahead");
+        mem.write_obj(17u16, GuestAddress(0x2002)).unwrap();
+        let r = blk.process_queue(0, &mut [q], &mem);
+        std::fs::remove_file(path).unwrap();
+        assert!(matches!(r, Err(Error::Queue(0, _))), "{r:?}");
+    }
+
+    #[test]
+    fn a_queue_not_ready_is_left_alone() {
+        let (mem, mut q) = ram_and_queue();
+        q.reset(); // not ready, its rings at address 0
+        let (mut blk, path) = disk("not-ready");
+        mem.write_obj(0xffff_ffffu32, GuestAddress(0)).unwrap();
+        let r = blk.process_queue(0, &mut [q], &mem);
+        std::fs::remove_file(path).unwrap();
+        assert!(matches!(r, Ok(false)), "{r:?}");
+        let at0: u32 = mem.read_obj(GuestAddress(0)).unwrap();
+        assert_eq!(
+            at0, 0xffff_ffff,
+            "nothing written at the default ring address 0"
+        );
     }
 }

@@ -20,7 +20,7 @@ pub mod mmio;
 pub mod net;
 pub mod tap;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use crate::memory::GuestMemoryMmap;
 
@@ -114,6 +114,20 @@ where
         Some(last) if last.has_next() => Err(Error::BrokenChain),
         Some(_) => Ok(descs),
     }
+}
+
+/// The next chain the driver made available in `q` (queue `index`), or None where there is
+/// none; an error where the queue cannot be served (its available index more than a queue
+/// ahead of the device's, its available ring at address 0). virtio-queue's
+/// `pop_descriptor_chain` answers None to those while `enable_notification` answers that
+/// buffers are there: a device that pops until both agree would spin for ever.
+pub fn pop<'m>(
+    q: &mut Queue,
+    index: usize,
+    mem: &'m GuestMemoryMmap,
+) -> Result<Option<virtio_queue::DescriptorChain<&'m GuestMemoryMmap>>, Error> {
+    let mut chains = q.iter(mem).map_err(|e| Error::Queue(index, e))?;
+    Ok(chains.next())
 }
 
 /// A new queue of `size` entries at most.

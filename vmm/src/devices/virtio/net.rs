@@ -19,7 +19,7 @@ use virtio_bindings::virtio_net::{
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR};
-use super::{descriptors, Backend, Error};
+use super::{descriptors, pop, Backend, Error};
 use crate::memory::GuestMemoryMmap;
 
 /// The largest frame with its header: 64 KiB of payload and an Ethernet header.
@@ -113,6 +113,26 @@ pub struct Net {
 
 type Chain<'m> = virtio_queue::DescriptorChain<&'m GuestMemoryMmap>;
 
+/// The receive buffers a pending frame found.
+enum Taken<'m> {
+    /// The chains it fills (none: it was dropped).
+    Enough(Vec<(Chain<'m>, usize)>),
+    /// Too few, all put back; `seen`: the driver's available index they ended at.
+    TooFew { seen: u16 },
+}
+
+/// Asks the driver of the receive queue to notify when it makes buffers available past
+/// index `seen`, and tells whether it has meanwhile. (`enable_notification` alone asks past
+/// the queue's next_avail, which stays behind `seen` when buffers were put back: it would
+/// answer "more" at once, for ever, and with EVENT_IDX the driver would not notify.)
+fn more_since(q: &mut Queue, mem: &GuestMemoryMmap, seen: u16) -> Result<bool, Error> {
+    let back = q.next_avail();
+    q.set_next_avail(seen);
+    let more = q.enable_notification(mem);
+    q.set_next_avail(back);
+    more.map_err(|e| Error::Queue(RX, e))
+}
+
 impl Net {
     pub fn new(tap: Tap, mac: [u8; 6]) -> Net {
         Net {
@@ -132,7 +152,8 @@ impl Net {
     /// Moves frames from the tap into receive buffers until either runs out.
     fn receive(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, Error> {
         let mut used = false;
-        let Some(q) = queues.get_mut(RX) else {
+        // A queue the driver did not make ready has no rings to read or write.
+        let Some(q) = queues.get_mut(RX).filter(|q| q.ready()) else {
             return Ok(false);
         };
         loop {
@@ -143,15 +164,16 @@ impl Net {
                     Err(_) => return Ok(used),
                 }
             }
-            let Some(chains) = self.take_buffers(q, mem)? else {
+            let chains = match self.take_buffers(q, mem)? {
+                Taken::Enough(chains) => chains,
                 // Too few buffers: the frame waits for the guest's next receive
                 // notification (unless buffers came in meanwhile).
-                if q.enable_notification(mem)
-                    .map_err(|e| Error::Queue(RX, e))?
-                {
-                    continue;
+                Taken::TooFew { seen } => {
+                    if more_since(q, mem, seen)? {
+                        continue;
+                    }
+                    return Ok(used);
                 }
-                return Ok(used);
             };
             self.deliver(q, mem, chains)?;
             self.pending = 0;
@@ -161,18 +183,19 @@ impl Net {
 
     /// Pops the buffer chains the pending frame needs: one without mergeable buffers (an
     /// empty list where it is too small: the frame is dropped), as many as it fills with
-    /// them. None, with nothing popped, where the queue has too few.
+    /// them. TooFew, with nothing popped, where the queue has too few.
     fn take_buffers<'m>(
         &mut self,
         q: &mut Queue,
         mem: &'m GuestMemoryMmap,
-    ) -> Result<Option<Vec<(Chain<'m>, usize)>>, Error> {
+    ) -> Result<Taken<'m>, Error> {
         let mut chains = Vec::new();
         let mut room = 0;
         while room < self.pending {
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop(q, RX, mem)? else {
+                let seen = q.next_avail();
                 chains.iter().for_each(|_| q.go_to_previous_position());
-                return Ok(None);
+                return Ok(Taken::TooFew { seen });
             };
             descriptors(chain.clone())?;
             let size = chain
@@ -184,7 +207,7 @@ impl Net {
                 self.dropped += 1;
                 q.add_used(mem, chain.head_index(), 0)
                     .map_err(|e| Error::Queue(RX, e))?;
-                return Ok(Some(Vec::new()));
+                return Ok(Taken::Enough(Vec::new()));
             }
             if self.mergeable && (size == 0 || (chains.is_empty() && size < VNET_HDR)) {
                 return Err(Error::Buffer(format!("a {size}-byte receive buffer")));
@@ -192,7 +215,7 @@ impl Net {
             room += size;
             chains.push((chain, size));
         }
-        Ok(Some(chains))
+        Ok(Taken::Enough(chains))
     }
 
     /// Writes the pending frame across `chains` (num_buffers: how many) and uses them.
@@ -224,12 +247,12 @@ impl Net {
     /// Sends every frame the guest queued for transmission.
     fn transmit(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Result<bool, Error> {
         let mut used = false;
-        let Some(q) = queues.get_mut(TX) else {
+        let Some(q) = queues.get_mut(TX).filter(|q| q.ready()) else {
             return Ok(false);
         };
         let mut frame = vec![0u8; MAX_FRAME];
         loop {
-            let Some(chain) = q.pop_descriptor_chain(mem) else {
+            let Some(chain) = pop(q, TX, mem)? else {
                 // With EVENT_IDX the driver notifies only past the index this publishes.
                 if q.enable_notification(mem)
                     .map_err(|e| Error::Queue(TX, e))?
@@ -376,6 +399,54 @@ mod tests {
         assert_eq!(eth[20..22], [0, 3], "reverse request");
         assert_eq!(eth[22..28], mac, "sender hardware address");
         assert_eq!(eth[32..38], mac, "target hardware address");
+    }
+
+    // Found by the virtio_net fuzz target: with mergeable buffers, a frame larger than the
+    // buffers available had them put back, and enable_notification (which compares with
+    // the queue's next_avail, behind them) answered "more" for ever.
+    #[test]
+    fn a_frame_waits_for_enough_mergeable_buffers_without_spinning() {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let mut queues = [super::super::new_queue(16), super::super::new_queue(16)];
+        for (i, q) in queues.iter_mut().enumerate() {
+            let base = 0x1000 + 0x3000 * i as u32;
+            q.set_desc_table_address(Some(base), Some(0));
+            q.set_avail_ring_address(Some(base + 0x1000), Some(0));
+            q.set_used_ring_address(Some(base + 0x2000), Some(0));
+            q.set_ready(true);
+        }
+        let (ours, peer) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let tap = Tap::from_file(std::fs::File::from(std::os::fd::OwnedFd::from(ours)), "t");
+        let mut net = Net::new(tap, default_mac(0));
+        net.activate(1 << VIRTIO_NET_F_MRG_RXBUF);
+        // Receive buffer i: descriptor i, 1 KiB at 0x8000 + 1 KiB * i, device-writable, in
+        // available ring slot i.
+        let buffer = |i: u16| {
+            let desc = 0x1000 + 16 * u64::from(i);
+            mem.write_obj(0x8000 + 0x400 * u64::from(i), GuestAddress(desc))
+                .unwrap();
+            mem.write_obj(0x400u32, GuestAddress(desc + 8)).unwrap();
+            mem.write_obj(2u16, GuestAddress(desc + 12)).unwrap();
+            mem.write_obj(i, GuestAddress(0x2004 + 2 * u64::from(i)))
+                .unwrap();
+            mem.write_obj(i + 1, GuestAddress(0x2002)).unwrap();
+        };
+        buffer(0);
+        peer.send(&[0u8; 3000]).unwrap();
+        assert!(
+            !net.process_io(&mut queues, &mem).unwrap(),
+            "the frame waits"
+        );
+        buffer(1);
+        buffer(2);
+        assert!(
+            net.process_queue(RX, &mut queues, &mem).unwrap(),
+            "three buffers take it"
+        );
+        let used: u16 = mem.read_obj(GuestAddress(0x3002)).unwrap();
+        assert_eq!(used, 3);
     }
 
     #[test]

@@ -106,6 +106,17 @@ impl Tap {
         })
     }
 
+    /// A "tap" over `file`, which must read and write one frame per call as a tap does
+    /// (a non-blocking datagram socket does): the stand-in for /dev/net/tun of the fuzz
+    /// targets and tests.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn from_file(file: File, name: &str) -> Tap {
+        Tap {
+            file,
+            name: name.into(),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
