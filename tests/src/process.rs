@@ -399,6 +399,24 @@ pub fn temp_path(name: &str) -> PathBuf {
 }
 
 impl Ferry {
+    /// The highest count a counting guest has printed so far.
+    pub fn last_count(&self) -> u64 {
+        self.stdout_text()
+            .lines()
+            .filter_map(count_line)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// A counting guest still runs here: `status` says running, and its count rises by
+    /// more than `by` within `limit`.
+    pub fn still_counting(&mut self, limit: Duration, by: u64) {
+        let (ok, st) = self.ctl(&["status"]);
+        assert!(ok && st.contains("running"), "{st}");
+        let last = self.last_count();
+        self.wait_line(limit, |l| count_line(l).is_some_and(|n| n > last + by));
+    }
+
     /// Everything the process wrote to stdout, byte for byte (after it exited).
     pub fn stdout_text(&self) -> String {
         let mut out = String::new();

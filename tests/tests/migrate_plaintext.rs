@@ -36,19 +36,6 @@ fn counting_source(cmd: Command, name: &str) -> (Ferry, std::path::PathBuf) {
     (f, sock)
 }
 
-/// The guest still counts at the source.
-fn runs_on(f: &mut Ferry) {
-    let (ok, st) = f.ctl(&["status"]);
-    assert!(ok && st.contains("running"), "{st}");
-    let last = f
-        .stdout_text()
-        .lines()
-        .filter_map(count_line)
-        .max()
-        .unwrap_or(0);
-    f.wait_line(LIMIT, |l| count_line(l).is_some_and(|n| n > last + 3));
-}
-
 #[test]
 fn plaintext_to_an_address_off_this_host_needs_insecure() {
     ferry_tests::require_kvm();
@@ -84,7 +71,7 @@ fn plaintext_to_an_address_off_this_host_needs_insecure() {
         "{out}"
     );
     eprintln!("refused: {}", out.trim());
-    runs_on(&mut src);
+    src.still_counting(LIMIT, 3);
     dest.drain();
     assert!(
         !dest.transcript().contains("refused a connection"),
@@ -101,7 +88,7 @@ fn plaintext_to_an_address_off_this_host_needs_insecure() {
     assert!(warnings[0].contains("unencrypted"), "{out}");
     assert!(out.contains("the peer speaks TLS"), "{out}");
     dest.wait_line_err(LIMIT, |l| l.contains("refused a connection"));
-    runs_on(&mut src);
+    src.still_counting(LIMIT, 3);
     src.stop();
 }
 
@@ -135,7 +122,7 @@ fn plaintext_to_another_users_unix_socket_needs_insecure() {
         !ok && out.contains("refusing to send the guest unencrypted") && out.contains("uid 65534"),
         "{out}"
     );
-    runs_on(&mut src);
+    src.still_counting(LIMIT, 3);
     let (ok, out) = src.ctl(&["migrate", &url, "--insecure", "--peer-timeout", "5s"]);
     assert!(!ok && out.contains("warning"), "{out}");
     let got = theirs.wait_with_output().unwrap();
@@ -143,6 +130,6 @@ fn plaintext_to_another_users_unix_socket_needs_insecure() {
         String::from_utf8_lossy(&got.stdout).contains("connected"),
         "with --insecure the source connects"
     );
-    runs_on(&mut src);
+    src.still_counting(LIMIT, 3);
     src.stop();
 }

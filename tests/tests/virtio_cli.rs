@@ -1,7 +1,8 @@
 //! `ferry run --disk` and `--net` refuse what they cannot use with one line and status 1:
 //! a missing or directory disk file, a bad option, a tap that does not exist, two devices
-//! on one tap. A restore or a migration whose other side names another disk image is
-//! refused with one line before any memory moves, and the guest goes on running.
+//! on one tap. A restore or a migration whose other side names another disk image, or no
+//! disk at all (this side opens only the images its own command line names), is refused
+//! with one line before any memory moves, and the guest goes on running.
 
 use std::process::Command;
 
@@ -82,17 +83,8 @@ fn a_tap_that_is_missing_or_taken_is_one_line() {
     assert!(e.contains("bad MAC"), "{e}");
 }
 
-/// The count the guest has reached so far.
-fn last_count(f: &Ferry) -> u64 {
-    f.stdout_text()
-        .lines()
-        .filter_map(count_line)
-        .max()
-        .unwrap_or(0)
-}
-
 #[test]
-fn another_disk_image_is_refused_by_restore_and_by_the_destination_and_the_guest_runs_on() {
+fn another_disk_image_or_none_is_refused_by_restore_and_by_the_destination_and_the_guest_runs_on() {
     ferry_tests::require_kvm();
     let limit = Duration::from_secs(60);
     let disk = temp_path("carried.img");
@@ -118,6 +110,13 @@ fn another_disk_image_is_refused_by_restore_and_by_the_destination_and_the_guest
         "{line}"
     );
     eprintln!("restore refused: {line}");
+    // Given no disk, the snapshot's path is not taken: the flag to give is named.
+    let line = one_error_line(Command::new(ferry_bin()).args(["restore", snap.to_str().unwrap()]));
+    assert!(
+        line.contains("1 disk(s): give --disk path=IMAGE") && line.contains("never those"),
+        "{line}"
+    );
+    eprintln!("restore refused: {line}");
 
     let port = ferry_tests::process::free_tcp_port();
     let url = format!("tcp:127.0.0.1:{port}");
@@ -130,10 +129,20 @@ fn another_disk_image_is_refused_by_restore_and_by_the_destination_and_the_guest
     );
     eprintln!("migration refused: {}", out.trim());
     assert!(!dest.wait_exit(limit).success(), "{}", dest.transcript());
-    let (ok, st) = f.ctl(&["status"]);
-    assert!(ok && st.contains("running"), "{st}");
-    let last = last_count(&f);
-    f.wait_line(limit, |l| count_line(l).is_some_and(|n| n > last + 5));
+    f.still_counting(limit, 5);
+    // A destination given no disk: refused at the Hello (before Accept, so before any
+    // page moves).
+    let url = format!("unix:{}", temp_path("carried-none.mig").display());
+    let mut dest = Ferry::receive(&url, &[]);
+    let (ok, out) = f.ctl(&["migrate", &url]);
+    assert!(
+        !ok && out.contains("the destination refused the VM") && out.contains("give --disk"),
+        "{out}\n{}",
+        dest.transcript()
+    );
+    eprintln!("migration refused: {}", out.trim());
+    assert!(!dest.wait_exit(limit).success(), "{}", dest.transcript());
+    f.still_counting(limit, 5);
     assert!(f.ctl(&["stop"]).0);
     assert!(f.wait_exit(limit).success(), "{}", f.transcript());
 }

@@ -454,37 +454,38 @@ impl<C: Read + Write> Driver<'_, C> {
             devices: h.devices.len(),
         };
         let mut input = BufReader::new(&mut self.conn);
-        let state = migration::read_head_as(&mut input, &announced)
-            .and_then(|(state, rest)| {
-                rest.memory_until_end(|gpa, data| {
-                    vm.memory()
-                        .write_slice(data, GuestAddress(gpa))
-                        .map_err(|_| "is not guest RAM")
-                })?;
-                Ok(state)
-            })
-            .map_err(|e| {
-                use migration::stream::Error as S;
+        let read = migration::read_head_as(&mut input, &announced).and_then(|(state, rest)| {
+            rest.memory_until_end(|gpa, data| {
+                vm.memory()
+                    .write_slice(data, GuestAddress(gpa))
+                    .map_err(|_| "is not guest RAM")
+            })?;
+            Ok(state)
+        });
+        use migration::stream::Error as S;
+        let state = match read {
+            Ok(state) => state,
+            // Not the machine admitted: told to the source, which keeps its guest.
+            Err(e @ S::NotAnnounced(_)) => return Ok(Err(e.to_string())),
+            Err(e) => {
                 let e = match e {
                     S::Io { source, .. } => source,
                     S::Truncated { .. } => std::io::ErrorKind::UnexpectedEof.into(),
                     other => std::io::Error::other(other.to_string()),
                 };
-                io(Phase::Switchover, "receiving the VM state")(e)
-            })?;
+                return Err(io(Phase::Switchover, "receiving the VM state")(e));
+            }
+        };
         let got_state = Instant::now();
         let (Some(h), Some(vm)) = (self.hello.as_ref(), self.vm.as_mut()) else {
             return Ok(Err("the VM was not built".into()));
         };
+        // RAM, vCPUs and the CPU profile were compared as the stream came (read_head_as);
+        // the devices' backends here.
         let backends: Vec<_> = state.devices.iter().map(|d| d.backend.clone()).collect();
-        if state.cpu_profile != h.cpu_profile
-            || state.config.memory != h.memory
-            || state.config.vcpus != h.vcpus
-            || backends != h.devices
-        {
+        if backends != h.devices {
             return Ok(Err(
-                "the VM state does not match the Hello (memory, vCPUs, CPU profile or devices)"
-                    .into(),
+                "the VM state's devices are not the ones the Hello announced".into(),
             ));
         }
         let loaded = vm.restore_state(&state).map_err(|e| e.to_string());

@@ -158,6 +158,9 @@ static KVM: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
 /// Opens /dev/kvm now and keeps it, so that [`open_kvm`] works after ferry has become a
 /// user who may not open it.
 pub fn keep_kvm_open() -> Result<(), Error> {
+    if KVM.get().is_some() {
+        return Ok(());
+    }
     let dev = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
