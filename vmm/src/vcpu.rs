@@ -425,18 +425,40 @@ pub struct VcpuHandle {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+/// A vCPU's thread asked for ([`VcpuHandle::start`]); [`StartingVcpu::handle`] waits
+/// for it. Several asked for at once start together.
+#[derive(Debug)]
+pub struct StartingVcpu {
+    id: u32,
+    cmds: Sender<VcpuCmd>,
+    shared: Arc<VcpuShared>,
+    thread: crate::sandbox::Spawning<()>,
+}
+
+impl StartingVcpu {
+    /// The handle, once the thread has started.
+    pub fn handle(self) -> std::io::Result<VcpuHandle> {
+        Ok(VcpuHandle {
+            id: self.id,
+            cmds: self.cmds,
+            shared: self.shared,
+            thread: Mutex::new(Some(self.thread.handle()?)),
+        })
+    }
+}
+
 impl VcpuHandle {
-    /// Starts the thread for `vcpu` (paused).
-    pub fn spawn(vcpu: Vcpu, cmds: Sender<VcpuCmd>) -> std::io::Result<Self> {
+    /// Asks for the thread of `vcpu` (paused) without waiting for it to start.
+    pub fn start(vcpu: Vcpu, cmds: Sender<VcpuCmd>) -> StartingVcpu {
         let id = vcpu.id;
         let shared = vcpu.shared.clone();
-        let thread = crate::sandbox::spawn(format!("vcpu{id}"), move || vcpu.run_loop())?;
-        Ok(VcpuHandle {
+        let thread = crate::sandbox::spawn_soon(format!("vcpu{id}"), move || vcpu.run_loop());
+        StartingVcpu {
             id,
             cmds,
             shared,
-            thread: Mutex::new(Some(thread)),
-        })
+            thread,
+        }
     }
 
     /// Sends a command and kicks the thread out of KVM_RUN.

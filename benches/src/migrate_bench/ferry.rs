@@ -122,9 +122,10 @@ impl Guest for FerryGuest {
             rounds: r["rounds"].as_f64().unwrap_or(f64::NAN),
         };
         eprintln!(
-            "{}, {}: run {run}: {s:?}; rounds {} ms, downtime {}",
+            "{}, {}: run {run}: {s:?}; handshake {} ms, rounds {} ms, downtime {}",
             case.name,
             mode.name(),
+            r["handshake_ms"],
             r["round_ms"],
             r["downtime_phases"]
         );

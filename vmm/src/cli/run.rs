@@ -227,6 +227,10 @@ pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let (addr, opts) = receive_options(&a)?;
+    if opts.key.is_some() || opts.tls.is_some() {
+        // The TLS library's first use costs milliseconds: not a source's.
+        vmm::migrate::warm_up_tls();
+    }
     let debug = a.debug.open()?;
     vmm::vm::keep_kvm_open()?;
     let listener = vmm::migrate::Listener::bind(&addr)?;

@@ -234,7 +234,7 @@ struct Driver<'c, C: Read + Write> {
     /// Guest RAM, filled from round 0 on while the rest of the machine is built.
     mem: Option<crate::memory::GuestMemoryMmap>,
     regions: Vec<(u64, u64)>,
-    building: Option<std::thread::JoinHandle<Result<Vm, crate::vm::Error>>>,
+    building: Option<crate::sandbox::Spawning<Result<Vm, crate::vm::Error>>>,
     vm: Option<Vm>,
     /// Round 0 fills fresh RAM: back it ahead of the pages (super::prefault).
     readahead: Option<super::prefault::Prefault>,
@@ -329,13 +329,10 @@ impl<C: Read + Write> Driver<'_, C> {
                 guest_cpu: h.guest_cpu.clone(),
             })
             .backends(self.devices.take().unwrap_or_default());
-        let building = crate::sandbox::spawn("mig-build".into(), move || {
+        // Not waited for: Accept goes out while the spawner starts the builder.
+        self.building = Some(crate::sandbox::spawn_soon("mig-build".into(), move || {
             builder.build(crate::vm::Boot::Restored)
-        });
-        match building {
-            Ok(b) => self.building = Some(b),
-            Err(e) => return Err(refuse(self.conn, e.to_string())),
-        }
+        }));
         self.readahead = Some(super::prefault::Prefault::start(mem.clone()));
         self.mem = Some(mem);
         protocol::send(&mut self.conn, &Message::Accept)
@@ -424,6 +421,8 @@ impl<C: Read + Write> Driver<'_, C> {
     fn finish_building(&mut self) -> Result<(), String> {
         if let Some(b) = self.building.take() {
             let vm = b
+                .handle()
+                .map_err(|e| format!("starting the thread that builds the VM: {e}"))?
                 .join()
                 .map_err(|_| "building the VM panicked".to_string())?
                 .map_err(|e| format!("creating the VM: {e}"))?;

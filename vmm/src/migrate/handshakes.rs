@@ -18,6 +18,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use vmm_sys_util::eventfd::EventFd;
+
 use super::net::{Bounded, Closer, Conn, Listener, Socket};
 use super::{DestinationTls, Error, Key, ReceiveOptions, HANDSHAKE_TIMEOUT};
 
@@ -53,7 +55,9 @@ pub fn accept_source(listener: Listener, opts: &ReceiveOptions) -> Result<Source
         peer_timeout: opts.peer_timeout,
         wrap: &wrap,
     };
-    super::tls::warm_up();
+    if opts.key.is_some() || opts.tls.is_some() {
+        super::tls::warm_up();
+    }
     let (conn, peer) = first_source(&listener, &door)?;
     log::info!("the source is {peer}");
     Ok(Source { conn, lifted, peer })
@@ -61,8 +65,9 @@ pub fn accept_source(listener: Listener, opts: &ReceiveOptions) -> Result<Source
 
 /// Handshakes under way at once, at most.
 pub const MAX_HANDSHAKES: usize = 8;
-/// How often the accepting loop looks at finished handshakes while nobody connects.
-const POLL: Duration = Duration::from_millis(50);
+/// How long the accepting loop waits at most before it looks again (a new connection or a
+/// handshake's end wakes it at once).
+const POLL: Duration = Duration::from_secs(1);
 
 /// How a connection must authenticate.
 struct Door<'a> {
@@ -89,6 +94,12 @@ fn first_source(listener: &Listener, door: &Door<'_>) -> Result<(Box<dyn Conn>, 
     let secured = door.key.is_some() || door.tls.is_some();
     let handshake = HANDSHAKE_TIMEOUT.min(door.peer_timeout);
     let (done_tx, done) = mpsc::channel::<Finished>();
+    // A handshake that ends says so here too, so that the loop waiting on the listener
+    // wakes at once (not a poll later: that would be the migration's time).
+    let ended = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Thread {
+        what: "handshake wake-up",
+        source,
+    })?;
     let mut pending: VecDeque<Pending> = VecDeque::new();
     std::thread::scope(|scope| {
         let mut next_id = 0u64;
@@ -97,7 +108,7 @@ fn first_source(listener: &Listener, door: &Door<'_>) -> Result<(Box<dyn Conn>, 
                 break Ok(won);
             }
             let Some((sock, closer, peer)) =
-                listener.accept_within(door.peer_timeout, secured, POLL)?
+                listener.accept_within(door.peer_timeout, secured, POLL, &ended)?
             else {
                 continue;
             };
@@ -113,13 +124,14 @@ fn first_source(listener: &Listener, door: &Door<'_>) -> Result<(Box<dyn Conn>, 
             let (id, tx) = (next_id, done_tx.clone());
             next_id += 1;
             let sock = (door.wrap)(sock);
-            let (key, tls, timeout) = (door.key, door.tls, door.peer_timeout);
+            let (key, tls, timeout, ended) = (door.key, door.tls, door.peer_timeout, &ended);
             let spawned = std::thread::Builder::new()
                 .name("mig-handshake".into())
                 .spawn_scoped(scope, move || {
                     crate::sandbox::enter_or_exit(crate::sandbox::Kind::Handshake);
                     let r = super::tls::from_source(sock, key, tls, handshake, timeout);
                     let _ = tx.send((id, r));
+                    let _ = ended.write(1);
                 });
             if let Err(source) = spawned {
                 break Err(Error::Thread {

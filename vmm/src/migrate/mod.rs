@@ -46,7 +46,7 @@ pub use source::{send, send_over};
 pub use tls::{
     default_name as tls_default_name, generate as tls_generate, Generate as TlsGenerate,
 };
-pub use tls::{DestinationTls, SourceTls, HANDSHAKE_TIMEOUT};
+pub use tls::{warm_up as warm_up_tls, DestinationTls, SourceTls, HANDSHAKE_TIMEOUT};
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -184,28 +184,33 @@ impl Closer {
 }
 
 impl Listener {
-    /// [`Listener::accept`], waiting at most `wait`: None if nobody connected by then.
-    /// Also returns a [`Closer`] of the connection and the peer's name for log lines (its
-    /// address; on a Unix socket, its uid and pid).
+    /// Waits for one peer, at most `wait`, or until `wake` is written (then it is read
+    /// back): None if nobody connected by then. Reads and writes on the connection give up
+    /// after `timeout`; without a key, a peer on a Unix socket must be of this process's
+    /// user (SO_PEERCRED: another is refused here, None). Also returns a [`Closer`] of the
+    /// connection and the peer's name for log lines (its address; on a Unix socket, its
+    /// uid and pid).
     pub(super) fn accept_within(
         &self,
         timeout: Duration,
         keyed: bool,
         wait: Duration,
+        wake: &vmm_sys_util::eventfd::EventFd,
     ) -> Result<Option<Accepted>, Error> {
         use std::os::fd::AsRawFd;
         let (fd, shown) = match self {
             Listener::Tcp(l, hp) => (l.as_raw_fd(), hp.clone()),
             Listener::Unix(l, p) => (l.as_raw_fd(), p.display().to_string()),
         };
-        let mut pfd = libc::pollfd {
+        let mut pfd = [fd, wake.as_raw_fd()].map(|fd| libc::pollfd {
             fd,
             events: libc::POLLIN,
             revents: 0,
-        };
+        });
         let ms = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: `pfd` is one valid pollfd for the call; the listener keeps `fd` open.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        // SAFETY: `pfd` is an array of two valid pollfds for the call; the listener and
+        // `wake` keep their fds open.
+        let n = unsafe { libc::poll(pfd.as_mut_ptr(), 2, ms) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -217,7 +222,10 @@ impl Listener {
                 source: e,
             });
         }
-        if n == 0 {
+        if pfd[1].revents != 0 {
+            let _ = wake.read();
+        }
+        if pfd[0].revents == 0 {
             return Ok(None);
         }
         let err = |source| Error::Connect {

@@ -15,7 +15,6 @@
 //! helper backs at most [`SLACK`] more than the page data that has arrived so far.
 
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 
 use migration::pages::{RunHead, PAGE_SIZE};
 use migration::protocol::TOUCHED_BLOCK;
@@ -52,7 +51,7 @@ struct Window {
 #[derive(Debug)]
 pub struct Prefault {
     shared: Arc<(Mutex<Window>, Condvar)>,
-    helper: Option<JoinHandle<()>>,
+    helper: Option<crate::sandbox::Spawning<()>>,
     /// The end of the last dense frame's pages (0: none yet).
     last_end: u64,
     /// The current readahead, bytes (0: closed).
@@ -74,15 +73,13 @@ impl Prefault {
         };
         let shared = Arc::new((Mutex::new(window), Condvar::new()));
         let s = shared.clone();
-        let helper = crate::sandbox::spawn("mig-prefault".into(), move || {
+        let helper = crate::sandbox::spawn_soon("mig-prefault".into(), move || {
             crate::sandbox::enter_or_exit(crate::sandbox::Kind::Prefault);
             run(&mem, &s)
-        })
-        .inspect_err(|e| log::info!("no readahead of guest RAM: {e}"))
-        .ok();
+        });
         Prefault {
             shared,
-            helper,
+            helper: Some(helper),
             last_end: 0,
             window: 0,
             planned: false,
@@ -158,7 +155,12 @@ impl Prefault {
         lock.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
         wake.notify_one();
         if let Some(h) = self.helper.take() {
-            let _ = h.join();
+            match h.handle() {
+                Ok(h) => {
+                    let _ = h.join();
+                }
+                Err(e) => log::info!("there was no readahead of guest RAM: {e}"),
+            }
         }
     }
 }

@@ -18,7 +18,7 @@ mod rules;
 mod spawner;
 mod user;
 
-pub use spawner::{spawn, start_spawner};
+pub use spawner::{spawn, spawn_soon, start_spawner, Spawning};
 pub use user::{drop_privileges, hand_over, user, User};
 
 use std::cell::Cell;

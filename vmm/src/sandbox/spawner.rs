@@ -6,7 +6,7 @@
 //! narrow it further to its own kind), never the parser's. Without a spawner, [`spawn`]
 //! starts the thread itself.
 
-use std::sync::mpsc::{channel, Sender};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Mutex, OnceLock};
 use std::thread::JoinHandle;
 
@@ -39,21 +39,49 @@ where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
+    spawn_soon(name, f).handle()
+}
+
+/// A thread asked for and perhaps not started yet ([`spawn_soon`]).
+#[derive(Debug)]
+pub enum Spawning<T> {
+    Started(std::io::Result<JoinHandle<T>>),
+    Asked(Receiver<std::io::Result<JoinHandle<T>>>),
+}
+
+impl<T> Spawning<T> {
+    /// The thread's handle, once it has started (or why it could not).
+    pub fn handle(self) -> std::io::Result<JoinHandle<T>> {
+        match self {
+            Spawning::Started(r) => r,
+            Spawning::Asked(rx) => rx.recv().map_err(|_| gone())?,
+        }
+    }
+}
+
+fn gone() -> std::io::Error {
+    std::io::Error::other("the spawner thread has ended")
+}
+
+/// [`spawn`] without waiting for the thread to start: the caller goes on at once (the
+/// spawner may need a moment to be scheduled on a busy host) and takes the handle later.
+pub fn spawn_soon<T, F>(name: String, f: F) -> Spawning<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
     let builder = std::thread::Builder::new().name(name);
     let Some(spawner) = SPAWNER.get() else {
-        return builder.spawn(f);
+        return Spawning::Started(builder.spawn(f));
     };
     let (back, handle) = channel();
     let job: Job = Box::new(move || {
         let _ = back.send(builder.spawn(f));
     });
-    let gone = || std::io::Error::other("the spawner thread has ended");
-    spawner
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .send(job)
-        .map_err(|_| gone())?;
-    handle.recv().map_err(|_| gone())?
+    match spawner.lock().unwrap_or_else(|e| e.into_inner()).send(job) {
+        Ok(()) => Spawning::Asked(handle),
+        Err(_) => Spawning::Started(Err(gone())),
+    }
 }
 
 #[cfg(test)]

@@ -193,8 +193,10 @@ pub fn open_kvm() -> Result<Kvm, Error> {
 }
 
 impl Vm {
-    /// Spawns the thread of every vCPU not yet running one (paused).
+    /// Spawns the thread of every vCPU not yet running one (paused): all asked for first,
+    /// then each waited for (through a spawner, one wake-up for them all).
     fn spawn_vcpus(&mut self) -> Result<(), Error> {
+        let mut starting = Vec::new();
         for (id, fd) in std::mem::take(&mut self.unstarted).into_iter().enumerate() {
             let (tx, rx) = channel();
             let vcpu = Vcpu {
@@ -205,8 +207,10 @@ impl Vm {
                 cmds: rx,
                 shared: Arc::new(VcpuShared::new()),
             };
-            self.vcpus
-                .push(VcpuHandle::spawn(vcpu, tx).map_err(Error::SpawnVcpu)?);
+            starting.push(VcpuHandle::start(vcpu, tx));
+        }
+        for s in starting {
+            self.vcpus.push(s.handle().map_err(Error::SpawnVcpu)?);
         }
         Ok(())
     }

@@ -377,9 +377,10 @@ where
 }
 
 /// Draws from the TLS library's random source once, so that whatever it does on first use
-/// (aws-lc looks for a VM generation ID device) happens on the calling thread, not on a
-/// handshake's, whose filter allows no file.
-pub(super) fn warm_up() {
+/// (aws-lc looks for a VM generation ID device, and sets itself up: milliseconds) happens
+/// on the calling thread, before a source connects, and not on a handshake's thread, whose
+/// filter allows no file. Later calls cost a draw of 16 bytes.
+pub fn warm_up() {
     let mut b = [0u8; 16];
     let _ = provider().secure_random.fill(&mut b);
 }
