@@ -4,12 +4,15 @@
 //! Every test that needs /dev/kvm calls [`require_kvm`] first, which fails the test with a
 //! clear message when KVM is missing: these tests never pass silently without it.
 
+pub mod corpus;
 pub mod guest;
 pub mod netns;
 pub mod process;
+pub mod recording;
 pub mod relay;
 pub mod service;
 pub mod storm;
+pub mod streams;
 pub mod tiny;
 pub mod tls_relay;
 

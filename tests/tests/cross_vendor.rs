@@ -10,60 +10,17 @@
 //! how many crossed vendors. `FERRY_RECORD_EVIDENCE=1` also writes the results into the
 //! evidence tables of docs/cross-vendor.md and README.md (rows of other hosts are kept).
 
-use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ferry_tests::corpus::{
+    guest_cpu, kvm_flavour, pass, printk_time, profile_identity, record_evidence, repo, say,
+    this_host, Cpu, Identity,
+};
 use ferry_tests::process::{heartbeat, temp_path, Ferry};
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(180);
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A CPU as a corpus entry or /proc/cpuinfo names it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Cpu {
-    vendor: String,
-    family: u32,
-    model: u32,
-}
-
-impl fmt::Display for Cpu {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {:#x}/{:#x}", self.vendor, self.family, self.model)
-    }
-}
-
-/// This host, from /proc/cpuinfo.
-fn this_host() -> Cpu {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap();
-    let field = |name: &str| {
-        info.lines()
-            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
-            .and_then(|l| l.split(':').nth(1))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_else(|| panic!("/proc/cpuinfo has no {name}"))
-    };
-    Cpu {
-        vendor: field("vendor_id"),
-        family: field("cpu family").parse().unwrap(),
-        model: field("model").parse().unwrap(),
-    }
-}
-
-fn kvm_flavour() -> &'static str {
-    if Path::new("/sys/module/kvm_pvm").exists() {
-        "kvm_pvm"
-    } else if Path::new("/sys/module/kvm_amd").exists() {
-        "kvm_amd"
-    } else {
-        "kvm_intel"
-    }
-}
 
 /// One snapshot of the corpus and its sidecar.
 struct Entry {
@@ -92,17 +49,12 @@ fn entry(sidecar: &Path) -> Entry {
     let text = std::fs::read_to_string(sidecar).unwrap();
     let j: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{sidecar:?}: {e}"));
     let s = |k: &str| j[k].as_str().unwrap_or_else(|| panic!("{sidecar:?}: {k}"));
-    let n = |k: &str| j[k].as_u64().unwrap_or_else(|| panic!("{sidecar:?}: {k}"));
     let last = s("last_heartbeat_before_snapshot");
     let name = sidecar.file_stem().unwrap().to_str().unwrap().to_string();
     Entry {
         snap: sidecar.with_file_name(format!("{name}.snap.zst")),
         name,
-        made_on: Cpu {
-            vendor: s("host_vendor").into(),
-            family: n("host_family") as u32,
-            model: n("host_model") as u32,
-        },
+        made_on: Cpu::of_sidecar(&j).unwrap_or_else(|| panic!("{sidecar:?}: the host")),
         profile: s("profile").into(),
         format: j["format_version"].as_u64().unwrap_or(1),
         heartbeat: heartbeat(last).unwrap_or_else(|| panic!("{sidecar:?}: {last:?}")),
@@ -110,47 +62,8 @@ fn entry(sidecar: &Path) -> Entry {
     }
 }
 
-/// The printk time of a heartbeat line, in seconds.
-fn printk_time(line: &str) -> Option<f64> {
-    heartbeat(line)?;
-    line.get(line.find('[')? + 1..line.find(']')?)?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// The dirty workload's completed passes in a heartbeat line.
-fn pass(line: &str) -> Option<u64> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix("pass=")?.parse().ok())
-}
-
 fn p(x: &Path) -> &str {
     x.to_str().unwrap()
-}
-
-/// The vendor string and leaf-1 signature of the running guest's vCPU 0, as KVM holds its
-/// CPUID table (what CPUID returns in guest ring 0).
-fn guest_cpu(f: &Ferry) -> (String, (u32, u32, u32)) {
-    let (ok, out) = f.ctl(&["--json", "cpuid"]);
-    assert!(ok, "{out}");
-    let j: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    let leaf = |function: u64| {
-        j["effective"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["function"] == function && l["index"] == 0)
-            .unwrap_or_else(|| panic!("no leaf {function}: {out}"))
-            .clone()
-    };
-    let (l0, l1) = (leaf(0), leaf(1));
-    let mut vendor = Vec::new();
-    for r in ["ebx", "edx", "ecx"] {
-        vendor.extend((l0[r].as_u64().unwrap() as u32).to_le_bytes());
-    }
-    let sig = cpuid::leaf::decode_signature(l1["eax"].as_u64().unwrap() as u32);
-    (String::from_utf8_lossy(&vendor).into_owned(), sig)
 }
 
 /// Restores `file`, requires the first heartbeat to be `next`, checks the guest's CPU, and
@@ -161,7 +74,7 @@ fn restore_and_run(
     file: &Path,
     next: u64,
     pass_then: u64,
-    identity: &(String, (u32, u32, u32)),
+    identity: &Identity,
 ) -> (Ferry, u64, u64) {
     let sock = temp_path(&format!("{}-{next}.sock", e.name));
     let mut f = Ferry::spawn(&["restore", p(file), "--api-socket", p(&sock)]);
@@ -189,7 +102,6 @@ fn check(e: &Entry, here: &Cpu) -> Outcome {
     // Read through the documented format's reader (zstd included): the profile and, from
     // format version 2, where it was made.
     let state = vmm::snapshot::read_file(&e.snap).unwrap_or_else(|x| panic!("{}: {x}", e.name));
-    let profile = cpuid::profile::CpuProfile::from_json(&e.name, &state.cpu_profile).unwrap();
     assert_eq!(state.guest_cpu.is_some(), e.format >= 2, "{}", e.name);
     if let Some(g) = &state.guest_cpu {
         assert_eq!(
@@ -198,11 +110,8 @@ fn check(e: &Entry, here: &Cpu) -> Outcome {
             e.name
         );
     }
-    let id = &profile.identity;
-    let identity = (
-        id.vendor.id_string().to_string(),
-        (id.family, id.model, id.stepping),
-    );
+    let identity = profile_identity(&e.name, &state.cpu_profile);
+    let (family, model) = (identity.1 .0, identity.1 .1);
     let (mut f, hb1, pass1) = restore_and_run(e, &e.snap, e.heartbeat + 1, e.pass, &identity);
     // Snapshotted again by this ferry (the current format), and restored again.
     let again = temp_path(&format!("{}-again.snap", e.name));
@@ -238,7 +147,7 @@ fn check(e: &Entry, here: &Cpu) -> Outcome {
     Outcome {
         line: format!(
             "made on {} -> restored on {here}: {} ({} {:#x}/{:#x}), format {}, HB {n} -> {} .. {last}, {passes} dirty passes verified, saved and restored again",
-            e.made_on, e.profile, identity.0, id.family, id.model, e.format, n + 1
+            e.made_on, e.profile, identity.0, family, model, e.format, n + 1
         ),
         crossed,
         row: vec![
@@ -281,13 +190,6 @@ fn every_corpus_snapshot_restores_on_this_host() {
     }
 }
 
-/// A line on the test's stderr as it is, not captured by the test harness: the suite's log
-/// shows it for a passing test too.
-fn say(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "{line}");
-}
-
 const BEGIN: &str = "<!-- cross-vendor evidence: written by tests/tests/cross_vendor.rs -->";
 const END: &str = "<!-- end of cross-vendor evidence -->";
 const HEAD: [&str; 6] = [
@@ -299,38 +201,9 @@ const HEAD: [&str; 6] = [
     "result",
 ];
 
-/// Merges `rows` into the evidence tables of docs/cross-vendor.md and README.md: a row per
-/// (snapshot, host restored on), this run's replacing an older one of the same pair.
+/// Merges `rows` into the evidence tables of docs/cross-vendor.md and README.md.
 fn record(rows: &[Vec<String>]) {
     for file in ["docs/cross-vendor.md", "README.md"] {
-        let path = repo().join(file);
-        let text = std::fs::read_to_string(&path).unwrap();
-        let (Some(b), Some(e)) = (text.find(BEGIN), text.find(END)) else {
-            panic!("{file} has no evidence markers");
-        };
-        let mut table: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
-        for line in text[b + BEGIN.len()..e]
-            .lines()
-            .filter(|l| l.starts_with("| `"))
-        {
-            let cells: Vec<String> = line
-                .trim_matches('|')
-                .split(" | ")
-                .map(|c| c.trim().to_string())
-                .collect();
-            if cells.len() == HEAD.len() {
-                table.insert((cells[0].clone(), cells[4].clone()), cells);
-            }
-        }
-        for r in rows {
-            table.insert((r[0].clone(), r[4].clone()), r.clone());
-        }
-        let mut out = format!("{BEGIN}\n\n| {} |\n", HEAD.join(" | "));
-        out.push_str(&format!("|{}\n", "---|".repeat(HEAD.len())));
-        for r in table.values() {
-            out.push_str(&format!("| {} |\n", r.join(" | ")));
-        }
-        let new = format!("{}{out}{}", &text[..b], &text[e..]);
-        std::fs::write(&path, new).unwrap();
+        record_evidence(&repo().join(file), (BEGIN, END), &HEAD, (0, 4), rows);
     }
 }
