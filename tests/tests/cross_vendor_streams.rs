@@ -187,7 +187,7 @@ fn check(s: &Stream, here: &Cpu) -> Outcome {
     let (family, model) = (identity.1 .0, identity.1 .1);
     Outcome {
         line: format!(
-            "stream made on {} -> received on {here}: {} ({} {family:#x}/{model:#x}), format {}, {rounds} precopy rounds, HB {n} -> {} .. {last}, {passes} dirty passes verified, {} disk records, crossed vendors: {}",
+            "stream made on {} -> received on {here}: {} ({} {family:#x}/{model:#x}), format {}, {rounds} rounds while the guest ran, HB {n} -> {} .. {last}, {passes} dirty passes verified, {} disk records, crossed vendors: {}",
             s.made_on, s.profile, identity.0, s.format, n + 1, RECORDS + 3, if crossed { "yes" } else { "no" }
         ),
         crossed,
@@ -197,7 +197,7 @@ fn check(s: &Stream, here: &Cpu) -> Outcome {
             format!("{} ({})", s.profile, identity.0),
             s.format.to_string(),
             format!("{here} ({})", ferry_tests::corpus::kvm_flavour()),
-            format!("HB {n} -> {}, {rounds} rounds, {passes} passes verified, disk and card", n + 1),
+            format!("HB {n} -> {}, {rounds} live rounds, {passes} passes verified, disk and card", n + 1),
         ],
     }
 }
