@@ -31,9 +31,9 @@
 
 use std::io::{Read, Write};
 
-use crate::codec::{Decoder, Encoder};
+use crate::codec::Encoder;
 use crate::limits::{FORMAT_VERSION, MAX_GUEST_CPU, MAX_PROFILE_JSON};
-use crate::records::{dec_backends, dec_guest_cpu, enc_backends, enc_guest_cpu, MAX_BACKENDS};
+use crate::records::MAX_BACKENDS;
 use crate::state::{DeviceBackend, GuestCpu};
 
 /// Largest control payload (the Hello carries the CPU profile, the guest CPU record and the
@@ -248,76 +248,7 @@ impl Hello {
 /// Writes one message and flushes; returns the bytes written.
 pub fn send(w: &mut impl Write, m: &Message) -> Result<u64, Error> {
     let mut e = Encoder::new();
-    match m {
-        Message::Hello(h) => {
-            e.u32(h.format_version);
-            e.u64(h.memory);
-            e.u32(h.vcpus);
-            e.str_u32("Hello profile", &h.cpu_profile, MAX_PROFILE_JSON)?;
-            // From version 2: a presence byte, then the guest CPU record.
-            if h.format_version >= 2 {
-                e.u8(u8::from(h.guest_cpu.is_some()));
-                if let Some(g) = &h.guest_cpu {
-                    enc_guest_cpu(&mut e, g)?;
-                }
-            }
-            // From version 3: the device list.
-            if h.format_version >= 3 {
-                enc_backends(&mut e, &h.devices)?;
-            }
-        }
-        Message::Refuse(r) | Message::Failed(r) | Message::Cancel(r) => {
-            let r: String = r.chars().take(MAX_REASON as usize / 4).collect();
-            e.str_u32("reason", &r, MAX_REASON)?;
-        }
-        Message::Accept
-        | Message::Restored
-        | Message::Commit
-        | Message::Running
-        | Message::State
-        | Message::Sync
-        | Message::Synced
-        | Message::PostcopyDone => {}
-        Message::Missing { first_page, words } => {
-            if words.len() > MAX_MISSING_WORDS || first_page % 64 != 0 {
-                return Err(Error::TooLarge {
-                    tag: "MISS".into(),
-                    len: (12 + 8 * words.len()).try_into().unwrap_or(u32::MAX),
-                });
-            }
-            e.u64(*first_page);
-            e.u32(words.len() as u32);
-            words.iter().for_each(|w| e.u64(*w));
-        }
-        Message::PageRequest(ranges) => {
-            if !request_fits(ranges) {
-                return Err(Error::TooLarge {
-                    tag: "PREQ".into(),
-                    len: (4 + 12 * ranges.len()).try_into().unwrap_or(u32::MAX),
-                });
-            }
-            e.u32(ranges.len() as u32);
-            for (gpa, pages) in ranges {
-                e.u64(*gpa);
-                e.u32(*pages);
-            }
-        }
-        Message::Touched(words) => {
-            if words.len() > MAX_TOUCHED_WORDS {
-                return Err(Error::TooLarge {
-                    tag: "TUCH".into(),
-                    len: (4 + 8 * words.len()).try_into().unwrap_or(u32::MAX),
-                });
-            }
-            e.u32(words.len() as u32);
-            words.iter().for_each(|w| e.u64(*w));
-        }
-        Message::AuthChallenge(n) | Message::AuthProof(n) => e.bytes(n),
-        Message::AuthResponse(n, p) => {
-            e.bytes(n);
-            e.bytes(p);
-        }
-    }
+    payload::encode(&mut e, m)?;
     let payload = e.into_inner();
     let mut frame = Vec::with_capacity(8 + payload.len());
     frame.extend_from_slice(m.tag());
@@ -346,7 +277,7 @@ fn read_head(r: &mut impl Read) -> Result<([u8; 4], u32), Error> {
 /// Reads one message (its payload only after the length is checked against the cap).
 pub fn recv(r: &mut impl Read) -> Result<Message, Error> {
     let (tag, len) = read_head(r)?;
-    message(r, tag, len)
+    payload::message(r, tag, len)
 }
 
 /// Reads what comes during precopy: a page frame's head (checked; the caller reads its
@@ -357,7 +288,7 @@ pub fn recv_precopy(r: &mut impl Read) -> Result<Precopy, Error> {
     if tag == crate::pages::TAG {
         return Ok(Precopy::Pages(crate::pages::read_head(r, len as usize)?));
     }
-    match message(r, tag, len)? {
+    match payload::message(r, tag, len)? {
         Message::Cancel(reason) => Ok(Precopy::Cancel(reason)),
         Message::State => Ok(Precopy::State),
         Message::Sync => Ok(Precopy::Sync),
@@ -386,77 +317,6 @@ pub fn printable(s: &str) -> String {
         .collect()
 }
 
-/// Reads the payload of a control message whose head has been read.
-fn message(r: &mut impl Read, tag: [u8; 4], len: u32) -> Result<Message, Error> {
-    let tag_s = printable(&String::from_utf8_lossy(&tag));
-    if len > MAX_MESSAGE {
-        return Err(Error::TooLarge { tag: tag_s, len });
-    }
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload)?;
-    let mut d = Decoder::new(&payload);
-    let m = match &tag {
-        b"HELO" => Message::Hello(hello(&mut d)?),
-        b"ACPT" => Message::Accept,
-        b"RFSE" => Message::Refuse(printable(&d.str_u32("reason", MAX_REASON)?)),
-        b"RSTD" => Message::Restored,
-        b"FAIL" => Message::Failed(printable(&d.str_u32("reason", MAX_REASON)?)),
-        b"CMIT" => Message::Commit,
-        b"RUNG" => Message::Running,
-        b"CNCL" => Message::Cancel(printable(&d.str_u32("reason", MAX_REASON)?)),
-        b"VMST" => Message::State,
-        b"SYNC" => Message::Sync,
-        b"SYND" => Message::Synced,
-        b"TUCH" => {
-            let n = d.u32("Touched words")?;
-            if n as usize > MAX_TOUCHED_WORDS {
-                return Err(Error::TooLarge { tag: tag_s, len });
-            }
-            Message::Touched(
-                (0..n)
-                    .map(|_| d.u64("Touched word"))
-                    .collect::<Result<_, _>>()?,
-            )
-        }
-        b"AUT1" => Message::AuthChallenge(d.array("auth nonce")?),
-        b"AUT2" => Message::AuthResponse(d.array("auth nonce")?, d.array("auth proof")?),
-        b"AUT3" => Message::AuthProof(d.array("auth proof")?),
-        b"MISS" => {
-            let first_page = d.u64("Missing first page")?;
-            let n = d.u32("Missing words")?;
-            if n as usize > MAX_MISSING_WORDS || first_page % 64 != 0 {
-                return Err(Error::TooLarge { tag: tag_s, len });
-            }
-            let words = (0..n)
-                .map(|_| d.u64("Missing word"))
-                .collect::<Result<_, _>>()?;
-            Message::Missing { first_page, words }
-        }
-        b"PREQ" => {
-            let n = d.u32("PageRequest ranges")?;
-            if n as usize > MAX_REQUEST_RANGES {
-                return Err(Error::TooLarge { tag: tag_s, len });
-            }
-            let ranges: Vec<(u64, u32)> = (0..n)
-                .map(|_| Ok((d.u64("PageRequest address")?, d.u32("PageRequest pages")?)))
-                .collect::<Result<_, crate::codec::Error>>()?;
-            if !request_fits(&ranges) {
-                return Err(Error::TooLarge { tag: tag_s, len });
-            }
-            Message::PageRequest(ranges)
-        }
-        b"PDON" => Message::PostcopyDone,
-        _ => {
-            return Err(Error::Unexpected {
-                expected: "a migration message",
-                found: tag_s,
-            })
-        }
-    };
-    d.finish("message payload")?;
-    Ok(m)
-}
-
 /// Checks a PageRequest's ranges against guest RAM (`regions`: start and length of each):
 /// every range page-aligned and inside one region, its end computed without overflow, so
 /// that the source reads only guest RAM for it. One line naming the first that is not.
@@ -476,55 +336,6 @@ pub fn check_request(ranges: &[(u64, u32)], regions: &[(u64, u64)]) -> Result<()
     Ok(())
 }
 
-/// Whether a PageRequest keeps to the caps: at most [`MAX_REQUEST_RANGES`] ranges, each
-/// of at least one page, [`MAX_REQUEST_PAGES`] pages in all.
-fn request_fits(ranges: &[(u64, u32)]) -> bool {
-    let pages: u64 = ranges.iter().map(|&(_, n)| u64::from(n)).sum();
-    ranges.len() <= MAX_REQUEST_RANGES
-        && ranges.iter().all(|&(_, n)| n > 0)
-        && pages <= u64::from(MAX_REQUEST_PAGES)
-}
-
-/// A Hello's payload: the version 1 fields, then (version 2 on) the guest CPU record, then
-/// (version 3 on) the device list.
-fn hello(d: &mut Decoder) -> Result<Hello, Error> {
-    let format_version = d.u32("Hello version")?;
-    let memory = d.u64("Hello memory")?;
-    let vcpus = d.u32("Hello vcpus")?;
-    let cpu_profile = d.str_u32("Hello profile", MAX_PROFILE_JSON)?;
-    // A later version's fields are not this ferry's to read: the version alone is
-    // refused, by name (the receiver checks it first).
-    if format_version > FORMAT_VERSION {
-        d.take("Hello fields of a later version", d.remaining())?;
-    }
-    let guest_cpu = match format_version {
-        0 | 1 => None,
-        v if v > FORMAT_VERSION => None,
-        _ => match d.u8("Hello guest CPU present")? {
-            0 => None,
-            1 => Some(dec_guest_cpu(d)?),
-            other => {
-                return Err(Error::Unexpected {
-                    expected: "0 or 1 for the Hello's guest CPU presence byte",
-                    found: other.to_string(),
-                })
-            }
-        },
-    };
-    let devices = match format_version {
-        3..=FORMAT_VERSION => dec_backends(d)?,
-        _ => Vec::new(),
-    };
-    Ok(Hello {
-        format_version,
-        memory,
-        vcpus,
-        cpu_profile,
-        guest_cpu,
-        devices,
-    })
-}
-
 /// Reads a message and requires it to be `expected` (by name); Refuse and Failed come back
 /// as they are, for the caller to report.
 pub fn expect(r: &mut impl Read, expected: &'static str) -> Result<Message, Error> {
@@ -539,5 +350,6 @@ pub fn expect(r: &mut impl Read, expected: &'static str) -> Result<Message, Erro
     }
 }
 
+mod payload;
 #[cfg(test)]
 mod tests;

@@ -4,7 +4,7 @@
 //! receiver fuzz target drives the same machine.
 //!
 //! ```text
-//! Handshake (authenticated already, where a key or TLS is set: vmm's migrate::secure)
+//! Handshake (authenticated already, where a key or TLS is set: vmm's migrate::tls)
 //!     |  \__________Hello______________________________
 //!     |                                                   v
 //!     |                                          Checking (CheckHello)

@@ -39,8 +39,8 @@ pub fn sandbox_on(kind: Option<vmm::sandbox::Kind>) {
 /// playing a source).
 pub fn host_profile_json() -> String {
     let kvm = vmm::vm::open_kvm().expect("/dev/kvm");
-    let host = vmm::cpu_model::host_dump(&kvm).expect("this host's CPUID");
-    vmm::cpu_model::default_profile(&host)
+    let host = vmm::guest_cpu::model::host_dump(&kvm).expect("this host's CPUID");
+    vmm::guest_cpu::model::default_profile(&host)
         .expect("this host's default profile")
         .to_json()
 }

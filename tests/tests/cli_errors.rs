@@ -130,7 +130,7 @@ fn ctl_without_a_server() {
 fn profile_this_host_cannot_run() -> (std::path::PathBuf, &'static str) {
     ferry_tests::require_kvm();
     let kvm = vmm::vm::open_kvm().unwrap();
-    let host = vmm::cpu_model::host_dump(&kvm).unwrap();
+    let host = vmm::guest_cpu::model::host_dump(&kvm).unwrap();
     let present = cpuid::features::present(&host);
     let lacking = cpuid::features::CATALOGUE
         .iter()

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use cpuid::Leaf;
 use ferry_tests::tiny::*;
-use vmm::cpu_model;
+use vmm::guest_cpu;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -71,7 +71,7 @@ fn run_table(profile: Option<cpuid::profile::CpuProfile>) {
         .into_iter()
         .filter(|(f, i)| get(&requested, *f, *i) != get(&effective, *f, *i))
         .collect();
-    if cpu_model::emulating_host() {
+    if guest_cpu::model::emulating_host() {
         // Only the leaves this kind of KVM is known to rewrite (or add), and every change
         // is reported by name or register.
         for (f, i) in &differing {

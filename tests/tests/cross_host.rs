@@ -66,10 +66,10 @@ fn host_vendor() -> String {
 }
 
 /// What this host's KVM gives a vCPU of the snapshot's profile.
-fn host_view(s: &VmState) -> vmm::admit::HostView {
+fn host_view(s: &VmState) -> vmm::guest_cpu::admission::HostView {
     let kvm = vmm::vm::open_kvm().unwrap();
     let profile = cpuid::profile::CpuProfile::from_json("snapshot", &s.cpu_profile).unwrap();
-    vmm::admit::probe(&kvm, &profile, s.config.vcpus).unwrap()
+    vmm::guest_cpu::admission::probe(&kvm, &profile, s.config.vcpus).unwrap()
 }
 
 fn entry(s: &mut VmState, function: u32, index: u32) -> &mut CpuidEntry {
@@ -88,7 +88,7 @@ fn a_snapshot_carries_the_guest_cpu_as_this_host_ran_it() {
     let here = host_view(&s);
     assert!(g.tsc_khz > 0, "{g:?}");
     assert_eq!(g.tsc_khz, here.tsc.khz, "the guest's rate is this host's");
-    let leaves = vmm::admit::leaves(&g.cpuid);
+    let leaves = vmm::guest_cpu::admission::leaves(&g.cpuid);
     let table = cpuid::CpuidDump::new("saved", leaves);
     assert_eq!(
         table.vendor_string(),

@@ -139,6 +139,9 @@ fn snapshot_and_restore_hold_no_second_copy_of_guest_ram() {
         s1.as_os_str(),
     ]);
     ferry_tests::tiny::wait_for("the restored ferry's control socket", LIMIT, || s1.exists());
+    // The socket is bound before the snapshot is read; it answers once the VM exists.
+    let (ok, out) = r.ctl(&["status"]);
+    assert!(ok && out.contains("paused"), "{out}");
     let restored = proc_status_bytes(r.pid(), "VmHWM");
     eprintln!(
         "guest RAM in the snapshot {} MiB; source resident {} MiB, its peak grew by {} KiB \

@@ -105,7 +105,10 @@ fn a_destination_that_cannot_run_the_profile_refuses_and_the_source_runs_on() {
 fn a_host_profile_guest_is_refused_by_a_host_of_the_other_vendor() {
     ferry_tests::require_kvm();
     let kvm = vmm::vm::open_kvm().unwrap();
-    let here = vmm::cpu_model::host_dump(&kvm).unwrap().vendor().unwrap();
+    let here = vmm::guest_cpu::model::host_dump(&kvm)
+        .unwrap()
+        .vendor()
+        .unwrap();
     // A recorded CPU of the other vendor stands in for the destination host.
     let other = match here {
         cpuid::Vendor::Intel => "amd-epyc-9124-genoa-instlatx64.txt",

@@ -51,6 +51,9 @@ fn a_restored_guest_maps_its_snapshot_and_its_untouched_pages_move_on() {
     // Restored paused: nothing of the image touched yet, and not in the page cache either.
     let mut r = Ferry::spawn(&["restore", &p(&snap), "--paused", "--api-socket", &p(&s1)]);
     wait_for("the restored ferry's control socket", LIMIT, || s1.exists());
+    // The socket is bound before the snapshot is read; it answers once the VM exists.
+    let (ok, out) = r.ctl(&["status"]);
+    assert!(ok && out.contains("paused"), "{out}");
     let maps = std::fs::read_to_string(format!("/proc/{}/maps", r.pid())).unwrap();
     assert!(maps.contains(&p(&snap)), "the snapshot is mapped:\n{maps}");
     vmm::files::drop_cached(&snap).unwrap();

@@ -109,6 +109,31 @@ impl FrameHead {
     }
 }
 
+/// Run `i` of a frame's table: its address and flag, checked (no undefined flag bits, at
+/// least one page, no wrap).
+fn read_run(t: &mut Decoder, i: usize) -> Result<RunHead, Error> {
+    let layout = |s: String| Error::Layout(s);
+    let gpa_flags = t.u64("run address")?;
+    let pages = t.u32("run pages")?;
+    let zero = gpa_flags & ZERO != 0;
+    let gpa = gpa_flags & !(PAGE_SIZE as u64 - 1);
+    if gpa_flags & (PAGE_SIZE as u64 - 1) & !ZERO != 0 {
+        return Err(layout(format!(
+            "run {i}: address {gpa_flags:#x} has undefined flag bits"
+        )));
+    }
+    if pages == 0 {
+        return Err(layout(format!("run {i} at {gpa:#x} has no pages")));
+    }
+    let len = u64::from(pages) * PAGE_SIZE as u64;
+    if gpa.checked_add(len).is_none() {
+        return Err(layout(format!(
+            "run {i} at {gpa:#x} wraps the address space"
+        )));
+    }
+    Ok(RunHead { gpa, pages, zero })
+}
+
 /// Reads and checks a frame's head (round, run table) for a payload of `payload_len` bytes
 /// whose frame head has been read; the reader is left at the first byte of page data.
 pub fn read_head(r: &mut impl Read, payload_len: usize) -> Result<FrameHead, Error> {
@@ -140,24 +165,7 @@ pub fn read_head(r: &mut impl Read, payload_len: usize) -> Result<FrameHead, Err
     let (mut data_pages, mut pages_total) = (0usize, 0usize);
     let mut out = Vec::with_capacity(runs);
     for i in 0..runs {
-        let gpa_flags = t.u64("run address")?;
-        let pages = t.u32("run pages")?;
-        let zero = gpa_flags & ZERO != 0;
-        let gpa = gpa_flags & !(PAGE_SIZE as u64 - 1);
-        if gpa_flags & (PAGE_SIZE as u64 - 1) & !ZERO != 0 {
-            return Err(layout(format!(
-                "run {i}: address {gpa_flags:#x} has undefined flag bits"
-            )));
-        }
-        if pages == 0 {
-            return Err(layout(format!("run {i} at {gpa:#x} has no pages")));
-        }
-        let len = u64::from(pages) * PAGE_SIZE as u64;
-        if gpa.checked_add(len).is_none() {
-            return Err(layout(format!(
-                "run {i} at {gpa:#x} wraps the address space"
-            )));
-        }
+        let RunHead { gpa, pages, zero } = read_run(&mut t, i)?;
         pages_total = pages_total.saturating_add(pages as usize);
         if pages_total > MAX_PAGES {
             return Err(layout(format!("more than {MAX_PAGES} pages")));

@@ -91,7 +91,7 @@ fn the_whole_path_without_a_key() {
 
 #[test]
 fn a_challenge_is_refused_and_told() {
-    // Authentication happens before the receiver (vmm's migrate::secure): a challenge here
+    // Authentication happens before the receiver (vmm's migrate::tls): a challenge here
     // is a source that expects a key this destination does not have.
     let mut r = Receiver::new();
     let f = r.step(msg(Message::AuthChallenge(NS))).unwrap_err();

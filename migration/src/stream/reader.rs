@@ -206,6 +206,40 @@ impl<R: Read> Input<'_, R> {
         Ok(value)
     }
 
+    /// The VCPU sections, exactly `count` (ids 0, 1, ...), the first in `first`; returns
+    /// them and the frame after them.
+    fn vcpus(&mut self, count: u32, first: Frame) -> Result<(Vec<VcpuState>, Frame), Error> {
+        let mut pending = Some(first);
+        let mut vcpus = Vec::with_capacity(count as usize);
+        for id in 0..count {
+            let f = match pending.take() {
+                Some(f) => f,
+                None => self.frame()?,
+            };
+            if f.tag == Tag::IRQC {
+                return Err(Error::VcpuCount {
+                    expected: count,
+                    found: id,
+                });
+            }
+            order(&f, &[Tag::VCPU], "VCPU")?;
+            let vcpu = self.section(&f, dec_vcpu)?;
+            check_vcpu(&vcpu, id)?;
+            vcpus.push(vcpu);
+        }
+        let f = match pending.take() {
+            Some(f) => f,
+            None => self.frame()?,
+        };
+        if f.tag == Tag::VCPU {
+            return Err(Error::VcpuCount {
+                expected: count,
+                found: count.saturating_add(1),
+            });
+        }
+        Ok((vcpus, f))
+    }
+
     /// The stream from its header through the last section before memory: the state with
     /// no memory ranges, and the frame after it (MEMR or END, not yet read).
     pub(super) fn head(
@@ -241,34 +275,7 @@ impl<R: Read> Input<'_, R> {
             guest_cpu = Some(self.section(&next, dec_guest_cpu)?);
             next = self.frame()?;
         }
-        let mut pending = Some(next);
-        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-        for id in 0..config.vcpus {
-            let f = match pending.take() {
-                Some(f) => f,
-                None => self.frame()?,
-            };
-            if f.tag == Tag::IRQC {
-                return Err(Error::VcpuCount {
-                    expected: config.vcpus,
-                    found: id,
-                });
-            }
-            order(&f, &[Tag::VCPU], "VCPU")?;
-            let vcpu = self.section(&f, dec_vcpu)?;
-            check_vcpu(&vcpu, id)?;
-            vcpus.push(vcpu);
-        }
-        let f = match pending.take() {
-            Some(f) => f,
-            None => self.frame()?,
-        };
-        if f.tag == Tag::VCPU {
-            return Err(Error::VcpuCount {
-                expected: config.vcpus,
-                found: config.vcpus.saturating_add(1),
-            });
-        }
+        let (vcpus, f) = self.vcpus(config.vcpus, next)?;
         order(&f, &[Tag::IRQC], "IRQC")?;
         let irqchip = self.section(&f, dec_irqchip)?;
         check_irqchip(&irqchip)?;

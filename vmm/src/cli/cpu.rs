@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use cpuid::profile::{self, CpuProfile};
 use cpuid::{CpuidDump, Vendor};
-use vmm::cpu_model;
+use vmm::guest_cpu;
 
 #[derive(Subcommand, Debug)]
 pub enum CpuCmd {
@@ -45,7 +45,7 @@ pub enum CpuCmd {
 
 fn live_host() -> anyhow::Result<CpuidDump> {
     let kvm = vmm::vm::open_kvm()?;
-    Ok(cpu_model::host_dump(&kvm)?)
+    Ok(guest_cpu::model::host_dump(&kvm)?)
 }
 
 fn load_host(spec: &str) -> anyhow::Result<CpuidDump> {
@@ -62,9 +62,9 @@ fn host_for_builtins() -> CpuidDump {
 
 fn resolve(spec: &str, host: &CpuidDump) -> anyhow::Result<CpuProfile> {
     if spec == "default" {
-        return Ok(cpu_model::default_profile(host)?);
+        return Ok(guest_cpu::model::default_profile(host)?);
     }
-    Ok(cpu_model::load_profile(spec, host)?)
+    Ok(guest_cpu::model::load_profile(spec, host)?)
 }
 
 pub fn run(cmd: CpuCmd) -> anyhow::Result<ExitCode> {
@@ -114,7 +114,7 @@ fn check(profile: &str, host: Option<&Path>) -> anyhow::Result<ExitCode> {
         vec![]
     } else {
         forced_note(&p)?;
-        cpu_model::emulator_notes(&p)
+        guest_cpu::model::emulator_notes(&p)
     };
     match profile::check(&p, &host_dump) {
         Ok(()) if notes.is_empty() => println!("{}: this host can run it", p.name),
@@ -145,7 +145,7 @@ fn check(profile: &str, host: Option<&Path>) -> anyhow::Result<ExitCode> {
 fn forced_note(p: &CpuProfile) -> anyhow::Result<()> {
     let kvm = vmm::vm::open_kvm()?;
     let requested = cpuid::table::for_vcpu(&cpuid::table::guest_table(p, 1), 0);
-    let here = vmm::admit::probe(&kvm, p, 1)?;
+    let here = vmm::guest_cpu::admission::probe(&kvm, p, 1)?;
     let cpuid::table::TableDiff {
         features: forced,
         registers: other,

@@ -23,10 +23,9 @@ fn say(line: &str) {
     let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
-pub fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
-    let req = request(&a.cmd)?;
-    let name = command_name(&req);
-    if let Request::Migrate(m) = &req {
+/// A warning for a migration sent in plaintext on purpose (--insecure).
+fn warn_insecure(req: &Request) {
+    if let Request::Migrate(m) = req {
         if m.insecure && m.key_file.is_none() && m.tls_dir.is_none() {
             eprintln!(
                 "ferry: warning: --insecure: the guest's memory and state go to {} unencrypted and unauthenticated",
@@ -34,6 +33,12 @@ pub fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
+}
+
+pub fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
+    let req = request(&a.cmd)?;
+    let name = command_name(&req);
+    warn_insecure(&req);
     let show_progress = !a.json && std::io::stderr().is_terminal();
     let mut shown = false;
     let mut on_progress = |p: &Progress| {

@@ -160,8 +160,9 @@ fn advise(host: *mut u8, len: usize, advice: libc::c_int) -> std::io::Result<()>
 /// # Safety
 ///
 /// Nothing may write that RAM while the returned slice or a piece of it is used: the
-/// guest's vCPUs are paused and stay so (ferry has no device that writes guest RAM, and
-/// ferry itself writes it only when booting or restoring a VM).
+/// guest's vCPUs and its virtio devices (the only devices that write guest RAM: a disk's
+/// reads, a card's received frames) are paused and stay so (Vm::pause pauses both, see
+/// crate::devices::manager), and ferry itself writes it only when booting or restoring.
 pub unsafe fn ram_bytes(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Option<&[u8]> {
     let host = mem
         .get_slice(GuestAddress(gpa), len as usize)

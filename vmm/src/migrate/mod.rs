@@ -23,25 +23,18 @@
 //! Either side gives up on a peer that closes the connection, or sends or takes nothing for
 //! the peer timeout; every error names the [`Phase`] it happened in.
 
-mod admission;
 mod destination;
-mod handshakes;
 pub mod key;
 mod net;
-mod postcopy;
-mod prefault;
 mod source;
 mod tls;
 
-pub use admission::{host_memory_limit, host_vcpu_limit};
-pub use destination::ReceiveOptions;
-pub use destination::DEFAULT_DEADLINE;
+pub use destination::{accept_source, Source, MAX_HANDSHAKES};
+pub use destination::{host_memory_limit, host_vcpu_limit};
+pub use destination::{keep_userfaultfd_open, PostcopyStats, PREFAULT_SLACK};
 pub use destination::{receive, receive_from, receive_over, receive_source, receive_with};
-pub use handshakes::{accept_source, Source, MAX_HANDSHAKES};
+pub use destination::{ReceiveOptions, DEFAULT_DEADLINE};
 pub use net::{check_local, Address, Listener};
-pub use postcopy::uffd::keep_open as keep_userfaultfd_open;
-pub use postcopy::Stats as PostcopyStats;
-pub use prefault::SLACK as PREFAULT_SLACK;
 pub use source::{send, send_over};
 pub use tls::{
     default_name as tls_default_name, generate as tls_generate, Generate as TlsGenerate,

@@ -6,10 +6,10 @@
 //!   the CPU profile resolved once (CpuChoice: default, a name or file, a profile, a saved one)
 //!   KVM VM, TSS, irqchip, PIT; RAM as memslots (manual dirty-log protection where KVM has it)
 //!   devices (devices::manager), vCPU fds
-//!   the guest CPUID table built once; KVM_SET_CPUID2 on every vCPU (cpu_model::set_cpuid,
+//!   the guest CPUID table built once; KVM_SET_CPUID2 on every vCPU (guest_cpu::model::set_cpuid,
 //!   its one call site); the effective table read back (KVM_GET_CPUID2)
 //!   boot: Linux kernel | raw image  -> loaded, entry registers set
-//!         Restored (saved CPU)      -> admitted (crate::admit: refused, or its TSC rate set)
+//!         Restored (saved CPU)      -> admitted (crate::guest_cpu::admission: refused, or its TSC rate set)
 //!   vCPU threads spawned, paused: Vm::start runs them (a restored one after restore_state)
 //! ```
 
@@ -31,13 +31,14 @@ use crate::devices::virtio::backends::Backends;
 use crate::devices::virtio::net::{default_mac, Net};
 use crate::devices::virtio::{block::Block, tap::Tap};
 use crate::devices::SharedDevice;
+use crate::guest_cpu::{self, admission};
 use crate::memory::GuestRam;
-use crate::{admit, cpu, cpu_model, vcpu};
+use crate::vcpu::{self, setup};
 
 /// The guest CPU profile a machine gets.
 #[derive(Debug, Clone, Default)]
 pub enum CpuChoice {
-    /// x86-64-v2 in this host vendor's identity (cpu_model::default_profile).
+    /// x86-64-v2 in this host vendor's identity (guest_cpu::model::default_profile).
     #[default]
     Default,
     /// A built-in name (`harpertown-shanghai`, `x86-64-v2,vendor=amd`) or a profile file.
@@ -169,26 +170,9 @@ impl VmBuilder {
             cfg.check_files()?;
         }
         check_caps(&kvm)?;
-        // Reading this host's CPUID (each CPUID instruction may exit to an outer hypervisor)
-        // and creating the VM and its memslots (KVM's own time, mostly) overlap: only the
-        // profile's checks need the first, and nothing of the guest is loaded before them.
-        let ram = self.ram;
-        let memory = self.memory;
-        let (host_cpu, made) = std::thread::scope(|s| {
-            let host = std::thread::Builder::new()
-                .name("host-cpuid".into())
-                .spawn_scoped(s, || cpu_model::host_dump(&kvm));
-            let made = create_machine(&kvm, ram, memory);
-            let host = match host {
-                Ok(h) => h.join().unwrap_or(Err(cpu_model::Error::HostReader)),
-                Err(_) => cpu_model::host_dump(&kvm),
-            };
-            (host, made)
-        });
-        let (fd, ram) = made?;
-        let host_cpu = host_cpu?;
+        let (fd, ram, host_cpu) = machine_and_host(&kvm, self.ram, self.memory)?;
         let (profile, saved) = resolve(self.cpu, &host_cpu)?;
-        cpu_model::check_host(&profile, &host_cpu)?;
+        admission::runs_here(&profile, &host_cpu)?;
         super::check_address_width(&profile, self.memory)?;
         let table = cpuid::table::guest_table(&profile, self.vcpus);
         crate::timeline::mark("cpu model");
@@ -197,23 +181,8 @@ impl VmBuilder {
         for (bus, base, len, dev, name) in self.devices {
             devices.add(bus, base, len, dev, name)?;
         }
-        let opened = self.opened;
-        let mut blocks: Vec<Block> = opened.disks;
-        for d in &self.disks {
-            blocks.push(Block::open(d)?);
-        }
-        for block in blocks {
-            devices.add_virtio(&fd, Box::new(block), ram.memory().clone())?;
-        }
-        let mut nets = opened.nets;
-        for n in &self.nets {
-            let mac = n.mac.unwrap_or_else(|| default_mac(nets.len()));
-            nets.push((Tap::open(&n.tap)?, mac));
-        }
-        for (tap, mac) in nets {
-            devices.add_virtio(&fd, Box::new(Net::new(tap, mac)), ram.memory().clone())?;
-        }
-        devices.start_virtio()?;
+        let mem = ram.memory();
+        add_virtio(&mut devices, &fd, mem, self.opened, &self.disks, &self.nets)?;
         crate::timeline::mark("devices");
         let unstarted = (0..self.vcpus)
             .map(|id| {
@@ -221,7 +190,7 @@ impl VmBuilder {
                     .map_err(super::kvm_op("KVM_CREATE_VCPU"))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let effective = cpu_model::set_cpuid(&unstarted, &table)?;
+        let effective = guest_cpu::model::set_cpuid(&unstarted, &table)?;
         crate::timeline::mark("vcpus");
         let mut vm = Vm {
             kvm,
@@ -249,6 +218,59 @@ impl VmBuilder {
         }
         Ok(vm)
     }
+}
+
+/// Reads this host's CPUID while the VM and its memslots are created: each CPUID
+/// instruction may exit to an outer hypervisor and KVM takes its own time, so the two
+/// overlap; only the profile's checks need the first, and nothing of the guest is loaded
+/// before them.
+fn machine_and_host(
+    kvm: &Kvm,
+    ram: Option<GuestRam>,
+    memory: u64,
+) -> Result<(Arc<VmFd>, GuestRam, cpuid::CpuidDump), Error> {
+    let (host_cpu, made) = std::thread::scope(|s| {
+        let host = std::thread::Builder::new()
+            .name("host-cpuid".into())
+            .spawn_scoped(s, || guest_cpu::model::host_dump(kvm));
+        let made = create_machine(kvm, ram, memory);
+        let host = match host {
+            Ok(h) => h.join().unwrap_or(Err(guest_cpu::model::Error::HostReader)),
+            Err(_) => guest_cpu::model::host_dump(kvm),
+        };
+        (host, made)
+    });
+    let (fd, ram) = made?;
+    Ok((fd, ram, host_cpu?))
+}
+
+/// The virtio devices, in bus order: the disks and cards opened already (a restored or
+/// received guest's), then those the configuration names; then their event loop starts.
+fn add_virtio(
+    devices: &mut Devices,
+    fd: &Arc<VmFd>,
+    mem: &crate::memory::GuestMemoryMmap,
+    opened: Backends,
+    disks: &[DiskConfig],
+    nets: &[NetConfig],
+) -> Result<(), Error> {
+    let mut blocks: Vec<Block> = opened.disks;
+    for d in disks {
+        blocks.push(Block::open(d)?);
+    }
+    for block in blocks {
+        devices.add_virtio(fd, Box::new(block), mem.clone())?;
+    }
+    let mut cards = opened.nets;
+    for n in nets {
+        let mac = n.mac.unwrap_or_else(|| default_mac(cards.len()));
+        cards.push((Tap::open(&n.tap)?, mac));
+    }
+    for (tap, mac) in cards {
+        devices.add_virtio(fd, Box::new(Net::new(tap, mac)), mem.clone())?;
+    }
+    devices.start_virtio()?;
+    Ok(())
 }
 
 /// A new VM with its in-kernel irqchip and PIT, and `ram` (or new RAM of `memory` bytes)
@@ -307,8 +329,8 @@ fn resolve(
     host: &cpuid::CpuidDump,
 ) -> Result<(CpuProfile, Option<GuestCpu>), Error> {
     Ok(match choice {
-        CpuChoice::Default => (cpu_model::default_profile(host)?, None),
-        CpuChoice::Named(spec) => (cpu_model::load_profile(&spec, host)?, None),
+        CpuChoice::Default => (guest_cpu::model::default_profile(host)?, None),
+        CpuChoice::Named(spec) => (guest_cpu::model::load_profile(&spec, host)?, None),
         CpuChoice::Profile(p) => (p, None),
         CpuChoice::Saved {
             profile_json,
@@ -324,7 +346,7 @@ impl Vm {
     /// Loads what the machine starts from into its RAM and vCPUs (not yet running).
     fn boot(&mut self, boot: Boot, saved: Option<&GuestCpu>) -> Result<(), Error> {
         let fd0 = self.unstarted.first().ok_or(Error::NoSuchVcpu(0))?;
-        let host_tsc = admit::tsc_host(&self.kvm, fd0);
+        let host_tsc = admission::tsc_host(&self.kvm, fd0);
         let entry = match boot {
             Boot::Linux(cfg) => {
                 // The virtio devices are on the kernel command line (virtio_mmio.device=).
@@ -337,11 +359,11 @@ impl Vm {
                 entry
             }
             Boot::Restored => {
-                let here = admit::HostView {
+                let here = admission::HostView {
                     effective: self.effective.clone(),
                     tsc: host_tsc,
                 };
-                let a = admit::admit(saved, &self.profile, self.num_vcpus, &here)
+                let a = admission::admit(saved, &self.profile, self.num_vcpus, &here)
                     .map_err(Error::Refused)?;
                 self.tsc_khz = a.apply(&self.unstarted, host_tsc.khz)?;
                 return Ok(());
@@ -349,7 +371,7 @@ impl Vm {
         };
         self.tsc_khz = host_tsc.khz;
         for (id, fd) in self.unstarted.iter().enumerate() {
-            cpu::setup_vcpu(fd, id as u32, &entry, self.ram.memory())?;
+            setup::setup_vcpu(fd, id as u32, &entry, self.ram.memory())?;
         }
         let forced = self.cpuid_forced();
         if matches!(boot, Boot::Linux(_)) && !forced.is_empty() {

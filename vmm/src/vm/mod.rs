@@ -28,9 +28,11 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::devices::manager::Devices;
 use crate::event::VmEvent;
+use crate::guest_cpu::{self, admission};
 use crate::memory::{self, GuestMemoryMmap, GuestRam};
+use crate::vcpu::setup;
 use crate::vcpu::{ExitCounts, RunState, Vcpu, VcpuCmd, VcpuHandle, VcpuRegs, VcpuShared};
-use crate::{admit, boot, config, cpu, cpu_model};
+use crate::{boot, config};
 
 /// How long pause waits for every vCPU to leave the guest.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -58,9 +60,9 @@ pub enum Error {
     #[error(transparent)]
     Boot(#[from] boot::Error),
     #[error(transparent)]
-    Cpu(#[from] cpu::Error),
+    Cpu(#[from] setup::Error),
     #[error(transparent)]
-    CpuModel(#[from] cpu_model::Error),
+    CpuModel(#[from] guest_cpu::model::Error),
     #[error(transparent)]
     Devices(#[from] crate::devices::manager::Error),
     #[error("the vCPU kick signal handler: {0}")]
@@ -70,7 +72,7 @@ pub enum Error {
     #[error("{0}")]
     Refused(String),
     #[error(transparent)]
-    Admit(#[from] admit::Error),
+    Admit(#[from] admission::Error),
     #[error("cannot start a vCPU thread: {0}")]
     SpawnVcpu(#[source] std::io::Error),
     #[error(transparent)]
@@ -216,9 +218,9 @@ impl Vm {
     }
 
     /// The guest CPU as this host runs it: what a snapshot or a migration carries for the
-    /// host that takes the guest in (crate::admit).
+    /// host that takes the guest in (crate::guest_cpu::admission).
     pub fn guest_cpu(&self) -> migration::GuestCpu {
-        crate::admit::record(&self.host_cpu, self.tsc_khz, &self.effective)
+        crate::guest_cpu::admission::record(&self.host_cpu, self.tsc_khz, &self.effective)
     }
 
     /// Lets every vCPU run (and the devices serve). A guest restored or received here

@@ -19,8 +19,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use super::{Boot, CpuChoice, Error as VmError, Vm, VmBuilder};
 use crate::devices::virtio::backends::Opened;
 use crate::memory::PAGE_SIZE;
+use crate::vcpu::state as vcpu_state;
 use crate::vcpu::{RunState, SaveRequest, VcpuCmd};
-use crate::vcpu_state;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -45,7 +45,7 @@ pub enum Error {
     MemorySize { found: u64, want: u64 },
     #[error("the saved VM has {found} vCPU states for {want} vCPUs")]
     VcpuCount { found: usize, want: u32 },
-    #[error("vcpu{vcpu}: the saved state sets MSR {msr:#x}{}, which a guest of this CPU profile cannot have (ferry carries only its profile's MSRs)", crate::msrs::name(*.msr).map(|n| format!(" ({n})")).unwrap_or_default())]
+    #[error("vcpu{vcpu}: the saved state sets MSR {msr:#x}{}, which a guest of this CPU profile cannot have (ferry carries only its profile's MSRs)", crate::vcpu::msrs::name(*.msr).map(|n| format!(" ({n})")).unwrap_or_default())]
     MsrNotCarried { vcpu: u32, msr: u32 },
     #[error("saved {what} is {len} bytes, KVM's is {want}")]
     Size {
@@ -185,7 +185,7 @@ impl Vm {
             return Err(Error::NotPaused(state));
         }
         let host = Arc::new(self.host_cpu.clone());
-        let msrs = Arc::new(crate::msrs::allowlist(&self.profile));
+        let msrs = Arc::new(crate::vcpu::msrs::allowlist(&self.profile));
         let mut vcpus = Vec::new();
         for v in &self.vcpus {
             let (tx, rx) = channel();
@@ -312,19 +312,33 @@ impl Vm {
         }
         // Only the MSRs ferry would have saved for this profile: a file or a peer cannot set
         // another (a hypervisor or debug MSR KVM happens to take) on the guest.
-        let allowed = crate::msrs::allowlist(&vm.profile);
+        let allowed = crate::vcpu::msrs::allowlist(&vm.profile);
         for v in &state.vcpus {
             if let Some(&(msr, _)) = v.msrs.iter().find(|(m, _)| !allowed.contains(m)) {
                 return Err(Error::MsrNotCarried { vcpu: v.id, msr });
             }
         }
         let started = std::time::Instant::now();
-        let guest_xsave = vcpu_state::guest_xsave_mask(&vm.profile);
+        let guest_xsave = crate::vcpu::xsave::guest_xsave_mask(&vm.profile);
         for (id, fd) in vm.unstarted.iter().enumerate() {
             vcpu_state::restore_state(fd, &state.vcpus[id], &vm.host_cpu, guest_xsave)?;
         }
         let vcpus_done = started.elapsed();
-        let irq = &state.irqchip;
+        vm.restore_irqchip(&state.irqchip)?;
+        vm.devices().restore_state(state).map_err(VmError::from)?;
+        vm.moved.store(true, std::sync::atomic::Ordering::SeqCst);
+        let devices_done = started.elapsed();
+        vm.spawn_vcpus()?;
+        log::debug!(
+            "load_state: vCPUs {vcpus_done:?}, devices {:?}, threads {:?}",
+            devices_done - vcpus_done,
+            started.elapsed() - devices_done
+        );
+        Ok(())
+    }
+
+    /// The in-kernel irqchip (both PICs, the IOAPIC), the PIT and the clock.
+    fn restore_irqchip(&self, irq: &migration::IrqchipState) -> Result<(), Error> {
         for (chip_id, bytes) in [
             (0u32, &irq.pic_master),
             (1, &irq.pic_slave),
@@ -335,24 +349,15 @@ impl Vm {
                 ..Default::default()
             };
             c.chip = from_bytes("irqchip", bytes)?;
-            vm.fd.set_irqchip(&c).map_err(kvm("KVM_SET_IRQCHIP"))?;
+            self.fd.set_irqchip(&c).map_err(kvm("KVM_SET_IRQCHIP"))?;
         }
         let pit: kvm_pit_state2 = from_bytes("PIT state", &irq.pit)?;
-        vm.fd.set_pit2(&pit).map_err(kvm("KVM_SET_PIT2"))?;
+        self.fd.set_pit2(&pit).map_err(kvm("KVM_SET_PIT2"))?;
         let clock = kvm_clock_data {
             clock: irq.clock_ns,
             ..Default::default()
         };
-        vm.fd.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
-        vm.devices().restore_state(state).map_err(VmError::from)?;
-        vm.moved.store(true, std::sync::atomic::Ordering::SeqCst);
-        let devices_done = started.elapsed();
-        vm.spawn_vcpus()?;
-        log::debug!(
-            "load_state: vCPUs {vcpus_done:?}, devices {:?}, threads {:?}",
-            devices_done - vcpus_done,
-            started.elapsed() - devices_done
-        );
+        self.fd.set_clock(&clock).map_err(kvm("KVM_SET_CLOCK"))?;
         Ok(())
     }
 }

@@ -30,6 +30,10 @@ pub enum Error {
         name: String,
         missing: profile::Missing,
     },
+    #[error(
+        "CPU profile {0} describes one host and is not migratable to a host of another vendor"
+    )]
+    OtherVendor(String),
     #[error("the CPU table has {0} entries, more than KVM accepts ({KVM_MAX_CPUID_ENTRIES})")]
     TooManyLeaves(usize),
     #[error("{0} failed: {1}")]
@@ -275,12 +279,4 @@ pub fn emulator_notes(p: &CpuProfile) -> Vec<String> {
         .filter(|f| p.has(f))
         .map(|f| format!("{f}: this host's KVM emulates guest ring 0 (kvm_pvm) and cannot run it there; a guest kernel using it stops with an emulation failure"))
         .collect()
-}
-
-/// Checks that this host can run `p`.
-pub fn check_host(p: &CpuProfile, host: &CpuidDump) -> Result<(), Error> {
-    profile::check(p, host).map_err(|missing| Error::CannotRun {
-        name: p.name.clone(),
-        missing,
-    })
 }

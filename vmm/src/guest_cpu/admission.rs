@@ -16,6 +16,8 @@ use cpuid::{CpuidDump, Leaf};
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use migration::{CpuidEntry, GuestCpu};
 
+use super::model;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{op} failed: {source}")]
@@ -25,7 +27,7 @@ pub enum Error {
         source: kvm_ioctls::Error,
     },
     #[error("probing this host's KVM: {0}")]
-    Probe(#[from] crate::cpu_model::Error),
+    Probe(#[from] crate::guest_cpu::model::Error),
 }
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -86,6 +88,20 @@ pub struct HostView {
     pub tsc: TscHost,
 }
 
+/// Whether this host runs `profile` at all: the one check that `ferry run`, `restore` and
+/// `receive` (before Accept) make. A profile that describes one host (not migratable) runs
+/// only on a host of its vendor, and every feature it offers must be here.
+pub fn runs_here(profile: &CpuProfile, host: &CpuidDump) -> Result<(), model::Error> {
+    let name = || migration::protocol::printable(&profile.name);
+    if !profile.migratable && host.vendor() != Some(profile.identity.vendor) {
+        return Err(model::Error::OtherVendor(name()));
+    }
+    cpuid::profile::check(profile, host).map_err(|missing| model::Error::CannotRun {
+        name: name(),
+        missing,
+    })
+}
+
 /// A vCPU's TSC rate as KVM gives it, and whether this KVM can change it.
 pub fn tsc_host(kvm: &Kvm, fd: &VcpuFd) -> TscHost {
     let khz = if kvm.check_extension(Cap::GetTscKhz) {
@@ -106,7 +122,7 @@ pub fn probe(kvm: &Kvm, profile: &CpuProfile, vcpus: u32) -> Result<HostView, Er
     let vm = kvm.create_vm().map_err(self::kvm("KVM_CREATE_VM"))?;
     let fd = vm.create_vcpu(0).map_err(self::kvm("KVM_CREATE_VCPU"))?;
     let table = cpuid::table::guest_table(profile, vcpus);
-    let effective = crate::cpu_model::set_cpuid(std::slice::from_ref(&fd), &table)?;
+    let effective = crate::guest_cpu::model::set_cpuid(std::slice::from_ref(&fd), &table)?;
     Ok(HostView {
         effective,
         tsc: tsc_host(kvm, &fd),

@@ -66,23 +66,14 @@ pub(super) fn acceptable(h: &Hello, host: Option<&CpuidDump>) -> Result<(), Stri
     let host = match host {
         Some(h) => h,
         None => {
-            live = crate::cpu_model::host_dump(&kvm).map_err(|e| e.to_string())?;
+            live = crate::guest_cpu::model::host_dump(&kvm).map_err(|e| e.to_string())?;
             &live
         }
     };
-    if !profile.migratable && host.vendor() != Some(profile.identity.vendor) {
-        return Err(format!(
-            "CPU profile {} describes one host and is not migratable to a host of another vendor",
-            migration::protocol::printable(&profile.name)
-        ));
-    }
-    cpuid::profile::check(&profile, host).map_err(|m| {
-        let name = migration::protocol::printable(&profile.name);
-        format!("this host cannot run CPU profile {name}: {m}")
-    })?;
+    crate::guest_cpu::admission::runs_here(&profile, host).map_err(|e| e.to_string())?;
     // The guest CPU as the source runs it against what this host's KVM makes of the
     // profile: refused here, before Accept, rather than by the machine built after it.
-    let here = crate::admit::probe(&kvm, &profile, h.vcpus)
+    let here = crate::guest_cpu::admission::probe(&kvm, &profile, h.vcpus)
         .map_err(|e| format!("cannot create the VM here: {e}"))?;
-    crate::admit::admit(h.guest_cpu.as_ref(), &profile, h.vcpus, &here).map(|_| ())
+    crate::guest_cpu::admission::admit(h.guest_cpu.as_ref(), &profile, h.vcpus, &here).map(|_| ())
 }

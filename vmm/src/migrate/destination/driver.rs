@@ -1,231 +1,23 @@
-//! The destination side: the CPU check, memory into guest RAM, the state, Commit.
+//! The destination's I/O and machine behind each of migration::receiver's actions: the
+//! Hello's checks, guest RAM and the machine built while round 0 arrives, page frames into
+//! RAM, the state loaded, the guest started, postcopy's fetching.
 
 use std::io::{BufReader, Read, Write};
 use std::time::{Duration, Instant};
 
-use cpuid::CpuidDump;
-use migration::auth::Key;
 use migration::protocol::{self, Hello, Message, Precopy};
 use migration::receiver::{Action, Failure, Input, Receiver};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::devices::virtio::backends::{Backends, Opened as HostDevices};
-
-use super::admission::{acceptable, host_memory_limit, host_vcpu_limit, within_limits};
+use crate::devices::virtio::backends::Backends;
 use crate::vm::Vm;
 
-use super::*;
-
-/// How the destination takes a VM.
-#[derive(Debug)]
-pub struct ReceiveOptions {
-    /// Check the CPU profile against this recorded host instead of this one.
-    pub host: Option<CpuidDump>,
-    /// Take only a source that proves this key (and prove it to the source), inside TLS.
-    pub key: Option<Key>,
-    /// TLS with certificates (--tls-dir): only a source whose certificate the CA signed.
-    pub tls: Option<DestinationTls>,
-    /// Give up on a migration that has not handed over the guest this long after the
-    /// source connected (plus at most one peer timeout for the read under way).
-    pub deadline: Duration,
-    /// Give up on a source that sends or takes nothing for this long.
-    pub peer_timeout: Duration,
-    /// The disks and taps this side opened (`--disk`, `--net`): the only ones a guest is
-    /// taken onto; a guest with devices is refused without them.
-    pub devices: HostDevices,
-    /// The most guest RAM this side takes (a larger Hello is refused before anything is
-    /// allocated); see [`host_memory_limit`].
-    pub max_memory: u64,
-    /// The most vCPUs this side takes.
-    pub max_vcpus: u32,
-}
-
-/// How long a destination waits for a whole migration by default.
-pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(3600);
-
-impl Default for ReceiveOptions {
-    fn default() -> Self {
-        ReceiveOptions {
-            host: None,
-            key: None,
-            tls: None,
-            deadline: DEFAULT_DEADLINE,
-            peer_timeout: PEER_TIMEOUT,
-            devices: HostDevices::none(),
-            max_memory: host_memory_limit(),
-            max_vcpus: host_vcpu_limit(),
-        }
-    }
-}
-
-/// Destination side: waits at `addr` for one VM, checks its CPU profile against this host
-/// (or a recorded one) before any memory is sent, receives its memory and state, and once
-/// the source has committed, calls `start` (which runs the guest) and confirms Running to
-/// the source, or Failed with `start`'s error (the source then resumes it).
-/// With a key, only a source that proves it is taken (and this side proves it too);
-/// without one, only a Unix socket or a loopback address may be listened on.
-pub fn receive(
-    addr: &Address,
-    opts: ReceiveOptions,
-    console: Box<dyn std::io::Write + Send>,
-    start: impl FnOnce(&Vm) -> Result<(), String>,
-) -> Result<Vm, Error> {
-    if opts.key.is_none() && opts.tls.is_none() {
-        check_local(addr)?;
-    }
-    receive_from(Listener::bind(addr)?, opts, console, start)
-}
-
-/// [`receive`] on a listener bound already: [`super::accept_source`], then
-/// [`receive_source`] on the calling thread.
-pub fn receive_from(
-    listener: Listener,
-    opts: ReceiveOptions,
-    console: Box<dyn std::io::Write + Send>,
-    start: impl FnOnce(&Vm) -> Result<(), String>,
-) -> Result<Vm, Error> {
-    let source = super::handshakes::accept_source(listener, &opts)?;
-    receive_source(source, opts, console, start)
-}
-
-/// Receives the VM from a source that has connected and authenticated
-/// ([`super::accept_source`]): its `--deadline` bounds every read and write until the guest
-/// is handed over. `ferry receive` runs this on a thread of its own, filtered as the
-/// receiver: it parses the source's stream.
-pub fn receive_source(
-    source: super::handshakes::Source,
-    opts: ReceiveOptions,
-    console: Box<dyn std::io::Write + Send>,
-    start: impl FnOnce(&Vm) -> Result<(), String>,
-) -> Result<Vm, Error> {
-    let super::handshakes::Source { conn, lifted, .. } = source;
-    receive_on(conn, opts, console, start, &|| {
-        lifted.store(true, std::sync::atomic::Ordering::Relaxed)
-    })
-}
-
-/// [`receive`] over a connected stream, without a key; the VM comes back paused (the
-/// source is told Running: the caller starts it).
-pub fn receive_over(
-    conn: impl Read + Write,
-    host: Option<&CpuidDump>,
-    console: Box<dyn std::io::Write + Send>,
-) -> Result<Vm, Error> {
-    let opts = ReceiveOptions {
-        host: host.cloned(),
-        ..Default::default()
-    };
-    receive_with(conn, opts, console, |_| Ok(()))
-}
-
-/// [`receive`] over a connected stream (its timeouts set by the caller): the I/O around
-/// migration::receiver's state machine, which decides every step.
-pub fn receive_with(
-    conn: impl Read + Write,
-    opts: ReceiveOptions,
-    console: Box<dyn std::io::Write + Send>,
-    start: impl FnOnce(&Vm) -> Result<(), String>,
-) -> Result<Vm, Error> {
-    receive_on(conn, opts, console, start, &|| {})
-}
-
-/// [`receive_with`], calling `handed_over` once the source has been told Running.
-fn receive_on(
-    mut conn: impl Read + Write,
-    mut opts: ReceiveOptions,
-    console: Box<dyn std::io::Write + Send>,
-    start: impl FnOnce(&Vm) -> Result<(), String>,
-    handed_over: &dyn Fn(),
-) -> Result<Vm, Error> {
-    let began = std::time::Instant::now();
-    let mut rx = Receiver::new();
-    let mut d = Driver {
-        conn: &mut conn,
-        console: Some(console),
-        hello: None,
-        devices: None,
-        mem: None,
-        regions: Vec::new(),
-        building: None,
-        vm: None,
-        readahead: None,
-        pages: None,
-        missing: None,
-        postcopy: None,
-    };
-    let mut start = Some(start);
-    // The outcome of an action the machine waits for, handed to it instead of a read.
-    let mut outcome: Option<Input> = None;
-    loop {
-        let input = match outcome.take() {
-            Some(i) => i,
-            None if began.elapsed() > opts.deadline => {
-                let why = format!(
-                    "its deadline of {} s passed (phase: {}); the source keeps the guest",
-                    opts.deadline.as_secs(),
-                    rx.phase()
-                );
-                let _ = protocol::send(&mut d.conn, &Message::Failed(why.clone()));
-                return Err(Error::Deadline(why));
-            }
-            None => d.read(&rx)?,
-        };
-        let action = match rx.step(input) {
-            Ok(a) => a,
-            Err(f) => return Err(d.fail(f)),
-        };
-        let phase = rx.phase();
-        match action {
-            Action::Next => {}
-            Action::Reply(m) => {
-                protocol::send(&mut d.conn, &m).map_err(proto(phase, "answering the source"))?;
-            }
-            Action::CheckHello(h) => {
-                let ok = within_limits(&h, opts.max_memory, opts.max_vcpus)
-                    .and_then(|()| acceptable(&h, opts.host.as_ref()))
-                    .and_then(|()| opts.devices.resolve(&h.devices));
-                outcome = Some(Input::Done(ok.map(|devices| d.devices = Some(devices))));
-                d.hello = Some(*h);
-            }
-            Action::Accept => d.accept()?,
-            Action::WritePages => d.write_pages(phase)?,
-            Action::Readahead(words) => d.readahead(&words)?,
-            Action::Missing { first_page, words } => d.missing(first_page, &words)?,
-            Action::Sync => {
-                // The end of round 0: later rounds rewrite pages already there.
-                d.readahead = None;
-                outcome = Some(Input::Done(d.finish_building()));
-            }
-            Action::LoadState => outcome = Some(Input::Done(d.load_state()?)),
-            Action::Start => {
-                // Postcopy: missing pages dropped and faults reported before any vCPU runs.
-                let ready = d.prepare_postcopy();
-                let vm =
-                    d.vm.as_ref()
-                        .ok_or(Error::Restore("the VM was not built".into()))?;
-                let run = ready.and_then(|()| start.take().map_or(Ok(()), |s| s(vm)));
-                outcome = Some(Input::Done(run.map_err(|e| {
-                    format!("starting the guest (phase: {phase}): {e}; the source keeps it")
-                })));
-            }
-            Action::Running => {
-                if let Err(e) = protocol::send(&mut d.conn, &Message::Running) {
-                    // The source keeps its copy paused and says the guest may run here.
-                    log::warn!("confirming Running to the source (phase: {phase}): {e}");
-                }
-                handed_over();
-                d.postcopy()?;
-                return d
-                    .vm
-                    .take()
-                    .ok_or(Error::Restore("the VM was not built".into()));
-            }
-        }
-    }
-}
+use super::admission::{acceptable, within_limits};
+use super::{postcopy, prefault, ReceiveOptions};
+use crate::migrate::*;
 
 /// The destination's I/O and machine, as the receiver's actions need them.
-struct Driver<'c, C: Read + Write> {
+pub(super) struct Driver<'c, C: Read + Write> {
     conn: &'c mut C,
     console: Option<Box<dyn std::io::Write + Send>>,
     hello: Option<Hello>,
@@ -236,19 +28,117 @@ struct Driver<'c, C: Read + Write> {
     regions: Vec<(u64, u64)>,
     building: Option<crate::sandbox::Spawning<Result<Vm, crate::vm::Error>>>,
     vm: Option<Vm>,
-    /// Round 0 fills fresh RAM: back it ahead of the pages (super::prefault).
-    readahead: Option<super::prefault::Prefault>,
+    /// Round 0 fills fresh RAM: back it ahead of the pages (prefault.rs).
+    readahead: Option<prefault::Prefault>,
     /// The head of the page frame just read.
     pages: Option<migration::pages::FrameHead>,
     /// Postcopy: the pages to fetch once the guest runs.
-    missing: Option<super::postcopy::Missing>,
+    missing: Option<postcopy::Missing>,
     /// Postcopy, from Start on: guest RAM and the userfaultfd that reports its faults.
-    postcopy: Option<(super::postcopy::Ram, super::postcopy::uffd::Uffd)>,
+    postcopy: Option<(postcopy::Ram, postcopy::uffd::Uffd)>,
 }
 
-impl<C: Read + Write> Driver<'_, C> {
+/// What the loop does after an action.
+pub(super) enum Step {
+    /// Go on, with the outcome the receiver waits for (None: read the next input).
+    Go(Option<Input>),
+    /// The source has been told Running: the guest is this side's.
+    HandedOver,
+}
+
+impl<'c, C: Read + Write> Driver<'c, C> {
+    pub(super) fn new(conn: &'c mut C, console: Box<dyn std::io::Write + Send>) -> Self {
+        Driver {
+            conn,
+            console: Some(console),
+            hello: None,
+            devices: None,
+            mem: None,
+            regions: Vec::new(),
+            building: None,
+            vm: None,
+            readahead: None,
+            pages: None,
+            missing: None,
+            postcopy: None,
+        }
+    }
+
+    /// Tells the source that this side's deadline passed, and the error to end with.
+    pub(super) fn deadline_passed(&mut self, deadline: Duration, phase: Phase) -> Error {
+        let why = format!(
+            "its deadline of {} s passed (phase: {phase}); the source keeps the guest",
+            deadline.as_secs(),
+        );
+        let _ = protocol::send(&mut self.conn, &Message::Failed(why.clone()));
+        Error::Deadline(why)
+    }
+
+    /// Carries out one of the receiver's actions.
+    pub(super) fn act<S: FnOnce(&Vm) -> Result<(), String>>(
+        &mut self,
+        action: Action,
+        phase: Phase,
+        opts: &mut ReceiveOptions,
+        start: &mut Option<S>,
+    ) -> Result<Step, Error> {
+        let done = |r: Result<(), String>| Ok(Step::Go(Some(Input::Done(r))));
+        match action {
+            Action::Next => {}
+            Action::Reply(m) => {
+                protocol::send(&mut self.conn, &m).map_err(proto(phase, "answering the source"))?;
+            }
+            Action::CheckHello(h) => {
+                let ok = within_limits(&h, opts.max_memory, opts.max_vcpus)
+                    .and_then(|()| acceptable(&h, opts.host.as_ref()))
+                    .and_then(|()| opts.devices.resolve(&h.devices));
+                self.hello = Some(*h);
+                return done(ok.map(|devices| self.devices = Some(devices)));
+            }
+            Action::Accept => self.accept()?,
+            Action::WritePages => self.write_pages(phase)?,
+            Action::Readahead(words) => self.readahead(&words)?,
+            Action::Missing { first_page, words } => self.missing(first_page, &words)?,
+            Action::Sync => {
+                // The end of round 0: later rounds rewrite pages already there.
+                self.readahead = None;
+                return done(self.finish_building());
+            }
+            Action::LoadState => return done(self.load_state()?),
+            Action::Start => return done(self.start(phase, start)),
+            Action::Running => {
+                if let Err(e) = protocol::send(&mut self.conn, &Message::Running) {
+                    // The source keeps its copy paused and says the guest may run here.
+                    log::warn!("confirming Running to the source (phase: {phase}): {e}");
+                }
+                return Ok(Step::HandedOver);
+            }
+        }
+        Ok(Step::Go(None))
+    }
+
+    /// Postcopy's missing pages dropped and faults reported before any vCPU runs, then the
+    /// guest started.
+    fn start<S: FnOnce(&Vm) -> Result<(), String>>(
+        &mut self,
+        phase: Phase,
+        start: &mut Option<S>,
+    ) -> Result<(), String> {
+        let ready = self.prepare_postcopy();
+        let vm = self.vm.as_ref().ok_or("the VM was not built")?;
+        let run = ready.and_then(|()| start.take().map_or(Ok(()), |s| s(vm)));
+        run.map_err(|e| format!("starting the guest (phase: {phase}): {e}; the source keeps it"))
+    }
+
+    /// After Running: postcopy's pages fetched (if any are missing), then the VM.
+    pub(super) fn postcopy_then_vm(&mut self) -> Result<Vm, Error> {
+        self.postcopy()?;
+        self.vm
+            .take()
+            .ok_or(Error::Restore("the VM was not built".into()))
+    }
     /// The next input: a control message, or in precopy a page frame's head too.
-    fn read(&mut self, rx: &Receiver) -> Result<Input, Error> {
+    pub(super) fn read(&mut self, rx: &Receiver) -> Result<Input, Error> {
         let phase = rx.phase();
         if !rx.in_precopy() {
             return match protocol::recv(&mut self.conn) {
@@ -276,7 +166,7 @@ impl<C: Read + Write> Driver<'_, C> {
     }
 
     /// Tells the source why, where the machine says to, and names the error as ferry does.
-    fn fail(&mut self, f: Failure) -> Error {
+    pub(super) fn fail(&mut self, f: Failure) -> Error {
         if let Some(reply) = &f.reply {
             let _ = protocol::send(&mut self.conn, reply);
         }
@@ -333,7 +223,7 @@ impl<C: Read + Write> Driver<'_, C> {
         self.building = Some(crate::sandbox::spawn_soon("mig-build".into(), move || {
             builder.build(crate::vm::Boot::Restored)
         }));
-        self.readahead = Some(super::prefault::Prefault::start(mem.clone()));
+        self.readahead = Some(prefault::Prefault::start(mem.clone()));
         self.mem = Some(mem);
         protocol::send(&mut self.conn, &Message::Accept)
             .map_err(proto(Phase::Handshake, "sending Accept"))?;
@@ -371,7 +261,7 @@ impl<C: Read + Write> Driver<'_, C> {
         let ram_end = self.regions.iter().map(|&(s, l)| s + l).max().unwrap_or(0);
         let missing = self
             .missing
-            .get_or_insert_with(|| super::postcopy::Missing::new(ram_end));
+            .get_or_insert_with(|| postcopy::Missing::new(ram_end));
         missing
             .add(first_page, words, &self.regions)
             .map_err(|why| {
@@ -389,9 +279,9 @@ impl<C: Read + Write> Driver<'_, C> {
         let ram = self
             .mem
             .as_ref()
-            .and_then(|m| super::postcopy::Ram::new(m, &self.regions))
+            .and_then(|m| postcopy::Ram::new(m, &self.regions))
             .ok_or("postcopy: guest RAM is not as the Hello described")?;
-        let uffd = super::postcopy::prepare(&ram, missing)?;
+        let uffd = postcopy::prepare(&ram, missing)?;
         self.postcopy = Some((ram, uffd));
         Ok(())
     }
@@ -405,7 +295,7 @@ impl<C: Read + Write> Driver<'_, C> {
             return Ok(());
         };
         let total = missing.total;
-        match super::postcopy::fetch(&mut self.conn, uffd, &ram, missing) {
+        match postcopy::fetch(&mut self.conn, uffd, &ram, missing) {
             Ok(stats) => {
                 log::info!("postcopy: {total} pages missing at the switch; {stats:?}");
                 Ok(())
