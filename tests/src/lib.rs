@@ -4,6 +4,7 @@
 //! Every test that needs /dev/kvm calls [`require_kvm`] first, which fails the test with a
 //! clear message when KVM is missing: these tests never pass silently without it.
 
+pub mod binary;
 pub mod corpus;
 pub mod guest;
 pub mod netns;

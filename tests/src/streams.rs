@@ -88,6 +88,56 @@ fn cpuinfo(name: &str) -> String {
         .unwrap_or_default()
 }
 
+/// A `ferry receive` in `ns` listening on a Unix socket, its disk `disk`, its card on
+/// `tap`; returned once it waits, with the socket's path.
+pub fn receive(ns: &Netns, name: &str, disk: &Path, tap: &str) -> (Ferry, PathBuf) {
+    let at = temp_path(&format!("{name}-destination.mig"));
+    let api = temp_path(&format!("{name}-destination.sock"));
+    let listen = format!("unix:{}", at.display());
+    let disk = format!("path={}", disk.display());
+    let net = format!("tap={tap}");
+    let args = [
+        "receive", "--listen", &listen, "--disk", &disk, "--net", &net,
+    ];
+    let mut args: Vec<std::ffi::OsString> = args.iter().map(|a| a.into()).collect();
+    args.extend(["--api-socket".into(), api.into()]);
+    let mut f = Ferry::start(ns.command(ferry_bin()), &args);
+    f.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
+    (f, at)
+}
+
+/// Migrates `src` to the destination listening on `dst_sock` through a recording relay;
+/// returns the migration's report, the recording, and the disk image `disk` as it was at
+/// the switch (the source paused, the destination holding the guest and waiting for Commit).
+fn migrate_recorded(
+    src: &mut Ferry,
+    dst: &Ferry,
+    dst_sock: &Path,
+    disk: &Path,
+) -> (String, Recording, Vec<u8>) {
+    let at_switch: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+    let (copy, path) = (at_switch.clone(), disk.to_path_buf());
+    let relay = temp_path(&format!("{}-record.mig", dst.pid()));
+    let recorder = Recorder::start(
+        &relay,
+        dst_sock,
+        Box::new(move |tag| {
+            if tag == b"RSTD" {
+                *copy.lock().unwrap() = std::fs::read(&path).ok();
+            }
+        }),
+    );
+    let url = format!("unix:{}", relay.display());
+    let mut migrate = vec!["migrate", url.as_str()];
+    migrate.extend(MIGRATE);
+    let (ok, report) = src.ctl(&migrate);
+    assert!(ok, "migrate: {report}\n{}", dst.transcript());
+    assert!(src.wait_exit(LIMIT).success(), "{}", src.transcript());
+    let recording = recorder.finish().expect("the recording relay");
+    let disk = at_switch.lock().unwrap().take();
+    (report, recording, disk.expect("the disk at Restored"))
+}
+
 /// Boots the guest with `profile`, logs [`RECORDS`] requests on its disk, and live-migrates
 /// it after heartbeat 9 through a recording relay to a real `ferry receive` on this host.
 /// `client_bin` is the service's client.
@@ -109,38 +159,9 @@ pub fn record(profile: &str, name: &str, client_bin: &Path) -> Made {
     requests(client_bin, &ns, 1, RECORDS);
     src.wait_line(LIMIT, |l| heartbeat(l).is_some_and(|n| n >= 9));
 
-    let dst_sock = temp_path(&format!("{name}-destination.mig"));
-    let api = temp_path(&format!("{name}-destination.sock"));
-    let listen = format!("unix:{}", dst_sock.display());
-    let recv = [
-        "receive", "--listen", &listen, "--disk", &disk_arg, "--net", "tap=rec1",
-    ];
-    let mut recv: Vec<std::ffi::OsString> = recv.iter().map(|a| a.into()).collect();
-    recv.extend(["--api-socket".into(), api.into()]);
-    let mut dst = Ferry::start(ns.command(ferry_bin()), &recv);
-    dst.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
+    let (mut dst, dst_sock) = receive(&ns, name, &disk, "rec1");
 
-    // The disk as it is at the switch: the source paused, the destination holding the
-    // guest and waiting for Commit.
-    let at_switch: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
-    let (copy, path) = (at_switch.clone(), disk.clone());
-    let relay = temp_path(&format!("{name}-record.mig"));
-    let recorder = Recorder::start(
-        &relay,
-        &dst_sock,
-        Box::new(move |tag| {
-            if tag == b"RSTD" {
-                *copy.lock().unwrap() = std::fs::read(&path).ok();
-            }
-        }),
-    );
-    let url = format!("unix:{}", relay.display());
-    let mut migrate = vec!["migrate", url.as_str()];
-    migrate.extend(MIGRATE);
-    let (ok, report) = src.ctl(&migrate);
-    assert!(ok, "migrate: {report}\n{}", dst.transcript());
-    assert!(src.wait_exit(LIMIT).success(), "{}", src.transcript());
-    let recording = recorder.finish().expect("the recording relay");
+    let (report, recording, disk_at_switch) = migrate_recorded(&mut src, &dst, &dst_sock, &disk);
     dst.wait_line_err(LIMIT, |l| l.contains("received the VM"));
     let console = src.stdout_text();
     let last = console
@@ -158,11 +179,6 @@ pub fn record(profile: &str, name: &str, client_bin: &Path) -> Made {
     );
     assert!(dst.ctl(&["stop"]).0);
     assert!(dst.wait_exit(LIMIT).success(), "{}", dst.transcript());
-    let disk_at_switch = at_switch
-        .lock()
-        .unwrap()
-        .take()
-        .expect("the disk at Restored");
     let _ = std::fs::remove_file(&disk);
 
     let sidecar = sidecar(profile, &recording, &disk, &report, &last);

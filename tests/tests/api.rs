@@ -16,6 +16,27 @@ use vmm::VmEvent;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
+/// Several requests on one connection, then malformed ones: each answered with an error
+/// naming what was wrong, the connection kept.
+fn several_and_malformed_requests(path: &std::path::Path) {
+    let mut conn = UnixStream::connect(path).unwrap();
+    conn.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut lines = BufReader::new(conn.try_clone().unwrap()).lines();
+    let mut send = |raw: &[u8]| -> Value {
+        conn.write_all(raw).unwrap();
+        serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap()
+    };
+    assert_eq!(send(b"{\"cmd\":\"status\"}\n")["ok"], true);
+    let r = send(b"not json\n");
+    assert!(r["error"].as_str().unwrap().contains("not JSON"), "{r}");
+    let r = send(b"{\"command\":\"status\"}\n");
+    assert!(r["error"].as_str().unwrap().contains("\"cmd\""), "{r}");
+    let mut huge = vec![b' '; MAX_REQUEST + 10];
+    huge.push(b'\n');
+    let r = send(&huge);
+    assert!(r["error"].as_str().unwrap().contains("longer than"), "{r}");
+}
+
 #[test]
 fn status_pause_resume_stop_and_bad_requests() {
     // The control socket's threads and the vCPUs under ferry's filters, as in `ferry run`.
@@ -60,23 +81,7 @@ fn status_pause_resume_stop_and_bad_requests() {
             .unwrap_err();
     assert!(unknown.error.contains("\"reboot\""), "{unknown:?}");
 
-    // Several requests on one connection, then malformed ones.
-    let mut conn = UnixStream::connect(&path).unwrap();
-    conn.set_read_timeout(Some(LIMIT)).unwrap();
-    let mut lines = BufReader::new(conn.try_clone().unwrap()).lines();
-    let mut send = |raw: &[u8]| -> Value {
-        conn.write_all(raw).unwrap();
-        serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap()
-    };
-    assert_eq!(send(b"{\"cmd\":\"status\"}\n")["ok"], true);
-    let r = send(b"not json\n");
-    assert!(r["error"].as_str().unwrap().contains("not JSON"), "{r}");
-    let r = send(b"{\"command\":\"status\"}\n");
-    assert!(r["error"].as_str().unwrap().contains("\"cmd\""), "{r}");
-    let mut huge = vec![b' '; MAX_REQUEST + 10];
-    huge.push(b'\n');
-    let r = send(&huge);
-    assert!(r["error"].as_str().unwrap().contains("longer than"), "{r}");
+    several_and_malformed_requests(&path);
 
     // stop is answered, then the VM gets its stop request.
     assert_eq!(state(Request::Stop).1, VmStatus::Stopped);

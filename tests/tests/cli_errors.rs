@@ -237,15 +237,9 @@ fn restore_refuses_a_corrupt_or_foreign_snapshot() {
 /// Every kind of argument and file, wrong, missing, oversized or hostile (an endless
 /// /dev/zero where a file is expected): one line naming it, status 1, nothing read past a cap.
 #[test]
-fn hostile_and_oversized_flags_and_files() {
+fn hostile_and_oversized_run_flags_and_files() {
     ferry_tests::require_kvm();
     let g = guest();
-    let tls = temp_path("hostile-tls");
-    std::fs::create_dir_all(&tls).unwrap();
-    let _ = std::fs::remove_file(tls.join("ca-cert.pem"));
-    std::os::unix::fs::symlink("/dev/zero", tls.join("ca-cert.pem")).unwrap();
-    let sock = temp_path("hostile.sock");
-    let listen = format!("unix:{}", sock.display());
     let cases: &[(&[&str], &[&str])] = &[
         (
             &["run", "--image", "/dev/zero", "--memory", "64M"],
@@ -299,6 +293,22 @@ fn hostile_and_oversized_flags_and_files() {
             &["run", "--image", "/dev/null", "--user", "root"],
             &["--user", "\"root\" is not a number"],
         ),
+    ];
+    for (args, needles) in cases {
+        expect_error(args, needles);
+    }
+}
+
+#[test]
+fn hostile_and_oversized_restore_receive_cpu_and_ctl_flags() {
+    ferry_tests::require_kvm();
+    let tls = temp_path("hostile-tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    let _ = std::fs::remove_file(tls.join("ca-cert.pem"));
+    std::os::unix::fs::symlink("/dev/zero", tls.join("ca-cert.pem")).unwrap();
+    let sock = temp_path("hostile.sock");
+    let listen = format!("unix:{}", sock.display());
+    let cases: &[(&[&str], &[&str])] = &[
         (
             &["restore", "/dev/zero"],
             &["/dev/zero", "not a ferry VM stream"],

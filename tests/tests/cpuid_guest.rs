@@ -12,6 +12,22 @@ use vmm::guest_cpu;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
+/// The (function, index) of every leaf that differs between two tables, or is in one only.
+fn differing(requested: &[Leaf], effective: &[Leaf]) -> Vec<(u32, u32)> {
+    let get =
+        |t: &[Leaf], f: u32, i: u32| t.iter().find(|l| l.function == f && l.index == i).copied();
+    let mut keys: Vec<(u32, u32)> = requested
+        .iter()
+        .chain(effective)
+        .map(|l| (l.function, l.index))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|(f, i)| get(requested, *f, *i) != get(effective, *f, *i))
+        .collect()
+}
+
 fn run_table(profile: Option<cpuid::profile::CpuProfile>) {
     let t = TinyVm::with_cpu(&LONG_CPUID, 1, profile);
     let effective: Vec<Leaf> = t.vm.cpuid_effective().to_vec();
@@ -58,19 +74,7 @@ fn run_table(profile: Option<cpuid::profile::CpuProfile>) {
         features: forced,
         registers: other,
     } = t.vm.cpuid_forced();
-    let get =
-        |t: &[Leaf], f: u32, i: u32| t.iter().find(|l| l.function == f && l.index == i).copied();
-    let mut keys: Vec<(u32, u32)> = requested
-        .iter()
-        .chain(&effective)
-        .map(|l| (l.function, l.index))
-        .collect();
-    keys.sort();
-    keys.dedup();
-    let differing: Vec<(u32, u32)> = keys
-        .into_iter()
-        .filter(|(f, i)| get(&requested, *f, *i) != get(&effective, *f, *i))
-        .collect();
+    let differing = differing(&requested, &effective);
     if guest_cpu::model::emulating_host() {
         // Only the leaves this kind of KVM is known to rewrite (or add), and every change
         // is reported by name or register.

@@ -19,10 +19,10 @@ use ferry_tests::corpus::{
     guest_cpu, pass, printk_time, profile_identity, record_evidence, repo, say, this_host, Cpu,
 };
 use ferry_tests::netns::Netns;
-use ferry_tests::process::{ferry_bin, heartbeat, temp_path, Ferry};
+use ferry_tests::process::{heartbeat, temp_path};
 use ferry_tests::recording::{play, PlayError, Recording};
 use ferry_tests::service::{read_log, Record};
-use ferry_tests::streams::{disk_path, requests, HOST_IP, LIMIT, RECORDS};
+use ferry_tests::streams::{disk_path, receive, requests, HOST_IP, LIMIT, RECORDS};
 use serde_json::Value;
 
 /// One recorded stream and its sidecar.
@@ -88,23 +88,6 @@ fn stream(sidecar: &Path) -> Stream {
     }
 }
 
-/// A `ferry receive` in `ns` listening on a Unix socket, its disk `disk`, its card on `tap`.
-fn receive(ns: &Netns, name: &str, disk: &Path, tap: &str) -> (Ferry, PathBuf) {
-    let at = temp_path(&format!("{name}-play.mig"));
-    let api = temp_path(&format!("{name}-play.sock"));
-    let listen = format!("unix:{}", at.display());
-    let disk = format!("path={}", disk.display());
-    let net = format!("tap={tap}");
-    let args = [
-        "receive", "--listen", &listen, "--disk", &disk, "--net", &net,
-    ];
-    let mut args: Vec<std::ffi::OsString> = args.iter().map(|a| a.into()).collect();
-    args.extend(["--api-socket".into(), api.into()]);
-    let mut f = Ferry::start(ns.command(ferry_bin()), &args);
-    f.wait_line_err(LIMIT, |l| l.contains("waiting for a VM"));
-    (f, at)
-}
-
 /// A network of this host for the guest's card: a bridge with the host's address and a tap.
 fn network(tag: &str) -> Netns {
     let ns = Netns::new(tag);
@@ -124,6 +107,32 @@ struct Outcome {
     row: Vec<String>,
 }
 
+/// What the guest left: heartbeats by one and its clock forward in `text` (its console), no
+/// corruption and no reboot; on its disk every request, the recorded ones and three more.
+/// Returns the heartbeats.
+fn went_on(s: &Stream, text: &str, disk: &Path) -> Vec<u64> {
+    let beats: Vec<u64> = text.lines().filter_map(heartbeat).collect();
+    for w in beats.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "{}: heartbeats by one:\n{text}", s.name);
+    }
+    let times: Vec<f64> = text.lines().filter_map(printk_time).collect();
+    assert!(
+        times.windows(2).all(|w| w[1] >= w[0]),
+        "{}: the guest clock went backwards:\n{text}",
+        s.name
+    );
+    assert!(!text.contains("HB-CORRUPT"), "{}:\n{text}", s.name);
+    assert!(!text.contains("GUEST-READY"), "{}:\n{text}", s.name);
+    let log = read_log(&std::fs::read(disk).unwrap());
+    let _ = std::fs::remove_file(disk);
+    assert_eq!(log.bad_end, None, "{}: the disk's log ends cleanly", s.name);
+    let want: Vec<Record> = (1..=RECORDS + 3)
+        .map(|n| Record { seq: n, request: n })
+        .collect();
+    assert_eq!(log.records, want, "{}: every request on the disk", s.name);
+    beats
+}
+
 /// Plays `s` into a real destination here and watches the guest go on.
 fn check(s: &Stream, here: &Cpu) -> Outcome {
     let hello = s
@@ -140,7 +149,7 @@ fn check(s: &Stream, here: &Cpu) -> Outcome {
     let disk = disk_path(&s.name);
     std::fs::create_dir_all(disk.parent().unwrap()).unwrap();
     std::fs::write(&disk, &s.disk).unwrap();
-    let (mut f, at) = receive(&ns, &s.name, &disk, "play0");
+    let (mut f, at) = receive(&ns, &format!("{}-play", s.name), &disk, "play0");
     let answers = play(&s.recording, &at, LIMIT)
         .unwrap_or_else(|e| panic!("{}: {e}\n{}", s.name, f.transcript()));
     assert_eq!(answers, s.recording.answers(), "{}", s.name);
@@ -161,25 +170,7 @@ fn check(s: &Stream, here: &Cpu) -> Outcome {
     assert!(f.ctl(&["stop"]).0);
     assert!(f.wait_exit(LIMIT).success(), "{}", f.transcript());
     let text = f.stdout_text();
-    let beats: Vec<u64> = text.lines().filter_map(heartbeat).collect();
-    for w in beats.windows(2) {
-        assert_eq!(w[1], w[0] + 1, "{}: heartbeats by one:\n{text}", s.name);
-    }
-    let times: Vec<f64> = text.lines().filter_map(printk_time).collect();
-    assert!(
-        times.windows(2).all(|w| w[1] >= w[0]),
-        "{}: the guest clock went backwards:\n{text}",
-        s.name
-    );
-    assert!(!text.contains("HB-CORRUPT"), "{}:\n{text}", s.name);
-    assert!(!text.contains("GUEST-READY"), "{}:\n{text}", s.name);
-    let log = read_log(&std::fs::read(&disk).unwrap());
-    let _ = std::fs::remove_file(&disk);
-    assert_eq!(log.bad_end, None, "{}: the disk's log ends cleanly", s.name);
-    let want: Vec<Record> = (1..=RECORDS + 3)
-        .map(|n| Record { seq: n, request: n })
-        .collect();
-    assert_eq!(log.records, want, "{}: every request on the disk", s.name);
+    let beats = went_on(s, &text, &disk);
     let passes = text.lines().rev().find_map(pass).unwrap_or(0) - s.pass;
     let rounds = answers.iter().filter(|a| *a == "SYND").count();
     let crossed = s.made_on.vendor != here.vendor;

@@ -61,6 +61,49 @@ fn shanghai_harpertown_guest_is_an_amd_opteron_and_sees_the_effective_table() {
     );
 }
 
+/// The effective CPUID table of `ferry ctl --json cpuid`'s answer, by (function, index).
+fn effective_table(resp: &Value) -> BTreeMap<(u32, u32), [u32; 4]> {
+    resp["effective"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let g = |k: &str| l[k].as_u64().unwrap() as u32;
+            (
+                (g("function"), g("index")),
+                [g("eax"), g("ebx"), g("ecx"), g("edx")],
+            )
+        })
+        .collect()
+}
+
+/// Every leaf the guest read in ring 0 (`seen`) as KVM holds it (`effective`).
+fn assert_same_leaves(
+    seen: &BTreeMap<(u32, u32), [u32; 4]>,
+    effective: &BTreeMap<(u32, u32), [u32; 4]>,
+) {
+    for ((func, idx), regs) in seen {
+        // KVM answers zeros for a subleaf of an in-range function that has no entry (here:
+        // 7.1 after this host's KVM raised 7.0 EAX, the max subleaf, to the host's value).
+        let mut want = effective.get(&(*func, *idx)).copied().unwrap_or([0; 4]);
+        let mut got = *regs;
+        // The effective table is vCPU 0's; the guest may have read it on another vCPU,
+        // whose APIC IDs (leaf 1 EBX[31:24], leaf 0xB EDX) differ.
+        if *func == 1 {
+            want[1] &= 0x00ff_ffff;
+            got[1] &= 0x00ff_ffff;
+        }
+        if *func == 0xb {
+            want[3] = 0;
+            got[3] = 0;
+        }
+        assert_eq!(
+            got, want,
+            "leaf {func:#x}.{idx}: guest ring 0 vs KVM_GET_CPUID2"
+        );
+    }
+}
+
 /// Boots the test guest (2 vCPUs) with `profile`, checks the identity it reports and that
 /// every CPUID leaf it read in ring 0 equals the table KVM holds, and that it keeps running.
 fn boot_with_profile(
@@ -79,10 +122,12 @@ fn boot_with_profile(
         &socket,
     );
     let ready = f.wait_line(BOOT_LIMIT, |l| l.contains("GUEST-READY"));
-    assert_eq!(field(&ready, "vendor"), Some(vendor), "{ready}");
-    assert_eq!(field(&ready, "family"), Some(family), "{ready}");
-    assert_eq!(field(&ready, "model"), Some(model), "{ready}");
-    assert_eq!(field(&ready, "stepping"), Some(stepping), "{ready}");
+    let fields = ["vendor", "family", "model", "stepping"].map(|k| field(&ready, k));
+    assert_eq!(
+        fields,
+        [vendor, family, model, stepping].map(Some),
+        "{ready}"
+    );
 
     let seen: BTreeMap<(u32, u32), [u32; 4]> = f
         .seen
@@ -103,38 +148,8 @@ fn boot_with_profile(
     assert!(ok, "{out}");
     let resp: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(resp["profile"]["name"], name);
-    let effective: BTreeMap<(u32, u32), [u32; 4]> = resp["effective"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            let g = |k: &str| l[k].as_u64().unwrap() as u32;
-            (
-                (g("function"), g("index")),
-                [g("eax"), g("ebx"), g("ecx"), g("edx")],
-            )
-        })
-        .collect();
-    for ((func, idx), regs) in &seen {
-        // KVM answers zeros for a subleaf of an in-range function that has no entry (here:
-        // 7.1 after this host's KVM raised 7.0 EAX, the max subleaf, to the host's value).
-        let mut want = effective.get(&(*func, *idx)).copied().unwrap_or([0; 4]);
-        let mut got = *regs;
-        // The effective table is vCPU 0's; the guest may have read it on another vCPU,
-        // whose APIC IDs (leaf 1 EBX[31:24], leaf 0xB EDX) differ.
-        if *func == 1 {
-            want[1] &= 0x00ff_ffff;
-            got[1] &= 0x00ff_ffff;
-        }
-        if *func == 0xb {
-            want[3] = 0;
-            got[3] = 0;
-        }
-        assert_eq!(
-            got, want,
-            "leaf {func:#x}.{idx}: guest ring 0 vs KVM_GET_CPUID2"
-        );
-    }
+    let effective = effective_table(&resp);
+    assert_same_leaves(&seen, &effective);
 
     // And it keeps running.
     let hb = |l: &str| l.contains("] HB ");

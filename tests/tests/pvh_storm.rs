@@ -52,6 +52,10 @@ fn assert_all_rewrite(f: &Ferry, vcpus: u64, tag: &str) -> Vec<u64> {
     })
 }
 
+fn p(x: &std::path::Path) -> &str {
+    x.to_str().unwrap()
+}
+
 fn boot_migrate(vcpus: u64, tag: &str) {
     ferry_tests::require_kvm();
     let elf = PVH_STORM.write_to_temp();
@@ -60,10 +64,11 @@ fn boot_migrate(vcpus: u64, tag: &str) {
     let sock_src = temp_path(&format!("{tag}-src.sock"));
     let sock_dst = temp_path(&format!("{tag}-dst.sock"));
     let n = vcpus.to_string();
+    let (elf_s, hb_s, sock_s) = (p(&elf), p(&hb_src), p(&sock_src));
     let mut src = Ferry::spawn(&[
         "run",
         "--kernel",
-        elf.to_str().unwrap(),
+        elf_s,
         "--memory",
         "512M",
         "--vcpus",
@@ -71,9 +76,9 @@ fn boot_migrate(vcpus: u64, tag: &str) {
         "--cmdline",
         "",
         "--debug-console",
-        hb_src.to_str().unwrap(),
+        hb_s,
         "--api-socket",
-        sock_src.to_str().unwrap(),
+        sock_s,
     ]);
     let ready = src.wait_line(LIMIT, |l| l.contains("GUEST-READY pvh_storm"));
     assert!(
@@ -85,15 +90,8 @@ fn boot_migrate(vcpus: u64, tag: &str) {
     let at_source = assert_all_rewrite(&src, vcpus, &format!("{tag}-src"));
 
     let url = format!("tcp:127.0.0.1:{}", free_tcp_port());
-    let mut dst = Ferry::receive(
-        &url,
-        &[
-            "--debug-console",
-            hb_dst.to_str().unwrap(),
-            "--api-socket",
-            sock_dst.to_str().unwrap(),
-        ],
-    );
+    let args = ["--debug-console", p(&hb_dst), "--api-socket", p(&sock_dst)];
+    let mut dst = Ferry::receive(&url, &args);
     let (ok, out) = src.ctl(&["--json", "migrate", &url]);
     assert!(ok, "{out}\n{}", src.transcript());
     let r: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON line");

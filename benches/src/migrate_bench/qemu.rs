@@ -198,15 +198,7 @@ impl Guest for QemuGuest {
                 case.name,
                 mode.name()
             );
-            self.qmp.exec("migrate_cancel", json!({}))?;
-            // The source runs on once the cancel has taken effect.
-            let deadline = Instant::now() + MIGRATION_LIMIT;
-            while self.qmp.exec("query-status", json!({}))?["status"] != "running" {
-                if Instant::now() > deadline {
-                    bail!("QEMU did not run again after migrate_cancel");
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            cancel(&mut self.qmp)?;
             return Ok(None);
         };
         let s = Sample {
@@ -223,4 +215,17 @@ impl Guest for QemuGuest {
         self.n = n;
         Ok(Some(s))
     }
+}
+
+/// Cancels the migration under way and waits until the source runs again.
+fn cancel(qmp: &mut Qmp) -> Result<()> {
+    qmp.exec("migrate_cancel", json!({}))?;
+    let deadline = Instant::now() + MIGRATION_LIMIT;
+    while qmp.exec("query-status", json!({}))?["status"] != "running" {
+        if Instant::now() > deadline {
+            bail!("QEMU did not run again after migrate_cancel");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
 }
