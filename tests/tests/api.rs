@@ -29,6 +29,7 @@ fn several_and_malformed_requests(path: &std::path::Path) {
     assert_eq!(send(b"{\"cmd\":\"status\"}\n")["ok"], true);
     let r = send(b"not json\n");
     assert!(r["error"].as_str().unwrap().contains("not JSON"), "{r}");
+    assert_eq!(r["code"], "bad-request", "{r}");
     let r = send(b"{\"command\":\"status\"}\n");
     assert!(r["error"].as_str().unwrap().contains("\"cmd\""), "{r}");
     let mut huge = vec![b' '; MAX_REQUEST + 10];
@@ -80,6 +81,10 @@ fn status_pause_resume_stop_and_bad_requests() {
             .answer
             .unwrap_err();
     assert!(unknown.error.contains("\"reboot\""), "{unknown:?}");
+    assert_eq!(unknown.code, vmm::codes::Code::BadRequest, "{unknown:?}");
+    let none = call::<Value>(&path, &Request::Cancel, LIMIT, &mut |_| {}).unwrap();
+    let none = none.answer.unwrap_err();
+    assert_eq!(none.code.as_str(), "wrong-state", "{none:?}");
 
     several_and_malformed_requests(&path);
 

@@ -122,11 +122,13 @@ fn a_host_profile_guest_is_refused_by_a_host_of_the_other_vendor() {
     let mut src = run_tiny(&LONG_COUNT, &["--cpu", "host"], &s_sock);
     src.wait_line(LIMIT, |l| count(l).is_some());
     let mut dst = Ferry::receive(&url, &["--host", other.to_str().unwrap()]);
-    let (ok, out) = src.ctl(&["migrate", &url]);
+    let (ok, out) = src.ctl(&["--json", "migrate", &url]);
     assert!(
         !ok && out.contains("not migratable to a host of another vendor"),
         "{out}"
     );
+    // A program tells a refusal from a broken link by its code.
+    assert!(out.contains(r#""code":"refused""#), "{out}");
     assert!(!dst.wait_exit(LIMIT).success());
     let (ok, st) = src.ctl(&["status"]);
     assert!(ok && st.contains("running"), "{st}");

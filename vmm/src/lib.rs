@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod boot;
+pub mod codes;
 pub mod config;
 pub mod devices;
 pub mod event;

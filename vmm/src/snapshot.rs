@@ -28,6 +28,18 @@ pub enum FileError {
     },
 }
 
+impl FileError {
+    /// What kind of failure this is (docs/api.md, "Error codes").
+    pub fn code(&self) -> crate::codes::Code {
+        use crate::codes::Code;
+        match self {
+            FileError::Open(_) | FileError::Write { .. } => Code::Io,
+            FileError::Zstd(_) | FileError::Stream(_) => Code::BadFile,
+            FileError::Save(_) | FileError::Memory(_) => Code::Kvm,
+        }
+    }
+}
+
 /// Saves the paused `vm` and writes it to `<path>.partial` (a new file, never through an
 /// existing one or a link), syncs it, renames it over `path` and syncs the directory;
 /// removes the partial file on failure. Guest RAM goes from where it lies into the file

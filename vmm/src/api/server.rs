@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::wire::{self, Answer, Failure, MigrateRequest, Request, StateAnswer, VmStatus};
+use super::wire::{self, Answer, Code, Failure, MigrateRequest, Request, StateAnswer, VmStatus};
 use crate::migrate::Control;
 use crate::vm::Vm;
 
@@ -162,11 +162,8 @@ fn accept(mut stream: UnixStream, vm: &Arc<Vm>, control: &Arc<Control>, open: &A
     if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
         open.fetch_sub(1, Ordering::SeqCst);
         let e = format!("more than {MAX_CONNECTIONS} control connections at once");
-        let _ = writeln!(
-            stream,
-            "{}",
-            wire::answer_line(&Answer::Failure(Failure::new(e)))
-        );
+        let answer = Answer::Failure(Failure::new(Code::Busy, e));
+        let _ = writeln!(stream, "{}", wire::answer_line(&answer));
         return;
     }
     let (vm, control, count) = (vm.clone(), control.clone(), open.clone());
@@ -204,7 +201,10 @@ fn serve(stream: UnixStream, vm: &Vm, control: &Control) {
         }
         let (answer, after) = if line.len() > MAX_REQUEST {
             let e = format!("request longer than {MAX_REQUEST} bytes");
-            (Answer::Failure(Failure::new(e)), After::Close)
+            (
+                Answer::Failure(Failure::new(Code::BadRequest, e)),
+                After::Close,
+            )
         } else {
             match wire::parse_request(&line) {
                 Ok(req) => {
@@ -214,7 +214,10 @@ fn serve(stream: UnixStream, vm: &Vm, control: &Control) {
                     };
                     handle(&req, vm, control, &mut progress)
                 }
-                Err(e) => (Answer::Failure(Failure::new(e)), After::Nothing),
+                Err(e) => (
+                    Answer::Failure(Failure::new(Code::BadRequest, e)),
+                    After::Nothing,
+                ),
             }
         };
         let written = writeln!(out, "{}", wire::answer_line(&answer));
@@ -252,6 +255,11 @@ fn state(vm: &Vm) -> VmStatus {
     vm.state().into()
 }
 
+/// A failed request's answer, the connection kept.
+fn fail(code: Code, error: String) -> (Answer, After) {
+    (Answer::Failure(Failure::new(code, error)), After::Nothing)
+}
+
 /// Answers one request; the caller writes the answer, then does what [`After`] says. A
 /// migration asked for progress calls `progress` with each update before answering.
 pub fn handle(
@@ -260,13 +268,12 @@ pub fn handle(
     control: &Control,
     progress: &mut dyn FnMut(&crate::migrate::Progress),
 ) -> (Answer, After) {
-    let fail = |e: String| (Answer::Failure(Failure::new(e)), After::Nothing);
     let done = |r: Result<(), crate::vm::Error>| match r {
         Ok(()) => (
             Answer::State(StateAnswer { state: state(vm) }),
             After::Nothing,
         ),
-        Err(e) => fail(e.to_string()),
+        Err(e) => fail(e.code(), e.to_string()),
     };
     match req {
         Request::Status => (
@@ -283,7 +290,7 @@ pub fn handle(
                 Answer::Cancelled(wire::Cancelled { cancelled: true }),
                 After::Nothing,
             ),
-            false => fail("no migration is in progress".into()),
+            false => fail(Code::WrongState, "no migration is in progress".into()),
         },
         Request::Cpuid => (Answer::Cpuid(Box::new(cpuid(vm))), After::Nothing),
         Request::Migrate(m) => migrate(vm, control, m, progress),
@@ -292,7 +299,7 @@ pub fn handle(
                 Answer::Snapshot(answer),
                 if *stop { After::Stop } else { After::Nothing },
             ),
-            Err(e) => fail(format!("snapshot to {}: {e}", path.display())),
+            Err((code, e)) => fail(code, format!("snapshot to {}: {e}", path.display())),
         },
         Request::Pause => done({
             let _lifecycle = vm.lifecycle();
@@ -335,15 +342,14 @@ fn migrate(
     m: &MigrateRequest,
     progress: &mut dyn FnMut(&crate::migrate::Progress),
 ) -> (Answer, After) {
-    let fail = |e: String| (Answer::Failure(Failure::new(e)), After::Nothing);
     let url = &m.url;
     let addr: crate::migrate::Address = match url.parse() {
         Ok(a) => a,
-        Err(e) => return fail(format!("{e}")),
+        Err(e) => return fail(Code::BadRequest, format!("{e}")),
     };
     let opts = match migrate_options(m, &addr) {
         Ok(o) => o,
-        Err(e) => return fail(e),
+        Err((code, e)) => return fail(code, e),
     };
     let mut on_progress = |p: &crate::migrate::Progress| {
         if m.progress {
@@ -364,16 +370,20 @@ fn migrate(
                 error: format!(
                     "migration to {url} cancelled, the VM runs here as before: {reason}"
                 ),
+                code: Code::Cancelled,
                 state: Some(state(vm)),
                 report: Some(*report),
             }),
             After::Nothing,
         ),
         // Commit went out unanswered: the guest stays paused here (see the error).
-        Err(e @ crate::migrate::Error::Unconfirmed(_)) => fail(format!("migration to {url}: {e}")),
-        Err(e) => fail(format!(
-            "migration to {url} failed, the VM runs here as before: {e}"
-        )),
+        Err(e @ crate::migrate::Error::Unconfirmed(_)) => {
+            fail(e.code(), format!("migration to {url}: {e}"))
+        }
+        Err(e) => fail(
+            e.code(),
+            format!("migration to {url} failed, the VM runs here as before: {e}"),
+        ),
     }
 }
 
@@ -381,15 +391,16 @@ fn migrate(
 fn migrate_options(
     m: &MigrateRequest,
     addr: &crate::migrate::Address,
-) -> Result<crate::migrate::Options, String> {
+) -> Result<crate::migrate::Options, (Code, String)> {
+    let bad = |e: String| (Code::BadRequest, e);
     let mut o = crate::migrate::Options::default();
-    let ms = |key: &str, v: Option<f64>, min: f64| -> Result<Option<Duration>, String> {
+    let ms = |key: &str, v: Option<f64>, min: f64| -> Result<Option<Duration>, (Code, String)> {
         match v {
             None => Ok(None),
             Some(x) if x.is_finite() && x >= min => {
                 Ok(Some(Duration::from_secs_f64(x.min(1e12) / 1e3)))
             }
-            Some(x) => Err(format!("{key} must be a number >= {min}, not {x}")),
+            Some(x) => Err(bad(format!("{key} must be a number >= {min}, not {x}"))),
         }
     };
     if let Some(d) = ms("max_downtime_ms", m.max_downtime_ms, 0.0)? {
@@ -406,35 +417,39 @@ fn migrate_options(
     o.insecure = m.insecure;
     if let Some(t) = m.max_throttle {
         if t > 99 {
-            return Err(format!("max_throttle is at most 99 (percent), not {t}"));
+            return Err(bad(format!(
+                "max_throttle is at most 99 (percent), not {t}"
+            )));
         }
         o.max_throttle = t;
     }
     if let Some(path) = &m.key_file {
-        o.key = Some(crate::migrate::key::load(path).map_err(|e| e.to_string())?);
+        o.key = Some(crate::migrate::key::load(path).map_err(|e| (Code::Io, e.to_string()))?);
     }
     if let Some(dir) = &m.tls_dir {
         let name = m
             .tls_name
             .clone()
             .unwrap_or_else(|| crate::migrate::tls_default_name(addr));
-        o.tls = Some(crate::migrate::SourceTls::load(dir, &name).map_err(|e| e.to_string())?);
+        let tls = crate::migrate::SourceTls::load(dir, &name);
+        o.tls = Some(tls.map_err(|e| (e.code(), e.to_string()))?);
     } else if m.tls_name.is_some() {
-        return Err("tls_name without tls_dir: a name is checked only with certificates".into());
+        let e = "tls_name without tls_dir: a name is checked only with certificates";
+        return Err(bad(e.into()));
     }
     Ok(o)
 }
 
 /// Pauses the VM, writes its state to `path` (crate::snapshot::write_file), and resumes it
 /// unless `stop`. On any failure the VM is resumed.
-fn snapshot(vm: &Vm, path: &Path, stop: bool) -> Result<wire::Snapshot, String> {
+fn snapshot(vm: &Vm, path: &Path, stop: bool) -> Result<wire::Snapshot, (Code, String)> {
     let started = std::time::Instant::now();
     // One lifecycle change at a time: no other client can resume the VM mid-save.
     let lifecycle = vm.lifecycle();
     let was_paused = vm.state() == crate::vcpu::RunState::Paused;
-    let paused = vm.pause().map_err(|e| format!("pausing: {e}"));
+    let paused = vm.pause().map_err(|e| (e.code(), format!("pausing: {e}")));
     let result = paused.and_then(|()| {
-        crate::snapshot::write_file(vm, &lifecycle, path).map_err(|e| e.to_string())
+        crate::snapshot::write_file(vm, &lifecycle, path).map_err(|e| (e.code(), e.to_string()))
     });
     // Resume on every path unless asked to stop after a good write; a VM that was already
     // paused stays paused.
@@ -445,7 +460,7 @@ fn snapshot(vm: &Vm, path: &Path, stop: bool) -> Result<wire::Snapshot, String> 
             } else {
                 ""
             };
-            return Err(format!("{written}resuming the VM failed: {e}"));
+            return Err((e.code(), format!("{written}resuming the VM failed: {e}")));
         }
     }
     let (bytes, memory_ranges) = result?;

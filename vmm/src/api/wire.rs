@@ -10,7 +10,7 @@
 //! Request::Snapshot { path, stop }     -> Snapshot { state, path, bytes, memory_ranges, ms }
 //! Request::Migrate(MigrateRequest)     -> Migrated { state, report }  ({"progress":..} lines first)
 //! Request::Cancel                      -> Cancelled { cancelled }
-//! any, failed                          -> Failure { error, state?, report? }
+//! any, failed                          -> Failure { error, code, state?, report? }
 //! ```
 
 use std::path::PathBuf;
@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use crate::codes::Code;
 use crate::migrate::{Progress, Report};
 use crate::vcpu::RunState;
 
@@ -171,6 +172,9 @@ pub struct Cancelled {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Failure {
     pub error: String,
+    /// What kind of failure it is (docs/api.md, "Error codes").
+    #[serde(default)]
+    pub code: Code,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<VmStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -178,9 +182,10 @@ pub struct Failure {
 }
 
 impl Failure {
-    pub fn new(error: impl Into<String>) -> Self {
+    pub fn new(code: Code, error: impl Into<String>) -> Self {
         Failure {
             error: error.into(),
+            code,
             state: None,
             report: None,
         }
@@ -327,6 +332,7 @@ mod tests {
                 Err(e) => {
                     let f: Failure = serde_json::from_str(ans).unwrap();
                     assert_eq!(f.error, e, "{req}");
+                    assert_eq!(f.code, Code::BadRequest, "{req}");
                 }
             }
         }
@@ -344,8 +350,11 @@ mod tests {
             Incoming::Progress(q) => assert_eq!(q, p),
             other => panic!("{other:?}"),
         }
-        let f = parse_line::<Status>(r#"{"ok":false,"error":"x"}"#).unwrap();
-        assert_eq!(f, Incoming::Answer(Box::new(Err(Failure::new("x")))));
+        let f = parse_line::<Status>(r#"{"ok":false,"error":"x","code":"busy"}"#).unwrap();
+        assert_eq!(
+            f,
+            Incoming::Answer(Box::new(Err(Failure::new(Code::Busy, "x"))))
+        );
         assert!(parse_line::<Status>(r#"{"ok":true,"state":"running"}"#).is_err());
     }
 

@@ -23,6 +23,7 @@
 //! Either side gives up on a peer that closes the connection, or sends or takes nothing for
 //! the peer timeout; every error names the [`Phase`] it happened in.
 
+mod code;
 mod destination;
 pub mod key;
 mod net;

@@ -93,6 +93,31 @@ pub enum Error {
     NoSuchVcpu(u32),
 }
 
+impl Error {
+    /// What kind of failure this is (docs/api.md, "Error codes").
+    pub fn code(&self) -> crate::codes::Code {
+        use crate::codes::Code;
+        match self {
+            Error::OpenKvm(_)
+            | Error::OpenKvmFile(_)
+            | Error::KvmApiVersion(_)
+            | Error::MissingCap(_)
+            | Error::Kvm { .. }
+            | Error::Memory(_)
+            | Error::Cpu(_)
+            | Error::KickHandler(_) => Code::Kvm,
+            Error::Config(_) | Error::SavedProfile(_) | Error::RamBeyondAddressWidth { .. } => {
+                Code::BadRequest
+            }
+            Error::CpuModel(_) | Error::Refused(_) | Error::Admit(_) => Code::RefusedCpu,
+            Error::Boot(_) | Error::Disk(_) | Error::Tap(_) => Code::Io,
+            Error::AlreadyBooted | Error::NotBooted => Code::WrongState,
+            Error::PauseTimeout(_) | Error::ResumeTimeout(_) => Code::TimedOut,
+            Error::Devices(_) | Error::SpawnVcpu(_) | Error::NoSuchVcpu(_) => Code::Internal,
+        }
+    }
+}
+
 fn kvm_op(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { op, source }
 }

@@ -1,0 +1,63 @@
+//! The kind of each migration error ([`Code`]), as the control socket reports it.
+
+use super::{protocol, Error};
+use crate::codes::Code;
+
+impl Error {
+    /// What kind of failure this is (docs/api.md, "Error codes").
+    pub fn code(&self) -> Code {
+        match self {
+            Error::Address(_) | Error::AddressInUse(_) => Code::BadRequest,
+            Error::Connect { source, .. } => Code::of_connection(source),
+            Error::Protocol { source, .. } => match source {
+                protocol::Error::Io(e) => Code::of_connection(e),
+                _ => Code::Protocol,
+            },
+            Error::PagesOutsideRam { .. } | Error::BadTouchedMap { .. } => Code::Protocol,
+            Error::Refused(_) | Error::RefusedHere(_) => Code::Refused,
+            Error::DestinationFailed { .. } => Code::PeerFailed,
+            Error::Unauthenticated(_) | Error::Plaintext(_) => Code::RefusedPolicy,
+            Error::Auth(_) | Error::Tls(_) => Code::AuthFailed,
+            Error::TlsFiles(_) => Code::Io,
+            Error::DirtyLog { .. } | Error::Pause(_) | Error::SaveState(_) => Code::Kvm,
+            Error::NoCommit(_) => Code::LinkLost,
+            Error::Deadline(_) => Code::TimedOut,
+            Error::Unconfirmed(_) => Code::Unconfirmed,
+            Error::PostcopyBroken(_) | Error::PostcopyLost(_) => Code::PostcopyBroken,
+            Error::Cancelled { .. } | Error::CancelledBySource(_) => Code::Cancelled,
+            Error::Busy => Code::Busy,
+            Error::Restore(_)
+            | Error::ReadPage { .. }
+            | Error::RamLayout(_)
+            | Error::Thread { .. }
+            | Error::Random(_) => Code::Internal,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_or_silent_peer_is_a_lost_link_or_a_timeout() {
+        use std::io::{Error as E, ErrorKind as K};
+        let proto = |e: E| Error::Protocol {
+            phase: super::super::Phase::Handshake,
+            what: "reading",
+            source: protocol::Error::Io(e),
+        };
+        assert_eq!(proto(E::from(K::UnexpectedEof)).code(), Code::LinkLost);
+        assert_eq!(proto(E::from(K::WouldBlock)).code(), Code::TimedOut);
+        let unexpected = Error::Protocol {
+            phase: super::super::Phase::Handshake,
+            what: "reading",
+            source: protocol::Error::Unexpected {
+                expected: "Accept",
+                found: "Hello".into(),
+            },
+        };
+        assert_eq!(unexpected.code(), Code::Protocol);
+        assert_eq!(Error::Busy.code().as_str(), "busy");
+    }
+}
