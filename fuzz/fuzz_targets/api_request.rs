@@ -34,13 +34,14 @@ fn check_request(req: &Request) {
 }
 
 fn check_refusal(error: String) {
-    let line = wire::answer_line(&Answer::Failure(Failure::new(error.clone())));
+    let refused = Failure::new(wire::Code::BadRequest, error);
+    let line = wire::answer_line(&Answer::Failure(refused.clone()));
     assert!(
         !line.contains('\n'),
         "an answer of more than one line: {line}"
     );
     match wire::parse_line::<wire::Status>(&line) {
-        Ok(Incoming::Answer(a)) => assert_eq!(*a, Err(Failure::new(error))),
+        Ok(Incoming::Answer(a)) => assert_eq!(*a, Err(refused)),
         other => panic!("{line} reads back as {other:?}"),
     }
 }

@@ -171,16 +171,9 @@ pub struct MemoryRange {
     pub data: Vec<u8>,
 }
 
-/// One CPUID entry: the answer to (function, index).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CpuidEntry {
-    pub function: u32,
-    pub index: u32,
-    pub eax: u32,
-    pub ebx: u32,
-    pub ecx: u32,
-    pub edx: u32,
-}
+/// One CPUID entry, the answer to (function, index): the cpuid crate's type, one for the CPU
+/// model and the stream alike.
+pub use cpuid::Leaf;
 
 /// The guest CPU as the host that saved it ran it (format version 2 on): what a restoring
 /// or receiving host compares with its own before it takes the guest.
@@ -194,7 +187,7 @@ pub struct GuestCpu {
     pub tsc_khz: u32,
     /// vCPU 0's CPUID table as the saving host's KVM held it (KVM_GET_CPUID2): the profile's
     /// table plus whatever that KVM forced into it.
-    pub cpuid: Vec<CpuidEntry>,
+    pub cpuid: Vec<Leaf>,
 }
 
 /// What backs a virtio device: what the side that takes the guest must have too (format

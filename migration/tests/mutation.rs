@@ -138,7 +138,7 @@ fn mutated_protocol_messages_never_panic() {
                 host_vendor: "AuthenticAMD".into(),
                 host_signature: 0xa10f11,
                 tsc_khz: 2_596_096,
-                cpuid: vec![migration::CpuidEntry::default(); 3],
+                cpuid: vec![migration::Leaf::default(); 3],
             }),
         )),
         Message::Accept,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ferry_tests::process::{run_tiny, temp_path, Ferry};
 use ferry_tests::tiny::LONG_COUNT;
-use migration::{CpuidEntry, VmState};
+use migration::{Leaf, VmState};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -72,7 +72,7 @@ fn host_view(s: &VmState) -> vmm::guest_cpu::admission::HostView {
     vmm::guest_cpu::admission::probe(&kvm, &profile, s.config.vcpus).unwrap()
 }
 
-fn entry(s: &mut VmState, function: u32, index: u32) -> &mut CpuidEntry {
+fn entry(s: &mut VmState, function: u32, index: u32) -> &mut Leaf {
     let g = s.guest_cpu.as_mut().expect("a GCPU record");
     g.cpuid
         .iter_mut()
@@ -88,7 +88,7 @@ fn a_snapshot_carries_the_guest_cpu_as_this_host_ran_it() {
     let here = host_view(&s);
     assert!(g.tsc_khz > 0, "{g:?}");
     assert_eq!(g.tsc_khz, here.tsc.khz, "the guest's rate is this host's");
-    let leaves = vmm::guest_cpu::admission::leaves(&g.cpuid);
+    let leaves = g.cpuid.clone();
     let table = cpuid::CpuidDump::new("saved", leaves);
     assert_eq!(
         table.vendor_string(),

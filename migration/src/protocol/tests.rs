@@ -14,7 +14,7 @@ fn messages_round_trip() {
                 host_vendor: "GenuineIntel".into(),
                 host_signature: 0xc06f2,
                 tsc_khz: 2_100_000,
-                cpuid: vec![crate::state::CpuidEntry {
+                cpuid: vec![crate::state::Leaf {
                     function: 1,
                     eax: 0x1_0676,
                     ..Default::default()
@@ -109,7 +109,7 @@ fn hostile_frames_are_errors() {
             host_vendor: "GenuineIntel".into(),
             host_signature: 0xc06f2,
             tsc_khz: 2_100_000,
-            cpuid: vec![crate::state::CpuidEntry {
+            cpuid: vec![crate::state::Leaf {
                 function: 1,
                 eax: 0x1_0676,
                 ..Default::default()

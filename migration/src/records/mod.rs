@@ -89,7 +89,7 @@ wire_record!(VcpuEvents: exception_injected, exception_nr, exception_has_error_c
     nmi_pending, nmi_masked, sipi_vector, smi_smm, smi_pending, smi_inside_nmi,
     smi_latched_init, triple_fault_pending, flags);
 
-wire_record!(CpuidEntry: function, index, eax, ebx, ecx, edx);
+wire_record!(Leaf: function, index, eax, ebx, ecx, edx);
 
 /// GCPU (and the Hello from format version 2): host vendor and signature, TSC kHz, then
 /// the CPUID entries.
@@ -113,7 +113,7 @@ pub(crate) fn dec_guest_cpu(d: &mut Decoder) -> Result<GuestCpu, Error> {
     )?;
     let mut cpuid = Vec::with_capacity(n);
     for _ in 0..n {
-        cpuid.push(Wire::get(d, "CpuidEntry")?);
+        cpuid.push(Wire::get(d, "Leaf")?);
     }
     Ok(GuestCpu {
         host_vendor,
@@ -290,7 +290,7 @@ mod tests {
         assert_eq!(size(&|e| Regs::default().put(e)), REGS_SIZE);
         assert_eq!(size(&|e| Sregs::default().put(e)), SREGS_SIZE);
         assert_eq!(size(&|e| DebugRegs::default().put(e)), DEBUG_SIZE);
-        assert_eq!(size(&|e| CpuidEntry::default().put(e)), CPUID_ENTRY_SIZE);
+        assert_eq!(size(&|e| Leaf::default().put(e)), CPUID_ENTRY_SIZE);
         assert_eq!(size(&|e| VcpuEvents::default().put(e)), EVENTS_SIZE);
     }
 

@@ -14,7 +14,7 @@ use cpuid::profile::CpuProfile;
 use cpuid::tsc::{TscHost, TscPlan};
 use cpuid::{CpuidDump, Leaf};
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
-use migration::{CpuidEntry, GuestCpu};
+use migration::GuestCpu;
 
 use super::model;
 
@@ -34,43 +34,13 @@ fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { op, source }
 }
 
-/// CPUID leaves as the stream's entries.
-pub fn entries(leaves: &[Leaf]) -> Vec<CpuidEntry> {
-    leaves
-        .iter()
-        .map(|l| CpuidEntry {
-            function: l.function,
-            index: l.index,
-            eax: l.eax,
-            ebx: l.ebx,
-            ecx: l.ecx,
-            edx: l.edx,
-        })
-        .collect()
-}
-
-/// The stream's CPUID entries as leaves.
-pub fn leaves(entries: &[CpuidEntry]) -> Vec<Leaf> {
-    entries
-        .iter()
-        .map(|e| Leaf {
-            function: e.function,
-            index: e.index,
-            eax: e.eax,
-            ebx: e.ebx,
-            ecx: e.ecx,
-            edx: e.edx,
-        })
-        .collect()
-}
-
 /// The record a saved guest carries: where it ran and how.
 pub fn record(host: &CpuidDump, tsc_khz: u32, effective: &[Leaf]) -> GuestCpu {
     GuestCpu {
         host_vendor: host.vendor_string(),
         host_signature: host.get(1, 0).map(|l| l.eax).unwrap_or(0),
         tsc_khz,
-        cpuid: entries(effective),
+        cpuid: effective.to_vec(),
     }
 }
 
@@ -151,7 +121,7 @@ pub fn admit(
     let mut report = None;
     if let Some(g) = saved.filter(|g| !g.cpuid.is_empty()) {
         let requested = cpuid::table::for_vcpu(&cpuid::table::guest_table(profile, vcpus), 0);
-        let c = cpuid::effective::compare(&requested, &leaves(&g.cpuid), &here.effective);
+        let c = cpuid::effective::compare(&requested, &g.cpuid, &here.effective);
         if !c.refused.is_empty() {
             return Err(format!(
                 "the guest would see another CPU on this host: {}",
