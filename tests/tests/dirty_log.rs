@@ -10,7 +10,7 @@ use vm_memory::{Bytes, GuestAddress};
 const BUF: u64 = 0x40_0000;
 const N: u64 = 37;
 
-fn pages_in(bitmaps: &[Vec<u64>], first: u64, count: u64) -> Vec<u64> {
+fn pages_in(bitmaps: &vmm::memory::PageSet, first: u64, count: u64) -> Vec<u64> {
     // 64 MiB of RAM is one slot starting at 0: bit i of the bitmap is page i.
     let bits = &bitmaps[0];
     (first..first + count)

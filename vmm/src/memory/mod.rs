@@ -25,9 +25,11 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegion
 
 mod image;
 mod pagemap;
+mod pages;
 pub(crate) use pagemap::PAGEMAP_SCAN;
 
 pub use pagemap::Pagemap;
+pub use pages::PageSet;
 
 /// Guest memory with a dirty bitmap for writes made by the VMM.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
@@ -340,10 +342,10 @@ impl GuestRam {
 
     /// Fetches and clears KVM's dirty bitmap of every slot: one bit per page, bit i of word w
     /// is page 64 * w + i of the slot; the pages found dirty are write-protected again.
-    pub fn take_dirty_log(&self) -> Result<Vec<Vec<u64>>, Error> {
+    pub fn take_dirty_log(&self) -> Result<PageSet, Error> {
         let bits = self.peek_dirty_log()?;
         if self.manual_protect {
-            for (slot, b) in bits.iter().enumerate() {
+            for (slot, b) in bits.regions().iter().enumerate() {
                 self.clear_dirty_log(slot as u32, 0, b)?;
             }
         }
@@ -352,7 +354,7 @@ impl GuestRam {
 
     /// Fetches KVM's dirty bitmap of every slot as [`GuestRam::take_dirty_log`] does; with
     /// manual protection it stays set (clear it with [`GuestRam::clear_dirty_log`]).
-    pub fn peek_dirty_log(&self) -> Result<Vec<Vec<u64>>, Error> {
+    pub fn peek_dirty_log(&self) -> Result<PageSet, Error> {
         let vm = self.vm()?;
         self.mem
             .iter()
@@ -362,7 +364,8 @@ impl GuestRam {
                 vm.get_dirty_log(slot, region.len() as usize)
                     .map_err(|source| Error::GetDirtyLog { slot, source })
             })
-            .collect()
+            .collect::<Result<_, _>>()
+            .map(PageSet::new)
     }
 
     /// Guest addresses of the blocks of `block` bytes (a power of two, 4 KiB to 64 MiB) of
@@ -411,14 +414,16 @@ impl GuestRam {
     /// [`GuestRam::take_dirty_log`]), from the kernel's page table for this process
     /// (/proc/self/pagemap: present or swapped) without reading the pages, and the pages
     /// of a mapped snapshot image that hold data. A page never touched reads as zero. Where pagemap cannot be read, every page counts as touched.
-    pub fn touched_pages(&self) -> Vec<Vec<u64>> {
+    pub fn touched_pages(&self) -> PageSet {
         let pagemap = Pagemap::open();
-        (0..self.mem.num_regions())
-            .map(|r| {
-                let pages = self.mem.iter().nth(r).map_or(0, |g| g.len() / PAGE_SIZE);
-                self.touched_range(&pagemap, r, 0, pages.div_ceil(64) as usize)
-            })
-            .collect()
+        PageSet::new(
+            (0..self.mem.num_regions())
+                .map(|r| {
+                    let pages = self.mem.iter().nth(r).map_or(0, |g| g.len() / PAGE_SIZE);
+                    self.touched_range(&pagemap, r, 0, pages.div_ceil(64) as usize)
+                })
+                .collect(),
+        )
     }
 
     /// As [`GuestRam::touched_pages`], for `words` 64-page words of region `region` from page
@@ -463,25 +468,23 @@ impl GuestRam {
     /// log) or by ferry: one bitmap per region, bit i of word w = page 64 * w + i. With
     /// manual protection KVM's part stays set until [`GuestRam::clear_dirty_log`] clears it:
     /// at the start every page is dirty.
-    pub fn take_dirty(&self) -> Result<Vec<Vec<u64>>, Error> {
+    pub fn take_dirty(&self) -> Result<PageSet, Error> {
         let mut bits = self.peek_dirty_log()?;
-        for (k, v) in bits.iter_mut().zip(self.take_vmm_dirty()) {
-            for (a, b) in k.iter_mut().zip(v) {
-                *a |= b;
-            }
-        }
+        bits.add(&self.take_vmm_dirty());
         Ok(bits)
     }
 
     /// Fetches and clears the bitmap of pages the VMM wrote through `memory()`.
-    pub fn take_vmm_dirty(&self) -> Vec<Vec<u64>> {
-        self.mem
-            .iter()
-            .map(|region| {
-                let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
-                mapping.bitmap().get_and_reset()
-            })
-            .collect()
+    pub fn take_vmm_dirty(&self) -> PageSet {
+        PageSet::new(
+            self.mem
+                .iter()
+                .map(|region| {
+                    let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
+                    mapping.bitmap().get_and_reset()
+                })
+                .collect(),
+        )
     }
 }
 

@@ -105,11 +105,12 @@ pub fn memory_extents(vm: &Vm) -> Vec<(u64, u64)> {
     let mem = vm.memory();
     let mut out: Vec<(u64, u64)> = Vec::new();
     let mut page = vec![0u8; PAGE_SIZE as usize];
-    for (region, touched) in mem.iter().zip(vm.ram().touched_pages()) {
+    let touched = vm.ram().touched_pages();
+    for (region, touched) in mem.iter().zip(touched.regions()) {
         let start = region.start_addr().0;
         let pages = region.len() / PAGE_SIZE;
         let first = out.len();
-        for index in crate::memory::set_pages(&touched, 0).take_while(|p| *p < pages) {
+        for index in crate::memory::set_pages(touched, 0).take_while(|p| *p < pages) {
             let gpa = start + index * PAGE_SIZE;
             if mem.read_slice(&mut page, GuestAddress(gpa)).is_err()
                 || migration::pages::is_zero(&page)

@@ -14,10 +14,19 @@ use super::*;
 
 mod postcopy;
 mod round;
-use round::{count_pages, touched_map};
+use crate::memory::PageSet;
+use round::{touched_map, Round};
+
+/// What is left to send at the switchover, before the pages dirtied since.
+enum Left {
+    /// The pages dirtied during the last round sent.
+    Dirtied(PageSet),
+    /// Postcopy at once, no round sent: every page the guest has touched.
+    AllTouched,
+}
 
 /// The pages written since the last harvest.
-fn take_dirty(vm: &Vm) -> Result<Vec<Vec<u64>>, Error> {
+fn take_dirty(vm: &Vm) -> Result<PageSet, Error> {
     vm.ram().take_dirty().map_err(|source| Error::DirtyLog {
         what: "reading the dirty log",
         source,
@@ -246,16 +255,16 @@ impl<'a, C: Read + Write> Sender<'a, C> {
 
     fn run(&mut self) -> Result<Report, Error> {
         if self.opts.postcopy_after == Some(0) {
-            return self.switchover(None, true);
+            return self.switchover(Left::AllTouched, true);
         }
         let (dirty, postcopy) = self.precopy()?;
-        self.switchover(Some(dirty), postcopy)
+        self.switchover(Left::Dirtied(dirty), postcopy)
     }
 
     /// The Touched map, dirty tracking on, then rounds until the policy says switch over
     /// (or, with postcopy, the rounds asked for have been sent); returns the pages dirtied
     /// during the last round sent, and whether to go on in postcopy.
-    fn precopy(&mut self) -> Result<(Vec<Vec<u64>>, bool), Error> {
+    fn precopy(&mut self) -> Result<(PageSet, bool), Error> {
         let vm = self.vm;
         // First what round 0 will fill, so that the destination backs it meanwhile.
         let words = std::mem::take(&mut self.touched);
@@ -267,7 +276,7 @@ impl<'a, C: Read + Write> Sender<'a, C> {
                 what: "starting dirty tracking",
                 source,
             })?;
-        self.send_round(None)?;
+        self.send_round(Round::Touched)?;
         let target = migration::converge::Target {
             max_downtime: self.opts.max_downtime,
             timeout: self.opts.timeout,
@@ -280,7 +289,7 @@ impl<'a, C: Read + Write> Sender<'a, C> {
                 elapsed: self.started.elapsed(),
                 rounds: self.report.rounds,
                 last_round_bytes: self.round_bytes,
-                dirty_bytes: count_pages(&dirty) * PAGE,
+                dirty_bytes: dirty.count() * PAGE,
                 state_bytes,
                 bandwidth: self.bandwidth(),
                 throttle: self.throttle.load(Ordering::SeqCst),
@@ -310,19 +319,14 @@ impl<'a, C: Read + Write> Sender<'a, C> {
                 }
                 Decision::Continue => {}
             }
-            self.send_round(Some(&dirty))?;
+            self.send_round(Round::Dirty(&dirty))?;
         }
     }
 
-    /// Pause; what the guest dirtied since the last harvest joins the last round (None:
-    /// postcopy at once, every touched page); those pages sent, or with `postcopy` named
-    /// Missing; the state; then Restored, Commit and Running; with `postcopy`, the pages
-    /// the destination asks for until it has them all.
-    fn switchover(
-        &mut self,
-        dirty: Option<Vec<Vec<u64>>>,
-        postcopy: bool,
-    ) -> Result<Report, Error> {
+    /// Pause; what the guest dirtied since the last harvest joins `left`; those pages sent,
+    /// or with `postcopy` named Missing; the state; then Restored, Commit and Running; with
+    /// `postcopy`, the pages the destination asks for until it has them all.
+    fn switchover(&mut self, left: Left, postcopy: bool) -> Result<Report, Error> {
         let vm = self.vm;
         self.throttle.store(0, Ordering::SeqCst);
         let paused_at = Instant::now();
@@ -330,22 +334,17 @@ impl<'a, C: Read + Write> Sender<'a, C> {
         self.paused = true;
         self.quiescent = true;
         let t_paused = Instant::now();
-        let dirty = match dirty {
-            Some(mut dirty) => {
-                for (a, b) in dirty.iter_mut().zip(take_dirty(vm)?) {
-                    for (x, y) in a.iter_mut().zip(b) {
-                        *x |= y;
-                    }
-                }
+        let dirty = match left {
+            Left::Dirtied(mut dirty) => {
+                dirty.add(&take_dirty(vm)?);
                 dirty
             }
-            // Postcopy at once: every page the guest has touched is missing.
-            None => vm.ram().touched_pages(),
+            Left::AllTouched => vm.ram().touched_pages(),
         };
         if postcopy {
             self.report.postcopy_missing = self.send_missing(&dirty)?;
         } else {
-            self.send_round(Some(&dirty))?;
+            self.send_round(Round::Dirty(&dirty))?;
         }
         let t_last_round = Instant::now();
         let state = vm.save_state_with(false).map_err(Error::SaveState)?;

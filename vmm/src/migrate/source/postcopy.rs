@@ -13,9 +13,9 @@ impl<'a, C: Read + Write> Sender<'a, C> {
     /// The Missing messages: each region's bits (pages from the region's start) as pages of
     /// guest-physical memory, in pieces of at most [`MAX_MISSING_WORDS`]; words with no page
     /// set at either end of a piece are left out.
-    pub(super) fn send_missing(&mut self, bits: &[Vec<u64>]) -> Result<u64, Error> {
+    pub(super) fn send_missing(&mut self, bits: &PageSet) -> Result<u64, Error> {
         let mut pages = 0;
-        for (&(start, _), words) in self.regions.clone().iter().zip(bits) {
+        for (&(start, _), words) in self.regions.clone().iter().zip(bits.regions()) {
             if (start / PAGE) % 64 != 0 {
                 return Err(Error::RamLayout(start));
             }

@@ -24,11 +24,13 @@ pub(super) fn touched_map(vm: &Vm) -> Vec<u64> {
     words
 }
 
-pub(super) fn count_pages(bits: &[Vec<u64>]) -> u64 {
-    bits.iter()
-        .flatten()
-        .map(|w| u64::from(w.count_ones()))
-        .sum()
+/// The pages a round sends.
+#[derive(Clone, Copy)]
+pub(super) enum Round<'a> {
+    /// Round 0: every page the guest ever touched.
+    Touched,
+    /// A later round, or the last: these pages.
+    Dirty(&'a PageSet),
 }
 
 /// 64-page words `first..end` of RAM region `region` (`len` bytes): what a round
@@ -41,13 +43,13 @@ struct Chunk {
 }
 
 impl<'a, C: Read + Write> Sender<'a, C> {
-    /// Sends one round: with `bits`, the pages set there (a dirty page now zero goes as a
-    /// ZERO run); without, round 0: every page ever touched (pagemap, looked up chunk by
-    /// chunk just after the chunk is write-protected, so that a page first touched later is
-    /// logged), zero pages dropped (the destination's fresh RAM is zero).
-    pub(super) fn send_round(&mut self, bits: Option<&[Vec<u64>]>) -> Result<(), Error> {
-        self.start_round(bits);
-        let round0 = bits.is_none();
+    /// Sends one round: the dirty pages of `round` (a dirty page now zero goes as a ZERO
+    /// run), or round 0: every page ever touched (pagemap, looked up chunk by chunk just
+    /// after the chunk is write-protected, so that a page first touched later is logged),
+    /// zero pages dropped (the destination's fresh RAM is zero).
+    pub(super) fn send_round(&mut self, round: Round<'_>) -> Result<(), Error> {
+        self.start_round(round);
+        let round0 = matches!(round, Round::Touched);
         let manual = self.vm.ram().manual_protect() && !self.paused;
         // Round 0 only: later rounds take their pages from the dirty log.
         let pagemap = round0.then(crate::memory::Pagemap::open);
@@ -71,11 +73,13 @@ impl<'a, C: Read + Write> Sender<'a, C> {
                     end: (chunk + CLEAR_WORDS).min(words),
                 };
                 if manual {
-                    self.protect(&chunk, bits)?;
+                    self.protect(&chunk, round)?;
                 }
-                let pages = match bits {
-                    Some(b) => b[chunk.region][chunk.first..chunk.end].to_vec(),
-                    None => self.touched(&chunk, pagemap.as_ref().expect("opened for round 0")),
+                let pages = match round {
+                    Round::Dirty(b) => b.region(chunk.region)[chunk.first..chunk.end].to_vec(),
+                    Round::Touched => {
+                        self.touched(&chunk, pagemap.as_ref().expect("opened for round 0"))
+                    }
                 };
                 for page in crate::memory::set_pages(&pages, chunk.first as u64 * 64) {
                     if page * PAGE >= len {
@@ -90,15 +94,15 @@ impl<'a, C: Read + Write> Sender<'a, C> {
     }
 
     /// Resets the round's counters; the bytes it will send at most.
-    fn start_round(&mut self, bits: Option<&[Vec<u64>]>) {
+    fn start_round(&mut self, round: Round<'_>) {
         self.round_started = Instant::now();
         self.round_bytes = 0;
         self.round_pages = 0;
         self.paced = Duration::ZERO;
         let total: u64 = self.regions.iter().map(|(_, len)| len / PAGE).sum();
-        self.remaining = match bits {
-            Some(b) => count_pages(b) * PAGE,
-            None => total * PAGE,
+        self.remaining = match round {
+            Round::Dirty(b) => b.count() * PAGE,
+            Round::Touched => total * PAGE,
         };
         self.batch.set_round(self.report.rounds);
     }
@@ -106,11 +110,11 @@ impl<'a, C: Read + Write> Sender<'a, C> {
     /// Write-protects a chunk again just before reading it: a write from now on is logged
     /// and sent in a later round. Round 0 clears every page (the log starts all set), later
     /// rounds the ones found dirty.
-    fn protect(&self, c: &Chunk, bits: Option<&[Vec<u64>]>) -> Result<(), Error> {
+    fn protect(&self, c: &Chunk, round: Round<'_>) -> Result<(), Error> {
         const ALL: [u64; CLEAR_WORDS] = [u64::MAX; CLEAR_WORDS];
-        let mask = match bits {
-            Some(b) => &b[c.region][c.first..c.end],
-            None => &ALL[..c.end - c.first],
+        let mask = match round {
+            Round::Dirty(b) => &b.region(c.region)[c.first..c.end],
+            Round::Touched => &ALL[..c.end - c.first],
         };
         if mask.iter().any(|m| *m != 0) {
             self.vm
@@ -132,7 +136,7 @@ impl<'a, C: Read + Write> Sender<'a, C> {
             .vm
             .ram()
             .touched_range(pagemap, c.region, first_page, c.end - c.first);
-        let n = count_pages(std::slice::from_ref(&touched));
+        let n: u64 = touched.iter().map(|w| u64::from(w.count_ones())).sum();
         let chunk_pages = ((c.end - c.first) as u64 * 64).min(c.len / PAGE - first_page);
         self.report.untouched_pages += chunk_pages - n;
         self.remaining = self.remaining.saturating_sub((chunk_pages - n) * PAGE);
