@@ -338,3 +338,25 @@ fn hostile_and_oversized_restore_receive_cpu_and_ctl_flags() {
     }
     assert!(!sock.exists(), "no listener was left behind");
 }
+
+/// A missing required flag is named on the one line; `--version` works after a
+/// subcommand too.
+#[test]
+fn a_missing_flag_is_named_and_version_works_everywhere() {
+    expect_error(&["receive"], &["required", "--listen"]);
+    expect_error(&["ctl", "status"], &["required", "--api-socket"]);
+    expect_error(&["run"], &["required"]);
+    for args in [
+        &["--version"][..],
+        &["run", "--version"],
+        &["ctl", "--version"],
+    ] {
+        let out = std::process::Command::new(ferry_tests::process::ferry_bin())
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert!(text.starts_with("ferry "), "{args:?}: {text}");
+    }
+}

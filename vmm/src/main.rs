@@ -24,21 +24,35 @@ fn main() -> ExitCode {
     }
 }
 
-/// Help and version as clap prints them; any other argument error as one line, status 1.
+/// Help as clap prints it; the version as `ferry VERSION` (after a subcommand too); any
+/// other argument error as one line, status 1.
 fn bad_arguments(e: clap::Error) -> ExitCode {
+    if e.kind() == ErrorKind::DisplayVersion {
+        println!("ferry {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
     if matches!(
         e.kind(),
-        ErrorKind::DisplayHelp
-            | ErrorKind::DisplayVersion
-            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        ErrorKind::DisplayHelp | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
     ) {
         e.exit();
     }
-    let text = e.render().to_string();
-    let first = text
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("bad arguments");
-    eprintln!("ferry: error: {}", first.trim_start_matches("error: "));
+    eprintln!("ferry: error: {}", one_line(&e.render().to_string()));
     ExitCode::FAILURE
+}
+
+/// clap's message as one line: its first line, and where that ends with a colon (the
+/// required arguments missing), the indented lines that name them.
+fn one_line(text: &str) -> String {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let first = lines.next().unwrap_or("bad arguments");
+    let mut line = first.trim_start_matches("error: ").to_string();
+    if line.ends_with(':') {
+        let named: Vec<&str> = lines
+            .take_while(|l| l.starts_with(' '))
+            .map(str::trim)
+            .collect();
+        line = format!("{line} {}", named.join(", "));
+    }
+    line
 }

@@ -11,6 +11,7 @@ use vmm::config::DEFAULT_CMDLINE;
 #[command(
     name = "ferry",
     version,
+    propagate_version = true,
     about = "A KVM virtual machine monitor that live-migrates guests across CPU vendors"
 )]
 pub struct Cli {
