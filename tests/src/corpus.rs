@@ -39,6 +39,27 @@ impl Cpu {
     }
 }
 
+/// The sidecars (`*.json`) of a corpus folder under tests/data, sorted, each parsed, with
+/// the name of its entry (the file's stem).
+pub fn sidecars(folder: &str) -> Vec<(String, PathBuf, Value)> {
+    let dir = repo().join("tests/data").join(folder);
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap();
+            let j: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+            let name = p.file_stem().unwrap().to_str().unwrap().to_string();
+            (name, p, j)
+        })
+        .collect()
+}
+
 /// This host, from /proc/cpuinfo.
 pub fn this_host() -> Cpu {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap();

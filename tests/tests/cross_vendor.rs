@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use ferry_tests::corpus::{
     guest_cpu, kvm_flavour, pass, printk_time, profile_identity, record_evidence, repo, say,
-    this_host, Cpu, Identity,
+    sidecars, this_host, Cpu, Identity,
 };
 use ferry_tests::process::{heartbeat, temp_path, Ferry};
 use serde_json::Value;
@@ -35,26 +35,19 @@ struct Entry {
 }
 
 fn corpus() -> Vec<Entry> {
-    let dir = repo().join("tests/data/cross-vendor");
-    let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    names.sort();
-    names.iter().map(|p| entry(p)).collect()
+    sidecars("cross-vendor")
+        .into_iter()
+        .map(|(name, p, j)| entry(name, &p, &j))
+        .collect()
 }
 
-fn entry(sidecar: &Path) -> Entry {
-    let text = std::fs::read_to_string(sidecar).unwrap();
-    let j: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{sidecar:?}: {e}"));
+fn entry(name: String, sidecar: &Path, j: &Value) -> Entry {
     let s = |k: &str| j[k].as_str().unwrap_or_else(|| panic!("{sidecar:?}: {k}"));
     let last = s("last_heartbeat_before_snapshot");
-    let name = sidecar.file_stem().unwrap().to_str().unwrap().to_string();
     Entry {
         snap: sidecar.with_file_name(format!("{name}.snap.zst")),
         name,
-        made_on: Cpu::of_sidecar(&j).unwrap_or_else(|| panic!("{sidecar:?}: the host")),
+        made_on: Cpu::of_sidecar(j).unwrap_or_else(|| panic!("{sidecar:?}: the host")),
         profile: s("profile").into(),
         format: j["format_version"].as_u64().unwrap_or(1),
         heartbeat: heartbeat(last).unwrap_or_else(|| panic!("{sidecar:?}: {last:?}")),
