@@ -71,7 +71,11 @@ fn three_more_heartbeats(f: &mut Ferry, who: &str) {
     eprintln!("{who} heartbeats on: {line}");
 }
 
+/// `ferry ctl status`; a destination binds its control socket only once it holds the
+/// guest, just after it has answered Running, so the socket is waited for first.
 fn status(f: &Ferry) -> String {
+    let sock = f.api_socket.clone().expect("a control socket");
+    ferry_tests::tiny::wait_for("the control socket", LIMIT, || sock.exists());
     let (ok, out) = f.ctl(&["status"]);
     assert!(ok, "status: {out}");
     out
