@@ -39,15 +39,25 @@ pub struct TscHost {
     pub can_scale: bool,
 }
 
+/// Why a host cannot take a guest's TSC: it ran at another rate, this host's KVM cannot
+/// scale it, and the guest has no way to keep time across the change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the guest's TSC ran at {guest_khz} kHz; this host's runs at {host_khz} kHz and its KVM cannot scale it (no KVM_CAP_TSC_CONTROL), and the guest's CPU profile promises an invariant TSC (invtsc)")]
+    Invariant { guest_khz: u32, host_khz: u32 },
+    #[error("the guest's TSC ran at {guest_khz} kHz; this host's runs at {host_khz} kHz and its KVM cannot scale it (no KVM_CAP_TSC_CONTROL), and the guest's CPU profile offers no kvmclock to keep its time by")]
+    NoKvmclock { guest_khz: u32, host_khz: u32 },
+}
+
 /// Decides what to do with a guest whose TSC ran at `guest_khz` (None or 0: unknown) on
 /// `host`, for a profile that promises an invariant TSC (`invtsc`) or not and offers
-/// kvmclock or not. Err is the one-line reason to refuse it.
+/// kvmclock or not. Err is why to refuse it.
 pub fn plan(
     guest_khz: Option<u32>,
     host: TscHost,
     invtsc: bool,
     kvmclock: bool,
-) -> Result<TscPlan, String> {
+) -> Result<TscPlan, Refusal> {
     let host_khz = host.khz;
     let guest_khz = match guest_khz {
         Some(g) if g != 0 && host_khz != 0 => g,
@@ -63,18 +73,17 @@ pub fn plan(
             host_khz,
         });
     }
-    let cannot = format!(
-        "the guest's TSC ran at {guest_khz} kHz; this host's runs at {host_khz} kHz and its KVM cannot scale it (no KVM_CAP_TSC_CONTROL)"
-    );
     if invtsc {
-        return Err(format!(
-            "{cannot}, and the guest's CPU profile promises an invariant TSC (invtsc)"
-        ));
+        return Err(Refusal::Invariant {
+            guest_khz,
+            host_khz,
+        });
     }
     if !kvmclock {
-        return Err(format!(
-            "{cannot}, and the guest's CPU profile offers no kvmclock to keep its time by"
-        ));
+        return Err(Refusal::NoKvmclock {
+            guest_khz,
+            host_khz,
+        });
     }
     Ok(TscPlan::Unscaled {
         guest_khz,
@@ -149,14 +158,23 @@ mod tests {
     #[test]
     fn a_host_that_cannot_scale_refuses_an_invariant_tsc_and_a_guest_without_kvmclock() {
         // The AMD EPYC and Intel Xeon hosts of the pool: 2596096 and 2599998 kHz.
-        let e = plan(Some(2_596_096), FIXED, true, true).unwrap_err();
+        let refused = plan(Some(2_596_096), FIXED, true, true).unwrap_err();
+        assert_eq!(
+            refused,
+            Refusal::Invariant {
+                guest_khz: 2_596_096,
+                host_khz: 2_599_998
+            }
+        );
+        let e = refused.to_string();
         assert!(
             e.contains("2596096 kHz") && e.contains("2599998 kHz"),
             "{e}"
         );
         assert!(e.contains("invtsc") && !e.contains('\n'), "{e}");
         let e = plan(Some(2_596_096), FIXED, false, false).unwrap_err();
-        assert!(e.contains("kvmclock"), "{e}");
+        assert!(matches!(e, Refusal::NoKvmclock { .. }), "{e:?}");
+        assert!(e.to_string().contains("kvmclock"), "{e}");
         let p = plan(Some(2_596_096), FIXED, false, true).unwrap();
         assert_eq!(
             p,

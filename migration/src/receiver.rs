@@ -70,15 +70,16 @@ pub enum State {
     Failed,
 }
 
-/// What the driver hands the machine.
+/// What the driver hands the machine; `E` is the driver's own error, which a failed action
+/// reports and the machine hands back in its [`Error`] (its text is what the source is told).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Input {
+pub enum Input<E = String> {
     /// A control message from the source.
     Message(Message),
     /// The head of a page frame of `round` (the driver holds it and its pages).
     Pages { round: u32 },
     /// The outcome of the last action that asked for one.
-    Done(Result<(), String>),
+    Done(Result<(), E>),
 }
 
 /// What the driver does next.
@@ -112,9 +113,14 @@ pub enum Action {
 
 /// Why the receiver ends without the guest.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Error {
+pub enum Error<E = String> {
+    /// This side's check of the Hello refused it.
     #[error("refused: {0}")]
-    Refused(String),
+    Refused(E),
+    /// The source offered a key this side does not have.
+    #[error("refused: {NO_KEY}")]
+    NoKey,
+    /// The source's own words.
     #[error("the source cancelled the migration: {0}")]
     CancelledBySource(String),
     #[error("expected {expected}, the source sent {got} (phase: {phase})")]
@@ -125,17 +131,18 @@ pub enum Error {
     },
     #[error("no Commit from the source: got {0}")]
     NoCommit(&'static str),
+    /// An action of this side failed.
     #[error("{0}")]
-    Failed(String),
+    Failed(E),
     #[error("the migration has ended")]
     Ended,
 }
 
 /// An end without the guest: the error, and what to tell the source first, if anything.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
+pub struct Failure<E = String> {
     pub reply: Option<Box<Message>>,
-    pub error: Error,
+    pub error: Error<E>,
 }
 
 /// The receiver.
@@ -144,7 +151,7 @@ pub struct Receiver {
     state: State,
 }
 
-fn name(i: &Input) -> &'static str {
+fn name<E>(i: &Input<E>) -> &'static str {
     match i {
         Input::Message(m) => m.name(),
         Input::Pages { .. } => "Pages",
@@ -197,7 +204,7 @@ impl Receiver {
     }
 
     /// Takes one input; Ok is what to do next, Err how the migration ends here.
-    pub fn step(&mut self, input: Input) -> Result<Action, Failure> {
+    pub fn step<E: std::fmt::Display>(&mut self, input: Input<E>) -> Result<Action, Failure<E>> {
         let state = std::mem::replace(&mut self.state, State::Failed);
         let result = self.transition(state, input);
         if result.is_err() {
@@ -206,11 +213,16 @@ impl Receiver {
         result
     }
 
-    fn transition(&mut self, state: State, input: Input) -> Result<Action, Failure> {
+    fn transition<E: std::fmt::Display>(
+        &mut self,
+        state: State,
+        input: Input<E>,
+    ) -> Result<Action, Failure<E>> {
         match (state, input) {
-            (State::Handshake, Input::Message(Message::AuthChallenge(_))) => Err(refuse(
-                "this destination has no key (--key-file): it takes unauthenticated migrations only",
-            )),
+            (State::Handshake, Input::Message(Message::AuthChallenge(_))) => Err(Failure {
+                reply: Some(Box::new(Message::Refuse(NO_KEY.into()))),
+                error: Error::NoKey,
+            }),
             (State::Handshake, Input::Message(Message::Hello(h))) => {
                 self.state = State::Checking;
                 Ok(Action::CheckHello(Box::new(h)))
@@ -219,7 +231,10 @@ impl Receiver {
                 self.state = State::Accepted;
                 Ok(Action::Accept)
             }
-            (State::Checking, Input::Done(Err(why))) => Err(refuse(&why)),
+            (State::Checking, Input::Done(Err(why))) => Err(Failure {
+                reply: Some(Box::new(Message::Refuse(why.to_string()))),
+                error: Error::Refused(why),
+            }),
             (State::Accepted, i) => self.precopy(0, true, i),
             (State::Precopy { round, round0_open }, i) => self.precopy(round, round0_open, i),
             (State::Syncing { round }, Input::Done(r)) => {
@@ -259,7 +274,12 @@ impl Receiver {
         }
     }
 
-    fn precopy(&mut self, round: u32, round0_open: bool, i: Input) -> Result<Action, Failure> {
+    fn precopy<E>(
+        &mut self,
+        round: u32,
+        round0_open: bool,
+        i: Input<E>,
+    ) -> Result<Action, Failure<E>> {
         self.state = State::Precopy { round, round0_open };
         match i {
             Input::Pages { round } => {
@@ -286,7 +306,7 @@ impl Receiver {
         }
     }
 
-    fn unexpected(&self, i: &Input) -> Failure {
+    fn unexpected<E>(&self, i: &Input<E>) -> Failure<E> {
         let expected = match self.state {
             State::Handshake => "Hello",
             State::Precopy {
@@ -306,18 +326,14 @@ impl Receiver {
     }
 }
 
-/// A refusal of ours: the reason, also told to the source.
-fn refuse(why: &str) -> Failure {
-    Failure {
-        reply: Some(Box::new(Message::Refuse(why.to_string()))),
-        error: Error::Refused(why.to_string()),
-    }
-}
+/// Why a source that offers a key is refused by a destination that has none.
+pub const NO_KEY: &str =
+    "this destination has no key (--key-file): it takes unauthenticated migrations only";
 
 /// A failure of this side's: told to the source.
-fn fail(why: String) -> Failure {
+fn fail<E: std::fmt::Display>(why: E) -> Failure<E> {
     Failure {
-        reply: Some(Box::new(Message::Failed(why.clone()))),
+        reply: Some(Box::new(Message::Failed(why.to_string()))),
         error: Error::Failed(why),
     }
 }

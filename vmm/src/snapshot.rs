@@ -35,7 +35,8 @@ impl FileError {
         match self {
             FileError::Open(_) | FileError::Write { .. } => Code::Io,
             FileError::Zstd(_) | FileError::Stream(_) => Code::BadFile,
-            FileError::Save(_) | FileError::Memory(_) => Code::Kvm,
+            FileError::Save(e) => e.code(),
+            FileError::Memory(_) => Code::Kvm,
         }
     }
 }

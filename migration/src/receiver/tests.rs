@@ -95,10 +95,7 @@ fn a_challenge_is_refused_and_told() {
     // is a source that expects a key this destination does not have.
     let mut r = Receiver::new();
     let f = r.step(msg(Message::AuthChallenge(NS))).unwrap_err();
-    assert!(
-        matches!(&f.error, Error::Refused(w) if w.contains("no key")),
-        "{f:?}"
-    );
+    assert!(matches!(&f.error, Error::NoKey), "{f:?}");
     assert!(
         matches!(f.reply.as_deref(), Some(Message::Refuse(_))),
         "{f:?}"
@@ -109,7 +106,7 @@ fn a_challenge_is_refused_and_told() {
 fn a_hello_this_host_cannot_take_is_refused_with_the_reason() {
     let mut r = at("Checking");
     let f = r
-        .step(Input::Done(Err("missing ssse3".into())))
+        .step(Input::Done(Err("missing ssse3".to_string())))
         .unwrap_err();
     assert_eq!(
         f.reply.as_deref(),
@@ -142,7 +139,7 @@ fn our_failures_are_told_to_the_source() {
         ("Starting", "starting"),
     ] {
         let mut r = at(state);
-        let f = r.step(Input::Done(Err(what.into()))).unwrap_err();
+        let f = r.step(Input::Done(Err(what.to_string()))).unwrap_err();
         assert_eq!(
             f.reply.as_deref(),
             Some(&Message::Failed(what.into())),
@@ -230,7 +227,10 @@ fn every_state_refuses_every_input_it_does_not_take() {
             } else {
                 assert!(result.is_err(), "{state} must refuse {input:?}: {result:?}");
                 assert_eq!(r.state(), &State::Failed, "{state} after {input:?}");
-                assert!(r.step(Input::Done(Ok(()))).is_err(), "failed is final");
+                assert!(
+                    r.step(Input::<String>::Done(Ok(()))).is_err(),
+                    "failed is final"
+                );
             }
             checked += 1;
         }

@@ -158,7 +158,7 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     a.sandbox.apply()?;
     let what = || format!("restoring snapshot {}", a.file.display());
     let file = std::fs::File::open(&a.file).with_context(what)?;
-    let mut devices = a.devices.parse()?.open().map_err(anyhow::Error::msg)?;
+    let mut devices = a.devices.parse()?.open()?;
     let debug = a.debug.open()?;
     vmm::vm::keep_kvm_open()?;
     let api = bind_api(a.api_socket.as_deref())?;
@@ -202,7 +202,7 @@ fn receive_options(
         tls,
         deadline: a.deadline,
         peer_timeout: a.peer_timeout,
-        devices: a.devices.parse()?.open().map_err(anyhow::Error::msg)?,
+        devices: a.devices.parse()?.open()?,
         max_memory: match &a.max_memory {
             Some(m) => parse_size(m).context("--max-memory")?,
             None => vmm::migrate::host_memory_limit(),
@@ -262,7 +262,7 @@ pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
                 vmm::migrate::receive_source(source, opts, console, |vm| {
                     let committed = std::time::Instant::now();
                     debug.attach(vm);
-                    vm.start().map_err(|e| e.to_string())?;
+                    vm.start()?;
                     commit_to_run = committed.elapsed();
                     Ok(())
                 })

@@ -30,6 +30,20 @@ pub enum Error {
     Probe(#[from] crate::guest_cpu::model::Error),
 }
 
+/// Why this host refuses a saved guest's CPU.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The profile does not run here at all (another vendor, features missing).
+    #[error(transparent)]
+    Profile(#[from] model::Refusal),
+    /// The guest would see a CPU other than the one it ran on: each difference, in words.
+    #[error("the guest would see another CPU on this host: {}", .0.join("; "))]
+    OtherCpu(Vec<String>),
+    /// Its TSC cannot go on at its rate, and it has no way to keep time across the change.
+    #[error(transparent)]
+    Tsc(#[from] cpuid::tsc::Refusal),
+}
+
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { op, source }
 }
@@ -61,12 +75,12 @@ pub struct HostView {
 /// Whether this host runs `profile` at all: the one check that `ferry run`, `restore` and
 /// `receive` (before Accept) make. A profile that describes one host (not migratable) runs
 /// only on a host of its vendor, and every feature it offers must be here.
-pub fn runs_here(profile: &CpuProfile, host: &CpuidDump) -> Result<(), model::Error> {
+pub fn runs_here(profile: &CpuProfile, host: &CpuidDump) -> Result<(), model::Refusal> {
     let name = || migration::protocol::printable(&profile.name);
     if !profile.migratable && host.vendor() != Some(profile.identity.vendor) {
-        return Err(model::Error::OtherVendor(name()));
+        return Err(model::Refusal::OtherVendor(name()));
     }
-    cpuid::profile::check(profile, host).map_err(|missing| model::Error::CannotRun {
+    cpuid::profile::check(profile, host).map_err(|missing| model::Refusal::CannotRun {
         name: name(),
         missing,
     })
@@ -117,16 +131,13 @@ pub fn admit(
     profile: &CpuProfile,
     vcpus: u32,
     here: &HostView,
-) -> Result<Admission, String> {
+) -> Result<Admission, Refusal> {
     let mut report = None;
     if let Some(g) = saved.filter(|g| !g.cpuid.is_empty()) {
         let requested = cpuid::table::for_vcpu(&cpuid::table::guest_table(profile, vcpus), 0);
         let c = cpuid::effective::compare(&requested, &g.cpuid, &here.effective);
         if !c.refused.is_empty() {
-            return Err(format!(
-                "the guest would see another CPU on this host: {}",
-                c.refused.join("; ")
-            ));
+            return Err(Refusal::OtherCpu(c.refused));
         }
         report = c.report();
     }

@@ -15,6 +15,20 @@ use kvm_ioctls::Kvm;
 /// identity, without what an emulating KVM cannot run in guest ring 0 on such hosts.
 pub const DEFAULT_PROFILE: &str = "x86-64-v2";
 
+/// Why this host does not run a CPU profile at all (the profile's name as it gives it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("CPU profile {name}: this host cannot run it: {missing}")]
+    CannotRun {
+        name: String,
+        missing: profile::Missing,
+    },
+    #[error(
+        "CPU profile {0} describes one host and is not migratable to a host of another vendor"
+    )]
+    OtherVendor(String),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
@@ -25,15 +39,8 @@ pub enum Error {
     NoProfile(String, std::io::Error),
     #[error(transparent)]
     Profile(#[from] profile::Error),
-    #[error("CPU profile {name}: this host cannot run it: {missing}")]
-    CannotRun {
-        name: String,
-        missing: profile::Missing,
-    },
-    #[error(
-        "CPU profile {0} describes one host and is not migratable to a host of another vendor"
-    )]
-    OtherVendor(String),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     #[error("the CPU table has {0} entries, more than KVM accepts ({KVM_MAX_CPUID_ENTRIES})")]
     TooManyLeaves(usize),
     #[error("{0} failed: {1}")]

@@ -14,20 +14,20 @@ impl Error {
                 _ => Code::Protocol,
             },
             Error::PagesOutsideRam { .. } | Error::BadTouchedMap { .. } => Code::Protocol,
-            Error::Refused(_) | Error::RefusedHere(_) => Code::Refused,
+            Error::Refused(_) => Code::Refused,
+            Error::RefusedHere(e) | Error::FailedHere(e) => e.code(),
             Error::DestinationFailed { .. } => Code::PeerFailed,
             Error::Unauthenticated(_) | Error::Plaintext(_) => Code::RefusedPolicy,
             Error::Auth(_) | Error::Tls(_) => Code::AuthFailed,
             Error::TlsFiles(_) => Code::Io,
             Error::DirtyLog { .. } | Error::Pause(_) | Error::SaveState(_) => Code::Kvm,
             Error::NoCommit(_) => Code::LinkLost,
-            Error::Deadline(_) => Code::TimedOut,
+            Error::Deadline { .. } => Code::TimedOut,
             Error::Unconfirmed(_) => Code::Unconfirmed,
             Error::PostcopyBroken(_) | Error::PostcopyLost(_) => Code::PostcopyBroken,
             Error::Cancelled { .. } | Error::CancelledBySource(_) => Code::Cancelled,
             Error::Busy => Code::Busy,
-            Error::Restore(_)
-            | Error::ReadPage { .. }
+            Error::ReadPage { .. }
             | Error::RamLayout(_)
             | Error::Thread { .. }
             | Error::Random(_) => Code::Internal,

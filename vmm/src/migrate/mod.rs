@@ -34,7 +34,7 @@ pub use destination::{accept_source, Source, MAX_HANDSHAKES};
 pub use destination::{host_memory_limit, host_vcpu_limit};
 pub use destination::{keep_userfaultfd_open, PostcopyStats, PREFAULT_SLACK};
 pub use destination::{receive, receive_from, receive_over, receive_source, receive_with};
-pub use destination::{ReceiveOptions, DEFAULT_DEADLINE};
+pub use destination::{ReceiveError, ReceiveOptions, DEFAULT_DEADLINE};
 pub use net::{check_local, Address, Listener};
 pub use source::{send, send_over};
 pub use tls::{
@@ -49,6 +49,9 @@ use std::time::Duration;
 
 use migration::auth::{self, Key};
 use migration::protocol;
+
+/// What [`Error::Deadline`]'s words start with; the rest is what the source is told.
+const DEADLINE_PREFIX: &str = "the destination gave up: ";
 
 /// How long either side waits, by default, for the peer to send or take anything.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -75,10 +78,12 @@ pub enum Error {
     Refused(String),
     #[error("the destination failed (phase: {phase}): {reason}")]
     DestinationFailed { phase: Phase, reason: String },
+    /// This side refused the source's VM (the source was told why).
     #[error("refused: {0}")]
-    RefusedHere(String),
-    #[error("restoring: {0}")]
-    Restore(String),
+    RefusedHere(#[source] Box<ReceiveError>),
+    /// This side could not go on with the VM (the source was told why, where it could be).
+    #[error("receiving the VM: {0}")]
+    FailedHere(#[source] Box<ReceiveError>),
     #[error("saving the VM: {what}: {source}")]
     DirtyLog {
         what: &'static str,
@@ -106,13 +111,13 @@ pub enum Error {
     #[error("getrandom: {0}")]
     Random(#[source] std::io::Error),
     #[error("no Commit from the source (phase: after Restored, before Commit): {0}; the guest stays with the source")]
-    NoCommit(String),
-    #[error("no word from the destination after Commit (phase: after Commit): {0}; the guest stays paused here, as it may run there: if the destination does not run it, `ferry ctl resume` runs it here")]
-    Unconfirmed(String),
-    #[error("the link broke during postcopy (phase: postcopy, the guest running at the destination): {0}; the guest has run there since the switch and some of its pages were never sent: it stays paused here (`ferry ctl resume` would roll it back to the switch)")]
-    PostcopyBroken(String),
+    NoCommit(#[source] protocol::Error),
+    #[error("no word from the destination after Commit (phase: after Commit): {0}; the guest stays paused here, as it may run there: if the destination does not run it, `ferry ctl resume --api-socket PATH` runs it here")]
+    Unconfirmed(#[source] protocol::Error),
+    #[error("the link broke during postcopy (phase: postcopy, the guest running at the destination): {0}; the guest has run there since the switch and some of its pages were never sent: it stays paused here (`ferry ctl resume --api-socket PATH` would roll it back to the switch)")]
+    PostcopyBroken(#[source] Box<Error>),
     #[error("postcopy failed with the guest running here: {0}; pages of the guest that never arrived are only at the source, so it cannot go on here (the source keeps its copy paused)")]
-    PostcopyLost(String),
+    PostcopyLost(#[source] Box<Error>),
     #[error("migration cancelled: {reason}; the VM runs here as before")]
     Cancelled { reason: String, report: Box<Report> },
     #[error("the source cancelled the migration: {0}")]
@@ -129,8 +134,8 @@ pub enum Error {
     Tls(String),
     #[error("TLS files: {0}")]
     TlsFiles(String),
-    #[error("the destination gave up: {0}")]
-    Deadline(String),
+    #[error("the destination gave up: its deadline of {} s passed (phase: {phase}); the source keeps the guest", .deadline.as_secs())]
+    Deadline { deadline: Duration, phase: Phase },
     #[error("{0}: another process is listening there (a second `ferry receive` on one path?)")]
     AddressInUse(String),
     #[error("the source sent pages at {gpa:#x} ({len} bytes) outside guest RAM")]

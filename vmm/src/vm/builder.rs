@@ -172,7 +172,7 @@ impl VmBuilder {
         check_caps(&kvm)?;
         let (fd, ram, host_cpu) = machine_and_host(&kvm, self.ram, self.memory)?;
         let (profile, saved) = resolve(self.cpu, &host_cpu)?;
-        admission::runs_here(&profile, &host_cpu)?;
+        admission::runs_here(&profile, &host_cpu).map_err(admission::Refusal::from)?;
         super::check_address_width(&profile, self.memory)?;
         let table = cpuid::table::guest_table(&profile, self.vcpus);
         crate::timeline::mark("cpu model");
@@ -363,8 +363,7 @@ impl Vm {
                     effective: self.effective.clone(),
                     tsc: host_tsc,
                 };
-                let a = admission::admit(saved, &self.profile, self.num_vcpus, &here)
-                    .map_err(Error::Refused)?;
+                let a = admission::admit(saved, &self.profile, self.num_vcpus, &here)?;
                 self.tsc_khz = a.apply(&self.unstarted, host_tsc.khz)?;
                 return Ok(());
             }

@@ -69,8 +69,8 @@ pub enum Error {
     KickHandler(#[source] vmm_sys_util::errno::Error),
     #[error("the saved CPU profile is invalid: {0}")]
     SavedProfile(#[source] cpuid::profile::Error),
-    #[error("{0}")]
-    Refused(String),
+    #[error(transparent)]
+    Refused(#[from] admission::Refusal),
     #[error(transparent)]
     Admit(#[from] admission::Error),
     #[error("cannot start a vCPU thread: {0}")]

@@ -26,8 +26,8 @@ use crate::vcpu::{RunState, SaveRequest, VcpuCmd};
 pub enum Error {
     #[error("the VM must be paused to save it (it is {0:?})")]
     NotPaused(RunState),
-    #[error("{0}")]
-    Devices(String),
+    #[error(transparent)]
+    Devices(crate::devices::virtio::backends::Mismatch),
     #[error("vcpu{0} did not answer the save request")]
     NoAnswer(u32),
     #[error(transparent)]
@@ -53,6 +53,25 @@ pub enum Error {
         len: usize,
         want: usize,
     },
+}
+
+impl Error {
+    /// What kind of failure this is (docs/api.md, "Error codes").
+    pub fn code(&self) -> crate::codes::Code {
+        use crate::codes::Code;
+        match self {
+            Error::NotPaused(_) => Code::WrongState,
+            Error::Devices(_) => Code::RefusedPolicy,
+            Error::NoAnswer(_) => Code::Internal,
+            Error::Vcpu(_) | Error::Kvm { .. } => Code::Kvm,
+            Error::Vm(e) => e.code(),
+            Error::MemoryRange { .. }
+            | Error::MemorySize { .. }
+            | Error::VcpuCount { .. }
+            | Error::MsrNotCarried { .. }
+            | Error::Size { .. } => Code::BadFile,
+        }
+    }
 }
 
 fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {

@@ -23,20 +23,85 @@ pub struct Devices {
 }
 
 impl Devices {
-    /// Opens every disk image and tap named (one line naming the first that fails).
-    pub fn open(&self) -> Result<Opened, String> {
+    /// Opens every disk image and tap named (the first that fails is the error).
+    pub fn open(&self) -> Result<Opened, OpenError> {
         let disks = self
             .disks
             .iter()
-            .map(|d| Block::open(d).map_err(|e| e.to_string()))
+            .map(Block::open)
             .collect::<Result<_, _>>()?;
         let nets = self
             .nets
             .iter()
-            .map(|n| Ok((Tap::open(&n.tap).map_err(|e| e.to_string())?, n.mac)))
-            .collect::<Result<_, String>>()?;
+            .map(|n| Ok((Tap::open(&n.tap)?, n.mac)))
+            .collect::<Result<_, OpenError>>()?;
         Ok(Opened { disks, nets })
     }
+}
+
+/// A disk image or tap this side was given that did not open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Disk(#[from] super::block::OpenError),
+    #[error(transparent)]
+    Tap(#[from] super::tap::Error),
+}
+
+/// How a saved guest's devices differ from what this side was given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Mismatch {
+    #[error("the saved devices are not disks first, then network cards")]
+    Order,
+    #[error("the guest has {}; this side opens only the images and taps its own command line names, never those the guest was saved with", flags_to_give(*.disks, *.nets))]
+    NotGiven { disks: usize, nets: usize },
+    #[error("this side was given {here} {what}(s), the guest has {saved}")]
+    Count {
+        what: &'static str,
+        here: usize,
+        saved: usize,
+    },
+    /// The saved path is the snapshot's or the source's, as it gave it.
+    #[error("disk {index}: this side was given {here} ({here_size} bytes), the guest's disk is {} ({size} bytes): both sides must name the same image", migration::protocol::printable(.path))]
+    OtherImage {
+        index: usize,
+        here: String,
+        here_size: u64,
+        path: String,
+        size: u64,
+    },
+    #[error("disk {index}: {} here, {} for the guest", mode(*.read_only_here), mode(!*.read_only_here))]
+    Mode { index: usize, read_only_here: bool },
+    #[error("network card {index}: mac={} here, the guest's card has {}", super::net::format_mac(*.here), super::net::format_mac(*.guest))]
+    Mac {
+        index: usize,
+        here: [u8; 6],
+        guest: [u8; 6],
+    },
+}
+
+fn mode(read_only: bool) -> &'static str {
+    if read_only {
+        "read-only"
+    } else {
+        "writable"
+    }
+}
+
+/// The flags a side given no devices must give for a guest with `disks` and `nets`.
+fn flags_to_give(disks: usize, nets: usize) -> String {
+    let mut missing = Vec::new();
+    if disks > 0 {
+        missing.push(format!(
+            "{disks} disk(s): give --disk path=IMAGE for each, the same image(s)"
+        ));
+    }
+    if nets > 0 {
+        missing.push(format!(
+            "{nets} network card(s): give --net tap=NAME for each, a tap of this host"
+        ));
+    }
+    missing.join(" and ")
 }
 
 /// The disks and taps this side opened for a guest to come, not yet matched to it.
@@ -65,7 +130,7 @@ impl Opened {
     /// then network cards), or one line naming the first mismatch. A guest with devices
     /// where this side was given none is refused with the flags to give: this side never
     /// opens what a peer or a file names.
-    pub fn resolve(&mut self, saved: &[DeviceBackend]) -> Result<Backends, String> {
+    pub fn resolve(&mut self, saved: &[DeviceBackend]) -> Result<Backends, Mismatch> {
         let disks: Vec<_> = saved.iter().filter_map(as_disk).collect();
         let nets: Vec<_> = saved.iter().filter_map(as_net).collect();
         let in_order = saved
@@ -73,7 +138,7 @@ impl Opened {
             .map(|b| matches!(b, DeviceBackend::Disk { .. }))
             .is_sorted_by(|a, b| a >= b);
         if !in_order {
-            return Err("the saved devices are not disks first, then network cards".into());
+            return Err(Mismatch::Order);
         }
         self.check_given(disks.len(), nets.len())?;
         count("disk", self.disks.len(), disks.len())?;
@@ -82,12 +147,12 @@ impl Opened {
             check_disk(i, d, path, size, read_only)?;
         }
         for (i, ((_, m), &(mac, _))) in self.nets.iter().zip(&nets).enumerate() {
-            if let Some(m) = m.filter(|m| *m != mac) {
-                return Err(format!(
-                    "network card {i}: mac={} here, the guest's card has {}",
-                    super::net::format_mac(m),
-                    super::net::format_mac(mac)
-                ));
+            if let Some(here) = m.filter(|m| *m != mac) {
+                return Err(Mismatch::Mac {
+                    index: i,
+                    here,
+                    guest: mac,
+                });
             }
         }
         let taken = std::mem::take(self);
@@ -103,62 +168,49 @@ impl Opened {
     }
 
     /// A guest with disks or cards needs this side's own: given none, the flags to give.
-    fn check_given(&self, disks: usize, nets: usize) -> Result<(), String> {
-        let mut missing = Vec::new();
-        if disks > 0 && self.disks.is_empty() {
-            missing.push(format!(
-                "{disks} disk(s): give --disk path=IMAGE for each, the same image(s)"
-            ));
-        }
-        if nets > 0 && self.nets.is_empty() {
-            missing.push(format!(
-                "{nets} network card(s): give --net tap=NAME for each, a tap of this host"
-            ));
-        }
-        if missing.is_empty() {
+    fn check_given(&self, disks: usize, nets: usize) -> Result<(), Mismatch> {
+        let disks = if self.disks.is_empty() { disks } else { 0 };
+        let nets = if self.nets.is_empty() { nets } else { 0 };
+        if disks == 0 && nets == 0 {
             return Ok(());
         }
-        Err(format!(
-            "the guest has {}; this side opens only the images and taps its own command line names, never those the guest was saved with",
-            missing.join(" and ")
-        ))
+        Err(Mismatch::NotGiven { disks, nets })
     }
 }
 
 /// Disk `i` opened here against the guest's: the same canonical path, size and mode.
-fn check_disk(i: usize, d: &Block, path: &str, size: u64, read_only: bool) -> Result<(), String> {
+fn check_disk(i: usize, d: &Block, path: &str, size: u64, read_only: bool) -> Result<(), Mismatch> {
     let DeviceBackend::Disk {
         path: here,
         size: len,
         read_only: ro_here,
     } = d.backend()
     else {
-        return Err(format!("disk {i}: not a disk"));
+        return Err(Mismatch::Order);
     };
     if here != path || len != size {
-        return Err(format!(
-            "disk {i}: this side was given {here} ({len} bytes), the guest's disk is {} ({size} bytes): both sides must name the same image",
-            migration::protocol::printable(path)
-        ));
+        return Err(Mismatch::OtherImage {
+            index: i,
+            here,
+            here_size: len,
+            path: path.to_string(),
+            size,
+        });
     }
     if ro_here != read_only {
-        let ro = |r: bool| if r { "read-only" } else { "writable" };
-        return Err(format!(
-            "disk {i}: {} here, {} for the guest",
-            ro(ro_here),
-            ro(read_only)
-        ));
+        return Err(Mismatch::Mode {
+            index: i,
+            read_only_here: ro_here,
+        });
     }
     Ok(())
 }
 
-fn count(what: &str, here: usize, saved: usize) -> Result<(), String> {
+fn count(what: &'static str, here: usize, saved: usize) -> Result<(), Mismatch> {
     if here == saved {
         return Ok(());
     }
-    Err(format!(
-        "this side was given {here} {what}(s), the guest has {saved}"
-    ))
+    Err(Mismatch::Count { what, here, saved })
 }
 
 fn as_disk(b: &DeviceBackend) -> Option<(&str, u64, bool)> {
@@ -236,6 +288,8 @@ mod tests {
     fn given_nothing_a_guest_with_devices_is_refused_with_the_flags_to_give() {
         let (_d, p) = image(4096);
         let err = Opened::none().resolve(&saved(&p, 4096)).unwrap_err();
+        assert_eq!(err, Mismatch::NotGiven { disks: 1, nets: 1 });
+        let err = err.to_string();
         assert!(
             err.contains("1 disk(s): give --disk path=IMAGE")
                 && err.contains("1 network card(s): give --net tap=NAME"),
@@ -244,6 +298,8 @@ mod tests {
         assert!(!err.contains('\n'));
         // Given its disk but no tap, only the card is named.
         let err = given(&p, false).resolve(&saved(&p, 4096)).unwrap_err();
+        assert_eq!(err, Mismatch::NotGiven { disks: 0, nets: 1 });
+        let err = err.to_string();
         assert!(err.contains("--net") && !err.contains("--disk"), "{err}");
         // A guest without devices needs nothing.
         let got = Opened::none().resolve(&[]).unwrap();
@@ -258,7 +314,7 @@ mod tests {
         assert_eq!(got.disks.len(), 1);
         assert_eq!(got.disks[0].path(), p.as_path());
         // Taken: nothing is left for a second guest.
-        let err = here.resolve(&disk_only(&p, 4096)).unwrap_err();
+        let err = here.resolve(&disk_only(&p, 4096)).unwrap_err().to_string();
         assert!(err.contains("give --disk"), "{err}");
     }
 
@@ -268,15 +324,22 @@ mod tests {
         let (_e, other) = image(4096);
         let err = given(&other, false)
             .resolve(&disk_only(&p, 4096))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("both sides must name the same image"), "{err}");
-        let err = given(&p, false).resolve(&disk_only(&p, 8192)).unwrap_err();
+        let err = given(&p, false)
+            .resolve(&disk_only(&p, 8192))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("(4096 bytes)") && err.contains("(8192 bytes)"),
             "{err}"
         );
         let err = given(&p, true).resolve(&disk_only(&p, 4096)).unwrap_err();
-        assert_eq!(err, "disk 0: read-only here, writable for the guest");
+        assert_eq!(
+            err.to_string(),
+            "disk 0: read-only here, writable for the guest"
+        );
         let two = Devices {
             disks: vec![
                 DiskConfig {
@@ -292,7 +355,10 @@ mod tests {
             .unwrap()
             .resolve(&disk_only(&p, 4096))
             .unwrap_err();
-        assert_eq!(err, "this side was given 2 disk(s), the guest has 1");
+        assert_eq!(
+            err.to_string(),
+            "this side was given 2 disk(s), the guest has 1"
+        );
     }
 
     #[test]
@@ -306,7 +372,8 @@ mod tests {
             nets: vec![],
         }
         .open()
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("not a regular file"), "{err}");
     }
 }

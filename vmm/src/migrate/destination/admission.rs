@@ -6,6 +6,9 @@ use cpuid::profile::CpuProfile;
 use cpuid::CpuidDump;
 use migration::protocol::Hello;
 
+use super::error::ReceiveError as Error;
+use crate::guest_cpu::admission::Refusal;
+
 /// What this host can hold: its available memory less an eighth (and at least 256 MiB)
 /// for itself, as /proc/meminfo says now; no limit where it cannot tell (the machine's own
 /// checks still apply).
@@ -28,52 +31,48 @@ pub fn host_vcpu_limit() -> u32 {
 
 /// Whether the Hello asks for no more than this side takes (`--max-memory`, `--max-vcpus`),
 /// checked before anything is allocated.
-pub(super) fn within_limits(h: &Hello, max_memory: u64, max_vcpus: u32) -> Result<(), String> {
+pub(super) fn within_limits(h: &Hello, max_memory: u64, max_vcpus: u32) -> Result<(), Error> {
     if h.memory > max_memory {
-        return Err(format!(
-            "the guest has {} MiB of RAM, more than this destination takes (--max-memory {} MiB)",
-            h.memory >> 20,
-            max_memory >> 20
-        ));
+        return Err(Error::TooMuchMemory {
+            asked: h.memory,
+            max: max_memory,
+        });
     }
     if h.vcpus > max_vcpus {
-        return Err(format!(
-            "the guest has {} vCPUs, more than this destination takes (--max-vcpus {})",
-            h.vcpus, max_vcpus
-        ));
+        return Err(Error::TooManyVcpus {
+            asked: h.vcpus,
+            max: max_vcpus,
+        });
     }
     Ok(())
 }
 
-/// Whether this host can take the VM a Hello describes; the reason if not.
-pub(super) fn acceptable(h: &Hello, host: Option<&CpuidDump>) -> Result<(), String> {
+/// Whether this host can take the VM a Hello describes; why not if not.
+pub(super) fn acceptable(h: &Hello, host: Option<&CpuidDump>) -> Result<(), Error> {
     use migration::limits::{FORMAT_VERSION, OLDEST_FORMAT_VERSION};
     if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&h.format_version) {
-        return Err(format!(
-            "stream format version {}, this ferry reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}",
-            h.format_version,
-        ));
+        return Err(Error::FormatVersion(h.format_version));
     }
     // The machine's size, checked here so that a Hello this host cannot build is refused
     // before Accept (the machine is built while pages arrive).
-    let kvm = crate::vm::open_kvm().map_err(|e| e.to_string())?;
+    let kvm = crate::vm::open_kvm().map_err(Error::Machine)?;
     crate::config::validate_memory(h.memory)
         .and_then(|()| crate::config::validate_vcpus(h.vcpus, crate::vm::max_vcpus(&kvm)))
-        .map_err(|e| format!("cannot create the VM here: {e}"))?;
-    let profile = CpuProfile::from_json("the source's CPU profile", &h.cpu_profile)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Error::Machine(e.into()))?;
+    let profile = CpuProfile::from_json("the source's CPU profile", &h.cpu_profile)?;
     let live;
     let host = match host {
         Some(h) => h,
         None => {
-            live = crate::guest_cpu::model::host_dump(&kvm).map_err(|e| e.to_string())?;
+            live =
+                crate::guest_cpu::model::host_dump(&kvm).map_err(|e| Error::Machine(e.into()))?;
             &live
         }
     };
-    crate::guest_cpu::admission::runs_here(&profile, host).map_err(|e| e.to_string())?;
+    crate::guest_cpu::admission::runs_here(&profile, host).map_err(Refusal::from)?;
     // The guest CPU as the source runs it against what this host's KVM makes of the
     // profile: refused here, before Accept, rather than by the machine built after it.
-    let here = crate::guest_cpu::admission::probe(&kvm, &profile, h.vcpus)
-        .map_err(|e| format!("cannot create the VM here: {e}"))?;
-    crate::guest_cpu::admission::admit(h.guest_cpu.as_ref(), &profile, h.vcpus, &here).map(|_| ())
+    let here = crate::guest_cpu::admission::probe(&kvm, &profile, h.vcpus)?;
+    crate::guest_cpu::admission::admit(h.guest_cpu.as_ref(), &profile, h.vcpus, &here)?;
+    Ok(())
 }

@@ -1,108 +1,181 @@
 //! The destination's I/O and machine behind each of migration::receiver's actions: the
 //! Hello's checks, guest RAM and the machine built while round 0 arrives, page frames into
-//! RAM, the state loaded, the guest started, postcopy's fetching.
+//! RAM, the state loaded, the guest started, postcopy's fetching. What it holds grows stage
+//! by stage ([`Held`]), as the receiver's states allow.
 
 use std::io::{BufReader, Read, Write};
 use std::time::{Duration, Instant};
 
 use migration::protocol::{self, Hello, Message, Precopy};
 use migration::receiver::{Action, Failure, Input, Receiver};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::virtio::backends::Backends;
 use crate::vm::Vm;
 
 use super::admission::{acceptable, within_limits};
+use super::error::ReceiveError as Here;
+use super::frames::receive_pages;
 use super::{postcopy, prefault, ReceiveOptions};
 use crate::migrate::*;
 
-/// The destination's I/O and machine, as the receiver's actions need them.
+type Console = Box<dyn std::io::Write + Send>;
+
+/// What the destination holds, as far as the migration has come.
+enum Held {
+    /// Until a Hello is taken: the console the machine will write to.
+    Waiting(Console),
+    /// The Hello checked and taken, its devices matched to this side's.
+    Checked {
+        hello: Box<Hello>,
+        devices: Backends,
+        console: Console,
+    },
+    /// From Accept on: the guest's RAM and its machine.
+    Guest(Box<Guest>),
+    /// Nothing: moved on, or refused.
+    Gone,
+}
+
+/// The guest taken in: RAM from Accept on, the machine built meanwhile.
+struct Guest {
+    hello: Box<Hello>,
+    mem: crate::memory::GuestMemoryMmap,
+    regions: Vec<(u64, u64)>,
+    machine: Machine,
+    /// Round 0 fills fresh RAM: backed ahead of the pages (prefault.rs) until the first
+    /// Sync.
+    readahead: Option<prefault::Prefault>,
+    postcopy: Postcopy,
+}
+
+/// The machine: being built on another thread while round 0 arrives, then built (or lost
+/// to a failed build). It lives in the boxed [`Guest`], once per migration.
+#[allow(clippy::large_enum_variant)]
+enum Machine {
+    Building(crate::sandbox::Spawning<Result<Vm, crate::vm::Error>>),
+    Built(Vm),
+    Lost,
+}
+
+/// Postcopy's pages: none, those the source named missing, and from Start on those with
+/// guest RAM registered with the userfaultfd that reports their faults.
+enum Postcopy {
+    Off,
+    Named(postcopy::Missing),
+    Armed {
+        missing: postcopy::Missing,
+        ram: postcopy::Ram,
+        uffd: postcopy::uffd::Uffd,
+    },
+}
+
+/// The destination's I/O and what it holds, as the receiver's actions need them.
 pub(super) struct Driver<'c, C: Read + Write> {
     conn: &'c mut C,
-    console: Option<Box<dyn std::io::Write + Send>>,
-    hello: Option<Hello>,
-    /// The disks and taps to build on: this side's, matched to the Hello's devices.
-    devices: Option<Backends>,
-    /// Guest RAM, filled from round 0 on while the rest of the machine is built.
-    mem: Option<crate::memory::GuestMemoryMmap>,
-    regions: Vec<(u64, u64)>,
-    building: Option<crate::sandbox::Spawning<Result<Vm, crate::vm::Error>>>,
-    vm: Option<Vm>,
-    /// Round 0 fills fresh RAM: back it ahead of the pages (prefault.rs).
-    readahead: Option<prefault::Prefault>,
-    /// The head of the page frame just read.
+    held: Held,
+    /// The head of the page frame just read (WritePages reads its pages).
     pages: Option<migration::pages::FrameHead>,
-    /// Postcopy: the pages to fetch once the guest runs.
-    missing: Option<postcopy::Missing>,
-    /// Postcopy, from Start on: guest RAM and the userfaultfd that reports its faults.
-    postcopy: Option<(postcopy::Ram, postcopy::uffd::Uffd)>,
 }
 
 /// What the loop does after an action.
 pub(super) enum Step {
     /// Go on, with the outcome the receiver waits for (None: read the next input).
-    Go(Option<Input>),
+    Go(Option<Input<Here>>),
     /// The source has been told Running: the guest is this side's.
     HandedOver,
 }
 
+impl Guest {
+    fn ram_end(&self) -> u64 {
+        self.regions.iter().map(|&(s, l)| s + l).max().unwrap_or(0)
+    }
+
+    /// The machine, built: needed by the first Sync (the end of round 0) at the latest.
+    fn finish_building(&mut self) -> Result<&mut Vm, Here> {
+        if let Machine::Building(_) = self.machine {
+            let Machine::Building(b) = std::mem::replace(&mut self.machine, Machine::Lost) else {
+                unreachable!("matched just above");
+            };
+            let vm = b
+                .handle()
+                .map_err(Here::BuildThread)?
+                .join()
+                .map_err(|_| Here::BuildPanicked)?
+                .map_err(Here::Machine)?;
+            self.machine = Machine::Built(vm);
+        }
+        match &mut self.machine {
+            Machine::Built(vm) => Ok(vm),
+            _ => Err(Here::OutOfTurn("the machine")),
+        }
+    }
+
+    /// Postcopy (the source named missing pages): guest RAM registered with a
+    /// userfaultfd and the missing pages dropped, before the guest starts.
+    fn arm_postcopy(&mut self) -> Result<(), Here> {
+        let Postcopy::Named(missing) = std::mem::replace(&mut self.postcopy, Postcopy::Off) else {
+            return Ok(());
+        };
+        let ram = postcopy::Ram::new(&self.mem, &self.regions)
+            .ok_or(Here::OutOfTurn("guest RAM as the Hello described"))?;
+        let uffd = postcopy::prepare(&ram, &missing)?;
+        self.postcopy = Postcopy::Armed { missing, ram, uffd };
+        Ok(())
+    }
+}
+
 impl<'c, C: Read + Write> Driver<'c, C> {
-    pub(super) fn new(conn: &'c mut C, console: Box<dyn std::io::Write + Send>) -> Self {
+    pub(super) fn new(conn: &'c mut C, console: Console) -> Self {
         Driver {
             conn,
-            console: Some(console),
-            hello: None,
-            devices: None,
-            mem: None,
-            regions: Vec::new(),
-            building: None,
-            vm: None,
-            readahead: None,
+            held: Held::Waiting(console),
             pages: None,
-            missing: None,
-            postcopy: None,
+        }
+    }
+
+    fn guest(&mut self, what: &'static str) -> Result<&mut Guest, Here> {
+        match &mut self.held {
+            Held::Guest(g) => Ok(g),
+            _ => Err(Here::OutOfTurn(what)),
         }
     }
 
     /// Tells the source that this side's deadline passed, and the error to end with.
     pub(super) fn deadline_passed(&mut self, deadline: Duration, phase: Phase) -> Error {
-        let why = format!(
-            "its deadline of {} s passed (phase: {phase}); the source keeps the guest",
-            deadline.as_secs(),
-        );
-        let _ = protocol::send(&mut self.conn, &Message::Failed(why.clone()));
-        Error::Deadline(why)
+        let e = Error::Deadline { deadline, phase };
+        let why = e.to_string();
+        let why = why.strip_prefix(DEADLINE_PREFIX).unwrap_or(&why);
+        let _ = protocol::send(&mut self.conn, &Message::Failed(why.into()));
+        e
     }
 
     /// Carries out one of the receiver's actions.
-    pub(super) fn act<S: FnOnce(&Vm) -> Result<(), String>>(
+    pub(super) fn act<S: FnOnce(&Vm) -> Result<(), crate::vm::Error>>(
         &mut self,
         action: Action,
         phase: Phase,
         opts: &mut ReceiveOptions,
         start: &mut Option<S>,
     ) -> Result<Step, Error> {
-        let done = |r: Result<(), String>| Ok(Step::Go(Some(Input::Done(r))));
+        let done = |r: Result<(), Here>| Ok(Step::Go(Some(Input::Done(r))));
         match action {
             Action::Next => {}
             Action::Reply(m) => {
                 protocol::send(&mut self.conn, &m).map_err(proto(phase, "answering the source"))?;
             }
-            Action::CheckHello(h) => {
-                let ok = within_limits(&h, opts.max_memory, opts.max_vcpus)
-                    .and_then(|()| acceptable(&h, opts.host.as_ref()))
-                    .and_then(|()| opts.devices.resolve(&h.devices));
-                self.hello = Some(*h);
-                return done(ok.map(|devices| self.devices = Some(devices)));
-            }
+            Action::CheckHello(hello) => return done(self.check(hello, opts)),
             Action::Accept => self.accept()?,
             Action::WritePages => self.write_pages(phase)?,
             Action::Readahead(words) => self.readahead(&words)?,
             Action::Missing { first_page, words } => self.missing(first_page, &words)?,
             Action::Sync => {
                 // The end of round 0: later rounds rewrite pages already there.
-                self.readahead = None;
-                return done(self.finish_building());
+                let built = self.guest("Sync").and_then(|g| {
+                    g.readahead = None;
+                    g.finish_building().map(|_| ())
+                });
+                return done(built);
             }
             Action::LoadState => return done(self.load_state()?),
             Action::Start => return done(self.start(phase, start)),
@@ -117,33 +190,76 @@ impl<'c, C: Read + Write> Driver<'c, C> {
         Ok(Step::Go(None))
     }
 
+    /// The Hello against this side's limits, this host and this side's devices.
+    fn check(&mut self, hello: Box<Hello>, opts: &mut ReceiveOptions) -> Result<(), Here> {
+        within_limits(&hello, opts.max_memory, opts.max_vcpus)?;
+        acceptable(&hello, opts.host.as_ref())?;
+        let devices = opts.devices.resolve(&hello.devices)?;
+        let Held::Waiting(console) = std::mem::replace(&mut self.held, Held::Gone) else {
+            return Err(Here::OutOfTurn("a second Hello"));
+        };
+        self.held = Held::Checked {
+            hello,
+            devices,
+            console,
+        };
+        Ok(())
+    }
+
     /// Postcopy's missing pages dropped and faults reported before any vCPU runs, then the
     /// guest started.
-    fn start<S: FnOnce(&Vm) -> Result<(), String>>(
+    fn start<S: FnOnce(&Vm) -> Result<(), crate::vm::Error>>(
         &mut self,
         phase: Phase,
         start: &mut Option<S>,
-    ) -> Result<(), String> {
-        let ready = self.prepare_postcopy();
-        let vm = self.vm.as_ref().ok_or("the VM was not built")?;
-        let run = ready.and_then(|()| start.take().map_or(Ok(()), |s| s(vm)));
-        run.map_err(|e| format!("starting the guest (phase: {phase}): {e}; the source keeps it"))
+    ) -> Result<(), Here> {
+        let g = self.guest("Start")?;
+        g.arm_postcopy()?;
+        let vm = g.finish_building()?;
+        match start.take() {
+            Some(s) => s(vm).map_err(|source| Here::Start { phase, source }),
+            None => Ok(()),
+        }
     }
 
     /// After Running: postcopy's pages fetched (if any are missing), then the VM.
     pub(super) fn postcopy_then_vm(&mut self) -> Result<Vm, Error> {
-        self.postcopy()?;
-        self.vm
-            .take()
-            .ok_or(Error::Restore("the VM was not built".into()))
+        let here = |e: Here| Error::FailedHere(Box::new(e));
+        let Held::Guest(g) = std::mem::replace(&mut self.held, Held::Gone) else {
+            return Err(here(Here::OutOfTurn("Running")));
+        };
+        let Guest {
+            machine, postcopy, ..
+        } = *g;
+        let Machine::Built(vm) = machine else {
+            return Err(here(Here::OutOfTurn("Running")));
+        };
+        let Postcopy::Armed { missing, ram, uffd } = postcopy else {
+            return Ok(vm);
+        };
+        // On failure the guest cannot go on (part of its memory is only at the source): its
+        // vCPUs stay blocked on their faults, the VM is not torn down (that would wait for
+        // them), and the caller ends the process.
+        let total = missing.total;
+        match postcopy::fetch(&mut self.conn, uffd, &ram, missing) {
+            Ok(stats) => {
+                log::info!("postcopy: {total} pages missing at the switch; {stats:?}");
+                Ok(vm)
+            }
+            Err(e) => {
+                std::mem::forget(vm);
+                Err(Error::PostcopyLost(Box::new(e)))
+            }
+        }
     }
+
     /// The next input: a control message, or in precopy a page frame's head too.
-    pub(super) fn read(&mut self, rx: &Receiver) -> Result<Input, Error> {
+    pub(super) fn read(&mut self, rx: &Receiver) -> Result<Input<Here>, Error> {
         let phase = rx.phase();
         if !rx.in_precopy() {
             return match protocol::recv(&mut self.conn) {
                 Ok(m) => Ok(Input::Message(m)),
-                Err(e) if phase == Phase::AwaitCommit => Err(Error::NoCommit(e.to_string())),
+                Err(e) if phase == Phase::AwaitCommit => Err(Error::NoCommit(e)),
                 Err(e) => Err(proto(phase, rx.awaits())(e)),
             };
         }
@@ -166,13 +282,14 @@ impl<'c, C: Read + Write> Driver<'c, C> {
     }
 
     /// Tells the source why, where the machine says to, and names the error as ferry does.
-    pub(super) fn fail(&mut self, f: Failure) -> Error {
+    pub(super) fn fail(&mut self, f: Failure<Here>) -> Error {
         if let Some(reply) = &f.reply {
             let _ = protocol::send(&mut self.conn, reply);
         }
         use migration::receiver::Error as R;
         match f.error {
-            R::Refused(r) => Error::RefusedHere(r),
+            R::Refused(e) => Error::RefusedHere(Box::new(e)),
+            R::NoKey => Error::RefusedHere(Box::new(Here::NoKey)),
             R::CancelledBySource(r) => Error::CancelledBySource(r),
             R::Unexpected {
                 phase,
@@ -182,9 +299,12 @@ impl<'c, C: Read + Write> Driver<'c, C> {
                 expected,
                 found: got.into(),
             }),
-            R::NoCommit(got) => Error::NoCommit(format!("got {got}")),
-            R::Failed(why) => Error::Restore(why),
-            R::Ended => Error::Restore("the migration has ended".into()),
+            R::NoCommit(got) => Error::NoCommit(protocol::Error::Unexpected {
+                expected: "Commit",
+                found: got.into(),
+            }),
+            R::Failed(e) => Error::FailedHere(Box::new(e)),
+            R::Ended => Error::FailedHere(Box::new(Here::OutOfTurn("a step after the end"))),
         }
     }
 
@@ -192,65 +312,72 @@ impl<'c, C: Read + Write> Driver<'c, C> {
     /// memslots, vCPUs, CPUID) on another thread while round 0's pages arrive into that
     /// RAM, starts the readahead, and sends Accept.
     fn accept(&mut self) -> Result<(), Error> {
-        let h = self
-            .hello
-            .as_ref()
-            .ok_or(Error::Restore("no Hello".into()))?;
-        let refuse = |conn: &mut C, e: String| {
-            let reason = format!("cannot create the VM here: {e}");
-            let _ = protocol::send(conn, &Message::Refuse(reason.clone()));
-            Error::RefusedHere(reason)
+        let Held::Checked {
+            hello,
+            devices,
+            console,
+        } = std::mem::replace(&mut self.held, Held::Gone)
+        else {
+            return Err(Error::FailedHere(Box::new(Here::OutOfTurn("Accept"))));
         };
-        let ram = match crate::memory::GuestRam::new(h.memory) {
+        let ram = match crate::memory::GuestRam::new(hello.memory) {
             Ok(r) => r,
-            Err(e) => return Err(refuse(self.conn, e.to_string())),
+            Err(e) => {
+                let e = Here::Machine(e.into());
+                let _ = protocol::send(self.conn, &Message::Refuse(e.to_string()));
+                return Err(Error::RefusedHere(Box::new(e)));
+            }
         };
         let mem = ram.memory().clone();
-        self.regions = ram.regions();
-        let builder = crate::vm::VmBuilder::new(0, h.vcpus)
+        let regions = ram.regions();
+        let builder = crate::vm::VmBuilder::new(0, hello.vcpus)
             .ram(ram)
-            .console(
-                self.console
-                    .take()
-                    .unwrap_or_else(|| Box::new(std::io::sink())),
-            )
+            .console(console)
             .cpu(crate::vm::CpuChoice::Saved {
-                profile_json: h.cpu_profile.clone(),
-                guest_cpu: h.guest_cpu.clone(),
+                profile_json: hello.cpu_profile.clone(),
+                guest_cpu: hello.guest_cpu.clone(),
             })
-            .backends(self.devices.take().unwrap_or_default());
+            .backends(devices);
         // Not waited for: Accept goes out while the spawner starts the builder.
-        self.building = Some(crate::sandbox::spawn_soon("mig-build".into(), move || {
+        let building = crate::sandbox::spawn_soon("mig-build".into(), move || {
             builder.build(crate::vm::Boot::Restored)
+        });
+        self.held = Held::Guest(Box::new(Guest {
+            hello,
+            readahead: Some(prefault::Prefault::start(mem.clone())),
+            mem,
+            regions,
+            machine: Machine::Building(building),
+            postcopy: Postcopy::Off,
         }));
-        self.readahead = Some(prefault::Prefault::start(mem.clone()));
-        self.mem = Some(mem);
         protocol::send(&mut self.conn, &Message::Accept)
             .map_err(proto(Phase::Handshake, "sending Accept"))?;
         Ok(())
     }
 
     fn write_pages(&mut self, phase: Phase) -> Result<(), Error> {
-        let (Some(head), Some(mem)) = (self.pages.take(), self.mem.as_ref()) else {
-            return Err(Error::Restore("pages before the VM's RAM".into()));
+        let (Held::Guest(g), Some(head)) = (&mut self.held, self.pages.take()) else {
+            return Err(Error::FailedHere(Box::new(Here::OutOfTurn("pages"))));
         };
-        if let Some(r) = &mut self.readahead {
+        if let Some(r) = &mut g.readahead {
             r.frame(&head.runs);
         }
-        receive_pages(mem, &self.regions, head, &mut self.conn, phase)
+        receive_pages(&g.mem, &g.regions, head, &mut self.conn, phase)
     }
 
     /// The Touched map: the blocks round 0 fills, of exactly this RAM's length.
     fn readahead(&mut self, words: &[u64]) -> Result<(), Error> {
-        let ram_end = self.regions.iter().map(|&(s, l)| s + l).max().unwrap_or(0);
-        let expected = protocol::touched_words(ram_end);
+        let g = self
+            .guest("Touched")
+            .map_err(|e| Error::FailedHere(Box::new(e)))?;
+        let expected = protocol::touched_words(g.ram_end());
         if words.len() != expected {
             return Err(Error::BadTouchedMap {
                 words: words.len(),
                 expected,
             });
         }
-        if let Some(r) = &mut self.readahead {
+        if let Some(r) = &mut g.readahead {
             r.touched(words);
         }
         Ok(())
@@ -258,200 +385,92 @@ impl<'c, C: Read + Write> Driver<'c, C> {
 
     /// Postcopy: a Missing message's pages, each of which must be guest RAM.
     fn missing(&mut self, first_page: u64, words: &[u64]) -> Result<(), Error> {
-        let ram_end = self.regions.iter().map(|&(s, l)| s + l).max().unwrap_or(0);
-        let missing = self
-            .missing
-            .get_or_insert_with(|| postcopy::Missing::new(ram_end));
-        missing
-            .add(first_page, words, &self.regions)
-            .map_err(|why| {
-                let _ = protocol::send(&mut self.conn, &Message::Failed(why.clone()));
-                Error::Restore(why)
-            })
-    }
-
-    /// Postcopy (the source named missing pages): guest RAM registered with a
-    /// userfaultfd and the missing pages dropped, before the guest starts.
-    fn prepare_postcopy(&mut self) -> Result<(), String> {
-        let Some(missing) = &self.missing else {
-            return Ok(());
-        };
-        let ram = self
-            .mem
-            .as_ref()
-            .and_then(|m| postcopy::Ram::new(m, &self.regions))
-            .ok_or("postcopy: guest RAM is not as the Hello described")?;
-        let uffd = postcopy::prepare(&ram, missing)?;
-        self.postcopy = Some((ram, uffd));
-        Ok(())
-    }
-
-    /// Postcopy, the guest running: every missing page fetched. On failure the guest
-    /// cannot go on (part of its memory is only at the source): its vCPUs stay blocked on
-    /// their faults, the VM is not torn down (that would wait for them), and the caller
-    /// ends the process.
-    fn postcopy(&mut self) -> Result<(), Error> {
-        let (Some((ram, uffd)), Some(missing)) = (self.postcopy.take(), self.missing.take()) else {
-            return Ok(());
-        };
-        let total = missing.total;
-        match postcopy::fetch(&mut self.conn, uffd, &ram, missing) {
-            Ok(stats) => {
-                log::info!("postcopy: {total} pages missing at the switch; {stats:?}");
-                Ok(())
+        let added = self.guest("Missing").and_then(|g| {
+            if let Postcopy::Off = g.postcopy {
+                g.postcopy = Postcopy::Named(postcopy::Missing::new(g.ram_end()));
             }
-            Err(e) => {
-                std::mem::forget(self.vm.take());
-                Err(Error::PostcopyLost(e.to_string()))
-            }
-        }
-    }
-
-    /// The machine, built: needed by the first Sync (the end of round 0) at the latest.
-    fn finish_building(&mut self) -> Result<(), String> {
-        if let Some(b) = self.building.take() {
-            let vm = b
-                .handle()
-                .map_err(|e| format!("starting the thread that builds the VM: {e}"))?
-                .join()
-                .map_err(|_| "building the VM panicked".to_string())?
-                .map_err(|e| format!("creating the VM: {e}"))?;
-            self.vm = Some(vm);
-        }
-        Ok(())
+            let Postcopy::Named(missing) = &mut g.postcopy else {
+                return Err(Here::OutOfTurn("Missing"));
+            };
+            missing
+                .add(first_page, words, &g.regions)
+                .map_err(Here::MissingOutsideRam)
+        });
+        added.map_err(|e| {
+            let _ = protocol::send(&mut self.conn, &Message::Failed(e.to_string()));
+            Error::FailedHere(Box::new(e))
+        })
     }
 
     /// Reads the VM stream (an I/O failure ends it here) and restores it into the machine
     /// (a failure is the outcome, told to the source).
-    fn load_state(&mut self) -> Result<Result<(), String>, Error> {
-        self.readahead = None;
-        if let Err(e) = self.finish_building() {
+    fn load_state(&mut self) -> Result<Result<(), Here>, Error> {
+        let Held::Guest(g) = &mut self.held else {
+            return Ok(Err(Here::OutOfTurn("the VM state")));
+        };
+        g.readahead = None;
+        if let Err(e) = g.finish_building() {
             return Ok(Err(e));
         }
-        let Some(vm) = self.vm.as_ref() else {
-            return Ok(Err("the VM was not built".into()));
+        let Guest { hello, machine, .. } = &mut **g;
+        let Machine::Built(vm) = machine else {
+            return Ok(Err(Here::OutOfTurn("the VM state")));
         };
-        // Memory ranges in the stream (a source sends memory as pages; a stream may still
-        // carry some) go into guest RAM as each section arrives, not onto the heap.
-        let Some(h) = self.hello.as_ref() else {
-            return Ok(Err("no Hello".into()));
-        };
-        let announced = migration::Announced {
-            memory: h.memory,
-            vcpus: h.vcpus,
-            cpu_profile: &h.cpu_profile,
-            devices: h.devices.len(),
-        };
-        let mut input = BufReader::new(&mut self.conn);
-        let read = migration::read_head_as(&mut input, &announced).and_then(|(state, rest)| {
-            rest.memory_until_end(|gpa, data| {
-                vm.memory()
-                    .write_slice(data, GuestAddress(gpa))
-                    .map_err(|_| "is not guest RAM")
-            })?;
-            Ok(state)
-        });
-        use migration::stream::Error as S;
-        let state = match read {
+        let state = match read_state(&mut self.conn, hello, vm)? {
             Ok(state) => state,
-            // Not the machine admitted: told to the source, which keeps its guest.
-            Err(e @ S::NotAnnounced(_)) => return Ok(Err(e.to_string())),
-            Err(e) => {
-                let e = match e {
-                    S::Io { source, .. } => source,
-                    S::Truncated { .. } => std::io::ErrorKind::UnexpectedEof.into(),
-                    other => std::io::Error::other(other.to_string()),
-                };
-                return Err(io(Phase::Switchover, "receiving the VM state")(e));
-            }
+            Err(e) => return Ok(Err(e)),
         };
         let got_state = Instant::now();
-        let (Some(h), Some(vm)) = (self.hello.as_ref(), self.vm.as_mut()) else {
-            return Ok(Err("the VM was not built".into()));
-        };
         // RAM, vCPUs and the CPU profile were compared as the stream came (read_head_as);
         // the devices' backends here.
         let backends: Vec<_> = state.devices.iter().map(|d| d.backend.clone()).collect();
-        if backends != h.devices {
-            return Ok(Err(
-                "the VM state's devices are not the ones the Hello announced".into(),
-            ));
+        if backends != hello.devices {
+            return Ok(Err(Here::DevicesDiffer));
         }
-        let loaded = vm.restore_state(&state).map_err(|e| e.to_string());
+        let loaded = vm.restore_state(&state).map_err(Here::State);
         log::debug!("receive: state loaded in {:?}", got_state.elapsed());
         Ok(loaded)
     }
 }
 
-/// Receives a page frame whose head has been read: checks that every run lies inside one
-/// RAM region before reading any page, reads the pages straight into guest RAM, checks the
-/// CRC, then zeroes the ZERO runs. The destination's vCPUs have not run yet.
-fn receive_pages(
-    mem: &crate::memory::GuestMemoryMmap,
-    regions: &[(u64, u64)],
-    mut head: migration::pages::FrameHead,
+/// Reads the VM stream: Err if the connection failed, Ok(Err) if the stream is not the
+/// machine the Hello announced (told to the source, which keeps its guest). Memory ranges
+/// in the stream (a source sends memory as pages; a stream may still carry some) go into
+/// guest RAM as each section arrives, not onto the heap.
+fn read_state(
     conn: &mut impl Read,
-    phase: Phase,
-) -> Result<(), Error> {
-    for run in &head.runs {
-        let inside = regions
-            .iter()
-            .any(|&(start, len)| run.gpa >= start && run.gpa + run.len() <= start + len);
-        if !inside {
-            return Err(Error::PagesOutsideRam {
-                gpa: run.gpa,
-                len: run.len(),
-            });
-        }
-    }
-    let runs = std::mem::take(&mut head.runs);
-    // Round 0 fills fresh RAM, which reads as zero already: its ZERO runs need nothing.
-    let round = head.round;
-    for run in runs.iter().filter(|r| !r.zero) {
-        let len = run.len() as usize;
-        let host =
-            mem.get_host_address(GuestAddress(run.gpa))
-                .map_err(|_| Error::PagesOutsideRam {
-                    gpa: run.gpa,
-                    len: run.len(),
-                })?;
-        // SAFETY: the run lies inside one RAM region (checked above), so [host, host + len)
-        // is within that region's mapping, which `mem` keeps alive for longer than this
-        // borrow. No vCPU of this VM has run yet and nothing else in ferry holds a reference
-        // into this memory (the thread building the VM only registers it with KVM), so the
-        // mutable slice is the only access while it lives.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(host, len) };
-        // In pieces that stay in cache between the copy from the socket and the CRC.
-        for piece in bytes.chunks_mut(CRC_PIECE) {
-            conn.read_exact(piece)
-                .map_err(io(phase, "receiving memory"))?;
-            head.crc_update(piece);
-        }
-    }
-    head.check_crc(conn)
-        .map_err(|e| proto(phase, "receiving memory")(e.into()))?;
-    for run in runs.iter().filter(|r| r.zero && round > 0) {
-        discard(mem, run.gpa, run.len()).map_err(|_| Error::PagesOutsideRam {
-            gpa: run.gpa,
-            len: run.len(),
+    h: &Hello,
+    vm: &Vm,
+) -> Result<Result<migration::VmState, Here>, Error> {
+    let announced = migration::Announced {
+        memory: h.memory,
+        vcpus: h.vcpus,
+        cpu_profile: &h.cpu_profile,
+        devices: h.devices.len(),
+    };
+    let mut input = BufReader::new(conn);
+    let read = migration::read_head_as(&mut input, &announced).and_then(|(state, rest)| {
+        rest.memory_until_end(|gpa, data| {
+            vm.memory()
+                .write_slice(data, GuestAddress(gpa))
+                .map_err(|_| "is not guest RAM")
         })?;
+        Ok(state)
+    });
+    use migration::stream::Error as S;
+    match read {
+        Ok(state) => Ok(Ok(state)),
+        Err(e @ S::NotAnnounced(_)) => Ok(Err(Here::NotAnnounced(e))),
+        Err(e) => {
+            let e = match e {
+                S::Io { source, .. } => source,
+                S::Truncated { .. } => std::io::ErrorKind::UnexpectedEof.into(),
+                other => std::io::Error::other(other.to_string()),
+            };
+            Err(io(Phase::Switchover, "receiving the VM state")(e))
+        }
     }
-    Ok(())
 }
 
-/// Makes `[gpa, gpa + len)` of guest RAM (inside one region: checked by the caller) read as
-/// zero by giving its pages back to the kernel (MADV_DONTNEED on private anonymous memory),
-/// so that a ZERO run never backs RAM, however much of it the source names.
-fn discard(mem: &crate::memory::GuestMemoryMmap, gpa: u64, len: u64) -> Result<(), ()> {
-    let host = mem.get_host_address(GuestAddress(gpa)).map_err(|_| ())?;
-    // SAFETY: the range lies inside one RAM region's private anonymous mapping (the caller
-    // checked every run against the regions), which `mem` keeps mapped; MADV_DONTNEED only
-    // drops its pages, which then read as zero. No vCPU of this VM runs yet and nothing
-    // holds a reference into these pages.
-    let rc = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(())
-    }
-}
+#[cfg(test)]
+mod tests;

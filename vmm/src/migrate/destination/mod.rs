@@ -3,8 +3,10 @@
 //! ```text
 //! handshakes.rs  the listener: up to MAX_HANDSHAKES sources at once, key or TLS first
 //! admission.rs   what this side takes: its limits, the Hello against this host
+//! error.rs       why this side refuses a VM or cannot go on with one, typed
 //! mod.rs         one source's migration driven through migration::receiver's states
 //! driver.rs      the I/O and the machine behind each of the receiver's actions
+//! frames.rs      page frames into guest RAM, each run checked against RAM first
 //! prefault.rs    backing round 0's RAM ahead of the pages
 //! postcopy/      the guest running here while its missing pages come on demand
 //! ```
@@ -24,11 +26,14 @@ use driver::{Driver, Step};
 
 mod admission;
 mod driver;
+mod error;
+mod frames;
 mod handshakes;
 mod postcopy;
 mod prefault;
 
 pub use admission::{host_memory_limit, host_vcpu_limit};
+pub use error::ReceiveError;
 pub use handshakes::{accept_source, Source, MAX_HANDSHAKES};
 pub use postcopy::uffd::keep_open as keep_userfaultfd_open;
 pub use postcopy::Stats as PostcopyStats;
@@ -86,7 +91,7 @@ pub fn receive(
     addr: &Address,
     opts: ReceiveOptions,
     console: Box<dyn std::io::Write + Send>,
-    start: impl FnOnce(&Vm) -> Result<(), String>,
+    start: impl FnOnce(&Vm) -> Result<(), crate::vm::Error>,
 ) -> Result<Vm, Error> {
     if opts.key.is_none() && opts.tls.is_none() {
         check_local(addr)?;
@@ -100,7 +105,7 @@ pub fn receive_from(
     listener: Listener,
     opts: ReceiveOptions,
     console: Box<dyn std::io::Write + Send>,
-    start: impl FnOnce(&Vm) -> Result<(), String>,
+    start: impl FnOnce(&Vm) -> Result<(), crate::vm::Error>,
 ) -> Result<Vm, Error> {
     let source = handshakes::accept_source(listener, &opts)?;
     receive_source(source, opts, console, start)
@@ -114,7 +119,7 @@ pub fn receive_source(
     source: handshakes::Source,
     opts: ReceiveOptions,
     console: Box<dyn std::io::Write + Send>,
-    start: impl FnOnce(&Vm) -> Result<(), String>,
+    start: impl FnOnce(&Vm) -> Result<(), crate::vm::Error>,
 ) -> Result<Vm, Error> {
     let handshakes::Source { conn, lifted, .. } = source;
     receive_on(conn, opts, console, start, &|| {
@@ -142,7 +147,7 @@ pub fn receive_with(
     conn: impl Read + Write,
     opts: ReceiveOptions,
     console: Box<dyn std::io::Write + Send>,
-    start: impl FnOnce(&Vm) -> Result<(), String>,
+    start: impl FnOnce(&Vm) -> Result<(), crate::vm::Error>,
 ) -> Result<Vm, Error> {
     receive_on(conn, opts, console, start, &|| {})
 }
@@ -152,7 +157,7 @@ fn receive_on(
     mut conn: impl Read + Write,
     mut opts: ReceiveOptions,
     console: Box<dyn std::io::Write + Send>,
-    start: impl FnOnce(&Vm) -> Result<(), String>,
+    start: impl FnOnce(&Vm) -> Result<(), crate::vm::Error>,
     handed_over: &dyn Fn(),
 ) -> Result<Vm, Error> {
     let began = std::time::Instant::now();
@@ -160,7 +165,7 @@ fn receive_on(
     let mut d = Driver::new(&mut conn, console);
     let mut start = Some(start);
     // The outcome of an action the machine waits for, handed to it instead of a read.
-    let mut outcome: Option<Input> = None;
+    let mut outcome: Option<Input<ReceiveError>> = None;
     loop {
         let input = match outcome.take() {
             Some(i) => i,

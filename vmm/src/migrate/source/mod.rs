@@ -416,12 +416,12 @@ impl<'a, C: Read + Write> Sender<'a, C> {
                 });
             }
             Ok(other) => {
-                return Err(Error::Unconfirmed(format!(
-                    "expected Running, got {}",
-                    other.name()
-                )))
+                return Err(Error::Unconfirmed(protocol::Error::Unexpected {
+                    expected: "Running",
+                    found: other.name().into(),
+                }))
             }
-            Err(e) => return Err(Error::Unconfirmed(e.to_string())),
+            Err(e) => return Err(Error::Unconfirmed(e)),
         }
         let mut r = self.report.clone();
         r.outcome = Outcome::Completed;

@@ -40,7 +40,7 @@ impl<'a, C: Read + Write> Sender<'a, C> {
     /// here leaves the guest split between the two hosts ([`Error::PostcopyBroken`]).
     pub(super) fn serve(&mut self) -> Result<(), Error> {
         self.serving = true;
-        let broken = |e: Error| Error::PostcopyBroken(e.to_string());
+        let broken = |e: Error| Error::PostcopyBroken(Box::new(e));
         loop {
             let m = protocol::recv(&mut *self.conn)
                 .map_err(|e| broken(proto(Phase::Postcopy, "waiting for page requests")(e)))?;

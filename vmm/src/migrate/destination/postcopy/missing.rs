@@ -57,13 +57,14 @@ impl Missing {
         }
     }
 
-    /// Adds a Missing message's pages; every one must be a page of RAM.
+    /// Adds a Missing message's pages; every one must be a page of RAM (Err: the first
+    /// address that is not).
     pub fn add(
         &mut self,
         first_page: u64,
         words: &[u64],
         regions: &[(u64, u64)],
-    ) -> Result<(), String> {
+    ) -> Result<(), u64> {
         for (i, &w) in words.iter().enumerate() {
             let base = first_page + 64 * i as u64;
             for b in (0..64).filter(|b| w & (1 << b) != 0) {
@@ -73,9 +74,7 @@ impl Missing {
                     .iter()
                     .any(|&(s, l)| gpa >= s && gpa + PAGE <= s + l);
                 if page >= self.pages || !in_ram {
-                    return Err(format!(
-                        "the source names page {gpa:#x} missing, which is not guest RAM"
-                    ));
+                    return Err(gpa);
                 }
                 if !bit(&self.want, page) {
                     set(&mut self.want, page);

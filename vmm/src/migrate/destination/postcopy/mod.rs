@@ -23,6 +23,7 @@ use std::time::Instant;
 use migration::pages::FrameHead;
 use migration::protocol::{self, Message, Precopy, MAX_REQUEST_PAGES, MAX_REQUEST_RANGES};
 
+use super::error::ReceiveError as Here;
 use super::{io, proto, Error, Phase, PAGE};
 use uffd::Uffd;
 
@@ -74,24 +75,22 @@ impl Ram {
 
 /// Before the vCPUs start: guest RAM registered with the userfaultfd, and every missing
 /// page dropped (an earlier round's copy, or nothing), so that its first access faults.
-pub(super) fn prepare(ram: &Ram, missing: &Missing) -> Result<Uffd, String> {
-    let uffd = Uffd::take().map_err(|e| format!("postcopy: {e}"))?;
+pub(super) fn prepare(ram: &Ram, missing: &Missing) -> Result<Uffd, Here> {
+    let os = |what| move |source| Here::Postcopy { what, source };
+    let uffd = Uffd::take().map_err(os("opening a userfaultfd"))?;
     for &(_, len, host) in &ram.regions {
         uffd.register(host, len as usize)
-            .map_err(|e| format!("postcopy: {e}"))?;
+            .map_err(os("registering guest RAM"))?;
     }
     for (page, n) in missing.runs() {
         let host = ram
             .host(page * PAGE, n * PAGE)
-            .ok_or_else(|| format!("postcopy: page {:#x} is not guest RAM", page * PAGE))?;
+            .ok_or(Here::MissingOutsideRam(page * PAGE))?;
         // SAFETY: [host, host + n pages) lies in one region of guest RAM (checked by
         // `host`), private anonymous memory that the VM keeps mapped; MADV_DONTNEED drops
         // its pages, so the next access faults to the userfaultfd. No vCPU runs yet.
         if unsafe { libc::madvise(host.cast(), (n * PAGE) as usize, libc::MADV_DONTNEED) } != 0 {
-            return Err(format!(
-                "postcopy: dropping stale pages: {}",
-                std::io::Error::last_os_error()
-            ));
+            return Err(os("dropping stale pages")(std::io::Error::last_os_error()));
         }
     }
     Ok(uffd)
@@ -179,9 +178,7 @@ pub(super) fn fetch(
                     return Ok(());
                 }
                 // Nothing left to ask for, nothing due, yet pages missing.
-                return Err(Error::Restore(
-                    "postcopy: the source did not send pages it was asked for".into(),
-                ));
+                return Err(Error::FailedHere(Box::new(Here::PagesNotSent)));
             }
             stats.pages += place(conn, &uffd, ram, &mut missing, &mut buf)?;
             in_flight -= 1;
@@ -229,10 +226,9 @@ fn place(
             }
         };
     if head.data_len > buf.len() {
-        return Err(Error::Restore(format!(
-            "the source answered a request with {} bytes of pages, more than any request asks",
-            head.data_len
-        )));
+        return Err(Error::FailedHere(Box::new(Here::OversizedAnswer(
+            head.data_len as u64,
+        ))));
     }
     for run in &head.runs {
         if ram.host(run.gpa, run.len()).is_none() {
