@@ -60,7 +60,18 @@ pub enum Decision {
     Continue,
     /// Set the throttle to this percent and continue.
     Throttle(u8),
-    Cancel(String),
+    Cancel(Stuck),
+}
+
+/// Why precopy gives up: the timeout passed with the predicted downtime still over target.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+#[error("timed out after {:.1} s and {rounds} rounds: predicted downtime {:.1} ms is still over the {:.1} ms target (throttle {throttle}%)", .elapsed.as_secs_f64(), .predicted.as_secs_f64() * 1e3, .max_downtime.as_secs_f64() * 1e3)]
+pub struct Stuck {
+    pub elapsed: Duration,
+    pub rounds: u32,
+    pub predicted: Duration,
+    pub max_downtime: Duration,
+    pub throttle: u8,
 }
 
 /// The downtime to expect if the sender paused now.
@@ -84,15 +95,13 @@ pub fn decide(t: &Target, o: &Observed) -> Decision {
         return Decision::Switchover;
     }
     if o.elapsed >= t.timeout {
-        return Decision::Cancel(format!(
-            "timed out after {:.1} s and {} rounds: predicted downtime {:.1} ms is still over the \
-             {:.1} ms target (throttle {}%)",
-            o.elapsed.as_secs_f64(),
-            o.rounds,
-            predicted.as_secs_f64() * 1e3,
-            t.max_downtime.as_secs_f64() * 1e3,
-            o.throttle
-        ));
+        return Decision::Cancel(Stuck {
+            elapsed: o.elapsed,
+            rounds: o.rounds,
+            predicted,
+            max_downtime: t.max_downtime,
+            throttle: o.throttle,
+        });
     }
     // Round 0 copies all of RAM and says nothing about convergence.
     let not_shrinking = o.rounds >= 2 && o.dirty_bytes * 2 > o.last_round_bytes;
@@ -194,7 +203,9 @@ mod tests {
         let mut o = obs(16 << 20, 16 << 20, 30, 99);
         o.elapsed = Duration::from_secs(10);
         match decide(&t, &o) {
-            Decision::Cancel(why) => {
+            Decision::Cancel(stuck) => {
+                assert_eq!((stuck.rounds, stuck.throttle), (30, 99));
+                let why = stuck.to_string();
                 assert!(why.contains("timed out") && why.contains("99%"), "{why}")
             }
             d => panic!("{d:?}"),

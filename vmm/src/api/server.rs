@@ -365,11 +365,9 @@ fn migrate(
             }),
             After::Migrated,
         ),
-        Err(crate::migrate::Error::Cancelled { reason, report }) => (
+        Err(crate::migrate::Error::Cancelled { why, report }) => (
             Answer::Failure(Failure {
-                error: format!(
-                    "migration to {url} cancelled, the VM runs here as before: {reason}"
-                ),
+                error: format!("migration to {url} cancelled, the VM runs here as before: {why}"),
                 code: Code::Cancelled,
                 state: Some(state(vm)),
                 report: Some(*report),

@@ -60,4 +60,26 @@ mod tests {
         assert_eq!(unexpected.code(), Code::Protocol);
         assert_eq!(Error::Busy.code().as_str(), "busy");
     }
+
+    #[test]
+    fn a_cancel_and_a_failed_proof_keep_their_kind_and_say_why() {
+        let cancelled = Error::Cancelled {
+            why: super::super::Cancel::Requested {
+                round: 3,
+                bytes: 4096,
+            },
+            report: Box::default(),
+        };
+        assert_eq!(cancelled.code(), Code::Cancelled);
+        assert_eq!(
+            cancelled.to_string(),
+            "migration cancelled: cancelled by request in round 3 after 4096 bytes; the VM runs here as before"
+        );
+        let allow = vec!["a.example".to_string(), "b.example".to_string()];
+        let refused = Error::Auth(super::super::AuthFailure::NotAllowed(allow));
+        assert_eq!(refused.code(), Code::AuthFailed);
+        assert!(refused
+            .to_string()
+            .ends_with("--tls-allow a.example, b.example"));
+    }
 }

@@ -118,14 +118,14 @@ pub enum Error {
     PostcopyBroken(#[source] Box<Error>),
     #[error("postcopy failed with the guest running here: {0}; pages of the guest that never arrived are only at the source, so it cannot go on here (the source keeps its copy paused)")]
     PostcopyLost(#[source] Box<Error>),
-    #[error("migration cancelled: {reason}; the VM runs here as before")]
-    Cancelled { reason: String, report: Box<Report> },
+    #[error("migration cancelled: {why}; the VM runs here as before")]
+    Cancelled { why: Cancel, report: Box<Report> },
     #[error("the source cancelled the migration: {0}")]
     CancelledBySource(String),
     #[error("a migration of this VM is already in progress")]
     Busy,
     #[error("authentication: {0}")]
-    Auth(String),
+    Auth(#[source] AuthFailure),
     #[error("refusing to listen on {0} without --key-file or --tls-dir: anyone who can reach it could hand this ferry a VM; use a Unix socket or a loopback address, or give a shared key or certificates")]
     Unauthenticated(String),
     #[error("refusing to send the guest unencrypted to {0}: give --key-file or --tls-dir (on both sides), or --insecure to send its memory and state in the clear anyway")]
@@ -142,6 +142,32 @@ pub enum Error {
     PagesOutsideRam { gpa: u64, len: u64 },
     #[error("the source's map of touched RAM has {words} words, where this guest's RAM needs {expected}")]
     BadTouchedMap { words: usize, expected: usize },
+}
+
+/// Why the peer was not taken as the one holding the key or the certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthFailure {
+    #[error("the destination could not prove the shared key")]
+    DestinationProof,
+    #[error("the source could not prove the shared key")]
+    SourceProof,
+    /// The names this side was given with --tls-allow.
+    #[error("the source's certificate names none of --tls-allow {}", .0.join(", "))]
+    NotAllowed(Vec<String>),
+    #[error(transparent)]
+    Handshake(auth::Error),
+}
+
+/// Why a migration was cancelled at the source (the guest runs on there).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Cancel {
+    #[error("cancelled by request in round {round} after {bytes} bytes")]
+    Requested { round: u32, bytes: u64 },
+    #[error("timed out after {:.1} s in round {round}", .elapsed.as_secs_f64())]
+    TimedOut { elapsed: Duration, round: u32 },
+    /// Precopy could not converge within the timeout.
+    #[error(transparent)]
+    Stuck(#[from] migration::converge::Stuck),
 }
 
 /// Defaults of `ferry ctl migrate`.
@@ -415,8 +441,8 @@ fn authenticate_to(conn: &mut (impl Read + Write), key: &Key) -> Result<(), Erro
             source,
         },
         A::Refused(r) => Error::Refused(r),
-        A::BadProof => Error::Auth("the destination could not prove the shared key".into()),
-        other => Error::Auth(other.to_string()),
+        A::BadProof => Error::Auth(AuthFailure::DestinationProof),
+        other => Error::Auth(AuthFailure::Handshake(other)),
     })
 }
 

@@ -123,17 +123,17 @@ fn send_on(
                 log::error!("resuming the VM after a failed migration: {r}");
             }
         }
-        let Error::Cancelled { reason, .. } = e else {
+        let Error::Cancelled { why, .. } = e else {
             return e;
         };
         // Tell the destination, so that it ends at once and says why.
-        let _ = protocol::send(&mut conn, &Message::Cancel(reason.clone()));
+        let _ = protocol::send(&mut conn, &Message::Cancel(why.to_string()));
         let mut report = report;
         report.outcome = Outcome::Cancelled;
         report.total_ms = ms(started.elapsed());
         report.bandwidth_mbps = bandwidth_mbps;
-        report.reason = Some(reason.clone());
-        Error::Cancelled { reason, report }
+        report.reason = Some(why.to_string());
+        Error::Cancelled { why, report }
     })
 }
 
@@ -307,9 +307,9 @@ impl<'a, C: Read + Write> Sender<'a, C> {
             }
             match decision {
                 Decision::Switchover => return Ok((dirty, false)),
-                Decision::Cancel(reason) => {
+                Decision::Cancel(stuck) => {
                     return Err(Error::Cancelled {
-                        reason,
+                        why: stuck.into(),
                         report: Box::default(),
                     })
                 }

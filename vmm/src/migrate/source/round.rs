@@ -258,20 +258,19 @@ impl<'a, C: Read + Write> Sender<'a, C> {
         // Once the guest runs at the destination (postcopy) there is nothing to cancel.
         if self.control.cancel.load(Ordering::SeqCst) && !self.serving {
             return Err(Error::Cancelled {
-                reason: format!(
-                    "cancelled by request in round {} after {} bytes",
-                    self.report.rounds, self.report.bytes
-                ),
+                why: Cancel::Requested {
+                    round: self.report.rounds,
+                    bytes: self.report.bytes,
+                },
                 report: Box::default(),
             });
         }
         if !self.paused && self.started.elapsed() >= self.opts.timeout {
             return Err(Error::Cancelled {
-                reason: format!(
-                    "timed out after {:.1} s in round {}",
-                    self.started.elapsed().as_secs_f64(),
-                    self.report.rounds
-                ),
+                why: Cancel::TimedOut {
+                    elapsed: self.started.elapsed(),
+                    round: self.report.rounds,
+                },
                 report: Box::default(),
             });
         }

@@ -35,7 +35,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
 
 use super::net::{Conn, Socket};
-use super::{Error, Phase};
+use super::{AuthFailure, Error, Phase};
 
 /// How long a peer has to finish the TLS handshake and the key's proofs, at most.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -181,10 +181,7 @@ impl DestinationTls {
         if named {
             return Ok(());
         }
-        Err(Error::Auth(format!(
-            "the source's certificate names none of --tls-allow {}",
-            self.allow.join(", ")
-        )))
+        Err(Error::Auth(AuthFailure::NotAllowed(self.allow.clone())))
     }
 }
 
@@ -471,10 +468,8 @@ pub(super) fn from_source(
                     what: "authenticating the source",
                     source,
                 },
-                auth::Error::BadProof => {
-                    Error::Auth("the source could not prove the shared key".into())
-                }
-                other => Error::Auth(other.to_string()),
+                auth::Error::BadProof => Error::Auth(AuthFailure::SourceProof),
+                other => Error::Auth(AuthFailure::Handshake(other)),
             })?;
         }
     }
