@@ -9,7 +9,8 @@
 //! disk before the switch.
 //!
 //! Prints, per stream, where it was made and received, the profile, the heartbeat n -> n+1 and
-//! whether it crossed vendors. `FERRY_RECORD_EVIDENCE=1` also writes the results into the
+//! whether it crossed vendors; fails if the corpus lacks either vendor's streams or none
+//! crossed. `FERRY_RECORD_EVIDENCE=1` also writes the results into the
 //! streams' evidence table of docs/cross-vendor.md (rows of other hosts are kept).
 
 use std::io::Read;
@@ -193,6 +194,13 @@ fn every_recorded_stream_plays_into_a_destination_here() {
     let here = this_host();
     let streams = corpus();
     assert!(!streams.is_empty(), "the stream corpus is empty");
+    // Both vendors' hosts have recorded: whichever host plays them, some cross the line.
+    let vendors: std::collections::BTreeSet<&str> =
+        streams.iter().map(|s| s.made_on.vendor.as_str()).collect();
+    assert!(
+        vendors.contains("GenuineIntel") && vendors.contains("AuthenticAMD"),
+        "the stream corpus must hold streams from both vendors' hosts: {vendors:?}"
+    );
     let (mut crossed, mut rows) = (0, Vec::new());
     for s in &streams {
         let o = check(s, &here);
@@ -204,6 +212,7 @@ fn every_recorded_stream_plays_into_a_destination_here() {
         "cross-vendor streams: {} played into a destination on {here}, {crossed} of them made on a host of the other vendor",
         streams.len()
     ));
+    assert!(crossed > 0, "no stream crossed vendors");
     if std::env::var_os("FERRY_RECORD_EVIDENCE").is_some_and(|v| v == "1") {
         let path = repo().join("docs/cross-vendor.md");
         record_evidence(&path, (BEGIN, END), &HEAD, (0, 4), &rows);
