@@ -51,8 +51,14 @@ pub enum Error {
         #[source]
         source: super::Error,
     },
-    #[error("{device} state: {why}")]
-    Restore { device: &'static str, why: String },
+    #[error("{device} state: {source}")]
+    Restore {
+        device: &'static str,
+        #[source]
+        source: RestoreError,
+    },
+    #[error("the saved VM has {saved} virtio device(s), this machine {here}")]
+    VirtioCount { saved: usize, here: usize },
     #[error("at most {} virtio devices", IRQS.len())]
     TooManyVirtio,
     #[error("{device}: KVM_IOEVENTFD failed: {source}")]
@@ -65,19 +71,41 @@ pub enum Error {
     EventLoop(#[source] std::io::Error),
 }
 
+impl Error {
+    /// What kind of failure this is (docs/api.md, "Error codes").
+    pub fn code(&self) -> crate::codes::Code {
+        use crate::codes::Code;
+        match self {
+            Error::EventFd { .. } | Error::EventLoop(_) => Code::Internal,
+            Error::Irqfd { .. } | Error::Ioevent { .. } | Error::Place { .. } => Code::Kvm,
+            Error::TooManyVirtio => Code::BadRequest,
+            Error::Restore { .. } | Error::VirtioCount { .. } => Code::BadFile,
+        }
+    }
+}
+
+/// Why a device does not take a saved state back.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Serial(#[from] vm_superio::serial::Error<std::io::Error>),
+    #[error(transparent)]
+    Virtio(Box<super::virtio::Error>),
+}
+
 /// A device whose state a snapshot or a migration carries: it fills its own part of the VM
 /// state, and takes it back.
 pub trait Persist: Send {
     fn save_state(&self, into: &mut VmState);
-    fn restore_state(&mut self, from: &VmState) -> Result<(), String>;
+    fn restore_state(&mut self, from: &VmState) -> Result<(), RestoreError>;
 }
 
 impl Persist for SerialDevice {
     fn save_state(&self, into: &mut VmState) {
         into.serial = self.registers();
     }
-    fn restore_state(&mut self, from: &VmState) -> Result<(), String> {
-        self.load_registers(&from.serial)
+    fn restore_state(&mut self, from: &VmState) -> Result<(), RestoreError> {
+        Ok(self.load_registers(&from.serial)?)
     }
 }
 
@@ -285,22 +313,18 @@ impl Devices {
             d.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .restore_state(from)
-                .map_err(|why| Error::Restore { device, why })?;
+                .map_err(|source| Error::Restore { device, source })?;
         }
         if from.devices.len() != self.virtio.len() {
-            return Err(Error::Restore {
-                device: "virtio",
-                why: format!(
-                    "the saved VM has {} virtio device(s), this machine {}",
-                    from.devices.len(),
-                    self.virtio.len()
-                ),
+            return Err(Error::VirtioCount {
+                saved: from.devices.len(),
+                here: self.virtio.len(),
             });
         }
         for (saved, t) in from.devices.iter().zip(&self.virtio) {
             lock(t).restore_state(saved).map_err(|e| Error::Restore {
                 device: "virtio",
-                why: e.to_string(),
+                source: RestoreError::Virtio(Box::new(e)),
             })?;
         }
         Ok(())

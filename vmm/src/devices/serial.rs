@@ -97,7 +97,10 @@ impl SerialDevice {
     }
 
     /// Replaces the UART's registers and input with a saved state.
-    pub fn load_registers(&mut self, s: &migration::SerialState) -> Result<(), String> {
+    pub fn load_registers(
+        &mut self,
+        s: &migration::SerialState,
+    ) -> Result<(), vm_superio::serial::Error<std::io::Error>> {
         let state = vm_superio::SerialState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
@@ -110,10 +113,12 @@ impl SerialDevice {
             scratch: s.scratch,
             in_buffer: s.in_buffer.clone(),
         };
-        let irq = self.irq.try_clone().map_err(|e| e.to_string())?;
+        let irq = self
+            .irq
+            .try_clone()
+            .map_err(vm_superio::serial::Error::IOError)?;
         let out = self.out.clone();
-        self.uart = Serial::from_state(&state, IrqTrigger(irq), NoEvents, out)
-            .map_err(|e| format!("{e:?}"))?;
+        self.uart = Serial::from_state(&state, IrqTrigger(irq), NoEvents, out)?;
         Ok(())
     }
 

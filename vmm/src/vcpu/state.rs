@@ -32,8 +32,27 @@ pub enum Error {
         vcpu: u32,
         source: super::xsave::Misfit,
     },
-    #[error("vcpu{vcpu}: {what}")]
-    Invalid { vcpu: u32, what: String },
+    #[error("vcpu{vcpu}: {count} MSRs, more than KVM's list holds")]
+    TooManyMsrs { vcpu: u32, count: usize },
+    #[error("vcpu{vcpu}: {count} XCRs (at most 16)")]
+    TooManyXcrs { vcpu: u32, count: usize },
+    #[error("vcpu{vcpu}: LAPIC page of {len} bytes (not 1024)")]
+    LapicSize { vcpu: u32, len: usize },
+}
+
+impl Error {
+    /// What kind of failure this is (docs/api.md, "Error codes"): a state that does not fit
+    /// this host's KVM is refused by its CPU; one that does not fit any vCPU is a bad file.
+    pub fn code(&self) -> crate::codes::Code {
+        use crate::codes::Code;
+        match self {
+            Error::Ioctl { .. } => Code::Kvm,
+            Error::MsrCount { .. } | Error::Xsave { .. } => Code::RefusedCpu,
+            Error::TooManyMsrs { .. } | Error::TooManyXcrs { .. } | Error::LapicSize { .. } => {
+                Code::BadFile
+            }
+        }
+    }
 }
 
 fn seg_out(s: &kvm_segment) -> Segment {
@@ -221,9 +240,9 @@ fn get_msrs(fd: &VcpuFd, id: u32, msrs: &[u32]) -> Result<Vec<(u32, u64)>, Error
             ..Default::default()
         })
         .collect();
-    let mut m = Msrs::from_entries(&entries).map_err(|_| Error::Invalid {
+    let mut m = Msrs::from_entries(&entries).map_err(|_| Error::TooManyMsrs {
         vcpu: id,
-        what: "too many MSRs".into(),
+        count: entries.len(),
     })?;
     let n = fd.get_msrs(&mut m).map_err(|source| Error::Ioctl {
         vcpu: id,
@@ -347,9 +366,9 @@ pub fn restore_state(
 
 fn xcrs_in(s: &VcpuState) -> Result<kvm_xcrs, Error> {
     if s.xcrs.len() > 16 {
-        return Err(Error::Invalid {
+        return Err(Error::TooManyXcrs {
             vcpu: s.id,
-            what: format!("{} XCRs (at most 16)", s.xcrs.len()),
+            count: s.xcrs.len(),
         });
     }
     let mut xcrs = kvm_xcrs {
@@ -368,9 +387,9 @@ fn xcrs_in(s: &VcpuState) -> Result<kvm_xcrs, Error> {
 
 fn lapic_in(s: &VcpuState) -> Result<kvm_bindings::kvm_lapic_state, Error> {
     if s.lapic.len() != 1024 {
-        return Err(Error::Invalid {
+        return Err(Error::LapicSize {
             vcpu: s.id,
-            what: format!("LAPIC page of {} bytes (not 1024)", s.lapic.len()),
+            len: s.lapic.len(),
         });
     }
     let mut lapic = kvm_bindings::kvm_lapic_state::default();
@@ -392,9 +411,9 @@ fn set_msrs(fd: &VcpuFd, s: &VcpuState) -> Result<(), Error> {
             ..Default::default()
         })
         .collect();
-    let m = Msrs::from_entries(&entries).map_err(|_| Error::Invalid {
+    let m = Msrs::from_entries(&entries).map_err(|_| Error::TooManyMsrs {
         vcpu: id,
-        what: "too many MSRs".into(),
+        count: entries.len(),
     })?;
     let n = fd.set_msrs(&m).map_err(|source| Error::Ioctl {
         vcpu: id,
@@ -411,4 +430,34 @@ fn set_msrs(fd: &VcpuFd, s: &VcpuState) -> Result<(), Error> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codes::Code;
+
+    #[test]
+    fn a_saved_vcpu_that_fits_no_vcpu_is_a_bad_file_naming_what() {
+        let mut s = VcpuState {
+            id: 3,
+            lapic: vec![0; 1024],
+            ..Default::default()
+        };
+        assert!(lapic_in(&s).is_ok());
+        s.lapic.truncate(1000);
+        let e = lapic_in(&s).unwrap_err();
+        assert!(matches!(e, Error::LapicSize { vcpu: 3, len: 1000 }), "{e}");
+        assert_eq!(e.code(), Code::BadFile);
+        assert_eq!(e.to_string(), "vcpu3: LAPIC page of 1000 bytes (not 1024)");
+        s.xcrs = vec![(0, 1); 17];
+        let e = xcrs_in(&s).unwrap_err();
+        assert!(
+            matches!(e, Error::TooManyXcrs { vcpu: 3, count: 17 }),
+            "{e}"
+        );
+        assert_eq!(e.code(), Code::BadFile);
+        s.xcrs.truncate(16);
+        assert_eq!(xcrs_in(&s).unwrap().nr_xcrs, 16);
+    }
 }

@@ -113,7 +113,8 @@ impl Error {
             Error::Boot(_) | Error::Disk(_) | Error::Tap(_) => Code::Io,
             Error::AlreadyBooted | Error::NotBooted => Code::WrongState,
             Error::PauseTimeout(_) | Error::ResumeTimeout(_) => Code::TimedOut,
-            Error::Devices(_) | Error::SpawnVcpu(_) | Error::NoSuchVcpu(_) => Code::Internal,
+            Error::Devices(e) => e.code(),
+            Error::SpawnVcpu(_) | Error::NoSuchVcpu(_) => Code::Internal,
         }
     }
 }

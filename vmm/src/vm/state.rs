@@ -63,7 +63,8 @@ impl Error {
             Error::NotPaused(_) => Code::WrongState,
             Error::Devices(_) => Code::RefusedPolicy,
             Error::NoAnswer(_) => Code::Internal,
-            Error::Vcpu(_) | Error::Kvm { .. } => Code::Kvm,
+            Error::Vcpu(e) => e.code(),
+            Error::Kvm { .. } => Code::Kvm,
             Error::Vm(e) => e.code(),
             Error::MemoryRange { .. }
             | Error::MemorySize { .. }

@@ -107,7 +107,7 @@ impl Block {
         mem: &GuestMemoryMmap,
     ) -> Result<u32, Error> {
         descriptors(chain.clone())?;
-        let buffer = |e: virtio_queue::Error| Error::Buffer(e.to_string());
+        let buffer = Error::Buffer;
         let mut reader = chain.clone().reader(mem).map_err(buffer)?;
         let mut writer = chain.writer(mem).map_err(buffer)?;
         let mut header = [0u8; HEADER];
@@ -138,7 +138,7 @@ impl Block {
         };
         status_w
             .write_all(&[status as u8])
-            .map_err(|e| Error::Buffer(e.to_string()))?;
+            .map_err(Error::BufferIo)?;
         Ok(written as u32 + 1)
     }
 

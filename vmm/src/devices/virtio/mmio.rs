@@ -337,12 +337,12 @@ impl Transport {
     pub fn restore_state(&mut self, s: &VirtioState) -> Result<(), Error> {
         let mine = self.backend.backend();
         if !same_backend(&s.backend, &mine) || s.queues.len() != self.queues.len() {
-            return Err(Error::Backend(format!(
-                "a saved device ({:?}, {} queues) is not this {}",
-                s.backend,
-                s.queues.len(),
-                self.backend.describe()
-            )));
+            return Err(Error::OtherDevice {
+                saved: s.backend.clone(),
+                saved_queues: s.queues.len(),
+                here: mine,
+                here_queues: self.queues.len(),
+            });
         }
         for (i, qs) in s.queues.iter().enumerate() {
             self.queues[i] = Queue::try_from(queue_from(qs)).map_err(|e| Error::Queue(i, e))?;

@@ -48,11 +48,20 @@ pub enum Error {
     #[error("a descriptor chain longer than 4 GiB")]
     ChainTooLong,
     #[error("a buffer outside guest RAM: {0}")]
-    Buffer(String),
+    Buffer(#[source] virtio_queue::Error),
+    #[error("a buffer the device could not read or write: {0}")]
+    BufferIo(#[source] std::io::Error),
+    #[error("a receive buffer of {0} bytes, too small for a frame's header")]
+    SmallBuffer(usize),
     #[error("a request too short for its header")]
     ShortRequest,
-    #[error("{0}")]
-    Backend(String),
+    #[error("a saved device ({saved:?}, {saved_queues} queues) is not this one ({here:?}, {here_queues} queues)")]
+    OtherDevice {
+        saved: migration::DeviceBackend,
+        saved_queues: usize,
+        here: migration::DeviceBackend,
+        here_queues: usize,
+    },
 }
 
 /// A device model behind the transport: what it offers and how it serves its queues.

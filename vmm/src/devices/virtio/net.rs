@@ -201,7 +201,7 @@ impl Net {
             let size = chain
                 .clone()
                 .writer(mem)
-                .map_err(|e| Error::Buffer(e.to_string()))?
+                .map_err(Error::Buffer)?
                 .available_bytes();
             if !self.mergeable && size < self.pending {
                 self.dropped += 1;
@@ -210,7 +210,7 @@ impl Net {
                 return Ok(Taken::Enough(Vec::new()));
             }
             if self.mergeable && (size == 0 || (chains.is_empty() && size < VNET_HDR)) {
-                return Err(Error::Buffer(format!("a {size}-byte receive buffer")));
+                return Err(Error::SmallBuffer(size));
             }
             room += size;
             chains.push((chain, size));
@@ -232,11 +232,9 @@ impl Net {
         for (chain, size) in chains {
             let n = size.min(self.pending - at);
             let head = chain.head_index();
-            let mut w = chain
-                .writer(mem)
-                .map_err(|e| Error::Buffer(e.to_string()))?;
+            let mut w = chain.writer(mem).map_err(Error::Buffer)?;
             w.write_all(&self.frame[at..at + n])
-                .map_err(|e| Error::Buffer(e.to_string()))?;
+                .map_err(Error::BufferIo)?;
             q.add_used(mem, head, n as u32)
                 .map_err(|e| Error::Queue(RX, e))?;
             at += n;
@@ -263,16 +261,13 @@ impl Net {
             };
             let head = chain.head_index();
             descriptors(chain.clone())?;
-            let mut r = chain
-                .reader(mem)
-                .map_err(|e| Error::Buffer(e.to_string()))?;
+            let mut r = chain.reader(mem).map_err(Error::Buffer)?;
             let n = r.available_bytes();
             if n <= VNET_HDR || n > MAX_FRAME {
                 self.dropped += 1;
             } else {
                 use std::io::Read;
-                r.read_exact(&mut frame[..n])
-                    .map_err(|e| Error::Buffer(e.to_string()))?;
+                r.read_exact(&mut frame[..n]).map_err(Error::BufferIo)?;
                 // A full tap queue drops the frame: the guest's TCP retransmits.
                 if self.tap.write_frame(&frame[..n]).is_err() {
                     self.dropped += 1;
