@@ -78,6 +78,8 @@ pub enum Error {
     Pages(#[from] crate::pages::Error),
     #[error("the peer speaks TLS (it was given --key-file or --tls-dir): give this side the same")]
     Tls,
+    #[error("the peer asked for {pages} pages at {gpa:#x}, which are not guest RAM")]
+    NotRam { gpa: u64, pages: u32 },
 }
 
 impl From<std::io::Error> for Error {
@@ -320,7 +322,7 @@ pub fn printable(s: &str) -> String {
 /// Checks a PageRequest's ranges against guest RAM (`regions`: start and length of each):
 /// every range page-aligned and inside one region, its end computed without overflow, so
 /// that the source reads only guest RAM for it. One line naming the first that is not.
-pub fn check_request(ranges: &[(u64, u32)], regions: &[(u64, u64)]) -> Result<(), String> {
+pub fn check_request(ranges: &[(u64, u32)], regions: &[(u64, u64)]) -> Result<(), Error> {
     const PAGE: u64 = crate::limits::PAGE_SIZE;
     for &(gpa, n) in ranges {
         let end = gpa.checked_add(u64::from(n) * PAGE);
@@ -328,9 +330,7 @@ pub fn check_request(ranges: &[(u64, u32)], regions: &[(u64, u64)]) -> Result<()
             gpa >= start && end.is_some_and(|e| start.checked_add(len).is_some_and(|r| e <= r))
         });
         if gpa % PAGE != 0 || !inside {
-            return Err(format!(
-                "asked for {n} pages at {gpa:#x}, which are not guest RAM"
-            ));
+            return Err(Error::NotRam { gpa, pages: n });
         }
     }
     Ok(())

@@ -263,6 +263,10 @@ fn a_page_request_is_checked_against_guest_ram_without_overflow() {
         (0x20_0000, 1),
     ] {
         let e = check_request(&[bad], &ram).unwrap_err();
-        assert!(e.contains("not guest RAM"), "{bad:?}: {e}");
+        assert!(
+            matches!(e, Error::NotRam { gpa, pages } if (gpa, pages) == bad),
+            "{bad:?}: {e}"
+        );
+        assert!(e.to_string().contains("not guest RAM"), "{bad:?}: {e}");
     }
 }

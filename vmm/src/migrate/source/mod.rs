@@ -12,6 +12,7 @@ use crate::vm::Vm;
 use super::net::connect;
 use super::*;
 
+mod answers;
 mod postcopy;
 mod round;
 use crate::memory::PageSet;
@@ -115,10 +116,7 @@ fn send_on(
     });
     result.map_err(|(e, report, bandwidth_mbps)| {
         let _ = vm.ram().set_dirty_tracking(false);
-        // After Commit without an answer the guest may run there, and in a broken postcopy
-        // it has run there: it stays paused here.
-        let ran_there = matches!(e, Error::Unconfirmed(_) | Error::PostcopyBroken(_));
-        if !was_paused && !ran_there {
+        if !was_paused && !answers::stays_paused(&e) {
             if let Err(r) = vm.resume() {
                 log::error!("resuming the VM after a failed migration: {r}");
             }
@@ -151,11 +149,9 @@ fn handshake(vm: &Vm, conn: &mut (impl Read + Write)) -> Result<Vec<u64>, Error>
         .map_err(proto(Phase::Handshake, "sending Hello"))?;
     // While the destination checks the Hello: the map of RAM round 0 will fill.
     let touched = touched_map(vm);
-    match protocol::expect(conn, "Accept").map_err(proto(Phase::Handshake, "waiting for Accept"))? {
-        Message::Accept => Ok(touched),
-        Message::Refuse(r) => Err(Error::Refused(r)),
-        other => Err(Error::Refused(format!("unexpected {}", other.name()))),
-    }
+    let answer =
+        protocol::expect(conn, "Accept").map_err(proto(Phase::Handshake, "waiting for Accept"))?;
+    answers::accepted(answer).map(|()| touched)
 }
 
 /// Keeps the vCPUs out of the guest for the throttle's share of each slice, until told to
@@ -387,14 +383,8 @@ impl<'a, C: Read + Write> Sender<'a, C> {
         expected: &'static str,
         what: &'static str,
     ) -> Result<(), Error> {
-        match protocol::expect(&mut *self.conn, expected).map_err(proto(phase, what))? {
-            Message::Failed(reason) => Err(Error::DestinationFailed { phase, reason }),
-            m if m.name() == expected => Ok(()),
-            other => Err(Error::DestinationFailed {
-                phase,
-                reason: format!("expected {expected}, got {}", other.name()),
-            }),
-        }
+        let answer = protocol::expect(&mut *self.conn, expected).map_err(proto(phase, what))?;
+        answers::answered(phase, expected, answer)
     }
 
     /// Waits for Restored, commits, waits for Running, and completes the report.
@@ -406,23 +396,7 @@ impl<'a, C: Read + Write> Sender<'a, C> {
         protocol::send(self.conn, &Message::Commit)
             .map_err(proto(Phase::AwaitCommit, "sending Commit"))?;
         // From here the destination may be running the guest.
-        match protocol::recv(&mut *self.conn) {
-            Ok(Message::Running) => {}
-            Ok(Message::Failed(reason)) => {
-                // It says it does not run the guest: resuming it here is safe.
-                return Err(Error::DestinationFailed {
-                    phase: Phase::AfterCommit,
-                    reason,
-                });
-            }
-            Ok(other) => {
-                return Err(Error::Unconfirmed(protocol::Error::Unexpected {
-                    expected: "Running",
-                    found: other.name().into(),
-                }))
-            }
-            Err(e) => return Err(Error::Unconfirmed(e)),
-        }
+        answers::after_commit(protocol::recv(&mut *self.conn))?;
         let mut r = self.report.clone();
         r.outcome = Outcome::Completed;
         r.downtime_ms = ms(downtime);

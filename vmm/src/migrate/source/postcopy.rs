@@ -54,10 +54,8 @@ impl<'a, C: Read + Write> Sender<'a, C> {
                     }))
                 }
                 other => {
-                    return Err(broken(Error::DestinationFailed {
-                        phase: Phase::Postcopy,
-                        reason: format!("expected PageRequest, got {}", other.name()),
-                    }))
+                    let e = super::answers::unexpected(Phase::Postcopy, "PageRequest", &other);
+                    return Err(broken(e));
                 }
             };
             self.answer_request(&ranges).map_err(broken)?;
@@ -67,11 +65,10 @@ impl<'a, C: Read + Write> Sender<'a, C> {
     /// One page frame with exactly the pages asked for (protocol caps: they fit in one).
     fn answer_request(&mut self, ranges: &[(u64, u32)]) -> Result<(), Error> {
         self.batch.set_round(self.report.rounds);
-        protocol::check_request(ranges, &self.regions).map_err(|reason| {
-            Error::DestinationFailed {
-                phase: Phase::Postcopy,
-                reason,
-            }
+        protocol::check_request(ranges, &self.regions).map_err(|source| Error::Protocol {
+            phase: Phase::Postcopy,
+            what: "a page request",
+            source,
         })?;
         for &(gpa, n) in ranges {
             let len = u64::from(n) * PAGE;
