@@ -42,11 +42,15 @@ pub enum Error {
     #[error("{what} at offset {offset} is not valid UTF-8")]
     NotUtf8 { what: &'static str, offset: u64 },
     /// A field holds a value it may not (a flag that is not 0 or 1, an unknown kind).
-    #[error("{what} at offset {offset}: {why}")]
+    /// A MEMI image's extent that breaks its rules.
+    #[error("MEMI extent at offset {offset}: offset {start:#x} length {len:#x}: extents must be nonzero, page aligned, at most 64 MiB, ascending and inside the image")]
+    BadExtent { offset: u64, start: u64, len: u64 },
+    #[error("{what} at offset {offset}: {value} is not {allowed}")]
     Invalid {
         what: &'static str,
         offset: u64,
-        why: String,
+        value: u64,
+        allowed: &'static str,
     },
     /// Bytes are left over after the last field of a record.
     #[error("{left} unread bytes after {what} at offset {offset}")]

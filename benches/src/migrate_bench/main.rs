@@ -220,7 +220,11 @@ fn main() -> Result<()> {
     ferry_tests::require_kvm();
     let g = ferry_tests::guest::guest();
     let ferry = ferry_binary()?;
-    let qemu_version = qemu_version()?;
+    // QEMU is needed only where its modes run: checked before anything is built or booted.
+    let qemu_version = match args.only.as_deref() {
+        Some("ferry") => "none (--only ferry)".to_string(),
+        _ => qemu_version()?,
+    };
     if args.app {
         return app_main(&ferry, &args, &qemu_version);
     }

@@ -21,7 +21,8 @@ impl Wire for bool {
             value => Err(Error::Invalid {
                 what,
                 offset,
-                why: format!("{value} is not a flag (0 or 1)"),
+                value: value.into(),
+                allowed: "a flag (0 or 1)",
             }),
         }
     }
@@ -67,7 +68,8 @@ pub(crate) fn dec_backend(d: &mut Decoder) -> Result<DeviceBackend, Error> {
         kind => Err(Error::Invalid {
             what: "device kind",
             offset,
-            why: format!("{kind} is neither 1 (network) nor 2 (block)"),
+            value: kind.into(),
+            allowed: "1 (network) or 2 (block)",
         }),
     }
 }

@@ -143,9 +143,7 @@ impl<R: Read> Input<'_, R> {
             let chunk = &mut buf[..n.min(1 << 20) as usize];
             self.exact(chunk, "MEMI image")?;
             if chunk.iter().any(|b| *b != 0) {
-                return Err(Error::Invalid(format!(
-                    "MEMI image: a byte outside every extent is not zero near stream offset {at}"
-                )));
+                return Err(Error::NonZeroOutsideExtents { at });
             }
             n -= chunk.len() as u64;
         }
@@ -172,10 +170,13 @@ impl<R: Read> Input<'_, R> {
         let body = IMAGE_HEAD_SIZE + table_len + CRC_SIZE + u64::from(pad) + len;
         let image_at = f.offset + FRAME_HEADER_SIZE + body - len;
         if f.len != body || u64::from(pad) >= PAGE_SIZE {
-            return Err(Error::Invalid(format!(
-                "MEMI at offset {}: length {} does not hold a {len}-byte image, {count} extents and {pad} bytes of padding (under 4096)",
-                f.offset, f.len
-            )));
+            return Err(Error::ImageLength {
+                offset: f.offset,
+                len: f.len,
+                image: len,
+                count,
+                pad: pad.into(),
+            });
         }
         let table = self.payload(table_len, "MEMI extent table")?;
         let mut crc = [0u8; 4];
@@ -199,10 +200,7 @@ impl<R: Read> Input<'_, R> {
         let mut zero = vec![0u8; pad as usize];
         self.exact(&mut zero, "MEMI padding")?;
         if zero.iter().any(|b| *b != 0) {
-            return Err(Error::Invalid(format!(
-                "MEMI at offset {}: padding is not zero",
-                f.offset
-            )));
+            return Err(Error::NonZeroPadding { offset: f.offset });
         }
         Ok(Table {
             image: Image {
@@ -240,11 +238,6 @@ fn extents(
     len: u64,
     count: u32,
 ) -> Result<Extents, crate::codec::Error> {
-    let bad = |offset: u64, why: String| crate::codec::Error::Invalid {
-        what: "MEMI extent",
-        offset,
-        why,
-    };
     let mut extents = Vec::with_capacity(count as usize);
     let mut crcs = Vec::with_capacity(count as usize);
     let mut next = 0u64;
@@ -260,10 +253,11 @@ fn extents(
             || off < next
             || end.is_none()
         {
-            return Err(bad(
-                at,
-                format!("offset {off:#x} length {n:#x}: extents must be nonzero, page aligned, at most 64 MiB, ascending and inside the image"),
-            ));
+            return Err(crate::codec::Error::BadExtent {
+                offset: at,
+                start: off,
+                len: n,
+            });
         }
         next = off + n;
         extents.push((gpa + off, n));

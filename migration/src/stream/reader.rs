@@ -257,9 +257,7 @@ impl<R: Read> Input<'_, R> {
         let f = self.expect(&[Tag::CPUP], "CPUP")?;
         let cpu_profile = self.section(&f, |d| d.str_u32("cpu profile", MAX_PROFILE_JSON))?;
         if announced.is_some_and(|a| a.cpu_profile != cpu_profile) {
-            return Err(Error::NotAnnounced(
-                "the CPU profile differs from the Hello's".into(),
-            ));
+            return Err(Error::ProfileNotAnnounced);
         }
         let most_devices = announced.map_or(MAX_VIRTIO_DEVICES as usize, |a| a.devices);
         let mut next = self.frame()?;
@@ -373,9 +371,7 @@ impl<R: Read> Input<'_, R> {
             d.finish(f.tag.payload_name()).map_err(codec)?;
             if ranges.is_empty() {
                 let offset = f.offset;
-                return Err(Error::Invalid(format!(
-                    "MEMR at offset {offset}: no ranges"
-                )));
+                return Err(Error::NoRanges { offset });
             }
             for (gpa, data) in &ranges {
                 mem.range(*gpa, data.len() as u64)?;
@@ -410,11 +406,13 @@ fn order(f: &Frame, allowed: &[Tag], expected: &'static str) -> Result<(), Error
 }
 
 /// A value of the stream against what the Hello announced.
-fn as_announced(what: &str, found: u64, announced: u64) -> Result<(), Error> {
+fn as_announced(what: &'static str, found: u64, announced: u64) -> Result<(), Error> {
     if found == announced {
         return Ok(());
     }
-    Err(Error::NotAnnounced(format!(
-        "its {what} is {found}, the Hello announced {announced}"
-    )))
+    Err(Error::NotAnnounced {
+        what,
+        found,
+        announced,
+    })
 }

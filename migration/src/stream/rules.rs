@@ -51,9 +51,7 @@ pub fn validate(vm: &VmState) -> Result<(), Error> {
 pub(super) fn check_config(c: &MachineConfig) -> Result<(), Error> {
     if c.vcpus == 0 || c.vcpus > MAX_VCPUS {
         let v = c.vcpus;
-        return Err(Error::Invalid(format!(
-            "config.vcpus {v}: must be 1..={MAX_VCPUS}"
-        )));
+        return Err(Error::VcpuRange(v));
     }
     if c.memory > MAX_MEMORY {
         return Err(too_large("config.memory", c.memory, MAX_MEMORY));
@@ -88,7 +86,7 @@ pub(super) fn check_vcpu(v: &VcpuState, expected: u32) -> Result<(), Error> {
             found: id,
         });
     }
-    exact_len(&v.lapic, LAPIC_SIZE, || format!("vCPU {id} lapic"))?;
+    exact_len(&v.lapic, LAPIC_SIZE, "lapic", Some(id))?;
     check_xsave(&v.xsave, id)?;
     check_pairs(&v.xcrs, MAX_XCRS, "XCR", "vCPU XCRs", id)?;
     check_pairs(&v.msrs, MAX_MSRS, "MSR", "vCPU MSRs", id)
@@ -112,10 +110,7 @@ fn check_xsave(x: &Xsave, id: u32) -> Result<(), Error> {
             .checked_shl(index)
             .filter(|_| index < MAX_XSAVE_COMPONENTS);
         let Some(bit) = bit.filter(|b| *b > carried) else {
-            let why = "indices must ascend, below 64";
-            return Err(Error::Invalid(format!(
-                "vCPU {id} XSAVE component {index}: {why}"
-            )));
+            return Err(Error::XsaveOrder { vcpu: id, index });
         };
         carried |= bit;
         let ok = match index {
@@ -124,22 +119,23 @@ fn check_xsave(x: &Xsave, id: u32) -> Result<(), Error> {
             _ => len > 0 && len as u64 <= u64::from(MAX_XSAVE_COMPONENT),
         };
         if !ok {
-            let want = "0: 160, 1: 256, others 1..=65536";
-            return Err(Error::Invalid(format!(
-                "vCPU {id} XSAVE component {index}: {len} bytes (sizes are {want})"
-            )));
+            return Err(Error::XsaveSize {
+                vcpu: id,
+                index,
+                len,
+            });
         }
     }
     if carried & 0b11 != 0b11 {
-        let why = "components 0 (x87) and 1 (SSE) are always carried";
-        return Err(Error::Invalid(format!("vCPU {id} XSAVE: {why}")));
+        return Err(Error::XsaveBase { vcpu: id });
     }
     let missing = x.xstate_bv & !carried;
     if missing != 0 {
-        return Err(Error::Invalid(format!(
-            "vCPU {id} XSTATE_BV {:#x} marks components {missing:#x} that are not carried",
-            x.xstate_bv
-        )));
+        return Err(Error::XstateBv {
+            vcpu: id,
+            bv: x.xstate_bv,
+            missing,
+        });
     }
     Ok(())
 }
@@ -148,7 +144,7 @@ fn check_xsave(x: &Xsave, id: u32) -> Result<(), Error> {
 fn check_pairs(
     pairs: &[(u32, u64)],
     cap: u32,
-    kind: &str,
+    kind: &'static str,
     what: &'static str,
     id: u32,
 ) -> Result<(), Error> {
@@ -159,18 +155,19 @@ fn check_pairs(
     let mut indices: Vec<u32> = pairs.iter().map(|p| p.0).collect();
     indices.sort_unstable();
     match indices.windows(2).find(|w| w.first() == w.get(1)) {
-        Some(w) => Err(Error::Invalid(format!(
-            "vCPU {id} {kind} {:#x} appears more than once",
-            w.first().copied().unwrap_or_default()
-        ))),
+        Some(w) => Err(Error::Twice {
+            vcpu: id,
+            kind,
+            index: w.first().copied().unwrap_or_default(),
+        }),
         None => Ok(()),
     }
 }
 
 pub(super) fn check_irqchip(s: &IrqchipState) -> Result<(), Error> {
-    exact_len(&s.pic_master, IRQCHIP_SIZE, || "PIC master state".into())?;
-    exact_len(&s.pic_slave, IRQCHIP_SIZE, || "PIC slave state".into())?;
-    exact_len(&s.ioapic, IRQCHIP_SIZE, || "IOAPIC state".into())?;
+    exact_len(&s.pic_master, IRQCHIP_SIZE, "PIC master state", None)?;
+    exact_len(&s.pic_slave, IRQCHIP_SIZE, "PIC slave state", None)?;
+    exact_len(&s.ioapic, IRQCHIP_SIZE, "IOAPIC state", None)?;
     let len = s.pit.len() as u64;
     if len > u64::from(MAX_PIT) {
         return Err(too_large("PIT state", len, MAX_PIT.into()));
@@ -211,22 +208,24 @@ pub(super) fn check_virtio(v: &VirtioState, index: usize) -> Result<(), Error> {
         _ => {}
     }
     match v.queues.iter().position(|q| q.size > q.max_size) {
-        Some(q) => Err(Error::Invalid(format!(
-            "virtio device {index} queue {q}: size above its maximum"
-        ))),
+        Some(queue) => Err(Error::QueueSize {
+            device: index,
+            queue,
+        }),
         None => Ok(()),
     }
 }
 
-fn exact_len(b: &[u8], want: usize, what: impl FnOnce() -> String) -> Result<(), Error> {
+fn exact_len(b: &[u8], want: usize, what: &'static str, vcpu: Option<u32>) -> Result<(), Error> {
     if b.len() == want {
         return Ok(());
     }
-    Err(Error::Invalid(format!(
-        "{}: {} bytes, must be {want}",
-        what(),
-        b.len()
-    )))
+    Err(Error::Length {
+        what,
+        vcpu,
+        len: b.len(),
+        want,
+    })
 }
 
 /// Running checks over the memory ranges of one stream, in order.

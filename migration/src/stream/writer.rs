@@ -37,8 +37,7 @@ pub fn write_vm_ranges(
     memory: &[(u64, &[u8])],
 ) -> io::Result<u64> {
     if !vm.memory.is_empty() {
-        let why = "write_vm_ranges: the state carries memory ranges of its own";
-        return Err(invalid_input(Error::Invalid(why.into())));
+        return Err(invalid_input(Error::MemoryInState("write_vm_ranges")));
     }
     write_parts(w, vm, memory, RANGES_SECTION_BYTES as usize)
 }
@@ -89,8 +88,7 @@ pub fn write_vm_image<W: Write + Seek>(
     memory: &[(u64, &[u8])],
 ) -> io::Result<u64> {
     if !vm.memory.is_empty() {
-        let why = "write_vm_image: the state carries memory ranges of its own";
-        return Err(invalid_input(Error::Invalid(why.into())));
+        return Err(invalid_input(Error::MemoryInState("write_vm_image")));
     }
     validate(vm).map_err(invalid_input)?;
     let mut check = rules::MemCheck::new(&vm.config);

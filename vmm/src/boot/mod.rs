@@ -65,14 +65,23 @@ pub enum Error {
         "initrd {path}: {size} bytes do not fit in guest RAM between the kernel and {limit:#x}"
     )]
     InitrdTooBig { path: String, size: u64, limit: u64 },
-    #[error("kernel command line is invalid or too long ({len} bytes, at most {max}): {reason}")]
+    #[error("kernel command line is invalid or too long ({len} bytes, at most {max}): {source}")]
     Cmdline {
         len: usize,
         max: usize,
-        reason: String,
+        #[source]
+        source: linux_loader::cmdline::Error,
     },
-    #[error("cannot write the {what} into guest memory: {reason}")]
-    WriteBootData { what: &'static str, reason: String },
+    #[error("cannot write the {what} into guest memory: {source}")]
+    WriteBootData {
+        what: &'static str,
+        #[source]
+        source: linux_loader::configurator::Error,
+    },
+    #[error("cannot write the kernel command line into guest memory: {0}")]
+    WriteCmdline(#[source] loader::Error),
+    #[error("cannot write the raw image into guest memory: {0}")]
+    WriteImage(#[source] vm_memory::GuestMemoryError),
     #[error(transparent)]
     MpTable(#[from] mptable::Error),
 }
@@ -182,7 +191,7 @@ pub fn load_linux(mem: &GuestMemoryMmap, cfg: &VmConfig) -> Result<EntryPoint, E
         .insert_str(&cfg.cmdline)
         .map_err(|e| cmdline_error(cfg, e))?;
     loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
-        .map_err(|e| cmdline_error(cfg, e))?;
+        .map_err(Error::WriteCmdline)?;
 
     let initrd_limit = match &loaded.setup_header {
         Some(h) if h.initrd_addr_max != 0 => u64::from(h.initrd_addr_max) + 1,
@@ -222,11 +231,11 @@ pub fn load_linux(mem: &GuestMemoryMmap, cfg: &VmConfig) -> Result<EntryPoint, E
     })
 }
 
-fn cmdline_error(cfg: &VmConfig, e: impl std::fmt::Display) -> Error {
+fn cmdline_error(cfg: &VmConfig, source: linux_loader::cmdline::Error) -> Error {
     Error::Cmdline {
         len: cfg.cmdline.len(),
         max: CMDLINE_MAX - 1,
-        reason: e.to_string(),
+        source,
     }
 }
 
@@ -298,10 +307,10 @@ fn write_pvh_info(mem: &GuestMemoryMmap, initrd: Option<(u64, u64)>) -> Result<(
         params.set_modules(&[module], GuestAddress(PVH_MODLIST_START));
     }
     params.set_sections(&memmap, GuestAddress(PVH_MEMMAP_START));
-    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem).map_err(|e| {
+    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem).map_err(|source| {
         Error::WriteBootData {
             what: "PVH start info",
-            reason: e.to_string(),
+            source,
         }
     })
 }
@@ -339,10 +348,10 @@ fn write_zero_page(
     }
     params.e820_entries = map.len() as u8;
     let bp = BootParams::new(&params, GuestAddress(ZERO_PAGE_START));
-    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&bp, mem).map_err(|e| {
+    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&bp, mem).map_err(|source| {
         Error::WriteBootData {
             what: "zero page",
-            reason: e.to_string(),
+            source,
         }
     })
 }
@@ -350,10 +359,7 @@ fn write_zero_page(
 /// Copies a raw machine-code image to `addr` (tiny test guests, firmware-less boots).
 pub fn load_raw(mem: &GuestMemoryMmap, image: &[u8], addr: u64) -> Result<(), Error> {
     mem.write_slice(image, GuestAddress(addr))
-        .map_err(|e| Error::WriteBootData {
-            what: "raw image",
-            reason: e.to_string(),
-        })
+        .map_err(Error::WriteImage)
 }
 
 #[cfg(test)]

@@ -23,8 +23,8 @@
 //! Either side gives up on a peer that closes the connection, or sends or takes nothing for
 //! the peer timeout; every error names the [`Phase`] it happened in.
 
-mod code;
 mod destination;
+mod error;
 pub mod key;
 mod net;
 mod source;
@@ -35,6 +35,7 @@ pub use destination::{host_memory_limit, host_vcpu_limit};
 pub use destination::{keep_userfaultfd_open, PostcopyStats, PREFAULT_SLACK};
 pub use destination::{receive, receive_from, receive_over, receive_source, receive_with};
 pub use destination::{ReceiveError, ReceiveOptions, DEFAULT_DEADLINE};
+pub use error::{AuthFailure, Cancel, Error, TlsFiles};
 pub use net::{check_local, Address, Listener};
 pub use source::{send, send_over};
 pub use tls::{
@@ -57,118 +58,6 @@ const DEADLINE_PREFIX: &str = "the destination gave up: ";
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub use migration::receiver::Phase;
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("bad migration address {0:?}: expected tcp:HOST:PORT or unix:PATH")]
-    Address(String),
-    #[error("{what} {addr}: {source}")]
-    Connect {
-        what: &'static str,
-        addr: String,
-        source: std::io::Error,
-    },
-    #[error("{what} (phase: {phase}): {source}")]
-    Protocol {
-        phase: Phase,
-        what: &'static str,
-        source: protocol::Error,
-    },
-    #[error("the destination refused the VM: {0}")]
-    Refused(String),
-    #[error("the destination failed (phase: {phase}): {reason}")]
-    DestinationFailed { phase: Phase, reason: String },
-    /// This side refused the source's VM (the source was told why).
-    #[error("refused: {0}")]
-    RefusedHere(#[source] Box<ReceiveError>),
-    /// This side could not go on with the VM (the source was told why, where it could be).
-    #[error("receiving the VM: {0}")]
-    FailedHere(#[source] Box<ReceiveError>),
-    #[error("saving the VM: {what}: {source}")]
-    DirtyLog {
-        what: &'static str,
-        #[source]
-        source: crate::memory::Error,
-    },
-    #[error("saving the VM: {0}")]
-    Pause(#[source] crate::vm::Error),
-    #[error("saving the VM: {0}")]
-    SaveState(#[source] crate::vm::state::Error),
-    #[error("saving the VM: reading guest page {gpa:#x}: {source}")]
-    ReadPage {
-        gpa: u64,
-        #[source]
-        source: vm_memory::GuestMemoryError,
-    },
-    #[error("saving the VM: RAM at {0:#x} is not one region")]
-    RamLayout(u64),
-    #[error("starting the {what} thread: {source}")]
-    Thread {
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("getrandom: {0}")]
-    Random(#[source] std::io::Error),
-    #[error("no Commit from the source (phase: after Restored, before Commit): {0}; the guest stays with the source")]
-    NoCommit(#[source] protocol::Error),
-    #[error("no word from the destination after Commit (phase: after Commit): {0}; the guest stays paused here, as it may run there: if the destination does not run it, `ferry ctl resume --api-socket PATH` runs it here")]
-    Unconfirmed(#[source] protocol::Error),
-    #[error("the link broke during postcopy (phase: postcopy, the guest running at the destination): {0}; the guest has run there since the switch and some of its pages were never sent: it stays paused here (`ferry ctl resume --api-socket PATH` would roll it back to the switch)")]
-    PostcopyBroken(#[source] Box<Error>),
-    #[error("postcopy failed with the guest running here: {0}; pages of the guest that never arrived are only at the source, so it cannot go on here (the source keeps its copy paused)")]
-    PostcopyLost(#[source] Box<Error>),
-    #[error("migration cancelled: {why}; the VM runs here as before")]
-    Cancelled { why: Cancel, report: Box<Report> },
-    #[error("the source cancelled the migration: {0}")]
-    CancelledBySource(String),
-    #[error("a migration of this VM is already in progress")]
-    Busy,
-    #[error("authentication: {0}")]
-    Auth(#[source] AuthFailure),
-    #[error("refusing to listen on {0} without --key-file or --tls-dir: anyone who can reach it could hand this ferry a VM; use a Unix socket or a loopback address, or give a shared key or certificates")]
-    Unauthenticated(String),
-    #[error("refusing to send the guest unencrypted to {0}: give --key-file or --tls-dir (on both sides), or --insecure to send its memory and state in the clear anyway")]
-    Plaintext(String),
-    #[error("TLS: {0}")]
-    Tls(String),
-    #[error("TLS files: {0}")]
-    TlsFiles(String),
-    #[error("the destination gave up: its deadline of {} s passed (phase: {phase}); the source keeps the guest", .deadline.as_secs())]
-    Deadline { deadline: Duration, phase: Phase },
-    #[error("{0}: another process is listening there (a second `ferry receive` on one path?)")]
-    AddressInUse(String),
-    #[error("the source sent pages at {gpa:#x} ({len} bytes) outside guest RAM")]
-    PagesOutsideRam { gpa: u64, len: u64 },
-    #[error("the source's map of touched RAM has {words} words, where this guest's RAM needs {expected}")]
-    BadTouchedMap { words: usize, expected: usize },
-}
-
-/// Why the peer was not taken as the one holding the key or the certificate.
-#[derive(Debug, thiserror::Error)]
-pub enum AuthFailure {
-    #[error("the destination could not prove the shared key")]
-    DestinationProof,
-    #[error("the source could not prove the shared key")]
-    SourceProof,
-    /// The names this side was given with --tls-allow.
-    #[error("the source's certificate names none of --tls-allow {}", .0.join(", "))]
-    NotAllowed(Vec<String>),
-    #[error(transparent)]
-    Handshake(auth::Error),
-}
-
-/// Why a migration was cancelled at the source (the guest runs on there).
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum Cancel {
-    #[error("cancelled by request in round {round} after {bytes} bytes")]
-    Requested { round: u32, bytes: u64 },
-    #[error("timed out after {:.1} s in round {round}", .elapsed.as_secs_f64())]
-    TimedOut { elapsed: Duration, round: u32 },
-    /// Precopy could not converge within the timeout.
-    #[error(transparent)]
-    Stuck(#[from] migration::converge::Stuck),
-}
 
 /// Defaults of `ferry ctl migrate`.
 pub const DEFAULT_MAX_DOWNTIME: Duration = Duration::from_millis(20);

@@ -118,9 +118,17 @@ pub enum Error {
     },
     #[error("installing the SIGSYS handler: {0}")]
     Handler(std::io::Error),
-    #[error("{step}: {source}")]
+    #[error("giving {} to user {uid}: {source}", .path.display())]
+    HandOver {
+        path: std::path::PathBuf,
+        uid: u32,
+        source: std::io::Error,
+    },
+    #[error("{call} (--user {uid}:{gid}): {source}")]
     Drop {
-        step: String,
+        call: &'static str,
+        uid: u32,
+        gid: u32,
         source: std::io::Error,
     },
 }

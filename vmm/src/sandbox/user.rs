@@ -105,12 +105,13 @@ pub fn hand_over(path: &std::path::Path) -> Result<(), Error> {
         return Ok(()); // bound as the user already
     }
     match user() {
-        Some(u) => {
-            std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid)).map_err(|source| Error::Drop {
-                step: format!("giving {} to user {}", path.display(), u.uid),
+        Some(u) => std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid)).map_err(|source| {
+            Error::HandOver {
+                path: path.to_path_buf(),
+                uid: u.uid,
                 source,
-            })
-        }
+            }
+        }),
         None => Ok(()),
     }
 }
@@ -124,8 +125,10 @@ pub fn drop_privileges() -> Result<(), Error> {
     if DROPPED.swap(true, Ordering::SeqCst) {
         return Ok(());
     }
-    let fail = |step: &str| Error::Drop {
-        step: format!("{step} (--user {}:{})", u.uid, u.gid),
+    let fail = |call: &'static str| Error::Drop {
+        call,
+        uid: u.uid,
+        gid: u.gid,
         source: std::io::Error::last_os_error(),
     };
     // SAFETY: plain system calls through glibc, which repeats each in every thread of the

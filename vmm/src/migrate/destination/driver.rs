@@ -460,7 +460,9 @@ fn read_state(
     use migration::stream::Error as S;
     match read {
         Ok(state) => Ok(Ok(state)),
-        Err(e @ S::NotAnnounced(_)) => Ok(Err(Here::NotAnnounced(e))),
+        Err(e @ (S::NotAnnounced { .. } | S::ProfileNotAnnounced)) => {
+            Ok(Err(Here::NotAnnounced(e)))
+        }
         Err(e) => {
             let e = match e {
                 S::Io { source, .. } => source,

@@ -14,10 +14,10 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use super::super::Error;
+use super::super::{Error, TlsFiles};
 
 fn gen_err(e: rcgen::Error) -> Error {
-    Error::TlsFiles(format!("making a certificate: {e}"))
+    Error::TlsFiles(TlsFiles::Generate(e))
 }
 
 /// A self-signed certificate for `name` and its key, made now.
@@ -98,21 +98,16 @@ fn leaf(
 pub fn generate(dir: &Path, g: &Generate) -> Result<(), Error> {
     let names = &g.names;
     if names.is_empty() {
-        return Err(Error::TlsFiles(
-            "the destination's certificate needs at least one name".into(),
-        ));
+        return Err(Error::TlsFiles(TlsFiles::NoNames));
     }
     if g.days == 0 {
-        return Err(Error::TlsFiles(
-            "a certificate is valid for 1 day or more".into(),
-        ));
+        return Err(Error::TlsFiles(TlsFiles::NoDays));
     }
     if g.ca_key.starts_with(dir) {
-        return Err(Error::TlsFiles(format!(
-            "{}: the CA key goes outside {}, which both hosts are given",
-            g.ca_key.display(),
-            dir.display()
-        )));
+        return Err(Error::TlsFiles(TlsFiles::CaKeyInside {
+            key: g.ca_key.clone(),
+            dir: dir.to_path_buf(),
+        }));
     }
     let mut ca_params = params("ferry migration CA", &[], g.days)?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -143,12 +138,14 @@ pub fn generate(dir: &Path, g: &Generate) -> Result<(), Error> {
         (dir.join("client-key.pem"), client_key, 0o600),
     ];
     if let Some((f, ..)) = files.iter().find(|(f, ..)| f.exists()) {
-        return Err(Error::TlsFiles(format!(
-            "{} exists already: ferry tls generate writes only new files",
-            f.display()
-        )));
+        return Err(Error::TlsFiles(TlsFiles::Exists(f.to_path_buf())));
     }
-    let io = |p: &Path, e: std::io::Error| Error::TlsFiles(format!("{}: {e}", p.display()));
+    let io = |p: &Path, source: std::io::Error| {
+        Error::TlsFiles(TlsFiles::Io {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     for (p, text, mode) in files {
         std::fs::OpenOptions::new()

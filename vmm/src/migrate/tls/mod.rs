@@ -35,7 +35,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
 
 use super::net::{Conn, Socket};
-use super::{AuthFailure, Error, Phase};
+use super::{AuthFailure, Error, Phase, TlsFiles};
 
 /// How long a peer has to finish the TLS handshake and the key's proofs, at most.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,7 +64,10 @@ fn tls_err(what: impl std::fmt::Display) -> Error {
 }
 
 fn file_err(path: &Path, why: impl std::fmt::Display) -> Error {
-    Error::TlsFiles(format!("{}: {why}", path.display()))
+    Error::TlsFiles(TlsFiles::Refused {
+        path: path.to_path_buf(),
+        why: why.to_string(),
+    })
 }
 
 /// TLS 1.3 only, with aws-lc-rs: AES-GCM and ChaCha20-Poly1305, AES-128-GCM first (the fastest
@@ -81,20 +84,24 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
-    let pem = crate::files::read_capped(path, 1 << 20).map_err(|e| file_err(path, e))?;
+    let pem = crate::files::read_capped(path, 1 << 20).map_err(|source| {
+        Error::TlsFiles(TlsFiles::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    })?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| file_err(path, e))?;
     if certs.is_empty() {
-        return Err(file_err(path, "no certificate in it"));
+        return Err(Error::TlsFiles(TlsFiles::NoCertificate(path.to_path_buf())));
     }
     Ok(certs)
 }
 
 /// A private key file: like a shared key, refused where group or others may read it.
 fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
-    let pem =
-        super::key::read_private(path, 64 << 10).map_err(|e| Error::TlsFiles(e.to_string()))?;
+    let pem = super::key::read_private(path, 64 << 10).map_err(|e| Error::TlsFiles(e.into()))?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| file_err(path, e))
 }
 
@@ -110,7 +117,7 @@ impl SourceTls {
     /// The source's side of `dir`, to check that the destination is `name`.
     pub fn load(dir: &Path, name: &str) -> Result<SourceTls, Error> {
         let name = ServerName::try_from(name.to_string())
-            .map_err(|_| Error::TlsFiles(format!("{name:?} is not a host name or address")))?;
+            .map_err(|_| Error::TlsFiles(TlsFiles::NotAName(name.to_string())))?;
         let config = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls_err)?
@@ -157,7 +164,7 @@ impl DestinationTls {
     pub fn allow(mut self, names: Vec<String>) -> Result<DestinationTls, Error> {
         for n in &names {
             ServerName::try_from(n.as_str())
-                .map_err(|_| Error::TlsFiles(format!("--tls-allow {n:?}: not a name")))?;
+                .map_err(|_| Error::TlsFiles(TlsFiles::NotAnAllowedName(n.clone())))?;
         }
         self.allow = names;
         Ok(self)
