@@ -48,8 +48,24 @@ pub enum Error {
     TooLarge(usize),
     #[error("page frame: CRC32 {stored:#010x} stored, {computed:#010x} computed")]
     Crc { stored: u32, computed: u32 },
-    #[error("page frame: {0}")]
-    Layout(String),
+    #[error("page frame: run {run}: address {gpa_flags:#x} has undefined flag bits")]
+    UndefinedFlags { run: usize, gpa_flags: u64 },
+    #[error("page frame: run {run} at {gpa:#x} has no pages")]
+    NoPages { run: usize, gpa: u64 },
+    #[error("page frame: run {run} at {gpa:#x} wraps the address space")]
+    Wraps { run: usize, gpa: u64 },
+    #[error("page frame: {0} bytes is too short")]
+    TooShort(usize),
+    #[error("page frame: {0} runs, over the cap of {MAX_RUNS}")]
+    TooManyRuns(usize),
+    #[error("page frame: too short for its {0} runs")]
+    ShortForRuns(usize),
+    #[error("page frame: more than {MAX_PAGES} pages")]
+    TooManyPages,
+    #[error("page frame: more than {MAX_DATA_PAGES} pages with data")]
+    TooManyDataPages,
+    #[error("page frame: {data_len} bytes of data for {data_pages} pages")]
+    DataLength { data_len: usize, data_pages: usize },
     #[error("page frame: {0}")]
     Codec(#[from] crate::codec::Error),
     #[error("page frame: {0}")]
@@ -112,24 +128,19 @@ impl FrameHead {
 /// Run `i` of a frame's table: its address and flag, checked (no undefined flag bits, at
 /// least one page, no wrap).
 fn read_run(t: &mut Decoder, i: usize) -> Result<RunHead, Error> {
-    let layout = |s: String| Error::Layout(s);
     let gpa_flags = t.u64("run address")?;
     let pages = t.u32("run pages")?;
     let zero = gpa_flags & ZERO != 0;
     let gpa = gpa_flags & !(PAGE_SIZE as u64 - 1);
     if gpa_flags & (PAGE_SIZE as u64 - 1) & !ZERO != 0 {
-        return Err(layout(format!(
-            "run {i}: address {gpa_flags:#x} has undefined flag bits"
-        )));
+        return Err(Error::UndefinedFlags { run: i, gpa_flags });
     }
     if pages == 0 {
-        return Err(layout(format!("run {i} at {gpa:#x} has no pages")));
+        return Err(Error::NoPages { run: i, gpa });
     }
     let len = u64::from(pages) * PAGE_SIZE as u64;
     if gpa.checked_add(len).is_none() {
-        return Err(layout(format!(
-            "run {i} at {gpa:#x} wraps the address space"
-        )));
+        return Err(Error::Wraps { run: i, gpa });
     }
     Ok(RunHead { gpa, pages, zero })
 }
@@ -137,12 +148,11 @@ fn read_run(t: &mut Decoder, i: usize) -> Result<RunHead, Error> {
 /// Reads and checks a frame's head (round, run table) for a payload of `payload_len` bytes
 /// whose frame head has been read; the reader is left at the first byte of page data.
 pub fn read_head(r: &mut impl Read, payload_len: usize) -> Result<FrameHead, Error> {
-    let layout = |s: String| Error::Layout(s);
     if payload_len > MAX_PAYLOAD {
         return Err(Error::TooLarge(payload_len));
     }
     if payload_len < 12 {
-        return Err(layout(format!("{payload_len} bytes is too short")));
+        return Err(Error::TooShort(payload_len));
     }
     let mut head = [0u8; 8];
     r.read_exact(&mut head)?;
@@ -152,11 +162,11 @@ pub fn read_head(r: &mut impl Read, payload_len: usize) -> Result<FrameHead, Err
     let round = d.u32("page frame round")?;
     let runs = d.u32("page frame runs")? as usize;
     if runs > MAX_RUNS {
-        return Err(layout(format!("{runs} runs, over the cap of {MAX_RUNS}")));
+        return Err(Error::TooManyRuns(runs));
     }
     let table_len = runs * RUN_SIZE;
     let Some(data_len) = payload_len.checked_sub(8 + table_len + 4) else {
-        return Err(layout(format!("too short for its {runs} runs")));
+        return Err(Error::ShortForRuns(runs));
     };
     let mut table = vec![0u8; table_len];
     r.read_exact(&mut table)?;
@@ -168,22 +178,21 @@ pub fn read_head(r: &mut impl Read, payload_len: usize) -> Result<FrameHead, Err
         let RunHead { gpa, pages, zero } = read_run(&mut t, i)?;
         pages_total = pages_total.saturating_add(pages as usize);
         if pages_total > MAX_PAGES {
-            return Err(layout(format!("more than {MAX_PAGES} pages")));
+            return Err(Error::TooManyPages);
         }
         if !zero {
             data_pages += pages as usize;
             if data_pages > MAX_DATA_PAGES {
-                return Err(layout(format!(
-                    "more than {MAX_DATA_PAGES} pages with data"
-                )));
+                return Err(Error::TooManyDataPages);
             }
         }
         out.push(RunHead { gpa, pages, zero });
     }
     if data_pages * PAGE_SIZE != data_len {
-        return Err(layout(format!(
-            "{data_len} bytes of data for {data_pages} pages"
-        )));
+        return Err(Error::DataLength {
+            data_len,
+            data_pages,
+        });
     }
     Ok(FrameHead {
         round,
