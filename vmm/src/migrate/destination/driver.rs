@@ -93,18 +93,17 @@ impl Guest {
 
     /// The machine, built: needed by the first Sync (the end of round 0) at the latest.
     fn finish_building(&mut self) -> Result<&mut Vm, Here> {
-        if let Machine::Building(_) = self.machine {
-            let Machine::Building(b) = std::mem::replace(&mut self.machine, Machine::Lost) else {
-                unreachable!("matched just above");
-            };
-            let vm = b
-                .handle()
-                .map_err(Here::BuildThread)?
-                .join()
-                .map_err(|_| Here::BuildPanicked)?
-                .map_err(Here::Machine)?;
-            self.machine = Machine::Built(vm);
-        }
+        // Lost until the build is in: a failed build leaves no machine behind.
+        self.machine = match std::mem::replace(&mut self.machine, Machine::Lost) {
+            Machine::Building(b) => Machine::Built(
+                b.handle()
+                    .map_err(Here::BuildThread)?
+                    .join()
+                    .map_err(|_| Here::BuildPanicked)?
+                    .map_err(Here::Machine)?,
+            ),
+            other => other,
+        };
         match &mut self.machine {
             Machine::Built(vm) => Ok(vm),
             _ => Err(Here::OutOfTurn("the machine")),
