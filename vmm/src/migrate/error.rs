@@ -85,7 +85,7 @@ pub enum Error {
     Tls(String),
     #[error("TLS files: {0}")]
     TlsFiles(#[source] TlsFiles),
-    #[error("the destination gave up: its deadline of {} s passed (phase: {phase}); the source keeps the guest", .deadline.as_secs())]
+    #[error("the destination gave up: {}", deadline_passed(*.deadline, *.phase))]
     Deadline { deadline: Duration, phase: Phase },
     #[error("{0}: another process is listening there (a second `ferry receive` on one path?)")]
     AddressInUse(String),
@@ -159,6 +159,14 @@ pub enum Cancel {
     /// Precopy could not converge within the timeout.
     #[error(transparent)]
     Stuck(#[from] migration::converge::Stuck),
+}
+
+/// What a destination whose deadline passed tells the source (its Failed's reason).
+pub(super) fn deadline_passed(deadline: Duration, phase: Phase) -> String {
+    format!(
+        "its deadline of {} s passed (phase: {phase}); the source keeps the guest",
+        deadline.as_secs()
+    )
 }
 
 impl Error {

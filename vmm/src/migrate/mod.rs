@@ -51,9 +51,6 @@ use std::time::Duration;
 use migration::auth::{self, Key};
 use migration::protocol;
 
-/// What [`Error::Deadline`]'s words start with; the rest is what the source is told.
-const DEADLINE_PREFIX: &str = "the destination gave up: ";
-
 /// How long either side waits, by default, for the peer to send or take anything.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(60);
 

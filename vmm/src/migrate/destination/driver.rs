@@ -142,11 +142,9 @@ impl<'c, C: Read + Write> Driver<'c, C> {
 
     /// Tells the source that this side's deadline passed, and the error to end with.
     pub(super) fn deadline_passed(&mut self, deadline: Duration, phase: Phase) -> Error {
-        let e = Error::Deadline { deadline, phase };
-        let why = e.to_string();
-        let why = why.strip_prefix(DEADLINE_PREFIX).unwrap_or(&why);
-        let _ = protocol::send(&mut self.conn, &Message::Failed(why.into()));
-        e
+        let why = crate::migrate::error::deadline_passed(deadline, phase);
+        let _ = protocol::send(&mut self.conn, &Message::Failed(why));
+        Error::Deadline { deadline, phase }
     }
 
     /// Carries out one of the receiver's actions.

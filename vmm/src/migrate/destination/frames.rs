@@ -103,11 +103,27 @@ mod tests {
             w.page_slot().fill(byte);
             w.commit_page(gpa, round == 0);
         }
-        let mut wire = std::io::Cursor::new(w.finish().to_vec());
+        on_the_wire(w.finish().to_vec())
+    }
+
+    /// A frame's bytes as the destination meets them: its head read, its pages next.
+    fn on_the_wire(bytes: Vec<u8>) -> (std::io::Cursor<Vec<u8>>, FrameHead) {
+        let mut wire = std::io::Cursor::new(bytes);
         let Precopy::Pages(head) = protocol::recv_precopy(&mut wire).unwrap() else {
             panic!("not a page frame");
         };
         (wire, head)
+    }
+
+    /// Receives a frame whose head has been read into `ram`, as the driver does.
+    fn receive(
+        ram: &GuestRam,
+        wire: &mut std::io::Cursor<Vec<u8>>,
+        head: FrameHead,
+        round: u32,
+    ) -> Result<(), Error> {
+        let phase = Phase::Memory { round };
+        receive_pages(ram.memory(), &ram.regions(), head, wire, phase)
     }
 
     fn byte_at(ram: &GuestRam, gpa: u64) -> u8 {
@@ -117,33 +133,15 @@ mod tests {
     #[test]
     fn pages_land_in_ram_and_zero_pages_of_a_later_round_are_dropped() {
         let ram = GuestRam::new(4 << 20).unwrap();
-        let regions = ram.regions();
         let (mut wire, head) = frame(0, &[(0x1000, 0xaa), (0x3000, 0x55)]);
-        receive_pages(
-            ram.memory(),
-            &regions,
-            head,
-            &mut wire,
-            Phase::Memory { round: 0 },
-        )
-        .unwrap();
-        assert_eq!(
-            wire.position(),
-            wire.get_ref().len() as u64,
-            "the frame read whole"
-        );
+        receive(&ram, &mut wire, head, 0).unwrap();
+        let end = wire.get_ref().len() as u64;
+        assert_eq!(wire.position(), end, "the frame read whole");
         assert_eq!((byte_at(&ram, 0x1000), byte_at(&ram, 0x1fff)), (0xaa, 0xaa));
         assert_eq!((byte_at(&ram, 0x2000), byte_at(&ram, 0x3000)), (0, 0x55));
         // Round 1 rewrites 0x3000 as a zero page: it reads as zero again.
         let (mut wire, head) = frame(1, &[(0x3000, 0)]);
-        receive_pages(
-            ram.memory(),
-            &regions,
-            head,
-            &mut wire,
-            Phase::Memory { round: 1 },
-        )
-        .unwrap();
+        receive(&ram, &mut wire, head, 1).unwrap();
         assert_eq!(byte_at(&ram, 0x3000), 0);
         assert_eq!(byte_at(&ram, 0x1000), 0xaa);
     }
@@ -155,18 +153,8 @@ mod tests {
         let mut bytes = wire.into_inner();
         let last_data = bytes.len() - 5;
         bytes[last_data] ^= 1;
-        let mut wire = std::io::Cursor::new(bytes);
-        let Precopy::Pages(head) = protocol::recv_precopy(&mut wire).unwrap() else {
-            panic!("not a page frame");
-        };
-        let e = receive_pages(
-            ram.memory(),
-            &ram.regions(),
-            head,
-            &mut wire,
-            Phase::Switchover,
-        )
-        .unwrap_err();
+        let (mut wire, head) = on_the_wire(bytes);
+        let e = receive(&ram, &mut wire, head, 0).unwrap_err();
         assert_eq!(e.code(), Code::Protocol, "{e}");
     }
 
@@ -176,14 +164,7 @@ mod tests {
         let outside = 2 << 20;
         let (mut wire, head) = frame(0, &[(0x1000, 1), (outside, 2)]);
         let at = wire.position();
-        let e = receive_pages(
-            ram.memory(),
-            &ram.regions(),
-            head,
-            &mut wire,
-            Phase::Switchover,
-        )
-        .unwrap_err();
+        let e = receive(&ram, &mut wire, head, 0).unwrap_err();
         assert!(
             matches!(e, Error::PagesOutsideRam { gpa, len } if gpa == outside && len == PAGE),
             "{e}"
