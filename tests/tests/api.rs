@@ -1,7 +1,7 @@
-//! The control socket protocol (docs/api.md) against a tiny guest in this process, through
-//! the typed client and as raw lines.
+//! The control socket's HTTP API (docs/api.md, docs/openapi.json) against a tiny guest in
+//! this process: through the typed client, and as raw HTTP requests.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,33 +9,93 @@ use std::time::Duration;
 use ferry_tests::process::temp_path;
 use ferry_tests::tiny::*;
 use serde_json::Value;
-use vmm::api::client::call;
+use vmm::api::client::{call, request};
 use vmm::api::wire::{Request, StateAnswer, Status, VmStatus};
 use vmm::api::{ApiServer, MAX_REQUEST};
 use vmm::VmEvent;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
-/// Several requests on one connection, then malformed ones: each answered with an error
-/// naming what was wrong, the connection kept.
+/// Raw HTTP on one connection: the status line and body of the answer to each request.
+struct Raw {
+    conn: UnixStream,
+    reader: vmm::api::http::Reader,
+}
+
+impl Raw {
+    fn new(path: &std::path::Path) -> Raw {
+        let conn = UnixStream::connect(path).unwrap();
+        conn.set_read_timeout(Some(LIMIT)).unwrap();
+        Raw {
+            conn,
+            reader: Default::default(),
+        }
+    }
+
+    fn send(&mut self, raw: &[u8]) -> (u16, Value) {
+        self.conn.write_all(raw).unwrap();
+        let r = self.reader.response(&mut self.conn, 1 << 20).unwrap();
+        let body = if r.body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&r.body).unwrap()
+        };
+        (r.status, body)
+    }
+}
+
+/// Several requests on one connection, then malformed ones: each answered with a status
+/// and a code naming what was wrong; the connection kept until the message itself cannot
+/// be read.
 fn several_and_malformed_requests(path: &std::path::Path) {
-    let mut conn = UnixStream::connect(path).unwrap();
-    conn.set_read_timeout(Some(LIMIT)).unwrap();
-    let mut lines = BufReader::new(conn.try_clone().unwrap()).lines();
-    let mut send = |raw: &[u8]| -> Value {
-        conn.write_all(raw).unwrap();
-        serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap()
+    let mut raw = Raw::new(path);
+    let (s, b) = raw.send(b"GET /api/v1/ferry.status HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!((s, &b["state"]), (200, &Value::from("running")), "{b}");
+    let put = |path: &str, body: &str| {
+        format!(
+            "PUT {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
     };
-    assert_eq!(send(b"{\"cmd\":\"status\"}\n")["ok"], true);
-    let r = send(b"not json\n");
-    assert!(r["error"].as_str().unwrap().contains("not JSON"), "{r}");
-    assert_eq!(r["code"], "bad-request", "{r}");
-    let r = send(b"{\"command\":\"status\"}\n");
-    assert!(r["error"].as_str().unwrap().contains("\"cmd\""), "{r}");
-    let mut huge = vec![b' '; MAX_REQUEST + 10];
-    huge.push(b'\n');
-    let r = send(&huge);
-    assert!(r["error"].as_str().unwrap().contains("longer than"), "{r}");
+    let (s, b) = raw.send(put("/api/v1/vm.snapshot", "not json").as_bytes());
+    assert_eq!((s, &b["code"]), (400, &Value::from("bad-request")), "{b}");
+    let (s, b) = raw.send(
+        put(
+            "/api/v1/vm.snapshot",
+            r#"{"destination_url":"file:///x","stopp":1}"#,
+        )
+        .as_bytes(),
+    );
+    assert!(
+        s == 400 && b["message"].as_str().unwrap().contains("stopp"),
+        "{b}"
+    );
+    let (s, b) = raw.send(b"GET /api/v1/vm.reboot HTTP/1.1\r\n\r\n");
+    assert_eq!((s, &b["code"]), (404, &Value::from("not-found")), "{b}");
+    let (s, b) = raw.send(b"GET /api/v1/vm.pause HTTP/1.1\r\n\r\n");
+    assert_eq!((s, &b["code"]), (405, &Value::from("not-found")), "{b}");
+    let (s, b) = raw.send(b"GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n");
+    assert_eq!(
+        (s, &b["version"]),
+        (200, &Value::from(env!("CARGO_PKG_VERSION")))
+    );
+    let (s, b) = raw.send(b"GET /api/v1/ferry.openapi HTTP/1.1\r\n\r\n");
+    assert_eq!((s, &b["openapi"]), (200, &Value::from("3.0.3")));
+    // A body over the cap: refused before it is read, and the connection closed.
+    let huge = format!(
+        "PUT /api/v1/vm.snapshot HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+        MAX_REQUEST + 1
+    );
+    let (s, b) = raw.send(huge.as_bytes());
+    assert_eq!((s, &b["code"]), (413, &Value::from("bad-request")), "{b}");
+    let mut rest = Vec::new();
+    assert_eq!(
+        raw.conn.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed after a 413"
+    );
+    let (s, _) = Raw::new(path).send(b"\x16\x03\x01 not http\r\n\r\n");
+    assert_eq!(s, 400);
 }
 
 #[test]
@@ -52,7 +112,7 @@ fn status_pause_resume_stop_and_bad_requests() {
     );
     vm.start().unwrap();
 
-    let status = call::<Status>(&path, &Request::Status, LIMIT, &mut |_| {})
+    let status = call::<Status>(&path, &Request::Status, LIMIT)
         .unwrap()
         .answer
         .unwrap();
@@ -62,33 +122,38 @@ fn status_pause_resume_stop_and_bad_requests() {
     assert_eq!(status.migration, None);
 
     let state = |req: Request| {
-        let r = call::<StateAnswer>(&path, &req, LIMIT, &mut |_| {}).unwrap();
+        let r = call::<StateAnswer>(&path, &req, LIMIT).unwrap();
         (r.line, r.answer.unwrap().state)
     };
     let (line, paused) = state(Request::Pause);
     assert_eq!(paused, VmStatus::Paused);
     assert_eq!(
         line, r#"{"ok":true,"state":"paused"}"#,
-        "the documented line"
+        "ferry ctl --json's line"
     );
-    let st = call::<Status>(&path, &Request::Status, LIMIT, &mut |_| {}).unwrap();
+    let info = request(&path, "GET", "/api/v1/vm.info", None, LIMIT).unwrap();
+    let info: Value = serde_json::from_slice(&info.body).unwrap();
+    assert_eq!(info["state"], "Paused", "{info}");
+    assert_eq!(info["config"]["cpus"]["boot_vcpus"], 2, "{info}");
+    assert_eq!(info["memory_actual_size"], 64 << 20, "{info}");
+    let st = call::<Status>(&path, &Request::Status, LIMIT).unwrap();
     assert_eq!(st.answer.unwrap().vcpus, [VmStatus::Paused; 2]);
     assert_eq!(state(Request::Resume).1, VmStatus::Running);
+    let counters = call::<Value>(&path, &Request::Counters, LIMIT).unwrap();
+    let counters = counters.answer.unwrap();
+    assert_eq!(counters["migration"]["started"], 0, "{counters}");
+    assert!(counters["vcpu1"]["io_out"].as_u64().is_some(), "{counters}");
 
-    let unknown =
-        vmm::api::client::call_raw::<Value>(&path, br#"{"cmd":"reboot"}"#, LIMIT, &mut |_| {})
-            .unwrap()
-            .answer
-            .unwrap_err();
-    assert!(unknown.error.contains("\"reboot\""), "{unknown:?}");
-    assert_eq!(unknown.code, vmm::codes::Code::BadRequest, "{unknown:?}");
-    let none = call::<Value>(&path, &Request::Cancel, LIMIT, &mut |_| {}).unwrap();
+    let none = call::<Value>(&path, &Request::Cancel, LIMIT).unwrap();
+    assert!(none.line.contains(r#""ok":false"#), "{}", none.line);
     let none = none.answer.unwrap_err();
     assert_eq!(none.code.as_str(), "wrong-state", "{none:?}");
+    let none = request(&path, "GET", "/api/v1/ferry.progress", None, LIMIT).unwrap();
+    assert_eq!(none.status, 409);
 
     several_and_malformed_requests(&path);
 
-    // stop is answered, then the VM gets its stop request.
+    // vm.shutdown is answered, then the VM gets its stop request.
     assert_eq!(state(Request::Stop).1, VmStatus::Stopped);
     assert_eq!(
         vm.next_event(LIMIT),
@@ -115,7 +180,7 @@ fn the_socket_is_private_and_never_replaces_a_regular_file() {
 }
 
 #[test]
-fn connections_beyond_the_cap_are_answered_with_a_failure_and_closed() {
+fn connections_beyond_the_cap_are_answered_busy_and_closed() {
     use vmm::api::MAX_CONNECTIONS;
     ferry_tests::sandbox_on(None);
     let t = TinyVm::new(&REAL_HLT, 1);
@@ -125,24 +190,24 @@ fn connections_beyond_the_cap_are_answered_with_a_failure_and_closed() {
     let ask = |s: &mut UnixStream| -> String {
         s.set_read_timeout(Some(LIMIT)).unwrap();
         // The connection over the cap may be closed before this request arrives.
-        let _ = s.write_all(b"{\"cmd\":\"status\"}\n");
-        let mut line = String::new();
-        BufReader::new(s.try_clone().unwrap())
-            .read_line(&mut line)
+        let _ = s.write_all(b"GET /api/v1/ferry.status HTTP/1.1\r\n\r\n");
+        let r = vmm::api::http::Reader::default()
+            .response(s, 1 << 20)
             .unwrap();
-        line
+        format!("{} {}", r.status, String::from_utf8_lossy(&r.body))
     };
     let mut held: Vec<UnixStream> = (0..MAX_CONNECTIONS)
         .map(|_| UnixStream::connect(&path).unwrap())
         .collect();
     for s in &mut held {
         assert!(
-            ask(s).contains("\"ok\":true"),
+            ask(s).starts_with("200 "),
             "a connection under the cap is served"
         );
     }
     let mut one_more = UnixStream::connect(&path).unwrap();
     let answer = ask(&mut one_more);
+    assert!(answer.starts_with("409 "), "{answer}");
     assert!(
         answer.contains(&format!("more than {MAX_CONNECTIONS} control connections")),
         "{answer}"
@@ -150,6 +215,6 @@ fn connections_beyond_the_cap_are_answered_with_a_failure_and_closed() {
     drop(held.pop());
     wait_for("a connection slot to free", LIMIT, || {
         let mut s = UnixStream::connect(&path).unwrap();
-        ask(&mut s).contains("\"ok\":true")
+        ask(&mut s).starts_with("200 ")
     });
 }

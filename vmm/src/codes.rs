@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 pub enum Code {
     /// A request, field or option that this ferry does not take as given.
     BadRequest,
+    /// No such route, or not with this method.
+    NotFound,
     /// A migration of this VM is under way already.
     Busy,
     /// The VM, or the migration, is not in a state for this request.
@@ -59,8 +61,9 @@ pub enum Code {
 
 impl Code {
     /// Every code, in the order docs/api.md lists them.
-    pub const ALL: [Code; 18] = [
+    pub const ALL: [Code; 19] = [
         Code::BadRequest,
+        Code::NotFound,
         Code::Busy,
         Code::WrongState,
         Code::RefusedPolicy,
@@ -84,6 +87,7 @@ impl Code {
     pub fn as_str(self) -> &'static str {
         match self {
             Code::BadRequest => "bad-request",
+            Code::NotFound => "not-found",
             Code::Busy => "busy",
             Code::WrongState => "wrong-state",
             Code::RefusedPolicy => "refused-policy",
@@ -101,6 +105,26 @@ impl Code {
             Code::Unconfirmed => "unconfirmed",
             Code::PostcopyBroken => "postcopy-broken",
             Code::Internal => "internal",
+        }
+    }
+
+    /// The HTTP status a failure of this kind is answered with (the HTTP layer may answer a
+    /// malformed message more precisely: 405, 411, 413, 431).
+    pub fn http_status(self) -> u16 {
+        match self {
+            Code::BadRequest => 400,
+            Code::NotFound => 404,
+            Code::Busy | Code::WrongState | Code::Cancelled => 409,
+            Code::RefusedPolicy | Code::AuthFailed => 403,
+            Code::RefusedCpu | Code::Io | Code::BadFile => 422,
+            Code::Refused
+            | Code::Protocol
+            | Code::LinkLost
+            | Code::TimedOut
+            | Code::PeerFailed
+            | Code::Unconfirmed
+            | Code::PostcopyBroken => 424,
+            Code::Kvm | Code::Internal => 500,
         }
     }
 
@@ -136,11 +160,18 @@ mod tests {
             .split("## Error codes")
             .nth(1)
             .expect("the codes' section");
-        let listed: Vec<&str> = table
+        let listed: Vec<String> = table
             .lines()
-            .filter_map(|l| l.strip_prefix("| `")?.split('`').next())
+            .filter_map(|l| {
+                let mut cells = l.strip_prefix("| `")?.split(" | ");
+                let code = cells.next()?.trim_end_matches('`');
+                Some(format!("{code} {}", cells.next()?))
+            })
             .collect();
-        let all: Vec<&str> = Code::ALL.iter().map(|c| c.as_str()).collect();
+        let all: Vec<String> = Code::ALL
+            .iter()
+            .map(|c| format!("{} {}", c.as_str(), c.http_status()))
+            .collect();
         assert_eq!(listed, all, "docs/api.md's table and vmm::codes::Code");
     }
 }

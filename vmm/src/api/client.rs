@@ -1,18 +1,22 @@
-//! The control socket's client (`ferry ctl`, tests): sends one [`Request`] and reads its
-//! typed answer, progress lines first.
+//! The control socket's client (`ferry ctl`, tests): sends one [`Request`] as its HTTP
+//! request and reads the typed answer.
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
+use super::http;
+use super::routes;
 use super::server::Error;
-use super::wire::{self, Failure, Incoming, Request};
-use crate::migrate::Progress;
+use super::wire::{Failure, Request, VmStatus};
 
-/// An answer as it came: its line (for `--json`) and its typed form.
+/// Longest answer body read (a migration's report with 1000 rounds, a CPUID table).
+pub const MAX_ANSWER: usize = 4 << 20;
+
+/// An answer as it came: `ferry ctl --json`'s line (`{"ok":true,...}` with the answer's
+/// fields, or `{"ok":false,"error":...,"code":...}`) and its typed form.
 #[derive(Debug, Clone)]
 pub struct Reply<T> {
     pub line: String,
@@ -20,28 +24,66 @@ pub struct Reply<T> {
 }
 
 /// Sends `req` to the ferry at `path` and reads the answer as `T` (the request's answer
-/// type); each progress line before it goes to `progress`, each within `timeout` of the
-/// last.
+/// type), waiting at most `timeout` for it.
 pub fn call<T: DeserializeOwned>(
     path: &Path,
     req: &Request,
     timeout: Duration,
-    progress: &mut dyn FnMut(&Progress),
 ) -> Result<Reply<T>, Error> {
-    let line = serde_json::to_string(req).map_err(|e| Error::BadResponse {
+    let (method, target, body) = routes::to_http(req);
+    let resp = request(path, method, &target, body.as_deref(), timeout)?;
+    let bad = |why: String| Error::BadResponse {
         path: path.to_path_buf(),
-        line: format!("(the request could not be encoded: {e})"),
-    })?;
-    call_raw(path, line.as_bytes(), timeout, progress)
+        line: why,
+    };
+    let mut fields: serde_json::Value = match resp.status {
+        // A lifecycle change: the state it leaves the VM in.
+        204 => serde_json::json!({ "state": state_after(req) }),
+        _ => serde_json::from_slice(&resp.body).map_err(|e| {
+            bad(format!(
+                "{} {}: {e}",
+                resp.status,
+                String::from_utf8_lossy(&resp.body)
+            ))
+        })?,
+    };
+    let ok = (200..300).contains(&resp.status);
+    let answer = if ok {
+        Ok(serde_json::from_value::<T>(fields.clone()).map_err(|e| bad(e.to_string()))?)
+    } else {
+        Err(serde_json::from_value::<Failure>(fields.clone()).map_err(|e| bad(e.to_string()))?)
+    };
+    let Some(map) = fields.as_object_mut() else {
+        return Err(bad(format!("{} is not a JSON object", resp.status)));
+    };
+    if let Some(message) = map.remove("message") {
+        map.insert("error".into(), message);
+    }
+    // `"ok"` first, then the answer's fields.
+    let inner = fields.to_string();
+    let inner = inner.trim_start_matches('{').trim_end_matches('}');
+    let sep = if inner.is_empty() { "" } else { "," };
+    let line = format!("{{\"ok\":{ok}{sep}{inner}}}");
+    Ok(Reply { line, answer })
 }
 
-/// [`call`] with a request line as given (tests send malformed ones).
-pub fn call_raw<T: DeserializeOwned>(
+/// The state a request answered with 204 leaves the VM in.
+fn state_after(req: &Request) -> VmStatus {
+    match req {
+        Request::Pause => VmStatus::Paused,
+        Request::Resume => VmStatus::Running,
+        _ => VmStatus::Stopped,
+    }
+}
+
+/// One HTTP request on a connection of its own: the response, whatever its status.
+pub fn request(
     path: &Path,
-    request: &[u8],
+    method: &str,
+    target: &str,
+    body: Option<&[u8]>,
     timeout: Duration,
-    progress: &mut dyn FnMut(&Progress),
-) -> Result<Reply<T>, Error> {
+) -> Result<http::Response, Error> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -51,28 +93,16 @@ pub fn call_raw<T: DeserializeOwned>(
         source,
     })?;
     s.set_read_timeout(Some(timeout)).map_err(io)?;
-    s.write_all(request).map_err(io)?;
-    s.write_all(b"\n").map_err(io)?;
-    let mut reader = BufReader::new(s);
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).map_err(io)? == 0 {
-            return Err(Error::Closed {
-                path: path.to_path_buf(),
-            });
-        }
-        let bad = |_| Error::BadResponse {
+    http::write_request(&mut s, method, target, body).map_err(io)?;
+    match http::Reader::default().response(&mut s, MAX_ANSWER) {
+        Ok(r) => Ok(r),
+        Err(http::ReadError::Io(e)) => Err(io(e)),
+        Err(http::ReadError::Closed { .. }) => Err(Error::Closed {
             path: path.to_path_buf(),
-            line: line.clone(),
-        };
-        match wire::parse_line::<T>(&line).map_err(bad)? {
-            Incoming::Progress(p) => progress(&p),
-            Incoming::Answer(answer) => {
-                return Ok(Reply {
-                    line: line.trim_end().to_string(),
-                    answer: *answer,
-                })
-            }
-        }
+        }),
+        Err(http::ReadError::Malformed { why, .. }) => Err(Error::BadResponse {
+            path: path.to_path_buf(),
+            line: why,
+        }),
     }
 }

@@ -1,53 +1,77 @@
-//! The control protocol's messages as types, shared by the server and `ferry ctl`
-//! (docs/api.md is tested against them): a request is one JSON object on a line, tagged by
-//! `"cmd"`; an answer is one JSON object on a line with `"ok"` and the fields of the
-//! request's answer type, or `"ok":false` and `"error"`.
+//! The control API's messages as types, shared by the server and `ferry ctl` (docs/api.md
+//! and docs/openapi.json are tested against them): [`Request`] is what a route of the HTTP
+//! API asks for (crate::api::routes maps method and path to it), the other types are the
+//! JSON bodies of requests and answers.
 //!
 //! ```text
-//! Request::Status                      -> Status { state, vcpus, memory, migration? }
-//! Request::Pause | Resume | Stop       -> StateAnswer { state }
-//! Request::Cpuid                       -> Cpuid { profile, requested, effective, forced, .. }
-//! Request::Snapshot { path, stop }     -> Snapshot { state, path, bytes, memory_ranges, ms }
-//! Request::Migrate(MigrateRequest)     -> Migrated { state, report }  ({"progress":..} lines first)
-//! Request::Cancel                      -> Cancelled { cancelled }
-//! any, failed                          -> Failure { error, code, state?, report? }
+//! GET  ferry.status                  -> Status { state, vcpus, memory, migration? }
+//! GET  vmm.ping                      -> Ping { build_version, version, pid, features }
+//! GET  vm.info                       -> VmInfo { config, state, memory_actual_size }
+//! GET  vm.counters                   -> Counters { device: { counter: n } }
+//! GET  ferry.cpuid                   -> Cpuid { profile, requested, effective, forced, .. }
+//! GET  ferry.progress                -> Progress
+//! PUT  vm.pause | vm.resume | vm.shutdown | vmm.shutdown -> 204
+//! PUT  vm.snapshot SnapshotRequest   -> Snapshot { state, path, bytes, memory_ranges, ms }
+//! PUT  vm.send-migration MigrateRequest -> Migrated { state, report }
+//! PUT  ferry.cancel                  -> Cancelled { cancelled }
+//! any, failed                        -> Failure { code, message, state?, report? }
 //! ```
 
 use std::path::PathBuf;
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use crate::codes::Code;
 use crate::migrate::{Progress, Report};
 use crate::vcpu::RunState;
 
-/// A request.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+/// What a request asks for (each a route of the HTTP API, crate::api::routes).
+#[derive(Debug, Clone, PartialEq)]
 pub enum Request {
+    Ping,
+    Info,
+    Counters,
     Status,
     Cpuid,
+    Progress,
     Pause,
     Resume,
+    /// vm.shutdown: the VM ends, and with it this ferry.
     Stop,
+    /// vmm.shutdown: this ferry ends, and with it its VM.
+    Shutdown,
     Cancel,
     Snapshot {
         /// Where to write, resolved in the server's working directory (send it absolute).
         path: PathBuf,
         /// End the VM after writing.
-        #[serde(default)]
         stop: bool,
     },
     Migrate(MigrateRequest),
 }
 
-/// A migration's destination and options; absent options take their defaults.
+/// vm.snapshot's body: Cloud Hypervisor's `destination_url` (`file:///PATH`: a file, or
+/// a directory to write `ferry.snap` into), and ferry's `stop`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    pub destination_url: String,
+    /// End the VM after writing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stop: bool,
+}
+
+/// vm.send-migration's body: Cloud Hypervisor's `destination_url` and `local`, and ferry's
+/// options; absent options take their defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
     /// tcp:HOST:PORT or unix:PATH.
-    pub url: String,
+    pub destination_url: String,
+    /// Cloud Hypervisor's hand-over of memory to a process on this host: not done by this
+    /// ferry (refused when true).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_downtime_ms: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -76,10 +100,61 @@ pub struct MigrateRequest {
     /// `tls_dir`): by default only to loopback or to a Unix socket of this user.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure: bool,
-    /// Send `{"progress":...}` lines before the answer.
-    #[serde(default)]
-    pub progress: bool,
 }
+
+/// vmm.ping's answer (Cloud Hypervisor's VmmPingResponse).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ping {
+    pub build_version: String,
+    pub version: String,
+    pub pid: u32,
+    pub features: Vec<String>,
+}
+
+/// vm.info's answer (Cloud Hypervisor's VmInfo, with the parts of VmConfig ferry has).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub config: VmInfoConfig,
+    /// `Running`, `Paused` or `Shutdown`.
+    pub state: String,
+    pub memory_actual_size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfoConfig {
+    pub cpus: CpusConfig,
+    pub memory: MemoryConfig,
+    pub disks: Vec<DiskConfig>,
+    pub net: Vec<NetConfig>,
+    /// ferry's own: the guest CPU profile's name.
+    pub cpu_profile: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CpusConfig {
+    pub boot_vcpus: u32,
+    pub max_vcpus: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryConfig {
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    pub path: String,
+    pub readonly: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: String,
+}
+
+/// vm.counters' answer: counters by device (`vcpu0`, ..., `migration`), each by name.
+pub type Counters = std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>;
 
 /// What the VM is doing, as answers name it: a vCPU state, or `migrated` once a migration
 /// has handed the guest over.
@@ -167,14 +242,13 @@ pub struct Cancelled {
     pub cancelled: bool,
 }
 
-/// A failed request: the error, and for a migration that was cancelled the VM's state and
-/// the report.
+/// A failed request's body: what kind of failure (docs/api.md, "Error codes"), the
+/// sentence, and for a migration that was cancelled the VM's state and the report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Failure {
-    pub error: String,
-    /// What kind of failure it is (docs/api.md, "Error codes").
     #[serde(default)]
     pub code: Code,
+    pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<VmStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -182,10 +256,10 @@ pub struct Failure {
 }
 
 impl Failure {
-    pub fn new(code: Code, error: impl Into<String>) -> Self {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
         Failure {
-            error: error.into(),
             code,
+            message: message.into(),
             state: None,
             report: None,
         }
@@ -196,179 +270,16 @@ impl Failure {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Answer {
+    Ping(Ping),
+    Info(Box<VmInfo>),
+    Counters(Counters),
     Status(Status),
+    /// Answered with 204 and no body.
     State(StateAnswer),
     Cpuid(Box<Cpuid>),
+    Progress(Progress),
     Snapshot(Snapshot),
-    Migrated(Migrated),
+    Migrated(Box<Migrated>),
     Cancelled(Cancelled),
     Failure(Failure),
-}
-
-/// The commands, for the error that names an unknown one.
-const COMMANDS: &str = "status, cpuid, pause, resume, snapshot, migrate, cancel or stop";
-
-/// A request line as a [`Request`], or the one-line reason it is not one.
-pub fn parse_request(line: &[u8]) -> Result<Request, String> {
-    let v: serde_json::Value =
-        serde_json::from_slice(line).map_err(|e| format!("request is not JSON: {e}"))?;
-    let Some(cmd) = v.get("cmd").and_then(|c| c.as_str()).map(str::to_string) else {
-        return Err("request has no \"cmd\" string".into());
-    };
-    let req: Request = serde_json::from_value(v.clone()).map_err(|e| {
-        if e.to_string().starts_with("unknown variant") {
-            format!("unknown command {cmd:?} (expected {COMMANDS})")
-        } else {
-            format!("bad {cmd} request: {e}")
-        }
-    })?;
-    // A field the request type does not know (serde keeps quiet about extra fields of a
-    // unit variant): whatever it meant would be ignored, so refuse it.
-    let known = serde_json::to_value(&req).unwrap_or_default();
-    if let Some(fields) = v.as_object() {
-        for (k, value) in fields {
-            if !value.is_null() && known.get(k).is_none() {
-                return Err(format!("bad {cmd} request: unknown field `{k}`"));
-            }
-        }
-    }
-    Ok(req)
-}
-
-/// An answer with its `"ok"` field: the line the server writes.
-pub fn answer_line(a: &Answer) -> String {
-    #[derive(Serialize)]
-    struct Line<'a> {
-        ok: bool,
-        #[serde(flatten)]
-        answer: &'a Answer,
-    }
-    let ok = !matches!(a, Answer::Failure(_));
-    serde_json::to_string(&Line { ok, answer: a })
-        .unwrap_or_else(|e| format!(r#"{{"ok":false,"error":"cannot encode the answer: {e}"}}"#))
-}
-
-/// A progress line of a migration asked for progress: `{"progress":PROGRESS}`.
-pub fn progress_line(p: &Progress) -> String {
-    serde_json::json!({ "progress": p }).to_string()
-}
-
-/// One line a client reads: a progress update, or the answer (Ok: the request's answer type
-/// `T`; Err: the failure).
-#[derive(Debug, Clone, PartialEq)]
-pub enum Incoming<T> {
-    Progress(Progress),
-    /// Boxed: an answer (a migration's report) is far larger than a progress line.
-    Answer(Box<Result<T, Failure>>),
-}
-
-/// Parses a line the server wrote in answer to a request whose answer type is `T`.
-pub fn parse_line<T: DeserializeOwned>(line: &str) -> Result<Incoming<T>, serde_json::Error> {
-    #[derive(Deserialize)]
-    struct Head {
-        ok: Option<bool>,
-        progress: Option<Progress>,
-    }
-    let head: Head = serde_json::from_str(line)?;
-    Ok(match (head.ok, head.progress) {
-        (None, Some(p)) => Incoming::Progress(p),
-        (Some(true), _) => Incoming::Answer(Box::new(Ok(serde_json::from_str(line)?))),
-        _ => Incoming::Answer(Box::new(Err(serde_json::from_str(line)?))),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::Value;
-
-    /// `line` parsed as an answer to a request of answer type `T`, written back by the
-    /// server's own writer: the same JSON.
-    fn round_trip<T: DeserializeOwned>(line: &str, wrap: fn(T) -> Answer) -> bool {
-        let answer = match parse_line::<T>(line).unwrap_or_else(|e| panic!("{line}: {e}")) {
-            Incoming::Answer(a) => match *a {
-                Ok(t) => wrap(t),
-                Err(f) => Answer::Failure(f),
-            },
-            Incoming::Progress(_) => panic!("{line}: a progress line"),
-        };
-        let back: Value = serde_json::from_str(&answer_line(&answer)).unwrap();
-        back == serde_json::from_str::<Value>(line).unwrap()
-    }
-
-    fn answer_reads_back(req: &Request, line: &str) -> bool {
-        match req {
-            Request::Status => round_trip(line, Answer::Status),
-            Request::Pause | Request::Resume | Request::Stop => round_trip(line, Answer::State),
-            Request::Cpuid => round_trip(line, |c| Answer::Cpuid(Box::new(c))),
-            Request::Cancel => round_trip(line, Answer::Cancelled),
-            Request::Snapshot { .. } => round_trip(line, Answer::Snapshot),
-            Request::Migrate(_) => round_trip(line, Answer::Migrated),
-        }
-    }
-
-    #[test]
-    fn every_example_in_docs_api_md_is_a_message_of_these_types() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api.md");
-        let text = std::fs::read_to_string(path).unwrap();
-        let lines: Vec<&str> = text
-            .lines()
-            .filter(|l| l.starts_with("-> ") || l.starts_with("<- "))
-            .collect();
-        assert!(lines.len() >= 20, "{} example lines", lines.len());
-        let mut commands = std::collections::BTreeSet::new();
-        for pair in lines.chunks(2) {
-            let [req, ans] = pair else {
-                panic!("a request without its answer: {pair:?}")
-            };
-            let (req, ans) = (&req[3..], &ans[3..]);
-            match parse_request(req.as_bytes()) {
-                Ok(r) => {
-                    let back = serde_json::to_value(&r).unwrap();
-                    assert_eq!(back, serde_json::from_str::<Value>(req).unwrap(), "{req}");
-                    assert!(answer_reads_back(&r, ans), "{req}\n{ans}");
-                    commands.insert(format!("{:?}", std::mem::discriminant(&r)));
-                }
-                Err(e) => {
-                    let f: Failure = serde_json::from_str(ans).unwrap();
-                    assert_eq!(f.error, e, "{req}");
-                    assert_eq!(f.code, Code::BadRequest, "{req}");
-                }
-            }
-        }
-        assert_eq!(commands.len(), 8, "every command has an example");
-    }
-
-    #[test]
-    fn progress_lines_and_answers_are_told_apart() {
-        let p = Progress {
-            round: 3,
-            sent_bytes: 1 << 20,
-            ..Default::default()
-        };
-        match parse_line::<Status>(&progress_line(&p)).unwrap() {
-            Incoming::Progress(q) => assert_eq!(q, p),
-            other => panic!("{other:?}"),
-        }
-        let f = parse_line::<Status>(r#"{"ok":false,"error":"x","code":"busy"}"#).unwrap();
-        assert_eq!(
-            f,
-            Incoming::Answer(Box::new(Err(Failure::new(Code::Busy, "x"))))
-        );
-        assert!(parse_line::<Status>(r#"{"ok":true,"state":"running"}"#).is_err());
-    }
-
-    #[test]
-    fn a_request_with_a_field_it_does_not_know_is_refused() {
-        let e = parse_request(br#"{"cmd":"snapshot","path":"/x","stopp":true}"#).unwrap_err();
-        assert!(
-            e.starts_with("bad snapshot request") && e.contains("stopp"),
-            "{e}"
-        );
-        let e = parse_request(br#"{"cmd":"pause","now":1}"#).unwrap_err();
-        assert!(e.contains("now"), "{e}");
-        assert!(parse_request(b"{\"command\":\"status\"}")
-            .unwrap_err()
-            .contains("\"cmd\""));
-    }
 }

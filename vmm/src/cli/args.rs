@@ -356,6 +356,12 @@ pub enum CtlCmd {
     },
     /// The VM's state.
     Status,
+    /// This ferry's version and features (vmm.ping).
+    Ping,
+    /// The VM's configuration and state (vm.info).
+    Info,
+    /// The VM's counters: vCPU exits, migrations (vm.counters).
+    Counters,
     /// Pause every vCPU.
     Pause,
     /// Resume every vCPU.

@@ -1,5 +1,6 @@
-//! `ferry ctl`: one request to a running ferry's control socket, its answer printed for
-//! people (or as the JSON line with `--json`). Exit 0 when the answer is ok.
+//! `ferry ctl`: one request to a running ferry's HTTP API (vmm::api), its answer printed for
+//! people (or as a JSON line with `--json`). Exit 0 when the answer is ok. A migration's
+//! progress line comes from ferry.progress, asked on another connection while it runs.
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -29,7 +30,7 @@ fn warn_insecure(req: &Request) {
         if m.insecure && m.key_file.is_none() && m.tls_dir.is_none() {
             eprintln!(
                 "ferry: warning: --insecure: the guest's memory and state go to {} unencrypted and unauthenticated",
-                m.url
+                m.destination_url
             );
         }
     }
@@ -40,16 +41,9 @@ pub fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
     let name = command_name(&req);
     warn_insecure(&req);
     let show_progress = !a.json && std::io::stderr().is_terminal();
-    let mut shown = false;
-    let mut on_progress = |p: &Progress| {
-        if show_progress {
-            shown = true;
-            eprint!("\r\x1b[K{}", progress_line(p));
-        }
-    };
     let s = &a.api_socket;
     let result = match &req {
-        Request::Status => call(s, &req, a.json, &mut on_progress, |st: wire::Status| {
+        Request::Status => call(s, &req, a.json, |st: wire::Status| {
             format!(
                 "state: {}, vcpus: {}, memory: {} MiB",
                 st.state,
@@ -57,20 +51,16 @@ pub fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
                 st.memory >> 20
             )
         }),
-        Request::Pause | Request::Resume | Request::Stop => call(
-            s,
-            &req,
-            a.json,
-            &mut on_progress,
-            |st: wire::StateAnswer| format!("state: {}", st.state),
-        ),
-        Request::Cancel => call(s, &req, a.json, &mut on_progress, |_: wire::Cancelled| {
+        Request::Pause | Request::Resume | Request::Stop | Request::Shutdown => {
+            call(s, &req, a.json, |st: wire::StateAnswer| {
+                format!("state: {}", st.state)
+            })
+        }
+        Request::Cancel => call(s, &req, a.json, |_: wire::Cancelled| {
             "migration cancelled; the guest runs here".to_string()
         }),
-        Request::Cpuid => call(s, &req, a.json, &mut on_progress, |c: wire::Cpuid| {
-            cpuid_text(&c)
-        }),
-        Request::Snapshot { .. } => call(s, &req, a.json, &mut on_progress, |r: wire::Snapshot| {
+        Request::Cpuid => call(s, &req, a.json, |c: wire::Cpuid| cpuid_text(&c)),
+        Request::Snapshot { .. } => call(s, &req, a.json, |r: wire::Snapshot| {
             format!(
                 "snapshot: {} bytes to {} in {:.1} ms ({} memory ranges); VM {}",
                 r.bytes,
@@ -80,13 +70,13 @@ pub fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
                 r.state
             )
         }),
-        Request::Migrate(_) => call(s, &req, a.json, &mut on_progress, |m: wire::Migrated| {
-            report_line(&m.report)
+        Request::Migrate(_) => with_progress(s, show_progress, || {
+            call(s, &req, a.json, |m: wire::Migrated| report_line(&m.report))
         }),
+        Request::Ping | Request::Info | Request::Counters | Request::Progress => {
+            call(s, &req, a.json, |v: serde_json::Value| v.to_string())
+        }
     };
-    if shown {
-        eprintln!();
-    }
     match result? {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(failure) => {
@@ -94,9 +84,35 @@ pub fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
             if let (false, Some(r)) = (a.json, &failure.report) {
                 say(&report_line(r));
             }
-            anyhow::bail!("{name}: {}", failure.error)
+            anyhow::bail!("{name}: {}", failure.message)
         }
     }
+}
+
+/// Runs `work` (a migration) while another thread shows its progress line on stderr, if
+/// `show`, from ferry.progress ten times a second.
+fn with_progress<R>(socket: &Path, show: bool, work: impl FnOnce() -> R) -> R {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let shown = scope.spawn(|| {
+            let mut shown = false;
+            while show && !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                let asked = client::call::<Progress>(socket, &Request::Progress, WAIT);
+                if let Ok(Reply { answer: Ok(p), .. }) = asked {
+                    shown = true;
+                    eprint!("\r\x1b[K{}", progress_line(&p));
+                }
+            }
+            shown
+        });
+        let result = work();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        if shown.join().unwrap_or(false) {
+            eprintln!();
+        }
+        result
+    })
 }
 
 /// Sends `req`, prints the ok answer (the line with `json`, else `text` of it) and returns
@@ -105,10 +121,9 @@ fn call<T: DeserializeOwned>(
     socket: &Path,
     req: &Request,
     json: bool,
-    progress: &mut dyn FnMut(&Progress),
     text: impl FnOnce(T) -> String,
 ) -> anyhow::Result<Result<(), wire::Failure>> {
-    let Reply { line, answer } = client::call::<T>(socket, req, WAIT, progress)?;
+    let Reply { line, answer } = client::call::<T>(socket, req, WAIT)?;
     if json {
         say(&line);
     }
@@ -126,6 +141,11 @@ fn call<T: DeserializeOwned>(
 fn command_name(req: &Request) -> &'static str {
     match req {
         Request::Status => "status",
+        Request::Ping => "ping",
+        Request::Info => "info",
+        Request::Counters => "counters",
+        Request::Progress => "progress",
+        Request::Shutdown => "shutdown",
         Request::Cpuid => "cpuid",
         Request::Pause => "pause",
         Request::Resume => "resume",
@@ -142,6 +162,9 @@ fn request(cmd: &CtlCmd) -> anyhow::Result<Request> {
     let absolute = |p: &Path| std::path::absolute(p).with_context(|| format!("{}", p.display()));
     Ok(match cmd {
         CtlCmd::Status => Request::Status,
+        CtlCmd::Ping => Request::Ping,
+        CtlCmd::Info => Request::Info,
+        CtlCmd::Counters => Request::Counters,
         CtlCmd::Pause => Request::Pause,
         CtlCmd::Resume => Request::Resume,
         CtlCmd::Stop => Request::Stop,
@@ -164,7 +187,8 @@ fn request(cmd: &CtlCmd) -> anyhow::Result<Request> {
             postcopy_after,
             insecure,
         } => Request::Migrate(MigrateRequest {
-            url: url.clone(),
+            destination_url: url.clone(),
+            local: false,
             max_downtime_ms: Some(max_downtime.as_secs_f64() * 1e3),
             timeout_ms: Some(timeout.as_secs_f64() * 1e3),
             max_bandwidth: max_bandwidth
@@ -178,7 +202,6 @@ fn request(cmd: &CtlCmd) -> anyhow::Result<Request> {
             peer_timeout_ms: Some(peer_timeout.as_secs_f64() * 1e3),
             postcopy_after: *postcopy_after,
             insecure: *insecure,
-            progress: true,
         }),
     })
 }

@@ -1,0 +1,386 @@
+//! What each request does to the VM it serves, and its answer ([`handle`]); the HTTP
+//! side (crate::api::server, crate::api::routes) writes the answer, then does what
+//! [`After`] says.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::wire::{self, Answer, Code, Failure, MigrateRequest, Request, StateAnswer, VmStatus};
+use crate::migrate::Control;
+use crate::vm::Vm;
+
+/// What the connection does after writing an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    /// Read the next request.
+    Nothing,
+    /// End the VM (and so the process).
+    Stop,
+    /// End the VM here: it now runs on a migration destination.
+    Migrated,
+}
+
+/// The VM a control socket serves, its outgoing migration's control (one at a time), and
+/// the migration counters of vm.counters.
+#[derive(Debug)]
+pub struct Served {
+    pub vm: std::sync::Arc<Vm>,
+    pub control: Control,
+    migrations: Migrations,
+}
+
+/// Outgoing migrations so far, by how they ended.
+#[derive(Debug, Default)]
+struct Migrations {
+    started: AtomicU64,
+    completed: AtomicU64,
+    cancelled: AtomicU64,
+    failed: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Served {
+    pub fn new(vm: std::sync::Arc<Vm>) -> Served {
+        Served {
+            vm,
+            control: Control::default(),
+            migrations: Migrations::default(),
+        }
+    }
+}
+
+fn state(vm: &Vm) -> VmStatus {
+    vm.state().into()
+}
+
+/// The file a snapshot or restore URL that names a directory means, in that directory.
+pub const SNAPSHOT_IN_DIR: &str = "ferry.snap";
+
+/// A failed request's answer.
+fn fail(code: Code, message: String) -> (Answer, After) {
+    (Answer::Failure(Failure::new(code, message)), After::Nothing)
+}
+
+/// Answers one request; the caller writes the answer, then does what [`After`] says.
+pub fn handle(req: &Request, served: &Served) -> (Answer, After) {
+    let vm = &*served.vm;
+    let done = |r: Result<(), crate::vm::Error>| match r {
+        Ok(()) => (
+            Answer::State(StateAnswer { state: state(vm) }),
+            After::Nothing,
+        ),
+        Err(e) => fail(e.code(), e.to_string()),
+    };
+    let answer = |a: Answer| (a, After::Nothing);
+    match req {
+        Request::Ping => answer(Answer::Ping(ping())),
+        Request::Info => answer(Answer::Info(Box::new(info(vm)))),
+        Request::Counters => answer(Answer::Counters(counters(served))),
+        Request::Status => answer(Answer::Status(wire::Status {
+            state: state(vm),
+            vcpus: vm.vcpu_states().into_iter().map(Into::into).collect(),
+            memory: vm.memory_size(),
+            migration: served.control.progress(),
+        })),
+        Request::Progress => match served.control.progress() {
+            Some(p) => answer(Answer::Progress(p)),
+            None => fail(Code::WrongState, "no migration is in progress".into()),
+        },
+        Request::Cancel => match served.control.cancel() {
+            true => answer(Answer::Cancelled(wire::Cancelled { cancelled: true })),
+            false => fail(Code::WrongState, "no migration is in progress".into()),
+        },
+        Request::Cpuid => answer(Answer::Cpuid(Box::new(cpuid(vm)))),
+        Request::Migrate(m) => migrate(served, m),
+        Request::Snapshot { path, stop } => match snapshot(vm, path, *stop) {
+            Ok(a) => (
+                Answer::Snapshot(a),
+                if *stop { After::Stop } else { After::Nothing },
+            ),
+            Err((code, e)) => fail(code, format!("snapshot to {}: {e}", path.display())),
+        },
+        Request::Pause => done({
+            let _lifecycle = vm.lifecycle();
+            vm.pause()
+        }),
+        Request::Resume => done({
+            let _lifecycle = vm.lifecycle();
+            vm.resume()
+        }),
+        // The VM ends once this answer is written (see crate::api::server).
+        Request::Stop | Request::Shutdown => (
+            Answer::State(StateAnswer {
+                state: VmStatus::Stopped,
+            }),
+            After::Stop,
+        ),
+    }
+}
+
+/// vmm.ping's answer: this ferry's version and what it can do beyond Cloud Hypervisor's API.
+pub fn ping() -> wire::Ping {
+    let version = env!("CARGO_PKG_VERSION").to_string();
+    wire::Ping {
+        build_version: format!("ferry {version}"),
+        version,
+        pid: std::process::id(),
+        features: [
+            "cpu-profiles",
+            "cross-vendor",
+            "postcopy",
+            "migration-tls",
+            "migration-key",
+        ]
+        .map(String::from)
+        .to_vec(),
+    }
+}
+
+fn info(vm: &Vm) -> wire::VmInfo {
+    let mut disks = Vec::new();
+    let mut net = Vec::new();
+    for b in vm.devices().virtio_backends() {
+        match b {
+            migration::DeviceBackend::Disk {
+                path, read_only, ..
+            } => disks.push(wire::DiskConfig {
+                path,
+                readonly: read_only,
+            }),
+            migration::DeviceBackend::Net { mac, tap } => net.push(wire::NetConfig {
+                tap,
+                mac: mac.map(|b| format!("{b:02x}")).join(":"),
+            }),
+        }
+    }
+    wire::VmInfo {
+        config: wire::VmInfoConfig {
+            cpus: wire::CpusConfig {
+                boot_vcpus: vm.num_vcpus(),
+                max_vcpus: vm.num_vcpus(),
+            },
+            memory: wire::MemoryConfig {
+                size: vm.memory_size(),
+            },
+            disks,
+            net,
+            cpu_profile: vm.cpu_profile().name.clone(),
+        },
+        state: match vm.state() {
+            crate::vcpu::RunState::Running => "Running",
+            crate::vcpu::RunState::Paused => "Paused",
+            crate::vcpu::RunState::Stopped => "Shutdown",
+        }
+        .into(),
+        memory_actual_size: vm.memory_size(),
+    }
+}
+
+fn counters(served: &Served) -> wire::Counters {
+    let mut all = wire::Counters::new();
+    for id in 0..served.vm.num_vcpus() {
+        if let Some(c) = served.vm.exit_counts(id) {
+            all.insert(
+                format!("vcpu{id}"),
+                [
+                    ("io_in", c.io_in),
+                    ("io_out", c.io_out),
+                    ("mmio_read", c.mmio_read),
+                    ("mmio_write", c.mmio_write),
+                    ("hlt", c.hlt),
+                    ("interrupted", c.interrupted),
+                    ("system_event", c.system_event),
+                ]
+                .map(|(k, v)| (k.to_string(), v))
+                .into(),
+            );
+        }
+    }
+    let m = &served.migrations;
+    let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    all.insert(
+        "migration".into(),
+        [
+            ("started", l(&m.started)),
+            ("completed", l(&m.completed)),
+            ("cancelled", l(&m.cancelled)),
+            ("failed", l(&m.failed)),
+            ("bytes_sent", l(&m.bytes)),
+        ]
+        .map(|(k, v)| (k.to_string(), v))
+        .into(),
+    );
+    all
+}
+
+fn cpuid(vm: &Vm) -> wire::Cpuid {
+    let cpuid::table::TableDiff {
+        features: forced,
+        registers: other,
+    } = vm.cpuid_forced();
+    wire::Cpuid {
+        profile: vm.cpu_profile().clone(),
+        requested: vm.cpuid_requested(),
+        effective: vm.cpuid_effective().to_vec(),
+        forced,
+        forced_registers: other
+            .iter()
+            .map(|(f, i, r)| format!("{f:#x}.{i}.{r:?}"))
+            .collect(),
+    }
+}
+
+fn migrate(served: &Served, m: &MigrateRequest) -> (Answer, After) {
+    let (vm, counts) = (&*served.vm, &served.migrations);
+    let url = &m.destination_url;
+    if m.local {
+        let e = "local: handing the guest's memory to a ferry on this host is not supported (its memory goes through the socket: send without local)";
+        return fail(Code::BadRequest, e.into());
+    }
+    let addr: crate::migrate::Address = match url.parse() {
+        Ok(a) => a,
+        Err(e) => return fail(Code::BadRequest, format!("destination_url: {e}")),
+    };
+    let opts = match migrate_options(m, &addr) {
+        Ok(o) => o,
+        Err((code, e)) => return fail(code, e),
+    };
+    counts.started.fetch_add(1, Ordering::Relaxed);
+    let result = crate::migrate::send(vm, &served.control, &addr, &opts, &mut |_| {});
+    let ended = match &result {
+        Ok(_) => &counts.completed,
+        Err(crate::migrate::Error::Cancelled { .. }) => &counts.cancelled,
+        Err(_) => &counts.failed,
+    };
+    ended.fetch_add(1, Ordering::Relaxed);
+    match result {
+        // Committed: the guest is the destination's now; this ferry ends.
+        Ok(report) => {
+            counts.bytes.fetch_add(report.bytes, Ordering::Relaxed);
+            (
+                Answer::Migrated(Box::new(wire::Migrated {
+                    state: VmStatus::Migrated,
+                    report,
+                })),
+                After::Migrated,
+            )
+        }
+        Err(crate::migrate::Error::Cancelled { why, report }) => {
+            counts.bytes.fetch_add(report.bytes, Ordering::Relaxed);
+            let message =
+                format!("migration to {url} cancelled, the VM runs here as before: {why}");
+            (
+                Answer::Failure(Failure {
+                    code: Code::Cancelled,
+                    message,
+                    state: Some(state(vm)),
+                    report: Some(*report),
+                }),
+                After::Nothing,
+            )
+        }
+        // Commit went out unanswered: the guest stays paused here (see the error).
+        Err(e @ crate::migrate::Error::Unconfirmed(_)) => {
+            fail(e.code(), format!("migration to {url}: {e}"))
+        }
+        Err(e) => fail(
+            e.code(),
+            format!("migration to {url} failed, the VM runs here as before: {e}"),
+        ),
+    }
+}
+
+/// The migration options of a request, defaults where absent.
+fn migrate_options(
+    m: &MigrateRequest,
+    addr: &crate::migrate::Address,
+) -> Result<crate::migrate::Options, (Code, String)> {
+    let bad = |e: String| (Code::BadRequest, e);
+    let mut o = crate::migrate::Options::default();
+    let ms = |key: &str, v: Option<f64>, min: f64| -> Result<Option<Duration>, (Code, String)> {
+        match v {
+            None => Ok(None),
+            Some(x) if x.is_finite() && x >= min => {
+                Ok(Some(Duration::from_secs_f64(x.min(1e12) / 1e3)))
+            }
+            Some(x) => Err(bad(format!("{key} must be a number >= {min}, not {x}"))),
+        }
+    };
+    if let Some(d) = ms("max_downtime_ms", m.max_downtime_ms, 0.0)? {
+        o.max_downtime = d;
+    }
+    if let Some(d) = ms("timeout_ms", m.timeout_ms, 0.0)? {
+        o.timeout = d;
+    }
+    if let Some(d) = ms("peer_timeout_ms", m.peer_timeout_ms, 1.0)? {
+        o.peer_timeout = d;
+    }
+    o.max_bandwidth = m.max_bandwidth.filter(|b| *b >= 1);
+    o.postcopy_after = m.postcopy_after;
+    o.insecure = m.insecure;
+    if let Some(t) = m.max_throttle {
+        if t > 99 {
+            return Err(bad(format!(
+                "max_throttle is at most 99 (percent), not {t}"
+            )));
+        }
+        o.max_throttle = t;
+    }
+    if let Some(path) = &m.key_file {
+        o.key = Some(crate::migrate::key::load(path).map_err(|e| (Code::Io, e.to_string()))?);
+    }
+    if let Some(dir) = &m.tls_dir {
+        let name = m
+            .tls_name
+            .clone()
+            .unwrap_or_else(|| crate::migrate::tls_default_name(addr));
+        let tls = crate::migrate::SourceTls::load(dir, &name);
+        o.tls = Some(tls.map_err(|e| (e.code(), e.to_string()))?);
+    } else if m.tls_name.is_some() {
+        let e = "tls_name without tls_dir: a name is checked only with certificates";
+        return Err(bad(e.into()));
+    }
+    Ok(o)
+}
+
+/// Pauses the VM, writes its state to `path` (crate::snapshot::write_file), and resumes it
+/// unless `stop`. On any failure the VM is resumed.
+fn snapshot(vm: &Vm, path: &Path, stop: bool) -> Result<wire::Snapshot, (Code, String)> {
+    // Cloud Hypervisor's destination is a directory: ferry writes its one file into it.
+    let in_dir;
+    let path = if path.is_dir() {
+        in_dir = path.join(SNAPSHOT_IN_DIR);
+        &in_dir
+    } else {
+        path
+    };
+    let started = std::time::Instant::now();
+    // One lifecycle change at a time: no other client can resume the VM mid-save.
+    let lifecycle = vm.lifecycle();
+    let was_paused = vm.state() == crate::vcpu::RunState::Paused;
+    let paused = vm.pause().map_err(|e| (e.code(), format!("pausing: {e}")));
+    let result = paused.and_then(|()| {
+        crate::snapshot::write_file(vm, &lifecycle, path).map_err(|e| (e.code(), e.to_string()))
+    });
+    // Resume on every path unless asked to stop after a good write; a VM that was already
+    // paused stays paused.
+    if !was_paused && (result.is_err() || !stop) {
+        if let Err(e) = vm.resume() {
+            let written = if result.is_ok() {
+                "the snapshot was written, but "
+            } else {
+                ""
+            };
+            return Err((e.code(), format!("{written}resuming the VM failed: {e}")));
+        }
+    }
+    let (bytes, memory_ranges) = result?;
+    Ok(wire::Snapshot {
+        state: if stop { VmStatus::Stopped } else { state(vm) },
+        path: path.to_path_buf(),
+        bytes,
+        memory_ranges,
+        ms: started.elapsed().as_secs_f64() * 1e3,
+    })
+}
