@@ -46,6 +46,23 @@ require_python3() {
 	command -v python3 >/dev/null || apt_install python3-minimal
 }
 
+# The schema-driven API tester (tests/tests/api_schema.rs): schemathesis from PyPI, a pinned
+# version in a virtual environment in the cache (seconds, once). Prints its binary's path.
+SCHEMATHESIS_VERSION=4.32.5
+require_schemathesis() {
+	local venv="${FERRY_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ferry}/schemathesis-$SCHEMATHESIS_VERSION"
+	if [ ! -x "$venv/bin/schemathesis" ]; then
+		require_python3
+		python3 -m venv --help >/dev/null 2>&1 || apt_install python3-venv
+		rm -rf "$venv"
+		python3 -m venv "$venv" >&2 || die "cannot make a Python virtual environment in $venv"
+		echo "installing schemathesis $SCHEMATHESIS_VERSION into $venv" >&2
+		"$venv/bin/pip" install -q "schemathesis==$SCHEMATHESIS_VERSION" >&2 ||
+			die "cannot install schemathesis from PyPI (needed by the API schema test)"
+	fi
+	echo "$venv/bin/schemathesis"
+}
+
 # Prints the test guest's directory, building it first if needed (minutes, once).
 test_guest() {
 	bash "$repo/tests/guest/build.sh"

@@ -21,6 +21,7 @@ pub mod files;
 pub mod guest_cpu;
 pub mod memory;
 pub mod migrate;
+pub mod monitor;
 pub mod sandbox;
 pub mod snapshot;
 pub mod timeline;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::wire::{self, Answer, Code, Failure, MigrateRequest, Request, StateAnswer, VmStatus};
 use crate::migrate::Control;
+use crate::monitor;
 use crate::vm::Vm;
 
 /// What the connection does after writing an answer.
@@ -94,19 +95,22 @@ pub fn handle(req: &Request, served: &Served) -> (Answer, After) {
         Request::Cpuid => answer(Answer::Cpuid(Box::new(cpuid(vm)))),
         Request::Migrate(m) => migrate(served, m),
         Request::Snapshot { path, stop } => match snapshot(vm, path, *stop) {
-            Ok(a) => (
-                Answer::Snapshot(a),
-                if *stop { After::Stop } else { After::Nothing },
-            ),
+            Ok(a) => {
+                let written = serde_json::json!({ "path": a.path, "bytes": a.bytes });
+                monitor::emit("vm", "snapshotted", Some(written));
+                let after = if *stop { After::Stop } else { After::Nothing };
+                (Answer::Snapshot(a), after)
+            }
             Err((code, e)) => fail(code, format!("snapshot to {}: {e}", path.display())),
         },
         Request::Pause => done({
             let _lifecycle = vm.lifecycle();
-            vm.pause()
+            vm.pause().inspect(|()| monitor::emit("vm", "paused", None))
         }),
         Request::Resume => done({
             let _lifecycle = vm.lifecycle();
             vm.resume()
+                .inspect(|()| monitor::emit("vm", "resumed", None))
         }),
         // The VM ends once this answer is written (see crate::api::server).
         Request::Stop | Request::Shutdown => (
@@ -247,13 +251,20 @@ fn migrate(served: &Served, m: &MigrateRequest) -> (Answer, After) {
         Err((code, e)) => return fail(code, e),
     };
     counts.started.fetch_add(1, Ordering::Relaxed);
+    let started = serde_json::json!({ "destination_url": url });
+    monitor::emit("vm", "migration-started", Some(started));
     let result = crate::migrate::send(vm, &served.control, &addr, &opts, &mut |_| {});
-    let ended = match &result {
-        Ok(_) => &counts.completed,
-        Err(crate::migrate::Error::Cancelled { .. }) => &counts.cancelled,
-        Err(_) => &counts.failed,
+    let (ended, event) = match &result {
+        Ok(_) => (&counts.completed, "migration-finished"),
+        Err(crate::migrate::Error::Cancelled { .. }) => (&counts.cancelled, "migration-cancelled"),
+        Err(_) => (&counts.failed, "migration-failed"),
     };
     ended.fetch_add(1, Ordering::Relaxed);
+    let props = match &result {
+        Ok(r) => serde_json::json!({ "total_ms": r.total_ms, "downtime_ms": r.downtime_ms }),
+        Err(e) => serde_json::json!({ "code": e.code(), "message": e.to_string() }),
+    };
+    monitor::emit("vm", event, Some(props));
     match result {
         // Committed: the guest is the destination's now; this ferry ends.
         Ok(report) => {
@@ -318,6 +329,7 @@ fn migrate_options(
     }
     o.max_bandwidth = m.max_bandwidth.filter(|b| *b >= 1);
     o.postcopy_after = m.postcopy_after;
+    cloud_hypervisor_options(m, &mut o).map_err(bad)?;
     o.insecure = m.insecure;
     if let Some(t) = m.max_throttle {
         if t > 99 {
@@ -342,6 +354,45 @@ fn migrate_options(
         return Err(bad(e.into()));
     }
     Ok(o)
+}
+
+/// Cloud Hypervisor's fields of vm.send-migration, where ferry does the same; a value ferry
+/// does not do is refused, naming the field.
+fn cloud_hypervisor_options(
+    m: &MigrateRequest,
+    o: &mut crate::migrate::Options,
+) -> Result<(), String> {
+    let twice = |ch: &str, ferry: &str| format!("{ch} and {ferry} say the same: give one");
+    if let Some(d) = m.downtime_ms {
+        if m.max_downtime_ms.is_some() {
+            return Err(twice("downtime_ms", "max_downtime_ms"));
+        }
+        o.max_downtime = Duration::from_millis(d.clamp(1, 1 << 40));
+    }
+    if let Some(t) = m.timeout_s {
+        if m.timeout_ms.is_some() {
+            return Err(twice("timeout_s", "timeout_ms"));
+        }
+        o.timeout = Duration::from_secs(t.clamp(1, 1 << 32));
+    }
+    if m.preserve_source {
+        return Err("preserve_source: a ferry source ends once the destination runs the guest (send without it)".into());
+    }
+    if let Some(s) = m.timeout_strategy.as_deref().filter(|s| *s != "Cancel") {
+        return Err(format!("timeout_strategy {s:?}: ferry cancels at the timeout (Cancel), it never forces the switch-over"));
+    }
+    if let Some(n) = m.connections.filter(|n| *n != 1) {
+        return Err(format!(
+            "connections {n}: ferry sends a migration over one connection"
+        ));
+    }
+    match m.memory_mode.as_deref() {
+        None | Some("Precopy") => {}
+        Some("Postcopy") if m.postcopy_after.is_none() => o.postcopy_after = Some(0),
+        Some("Postcopy") => return Err(twice("memory_mode Postcopy", "postcopy_after")),
+        Some(other) => return Err(format!("memory_mode {other:?}: Precopy or Postcopy")),
+    }
+    Ok(())
 }
 
 /// Pauses the VM, writes its state to `path` (crate::snapshot::write_file), and resumes it

@@ -238,14 +238,19 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Writes a response: `body` as JSON (none with 204); `close` says the connection ends.
+/// Writes a response: `body` as JSON (none with 204); `close` says the connection ends;
+/// `allow`, the methods a route takes (with 405).
 pub fn write_response(
     out: &mut impl Write,
     status: u16,
     body: &[u8],
     close: bool,
+    allow: Option<&str>,
 ) -> std::io::Result<()> {
     let mut head = format!("HTTP/1.1 {status} {}\r\n", reason(status));
+    if let Some(methods) = allow {
+        head.push_str(&format!("Allow: {methods}\r\n"));
+    }
     if status != 204 {
         head.push_str("Content-Type: application/json\r\n");
         head.push_str(&format!("Content-Length: {}\r\n", body.len()));
@@ -349,8 +354,8 @@ mod tests {
         assert_eq!(req.body, b"x");
         assert_eq!(out, b"HTTP/1.1 100 Continue\r\n\r\n");
         let mut wire = out;
-        write_response(&mut wire, 204, b"ignored", false).unwrap();
-        write_response(&mut wire, 409, br#"{"code":"busy"}"#, true).unwrap();
+        write_response(&mut wire, 204, b"ignored", false, None).unwrap();
+        write_response(&mut wire, 409, br#"{"code":"busy"}"#, true, None).unwrap();
         let mut r = Reader::default();
         let mut s = &wire[..];
         assert_eq!(r.response(&mut s, 100).unwrap().status, 204);

@@ -53,13 +53,15 @@ pub struct Refusal {
     pub status: u16,
     pub code: Code,
     pub message: String,
+    /// With 405: the method the route takes (the `Allow` header).
+    pub allow: Option<&'static str>,
 }
 
 impl Refusal {
-    /// The status and the body that answer it.
-    pub fn answer(self) -> (u16, Vec<u8>) {
-        let (_, body) = respond(&Answer::Failure(Failure::new(self.code, self.message)));
-        (self.status, body)
+    /// The body that answers it.
+    pub fn body(&self) -> Vec<u8> {
+        let failure = Failure::new(self.code, self.message.clone());
+        respond(&Answer::Failure(failure)).1
     }
 }
 
@@ -68,6 +70,7 @@ fn refuse(status: u16, code: Code, message: String) -> Refusal {
         status,
         code,
         message,
+        allow: None,
     }
 }
 
@@ -80,11 +83,14 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Routed, Refusal> {
     };
     if *expected != method {
         let e = format!("{name} takes {expected}, not {method}");
-        return Err(refuse(405, Code::NotFound, e));
+        return Err(Refusal {
+            allow: Some(expected),
+            ..refuse(405, Code::NotFound, e)
+        });
     }
     let request = match name {
         "vm.snapshot" => snapshot(name, body)?,
-        "vm.send-migration" => Request::Migrate(parse::<MigrateRequest>(name, body)?),
+        "vm.send-migration" => Request::Migrate(Box::new(parse::<MigrateRequest>(name, body)?)),
         _ => {
             no_body(name, body)?;
             match name {
@@ -207,12 +213,12 @@ mod tests {
                 path: "/tmp/x".into(),
                 stop: true,
             },
-            Request::Migrate(MigrateRequest {
+            Request::Migrate(Box::new(MigrateRequest {
                 destination_url: "unix:/tmp/m.sock".into(),
                 max_downtime_ms: Some(5.0),
                 postcopy_after: Some(0),
                 ..Default::default()
-            }),
+            })),
         ];
         let mut served = std::collections::BTreeSet::new();
         for r in reqs {
@@ -239,6 +245,8 @@ mod tests {
         let (s, _, m) = refused("GET", "/api/v1/vm.pause", "");
         assert_eq!(s, 405);
         assert!(m.contains("PUT"), "{m}");
+        let wrong = route("GET", "/api/v1/vm.pause", b"").unwrap_err();
+        assert_eq!(wrong.allow, Some("PUT"), "the Allow header of a 405");
         let (s, c, m) = refused(
             "PUT",
             "/api/v1/vm.snapshot",

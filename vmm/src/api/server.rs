@@ -164,7 +164,7 @@ fn accept(mut stream: UnixStream, served: &Arc<Served>, open: &Arc<AtomicUsize>)
         open.fetch_sub(1, Ordering::SeqCst);
         let e = format!("more than {MAX_CONNECTIONS} control connections at once");
         let (status, body) = routes::respond(&Answer::Failure(Failure::new(Code::Busy, e)));
-        let _ = http::write_response(&mut stream, status, &body, true);
+        let _ = http::write_response(&mut stream, status, &body, true, None);
         return;
     }
     let (served, count) = (served.clone(), open.clone());
@@ -200,16 +200,13 @@ fn serve(stream: UnixStream, served: &Served) {
                 return;
             }
             Err(http::ReadError::Malformed { status, why }) => {
-                let (status, body) = routes::Refusal {
-                    status,
-                    code: Code::BadRequest,
-                    message: why,
-                }
-                .answer();
-                let _ = http::write_response(&mut out, status, &body, true);
+                let failure = Failure::new(Code::BadRequest, why);
+                let (_, body) = routes::respond(&Answer::Failure(failure));
+                let _ = http::write_response(&mut out, status, &body, true, None);
                 return;
             }
         };
+        let mut allow = None;
         let (status, body, after) = match routes::route(&req.method, &req.path, &req.body) {
             Ok(Routed::Openapi) => (200, routes::OPENAPI.as_bytes().to_vec(), After::Nothing),
             Ok(Routed::Request(r)) => {
@@ -218,12 +215,12 @@ fn serve(stream: UnixStream, served: &Served) {
                 (status, body, after)
             }
             Err(refusal) => {
-                let (status, body) = refusal.answer();
-                (status, body, After::Nothing)
+                allow = refusal.allow;
+                (refusal.status, refusal.body(), After::Nothing)
             }
         };
         let close = req.close || after != After::Nothing;
-        let written = http::write_response(&mut out, status, &body, close);
+        let written = http::write_response(&mut out, status, &body, close, allow);
         // Act only once the answer is written: a stop ends the process.
         match after {
             After::Nothing if written.is_ok() && !close => {}

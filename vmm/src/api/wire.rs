@@ -47,7 +47,7 @@ pub enum Request {
         /// End the VM after writing.
         stop: bool,
     },
-    Migrate(MigrateRequest),
+    Migrate(Box<MigrateRequest>),
 }
 
 /// vm.snapshot's body: Cloud Hypervisor's `destination_url` (`file:///PATH`: a file, or
@@ -100,6 +100,25 @@ pub struct MigrateRequest {
     /// `tls_dir`): by default only to loopback or to a Unix socket of this user.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure: bool,
+    /// Cloud Hypervisor's: keep the source's VM, paused, after the migration (refused when
+    /// true: a ferry source ends once the destination has the guest).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preserve_source: bool,
+    /// Cloud Hypervisor's downtime target in ms (max_downtime_ms says the same, finer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Cloud Hypervisor's timeout in seconds (timeout_ms says the same, finer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
+    /// Cloud Hypervisor's: what happens at the timeout; `Cancel` (ferry's way) only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_strategy: Option<String>,
+    /// Cloud Hypervisor's number of connections; 1 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u32>,
+    /// Cloud Hypervisor's `Precopy` or `Postcopy` (postcopy at once: postcopy_after 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mode: Option<String>,
 }
 
 /// vmm.ping's answer (Cloud Hypervisor's VmmPingResponse).

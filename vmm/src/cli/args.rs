@@ -103,6 +103,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub debug: DebugConsoleArg,
     #[command(flatten)]
+    pub monitor: MonitorArg,
+    #[command(flatten)]
     pub sandbox: SandboxArg,
 }
 
@@ -185,6 +187,26 @@ impl DebugConsole {
 }
 
 #[derive(Parser, Debug)]
+pub struct MonitorArg {
+    /// Write one JSON line per event (booted, paused, resumed, snapshotted, migration
+    /// started, round, switched, finished or failed, shutdown) to FILE, or to the open
+    /// descriptor N (docs/api.md, "Events").
+    #[arg(long, value_name = "path=FILE|fd=N")]
+    pub event_monitor: Option<vmm::monitor::Target>,
+}
+
+impl MonitorArg {
+    /// Starts the event monitor, if one was asked for (before ferry gives up root).
+    pub fn start(&self) -> anyhow::Result<()> {
+        if let Some(t) = &self.event_monitor {
+            vmm::monitor::start(t)?;
+            vmm::monitor::emit("vmm", "starting", None);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Parser, Debug)]
 pub struct SandboxArg {
     /// Seccomp filters on this ferry's threads once they are set up: on (a call outside a
     /// thread's filter stops ferry with one line naming it), log (let it through; the
@@ -233,6 +255,8 @@ pub struct RestoreArgs {
     #[command(flatten)]
     pub debug: DebugConsoleArg,
     #[command(flatten)]
+    pub monitor: MonitorArg,
+    #[command(flatten)]
     pub sandbox: SandboxArg,
 }
 
@@ -279,6 +303,8 @@ pub struct ReceiveArgs {
     pub devices: DeviceArgs,
     #[command(flatten)]
     pub debug: DebugConsoleArg,
+    #[command(flatten)]
+    pub monitor: MonitorArg,
     #[command(flatten)]
     pub sandbox: SandboxArg,
 }

@@ -186,7 +186,7 @@ fn request(cmd: &CtlCmd) -> anyhow::Result<Request> {
             peer_timeout,
             postcopy_after,
             insecure,
-        } => Request::Migrate(MigrateRequest {
+        } => Request::Migrate(Box::new(MigrateRequest {
             destination_url: url.clone(),
             local: false,
             max_downtime_ms: Some(max_downtime.as_secs_f64() * 1e3),
@@ -202,7 +202,8 @@ fn request(cmd: &CtlCmd) -> anyhow::Result<Request> {
             peer_timeout_ms: Some(peer_timeout.as_secs_f64() * 1e3),
             postcopy_after: *postcopy_after,
             insecure: *insecure,
-        }),
+            ..Default::default()
+        })),
     })
 }
 

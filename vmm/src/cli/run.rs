@@ -15,6 +15,7 @@ use super::args::{read_key, ReceiveArgs, RestoreArgs, RunArgs};
 
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     a.sandbox.apply()?;
+    a.monitor.start()?;
     let memory = parse_size(&a.memory).context("--memory")?;
     let console = Box::new(FlushingWriter(std::io::stdout()));
     let vmm::devices::virtio::backends::Devices { disks, nets } = a.devices.parse()?;
@@ -49,7 +50,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     };
     a.debug.open()?.attach(&vm);
     let api = bind_api(a.api_socket.as_deref())?;
-    serve(vm, api, true)
+    serve(vm, api, Some("booted"))
 }
 
 /// Binds the control socket, if one was asked for (served once the VM exists).
@@ -88,8 +89,12 @@ fn boot_image(
 }
 
 /// Runs a built (or restored) VM until it ends: control socket (bound already), console
-/// input, events.
-fn serve(vm: vmm::Vm, api: Option<api::ApiListener>, start: bool) -> anyhow::Result<ExitCode> {
+/// input, events. `start`: the event that says the VM started, if it is to start here.
+fn serve(
+    vm: vmm::Vm,
+    api: Option<api::ApiListener>,
+    start: Option<&str>,
+) -> anyhow::Result<ExitCode> {
     let vm = Arc::new(vm);
     // Everything that needs root is open: become --user (a restore or a destination
     // already has).
@@ -102,27 +107,10 @@ fn serve(vm: vmm::Vm, api: Option<api::ApiListener>, start: bool) -> anyhow::Res
         None => None,
     };
     vmm::timeline::mark("control socket");
-    let input = vm.clone();
-    std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            vmm::sandbox::enter_or_exit(vmm::sandbox::Kind::Stdin);
-            let mut buf = [0u8; 64];
-            let mut stdin = std::io::stdin();
-            while let Ok(n @ 1..) = stdin.read(&mut buf) {
-                let mut rest = &buf[..n];
-                while !rest.is_empty() {
-                    let took = input.serial_input(rest);
-                    rest = &rest[took..];
-                    if took == 0 {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                }
-            }
-        })
-        .context("starting the console input thread")?;
-    if start {
+    console_input(vm.clone())?;
+    if let Some(event) = start {
         vm.start()?;
+        vmm::monitor::emit("vm", event, None);
         vmm::timeline::mark("started");
     }
     vmm::sandbox::enter(vmm::sandbox::Kind::Main)?;
@@ -132,6 +120,43 @@ fn serve(vm: vmm::Vm, api: Option<api::ApiListener>, start: bool) -> anyhow::Res
         }
     };
     vm.shutdown();
+    ended(event)
+}
+
+/// Feeds this terminal's input to the guest's serial port, on a thread of its own.
+fn console_input(vm: Arc<vmm::Vm>) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            vmm::sandbox::enter_or_exit(vmm::sandbox::Kind::Stdin);
+            let mut buf = [0u8; 64];
+            let mut stdin = std::io::stdin();
+            while let Ok(n @ 1..) = stdin.read(&mut buf) {
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    let took = vm.serial_input(rest);
+                    rest = &rest[took..];
+                    if took == 0 {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        })
+        .context("starting the console input thread")?;
+    Ok(())
+}
+
+/// How the VM ended: its events, a line for people, and the exit status.
+fn ended(event: VmEvent) -> anyhow::Result<ExitCode> {
+    let reason = match &event {
+        VmEvent::Reset { .. } => "reset",
+        VmEvent::Poweroff => "poweroff",
+        VmEvent::StopRequested { .. } => "stop-requested",
+        VmEvent::GuestFailure { .. } => "guest-failure",
+    };
+    let reason = serde_json::json!({ "reason": reason });
+    vmm::monitor::emit("vm", "shutdown", Some(reason));
+    vmm::monitor::emit("vmm", "shutdown", None);
     match event {
         VmEvent::Reset { source } => {
             eprintln!("ferry: guest reset ({source}); VM ended");
@@ -156,6 +181,7 @@ fn serve(vm: vmm::Vm, api: Option<api::ApiListener>, start: bool) -> anyhow::Res
 /// --user and enters its filter, and only then reads the file.
 pub fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     a.sandbox.apply()?;
+    a.monitor.start()?;
     let what = || format!("restoring snapshot {}", a.file.display());
     let file = std::fs::File::open(&a.file).with_context(what)?;
     let mut devices = a.devices.parse()?.open()?;
@@ -170,7 +196,7 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     let console = Box::new(FlushingWriter(std::io::stdout()));
     let vm = vmm::snapshot::restore_from(file, &mut devices, console).with_context(what)?;
     debug.attach(&vm);
-    serve(vm, api, !a.paused)
+    serve(vm, api, (!a.paused).then_some("restored"))
 }
 
 /// What `ferry receive` was asked for: where it listens and how it takes a VM (the disks
@@ -219,6 +245,7 @@ fn receive_options(
 /// which parses the source's stream and starts no thread itself (the spawner does).
 pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
     a.sandbox.apply()?;
+    a.monitor.start()?;
     // Postcopy needs a userfaultfd that reports the kernel's faults too (KVM's), which
     // only a privileged process may open: opened now, before --user drops privileges.
     if a.sandbox.user.is_some() {
@@ -240,17 +267,10 @@ pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
     vmm::sandbox::drop_privileges()?;
     vmm::sandbox::enter(vmm::sandbox::Kind::Launcher)?;
     vmm::sandbox::start_spawner().context("starting the spawner thread")?;
-    eprintln!(
-        "ferry: waiting for a VM on {} ({})",
-        a.listen,
-        match (opts.key.is_some(), opts.tls.is_some()) {
-            (true, true) => "TLS: the source needs a certificate of the CA and the shared key",
-            (false, true) => "TLS: the source needs a certificate of the CA",
-            (true, false) => "TLS: the source must prove the shared key",
-            (false, false) => "no key: local connections only, unencrypted",
-        }
-    );
+    say_waiting(&a.listen, &opts);
+    vmm::monitor::emit("vm", "migration-receive-ready", None);
     let source = vmm::migrate::accept_source(listener, &opts)?;
+    vmm::monitor::emit("vm", "migration-receive-started", None);
     // Run the guest as soon as the source commits: the control socket and the rest follow.
     let mut commit_to_run = Duration::ZERO;
     let received = std::thread::scope(|s| {
@@ -264,6 +284,7 @@ pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
                     debug.attach(vm);
                     vm.start()?;
                     commit_to_run = committed.elapsed();
+                    vmm::monitor::emit("vm", "migration-receive-finished", None);
                     Ok(())
                 })
             })
@@ -272,7 +293,10 @@ pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
             .join()
             .map_err(|_| anyhow::anyhow!("the receiving thread panicked"))
     })?;
-    let vm = received?;
+    let vm = received.inspect_err(|e| {
+        let failed = serde_json::json!({ "message": e.to_string() });
+        vmm::monitor::emit("vm", "migration-receive-failed", Some(failed));
+    })?;
     eprintln!(
         "ferry: received the VM ({} MiB, {} vCPUs, CPU profile {}); running it ({:.1} ms after Commit)",
         vm.memory_size() >> 20,
@@ -281,5 +305,18 @@ pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         commit_to_run.as_secs_f64() * 1e3
     );
     let api = bind_api(a.api_socket.as_deref())?;
-    serve(vm, api, false)
+    serve(vm, api, None)
+}
+
+/// The line that says a destination waits, and whom it takes.
+fn say_waiting(listen: &str, opts: &vmm::migrate::ReceiveOptions) {
+    eprintln!(
+        "ferry: waiting for a VM on {listen} ({})",
+        match (opts.key.is_some(), opts.tls.is_some()) {
+            (true, true) => "TLS: the source needs a certificate of the CA and the shared key",
+            (false, true) => "TLS: the source needs a certificate of the CA",
+            (true, false) => "TLS: the source must prove the shared key",
+            (false, false) => "no key: local connections only, unencrypted",
+        }
+    );
 }

@@ -329,6 +329,8 @@ impl<'a, C: Read + Write> Sender<'a, C> {
         vm.pause().map_err(Error::Pause)?;
         self.paused = true;
         self.quiescent = true;
+        let switched = serde_json::json!({ "postcopy": postcopy });
+        crate::monitor::emit("vm", "migration-switched", Some(switched));
         let t_paused = Instant::now();
         let dirty = match left {
             Left::Dirtied(mut dirty) => {

@@ -105,6 +105,12 @@ impl<'a, C: Read + Write> Sender<'a, C> {
             Round::Touched => total * PAGE,
         };
         self.batch.set_round(self.report.rounds);
+        // The round under pause is the switch-over's (its own event).
+        if !self.paused {
+            let pages = self.remaining / PAGE;
+            let props = serde_json::json!({ "round": self.report.rounds, "pages": pages });
+            crate::monitor::emit("vm", "migration-round", Some(props));
+        }
     }
 
     /// Write-protects a chunk again just before reading it: a write from now on is logged
