@@ -108,21 +108,21 @@ fn a_migration_driven_by_http_and_its_event_streams() {
 
 /// ping, pause, info, resume, snapshot and send-migration over HTTP: the migration's answer.
 fn drive_source(src_sock: &Path, snap: &Path, url: &str) -> Value {
-    let (s, ping) = http(&src_sock, "GET", "vmm.ping", None);
+    let (s, ping) = http(src_sock, "GET", "vmm.ping", None);
     assert_eq!(
         (s, &ping["version"]),
         (200, &json!(env!("CARGO_PKG_VERSION")))
     );
-    assert_eq!(http(&src_sock, "PUT", "vm.pause", None), (204, Value::Null));
-    let (_, info) = http(&src_sock, "GET", "vm.info", None);
+    assert_eq!(http(src_sock, "PUT", "vm.pause", None), (204, Value::Null));
+    let (_, info) = http(src_sock, "GET", "vm.info", None);
     assert_eq!(info["state"], "Paused", "{info}");
     assert_eq!(
-        http(&src_sock, "PUT", "vm.resume", None),
+        http(src_sock, "PUT", "vm.resume", None),
         (204, Value::Null)
     );
     let url_of = format!("file://{}", snap.display());
     let (s, written) = http(
-        &src_sock,
+        src_sock,
         "PUT",
         "vm.snapshot",
         Some(json!({ "destination_url": url_of })),
@@ -130,7 +130,7 @@ fn drive_source(src_sock: &Path, snap: &Path, url: &str) -> Value {
     assert_eq!(s, 200, "{written}");
     assert!(std::fs::metadata(&snap).unwrap().len() > 0);
     let (s, migrated) = http(
-        &src_sock,
+        src_sock,
         "PUT",
         "vm.send-migration",
         Some(
