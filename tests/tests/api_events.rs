@@ -116,10 +116,7 @@ fn drive_source(src_sock: &Path, snap: &Path, url: &str) -> Value {
     assert_eq!(http(src_sock, "PUT", "vm.pause", None), (204, Value::Null));
     let (_, info) = http(src_sock, "GET", "vm.info", None);
     assert_eq!(info["state"], "Paused", "{info}");
-    assert_eq!(
-        http(src_sock, "PUT", "vm.resume", None),
-        (204, Value::Null)
-    );
+    assert_eq!(http(src_sock, "PUT", "vm.resume", None), (204, Value::Null));
     let url_of = format!("file://{}", snap.display());
     let (s, written) = http(
         src_sock,
@@ -128,7 +125,7 @@ fn drive_source(src_sock: &Path, snap: &Path, url: &str) -> Value {
         Some(json!({ "destination_url": url_of })),
     );
     assert_eq!(s, 200, "{written}");
-    assert!(std::fs::metadata(&snap).unwrap().len() > 0);
+    assert!(std::fs::metadata(snap).unwrap().len() > 0);
     let (s, migrated) = http(
         src_sock,
         "PUT",

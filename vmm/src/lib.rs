@@ -23,6 +23,7 @@ pub mod memory;
 pub mod migrate;
 pub mod monitor;
 pub mod sandbox;
+pub mod signals;
 pub mod snapshot;
 pub mod timeline;
 pub mod vcpu;

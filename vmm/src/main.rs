@@ -10,11 +10,17 @@ mod cli;
 
 fn main() -> ExitCode {
     vmm::timeline::mark("main");
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = match cli::args::Cli::try_parse() {
         Ok(args) => args,
         Err(e) => return bad_arguments(e),
     };
+    // RUST_LOG, else warnings; --log-level or -v over both.
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"));
+    if let Some(level) = args.log_filter() {
+        logger.filter_level(level);
+    }
+    logger.init();
     match cli::dispatch(args) {
         Ok(code) => code,
         Err(e) => {

@@ -38,7 +38,10 @@ pub fn call<T: DeserializeOwned>(
     };
     let mut fields: serde_json::Value = match resp.status {
         // A lifecycle change: the state it leaves the VM in.
-        204 => serde_json::json!({ "state": state_after(req) }),
+        204 => match state_after(req) {
+            Some(state) => serde_json::json!({ "state": state }),
+            None => serde_json::json!({}),
+        },
         _ => serde_json::from_slice(&resp.body).map_err(|e| {
             bad(format!(
                 "{} {}: {e}",
@@ -68,11 +71,14 @@ pub fn call<T: DeserializeOwned>(
 }
 
 /// The state a request answered with 204 leaves the VM in.
-fn state_after(req: &Request) -> VmStatus {
+fn state_after(req: &Request) -> Option<VmStatus> {
     match req {
-        Request::Pause => VmStatus::Paused,
-        Request::Resume => VmStatus::Running,
-        _ => VmStatus::Stopped,
+        Request::Pause => Some(VmStatus::Paused),
+        Request::Resume | Request::Boot | Request::Receive(_) => Some(VmStatus::Running),
+        Request::Restore(r) if r.paused => Some(VmStatus::Paused),
+        Request::Restore(_) => Some(VmStatus::Running),
+        Request::Create(_) | Request::Delete => None,
+        _ => Some(VmStatus::Stopped),
     }
 }
 

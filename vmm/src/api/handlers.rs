@@ -4,31 +4,25 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use super::routes::{After, SNAPSHOT_IN_DIR};
+use super::setup::Setups;
 use super::wire::{self, Answer, Code, Failure, MigrateRequest, Request, StateAnswer, VmStatus};
 use crate::migrate::Control;
 use crate::monitor;
 use crate::vm::Vm;
 
-/// What the connection does after writing an answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum After {
-    /// Read the next request.
-    Nothing,
-    /// End the VM (and so the process).
-    Stop,
-    /// End the VM here: it now runs on a migration destination.
-    Migrated,
-}
-
-/// The VM a control socket serves, its outgoing migration's control (one at a time), and
-/// the migration counters of vm.counters.
+/// The VM a control socket serves (a `ferry serve` gets it later, from its API: `setups`),
+/// its outgoing migration's control (one at a time), and the migration counters of
+/// vm.counters.
 #[derive(Debug)]
 pub struct Served {
-    pub vm: std::sync::Arc<Vm>,
+    vm: OnceLock<Arc<Vm>>,
     pub control: Control,
     migrations: Migrations,
+    setups: Option<Setups>,
 }
 
 /// Outgoing migrations so far, by how they ended.
@@ -42,21 +36,42 @@ struct Migrations {
 }
 
 impl Served {
-    pub fn new(vm: std::sync::Arc<Vm>) -> Served {
+    /// Serves `vm`.
+    pub fn new(vm: Arc<Vm>) -> Served {
+        let s = Served::waiting(None);
+        let _ = s.vm.set(vm);
+        s
+    }
+
+    /// Serves no VM until [`Served::attach`] gives it one; `setups` make it.
+    pub fn waiting(setups: Option<Setups>) -> Served {
         Served {
-            vm,
+            vm: OnceLock::new(),
             control: Control::default(),
             migrations: Migrations::default(),
+            setups,
         }
+    }
+
+    /// The VM from now on (once: a later one is refused and handed back).
+    pub fn attach(&self, vm: Arc<Vm>) -> Result<(), Arc<Vm>> {
+        self.vm.set(vm)
+    }
+
+    /// The VM, once there is one.
+    pub fn vm(&self) -> Option<&Arc<Vm>> {
+        self.vm.get()
+    }
+
+    /// What makes the VM of a `ferry serve`.
+    pub fn setups(&self) -> Option<&Setups> {
+        self.setups.as_ref()
     }
 }
 
 fn state(vm: &Vm) -> VmStatus {
     vm.state().into()
 }
-
-/// The file a snapshot or restore URL that names a directory means, in that directory.
-pub const SNAPSHOT_IN_DIR: &str = "ferry.snap";
 
 /// A failed request's answer.
 fn fail(code: Code, message: String) -> (Answer, After) {
@@ -65,7 +80,15 @@ fn fail(code: Code, message: String) -> (Answer, After) {
 
 /// Answers one request; the caller writes the answer, then does what [`After`] says.
 pub fn handle(req: &Request, served: &Served) -> (Answer, After) {
-    let vm = &*served.vm;
+    match (served.vm(), req) {
+        (_, Request::Ping) => (Answer::Ping(ping()), After::Nothing),
+        (None, _) => super::setup::before_vm(req, served.setups()),
+        (Some(vm), _) => with_vm(req, served, vm),
+    }
+}
+
+/// Answers a request to the VM there is.
+fn with_vm(req: &Request, served: &Served, vm: &Vm) -> (Answer, After) {
     let done = |r: Result<(), crate::vm::Error>| match r {
         Ok(()) => (
             Answer::State(StateAnswer { state: state(vm) }),
@@ -75,9 +98,8 @@ pub fn handle(req: &Request, served: &Served) -> (Answer, After) {
     };
     let answer = |a: Answer| (a, After::Nothing);
     match req {
-        Request::Ping => answer(Answer::Ping(ping())),
         Request::Info => answer(Answer::Info(Box::new(info(vm)))),
-        Request::Counters => answer(Answer::Counters(counters(served))),
+        Request::Counters => answer(Answer::Counters(counters(served, vm))),
         Request::Status => answer(Answer::Status(wire::Status {
             state: state(vm),
             vcpus: vm.vcpu_states().into_iter().map(Into::into).collect(),
@@ -93,7 +115,7 @@ pub fn handle(req: &Request, served: &Served) -> (Answer, After) {
             false => fail(Code::WrongState, "no migration is in progress".into()),
         },
         Request::Cpuid => answer(Answer::Cpuid(Box::new(cpuid(vm)))),
-        Request::Migrate(m) => migrate(served, m),
+        Request::Migrate(m) => migrate(served, vm, m),
         Request::Snapshot { path, stop } => match snapshot(vm, path, *stop) {
             Ok(a) => {
                 let written = serde_json::json!({ "path": a.path, "bytes": a.bytes });
@@ -119,6 +141,15 @@ pub fn handle(req: &Request, served: &Served) -> (Answer, After) {
             }),
             After::Stop,
         ),
+        Request::Ping => answer(Answer::Ping(ping())),
+        Request::Create(_) | Request::Boot | Request::Restore(_) | Request::Receive(_) => {
+            let e = "this ferry has its VM already (one VM per ferry process)";
+            fail(Code::WrongState, e.into())
+        }
+        Request::Delete => {
+            let e = "the VM runs: vm.shutdown ends it (vm.delete drops a configuration not booted)";
+            fail(Code::WrongState, e.into())
+        }
     }
 }
 
@@ -181,10 +212,10 @@ fn info(vm: &Vm) -> wire::VmInfo {
     }
 }
 
-fn counters(served: &Served) -> wire::Counters {
+fn counters(served: &Served, vm: &Vm) -> wire::Counters {
     let mut all = wire::Counters::new();
-    for id in 0..served.vm.num_vcpus() {
-        if let Some(c) = served.vm.exit_counts(id) {
+    for id in 0..vm.num_vcpus() {
+        if let Some(c) = vm.exit_counts(id) {
             all.insert(
                 format!("vcpu{id}"),
                 [
@@ -235,8 +266,8 @@ fn cpuid(vm: &Vm) -> wire::Cpuid {
     }
 }
 
-fn migrate(served: &Served, m: &MigrateRequest) -> (Answer, After) {
-    let (vm, counts) = (&*served.vm, &served.migrations);
+fn migrate(served: &Served, vm: &Vm, m: &MigrateRequest) -> (Answer, After) {
+    let counts = &served.migrations;
     let url = &m.destination_url;
     if m.local {
         let e = "local: handing the guest's memory to a ferry on this host is not supported (its memory goes through the socket: send without local)";
@@ -286,7 +317,7 @@ fn migrate(served: &Served, m: &MigrateRequest) -> (Answer, After) {
                     code: Code::Cancelled,
                     message,
                     state: Some(state(vm)),
-                    report: Some(*report),
+                    report: Some(report),
                 }),
                 After::Nothing,
             )

@@ -9,10 +9,12 @@
 //! ```
 
 pub mod client;
+pub mod create;
 pub mod handlers;
 pub mod http;
 pub mod routes;
 pub mod server;
+pub mod setup;
 pub mod wire;
 
 pub use server::{ApiListener, ApiServer, Error, MAX_CONNECTIONS, MAX_REQUEST};

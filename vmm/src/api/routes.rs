@@ -13,15 +13,37 @@ use std::path::PathBuf;
 
 use serde::de::DeserializeOwned;
 
+use super::create::{CreateRequest, ReceiveRequest, RestoreRequest};
 use super::wire::{Answer, Code, Failure, MigrateRequest, Request, SnapshotRequest};
 
 /// Where the routes are.
 pub const PREFIX: &str = "/api/v1/";
 
+/// The file a snapshot or restore URL that names a directory means, in that directory.
+pub const SNAPSHOT_IN_DIR: &str = "ferry.snap";
+
+/// What the connection does after writing an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    /// Read the next request.
+    Nothing,
+    /// End the VM (and so the process).
+    Stop,
+    /// End the VM here: it now runs on a migration destination.
+    Migrated,
+    /// End this ferry, which has no VM (vmm.shutdown of a `ferry serve`).
+    Exit,
+}
+
 /// Every route: its method and its name under [`PREFIX`].
-pub const ROUTES: [(&str, &str); 14] = [
+pub const ROUTES: [(&str, &str); 19] = [
     ("GET", "vmm.ping"),
     ("PUT", "vmm.shutdown"),
+    ("PUT", "vm.create"),
+    ("PUT", "vm.boot"),
+    ("PUT", "vm.delete"),
+    ("PUT", "vm.restore"),
+    ("PUT", "vm.receive-migration"),
     ("GET", "vm.info"),
     ("GET", "vm.counters"),
     ("PUT", "vm.pause"),
@@ -91,12 +113,17 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Routed, Refusal> {
     let request = match name {
         "vm.snapshot" => snapshot(name, body)?,
         "vm.send-migration" => Request::Migrate(Box::new(parse::<MigrateRequest>(name, body)?)),
+        "vm.create" => Request::Create(Box::new(parse::<CreateRequest>(name, body)?)),
+        "vm.restore" => Request::Restore(parse::<RestoreRequest>(name, body)?),
+        "vm.receive-migration" => Request::Receive(Box::new(parse::<ReceiveRequest>(name, body)?)),
         _ => {
             no_body(name, body)?;
             match name {
                 "ferry.openapi" => return Ok(Routed::Openapi),
                 "vmm.ping" => Request::Ping,
                 "vmm.shutdown" => Request::Shutdown,
+                "vm.boot" => Request::Boot,
+                "vm.delete" => Request::Delete,
                 "vm.info" => Request::Info,
                 "vm.counters" => Request::Counters,
                 "vm.pause" => Request::Pause,
@@ -187,6 +214,11 @@ pub fn to_http(req: &Request) -> (&'static str, String, Option<Vec<u8>>) {
             ("PUT", "vm.snapshot", serde_json::to_vec(&body).ok())
         }
         Request::Migrate(m) => ("PUT", "vm.send-migration", serde_json::to_vec(m).ok()),
+        Request::Create(c) => ("PUT", "vm.create", serde_json::to_vec(c).ok()),
+        Request::Boot => ("PUT", "vm.boot", None),
+        Request::Delete => ("PUT", "vm.delete", None),
+        Request::Restore(r) => ("PUT", "vm.restore", serde_json::to_vec(r).ok()),
+        Request::Receive(r) => ("PUT", "vm.receive-migration", serde_json::to_vec(r).ok()),
     };
     (method, format!("{PREFIX}{name}"), body)
 }
@@ -217,6 +249,21 @@ mod tests {
                 destination_url: "unix:/tmp/m.sock".into(),
                 max_downtime_ms: Some(5.0),
                 postcopy_after: Some(0),
+                ..Default::default()
+            })),
+            Request::Create(Box::new(
+                serde_json::from_str(r#"{"payload":{"kernel":"/k"},"memory":{"size":1}}"#).unwrap(),
+            )),
+            Request::Boot,
+            Request::Delete,
+            Request::Restore(RestoreRequest {
+                source_url: "file:///tmp/x".into(),
+                prefault: false,
+                paused: true,
+            }),
+            Request::Receive(Box::new(ReceiveRequest {
+                receiver_url: "unix:/tmp/r.sock".into(),
+                max_vcpus: Some(2),
                 ..Default::default()
             })),
         ];
@@ -335,7 +382,15 @@ mod examples {
             Request::Snapshot { .. } => reads_back::<wire::Snapshot>(body),
             Request::Migrate(_) => reads_back::<wire::Migrated>(body),
             Request::Cancel => reads_back::<wire::Cancelled>(body),
-            Request::Pause | Request::Resume | Request::Stop | Request::Shutdown => false,
+            Request::Pause
+            | Request::Resume
+            | Request::Stop
+            | Request::Shutdown
+            | Request::Create(_)
+            | Request::Boot
+            | Request::Delete
+            | Request::Restore(_)
+            | Request::Receive(_) => false,
         }
     }
 

@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::handlers::{self, After, Served};
+use super::handlers::{self, Served};
 use super::http;
-use super::routes::{self, Routed};
+use super::routes::{self, After, Routed};
 use super::wire::{Answer, Code, Failure};
 use crate::vm::Vm;
 
@@ -115,8 +115,12 @@ impl ApiListener {
     }
 
     /// Serves `vm` on a background thread.
-    pub fn serve(mut self, vm: Arc<Vm>) -> Result<ApiServer, Error> {
-        let served = Arc::new(Served::new(vm));
+    pub fn serve(self, vm: Arc<Vm>) -> Result<ApiServer, Error> {
+        self.serve_with(Arc::new(Served::new(vm)))
+    }
+
+    /// Serves `served` (which may get its VM later) on a background thread.
+    pub fn serve_with(mut self, served: Arc<Served>) -> Result<ApiServer, Error> {
         // From here the server's Drop removes the socket file.
         let path = std::mem::take(&mut self.path);
         let Some(listener) = self.listener.take() else {
@@ -226,14 +230,22 @@ fn serve(stream: UnixStream, served: &Served) {
             After::Nothing if written.is_ok() && !close => {}
             After::Nothing => return,
             After::Stop => {
-                served.vm.request_stop("control socket");
+                if let Some(vm) = served.vm() {
+                    vm.request_stop("control socket");
+                }
                 return;
             }
             After::Migrated => {
                 crate::migrate::step_aside();
-                served
-                    .vm
-                    .request_stop("migration (the guest runs on the destination now)");
+                if let Some(vm) = served.vm() {
+                    vm.request_stop("migration (the guest runs on the destination now)");
+                }
+                return;
+            }
+            After::Exit => {
+                if let Some(s) = served.setups() {
+                    s.exit();
+                }
                 return;
             }
         }

@@ -14,6 +14,8 @@
 //! PUT  vm.snapshot SnapshotRequest   -> Snapshot { state, path, bytes, memory_ranges, ms }
 //! PUT  vm.send-migration MigrateRequest -> Migrated { state, report }
 //! PUT  ferry.cancel                  -> Cancelled { cancelled }
+//! PUT  vm.create CreateRequest | vm.boot | vm.restore RestoreRequest
+//!      | vm.receive-migration ReceiveRequest (crate::api::create) -> 204
 //! any, failed                        -> Failure { code, message, state?, report? }
 //! ```
 
@@ -48,6 +50,13 @@ pub enum Request {
         stop: bool,
     },
     Migrate(Box<MigrateRequest>),
+    /// vm.create: a `ferry serve`'s VM, kept until vm.boot.
+    Create(Box<super::create::CreateRequest>),
+    Boot,
+    /// vm.delete: the configuration vm.create kept, before vm.boot.
+    Delete,
+    Restore(super::create::RestoreRequest),
+    Receive(Box<super::create::ReceiveRequest>),
 }
 
 /// vm.snapshot's body: Cloud Hypervisor's `destination_url` (`file:///PATH`: a file, or
@@ -271,7 +280,7 @@ pub struct Failure {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<VmStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub report: Option<Report>,
+    pub report: Option<Box<Report>>,
 }
 
 impl Failure {

@@ -15,8 +15,44 @@ use vmm::config::DEFAULT_CMDLINE;
     about = "A KVM virtual machine monitor that live-migrates guests across CPU vendors"
 )]
 pub struct Cli {
+    /// What ferry logs to stderr: error, warn (the default), info, debug or trace (before
+    /// or after the command; RUST_LOG, env_logger's syntax, says it per module instead).
+    #[arg(long, global = true, value_enum)]
+    pub log_level: Option<LogLevel>,
+    /// More log lines: -v info, -vv debug, -vvv trace.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     #[command(subcommand)]
     pub cmd: Cmd,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl Cli {
+    /// The log level the command line asks for (--log-level, else -v), if any.
+    pub fn log_filter(&self) -> Option<log::LevelFilter> {
+        use log::LevelFilter as F;
+        match (self.log_level, self.verbose) {
+            (Some(l), _) => Some(match l {
+                LogLevel::Error => F::Error,
+                LogLevel::Warn => F::Warn,
+                LogLevel::Info => F::Info,
+                LogLevel::Debug => F::Debug,
+                LogLevel::Trace => F::Trace,
+            }),
+            (None, 0) => None,
+            (None, 1) => Some(F::Info),
+            (None, 2) => Some(F::Debug),
+            (None, _) => Some(F::Trace),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -29,6 +65,9 @@ pub enum Cmd {
     Restore(RestoreArgs),
     /// Wait for one VM from a migrating ferry, check it, restore it and run it.
     Receive(ReceiveArgs),
+    /// Serve the control API with no VM yet: a program then creates and boots one,
+    /// restores one or receives one through it (docs/api.md).
+    Serve(ServeArgs),
     /// The guest CPU model: dump this host, baseline hosts, check and show profiles.
     #[command(subcommand)]
     Cpu(super::cpu::CpuCmd),
@@ -233,6 +272,8 @@ impl SandboxArg {
             ),
         }
         vmm::sandbox::set_mode(self.seccomp, self.user)?;
+        // Before any other thread: SIGTERM and SIGINT go to a thread of their own.
+        vmm::signals::start().context("starting the signal thread")?;
         if self.user.is_some() {
             vmm::vm::keep_kvm_open()?;
         }
@@ -252,6 +293,19 @@ pub struct RestoreArgs {
     pub api_socket: Option<PathBuf>,
     #[command(flatten)]
     pub devices: DeviceArgs,
+    #[command(flatten)]
+    pub debug: DebugConsoleArg,
+    #[command(flatten)]
+    pub monitor: MonitorArg,
+    #[command(flatten)]
+    pub sandbox: SandboxArg,
+}
+
+#[derive(Parser, Debug)]
+pub struct ServeArgs {
+    /// Serve the control API at this path (HTTP on a Unix socket, mode 0600).
+    #[arg(long)]
+    pub api_socket: PathBuf,
     #[command(flatten)]
     pub debug: DebugConsoleArg,
     #[command(flatten)]
@@ -384,6 +438,23 @@ pub enum CtlCmd {
     Status,
     /// This ferry's version and features (vmm.ping).
     Ping,
+    /// A `ferry serve`: keep a VM's configuration, a JSON file as vm.create takes it
+    /// (docs/api.md; `-`: stdin).
+    Create { config: PathBuf },
+    /// A `ferry serve`: build and start the VM created.
+    Boot,
+    /// A `ferry serve`: drop the configuration created and not booted.
+    Delete,
+    /// A `ferry serve`: continue the VM of a snapshot file here.
+    Restore {
+        file: PathBuf,
+        /// Keep the guest paused until `resume`.
+        #[arg(long)]
+        paused: bool,
+    },
+    /// A `ferry serve`: wait for a VM from a migrating ferry at tcp:ADDR:PORT or unix:PATH
+    /// and run it (answers once it runs here).
+    Receive { url: String },
     /// The VM's configuration and state (vm.info).
     Info,
     /// The VM's counters: vCPU exits, migrations (vm.counters).

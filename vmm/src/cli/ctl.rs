@@ -51,11 +51,18 @@ pub fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
                 st.memory >> 20
             )
         }),
-        Request::Pause | Request::Resume | Request::Stop | Request::Shutdown => {
-            call(s, &req, a.json, |st: wire::StateAnswer| {
-                format!("state: {}", st.state)
-            })
-        }
+        Request::Pause
+        | Request::Resume
+        | Request::Stop
+        | Request::Shutdown
+        | Request::Boot
+        | Request::Restore(_)
+        | Request::Receive(_) => call(s, &req, a.json, |st: wire::StateAnswer| {
+            format!("state: {}", st.state)
+        }),
+        Request::Create(_) | Request::Delete => call(s, &req, a.json, |_: serde_json::Value| {
+            format!("{name}: done")
+        }),
         Request::Cancel => call(s, &req, a.json, |_: wire::Cancelled| {
             "migration cancelled; the guest runs here".to_string()
         }),
@@ -153,6 +160,11 @@ fn command_name(req: &Request) -> &'static str {
         Request::Cancel => "cancel",
         Request::Snapshot { .. } => "snapshot",
         Request::Migrate(_) => "migrate",
+        Request::Create(_) => "create",
+        Request::Boot => "boot",
+        Request::Delete => "delete",
+        Request::Restore(_) => "restore",
+        Request::Receive(_) => "receive",
     }
 }
 
@@ -162,6 +174,18 @@ fn request(cmd: &CtlCmd) -> anyhow::Result<Request> {
     let absolute = |p: &Path| std::path::absolute(p).with_context(|| format!("{}", p.display()));
     Ok(match cmd {
         CtlCmd::Status => Request::Status,
+        CtlCmd::Create { config } => Request::Create(Box::new(read_config(config)?)),
+        CtlCmd::Boot => Request::Boot,
+        CtlCmd::Delete => Request::Delete,
+        CtlCmd::Restore { file, paused } => Request::Restore(vmm::api::create::RestoreRequest {
+            source_url: format!("file://{}", absolute(file)?.display()),
+            prefault: false,
+            paused: *paused,
+        }),
+        CtlCmd::Receive { url } => Request::Receive(Box::new(vmm::api::create::ReceiveRequest {
+            receiver_url: url.clone(),
+            ..Default::default()
+        })),
         CtlCmd::Ping => Request::Ping,
         CtlCmd::Info => Request::Info,
         CtlCmd::Counters => Request::Counters,
@@ -205,6 +229,16 @@ fn request(cmd: &CtlCmd) -> anyhow::Result<Request> {
             ..Default::default()
         })),
     })
+}
+
+/// vm.create's body from a JSON file (`-`: stdin), as ch-remote create takes it.
+fn read_config(path: &Path) -> anyhow::Result<vmm::api::create::CreateRequest> {
+    let text = if path == Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading the VM config from stdin")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?
+    };
+    serde_json::from_str(&text).with_context(|| format!("VM config {}", path.display()))
 }
 
 /// One progress line of a running migration.

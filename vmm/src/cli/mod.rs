@@ -1,11 +1,14 @@
-//! The `ferry` command line: arguments ([`args`]), the VM-running commands ([`run`]), the
-//! control-socket client ([`ctl`]) and the CPU model commands ([`cpu`]). Prints for people;
+//! The `ferry` command line: arguments ([`args`]), the VM-running commands ([`run`],
+//! [`receive`], [`serve`]), the control-socket client ([`ctl`]) and the CPU model commands
+//! ([`cpu`]). Prints for people;
 //! errors are one line on stderr and a non-zero exit status.
 
 pub mod args;
 pub mod cpu;
 pub mod ctl;
+pub mod receive;
 pub mod run;
+pub mod serve;
 
 use std::process::ExitCode;
 
@@ -17,7 +20,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Run(a) => run::run(a),
         Cmd::Ctl(a) => ctl::ctl(a),
         Cmd::Restore(a) => run::restore(a),
-        Cmd::Receive(a) => run::receive(a),
+        Cmd::Receive(a) => receive::receive(a),
+        Cmd::Serve(a) => serve::serve(a),
         Cmd::Cpu(c) => cpu::run(c),
         Cmd::Key(args::KeyCmd::Generate { file }) => {
             vmm::migrate::key::generate(&file)?;
@@ -100,7 +104,7 @@ mod tests {
                     .unwrap_or(&cmd)
                     .to_string();
                 let cmd = cmd.split(" # ").next().unwrap_or("").trim().to_string();
-                let verbs = ["run", "ctl", "restore", "receive", "cpu"];
+                let verbs = ["run", "ctl", "restore", "receive", "cpu", "serve"];
                 if verbs
                     .iter()
                     .any(|v| cmd.starts_with(&format!("ferry {v} ")))

@@ -1,5 +1,6 @@
-//! `ferry run`, `ferry restore` and `ferry receive`: build or take in a VM, then run it until
-//! it ends (control socket, console input, VM events).
+//! `ferry run` and `ferry restore`: build or take in a VM, then run it until it ends
+//! ([`run_vm`]: control socket, console input, VM events; `ferry receive` and `ferry serve`
+//! end the same way).
 
 use std::io::Read;
 use std::process::ExitCode;
@@ -7,11 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use vmm::api::handlers::Served;
 use vmm::config::{parse_size, VmConfig};
 use vmm::devices::serial::FlushingWriter;
 use vmm::{api, vm, VmEvent};
 
-use super::args::{read_key, ReceiveArgs, RestoreArgs, RunArgs};
+use super::args::{RestoreArgs, RunArgs};
 
 pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     a.sandbox.apply()?;
@@ -50,14 +52,22 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     };
     a.debug.open()?.attach(&vm);
     let api = bind_api(a.api_socket.as_deref())?;
-    serve(vm, api, Some("booted"))
+    run_vm(Arc::new(vm), api, Some("booted"))
+}
+
+/// The control socket of a VM about to run: none, bound and not served yet, or served
+/// already (`ferry serve`, whose server has the VM attached).
+pub enum Api {
+    None,
+    Bound(api::ApiListener),
+    Serving(api::ApiServer, Arc<Served>),
 }
 
 /// Binds the control socket, if one was asked for (served once the VM exists).
-fn bind_api(path: Option<&std::path::Path>) -> anyhow::Result<Option<api::ApiListener>> {
+pub fn bind_api(path: Option<&std::path::Path>) -> anyhow::Result<Api> {
     Ok(match path {
-        Some(p) => Some(api::ApiServer::bind(p)?),
-        None => None,
+        Some(p) => Api::Bound(api::ApiServer::bind(p)?),
+        None => Api::None,
     })
 }
 
@@ -90,22 +100,23 @@ fn boot_image(
 
 /// Runs a built (or restored) VM until it ends: control socket (bound already), console
 /// input, events. `start`: the event that says the VM started, if it is to start here.
-fn serve(
-    vm: vmm::Vm,
-    api: Option<api::ApiListener>,
-    start: Option<&str>,
-) -> anyhow::Result<ExitCode> {
-    let vm = Arc::new(vm);
+pub fn run_vm(vm: Arc<vmm::Vm>, api: Api, start: Option<&str>) -> anyhow::Result<ExitCode> {
     // Everything that needs root is open: become --user (a restore or a destination
     // already has).
-    if let Some(l) = &api {
+    if let Api::Bound(l) = &api {
         vmm::sandbox::hand_over(l.path())?;
     }
     vmm::sandbox::drop_privileges()?;
-    let _api = match api {
-        Some(l) => Some(l.serve(vm.clone())?),
-        None => None,
+    let (served, _api) = match api {
+        Api::Bound(l) => {
+            let served = Arc::new(Served::new(vm.clone()));
+            (served.clone(), Some(l.serve_with(served)?))
+        }
+        Api::Serving(server, served) => (served, Some(server)),
+        Api::None => (Arc::new(Served::new(vm.clone())), None),
     };
+    // SIGTERM and SIGINT stop this VM in order from now on.
+    vmm::signals::watch(served);
     vmm::timeline::mark("control socket");
     console_input(vm.clone())?;
     if let Some(event) = start {
@@ -188,7 +199,7 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     let debug = a.debug.open()?;
     vmm::vm::keep_kvm_open()?;
     let api = bind_api(a.api_socket.as_deref())?;
-    if let Some(l) = &api {
+    if let Api::Bound(l) = &api {
         vmm::sandbox::hand_over(l.path())?;
     }
     vmm::sandbox::drop_privileges()?;
@@ -196,127 +207,5 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     let console = Box::new(FlushingWriter(std::io::stdout()));
     let vm = vmm::snapshot::restore_from(file, &mut devices, console).with_context(what)?;
     debug.attach(&vm);
-    serve(vm, api, (!a.paused).then_some("restored"))
-}
-
-/// What `ferry receive` was asked for: where it listens and how it takes a VM (the disks
-/// and taps given opened).
-fn receive_options(
-    a: &ReceiveArgs,
-) -> anyhow::Result<(vmm::migrate::Address, vmm::migrate::ReceiveOptions)> {
-    let addr: vmm::migrate::Address = a.listen.parse()?;
-    let host = match &a.host {
-        Some(p) => Some(cpuid::dump::load(p).with_context(|| format!("--host {}", p.display()))?),
-        None => None,
-    };
-    let key = a.key_file.as_deref().map(read_key).transpose()?;
-    let tls = a
-        .tls_dir
-        .as_deref()
-        .map(|d| vmm::migrate::DestinationTls::load(d)?.allow(a.tls_allow.clone()))
-        .transpose()?;
-    if key.is_none() && tls.is_none() {
-        vmm::migrate::check_local(&addr)?;
-    }
-    anyhow::ensure!(
-        !a.peer_timeout.is_zero(),
-        "--peer-timeout must be more than 0"
-    );
-    let opts = vmm::migrate::ReceiveOptions {
-        host,
-        key,
-        tls,
-        deadline: a.deadline,
-        peer_timeout: a.peer_timeout,
-        devices: a.devices.parse()?.open()?,
-        max_memory: match &a.max_memory {
-            Some(m) => parse_size(m).context("--max-memory")?,
-            None => vmm::migrate::host_memory_limit(),
-        },
-        max_vcpus: a.max_vcpus.unwrap_or_else(vmm::migrate::host_vcpu_limit),
-    };
-    Ok((addr, opts))
-}
-
-/// `ferry receive`: what needs root is opened first (the listener, the disks and taps
-/// given, /dev/kvm, the debug console); then ferry becomes --user and enters its filter
-/// (the destination's), takes the first source that authenticates (each handshake on a
-/// thread filtered as one), and receives its VM on a thread filtered as the receiver,
-/// which parses the source's stream and starts no thread itself (the spawner does).
-pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
-    a.sandbox.apply()?;
-    a.monitor.start()?;
-    // Postcopy needs a userfaultfd that reports the kernel's faults too (KVM's), which
-    // only a privileged process may open: opened now, before --user drops privileges.
-    if a.sandbox.user.is_some() {
-        if let Err(e) = vmm::migrate::keep_userfaultfd_open() {
-            log::warn!("postcopy will be refused: {e}");
-        }
-    }
-    let (addr, opts) = receive_options(&a)?;
-    if opts.key.is_some() || opts.tls.is_some() {
-        // The TLS library's first use costs milliseconds: not a source's.
-        vmm::migrate::warm_up_tls();
-    }
-    let debug = a.debug.open()?;
-    vmm::vm::keep_kvm_open()?;
-    let listener = vmm::migrate::Listener::bind(&addr)?;
-    if let vmm::migrate::Address::Unix(path) = &addr {
-        vmm::sandbox::hand_over(path)?;
-    }
-    vmm::sandbox::drop_privileges()?;
-    vmm::sandbox::enter(vmm::sandbox::Kind::Launcher)?;
-    vmm::sandbox::start_spawner().context("starting the spawner thread")?;
-    say_waiting(&a.listen, &opts);
-    vmm::monitor::emit("vm", "migration-receive-ready", None);
-    let source = vmm::migrate::accept_source(listener, &opts)?;
-    vmm::monitor::emit("vm", "migration-receive-started", None);
-    // Run the guest as soon as the source commits: the control socket and the rest follow.
-    let mut commit_to_run = Duration::ZERO;
-    let received = std::thread::scope(|s| {
-        let receiving = std::thread::Builder::new()
-            .name("mig-receive".into())
-            .spawn_scoped(s, || {
-                vmm::sandbox::enter_or_exit(vmm::sandbox::Kind::Receiver);
-                let console = Box::new(FlushingWriter(std::io::stdout()));
-                vmm::migrate::receive_source(source, opts, console, |vm| {
-                    let committed = std::time::Instant::now();
-                    debug.attach(vm);
-                    vm.start()?;
-                    commit_to_run = committed.elapsed();
-                    vmm::monitor::emit("vm", "migration-receive-finished", None);
-                    Ok(())
-                })
-            })
-            .context("starting the receiving thread")?;
-        receiving
-            .join()
-            .map_err(|_| anyhow::anyhow!("the receiving thread panicked"))
-    })?;
-    let vm = received.inspect_err(|e| {
-        let failed = serde_json::json!({ "message": e.to_string() });
-        vmm::monitor::emit("vm", "migration-receive-failed", Some(failed));
-    })?;
-    eprintln!(
-        "ferry: received the VM ({} MiB, {} vCPUs, CPU profile {}); running it ({:.1} ms after Commit)",
-        vm.memory_size() >> 20,
-        vm.num_vcpus(),
-        vm.cpu_profile().name,
-        commit_to_run.as_secs_f64() * 1e3
-    );
-    let api = bind_api(a.api_socket.as_deref())?;
-    serve(vm, api, None)
-}
-
-/// The line that says a destination waits, and whom it takes.
-fn say_waiting(listen: &str, opts: &vmm::migrate::ReceiveOptions) {
-    eprintln!(
-        "ferry: waiting for a VM on {listen} ({})",
-        match (opts.key.is_some(), opts.tls.is_some()) {
-            (true, true) => "TLS: the source needs a certificate of the CA and the shared key",
-            (false, true) => "TLS: the source needs a certificate of the CA",
-            (true, false) => "TLS: the source must prove the shared key",
-            (false, false) => "no key: local connections only, unencrypted",
-        }
-    );
+    run_vm(Arc::new(vm), api, (!a.paused).then_some("restored"))
 }

@@ -255,6 +255,11 @@ impl Control {
     }
 
     /// The running outgoing migration's progress.
+    /// Whether a migration is under way.
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::SeqCst)
+    }
+
     pub fn progress(&self) -> Option<Progress> {
         self.progress
             .lock()

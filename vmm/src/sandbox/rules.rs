@@ -173,6 +173,10 @@ const RECEIVER: &[c_long] = &[
 /// A handshake with a would-be source: TLS and the key's proofs over its connection.
 const HANDSHAKE: &[c_long] = &[];
 
+/// The signal thread: waits for SIGTERM or SIGINT (sigwait), then cancels a migration
+/// (atomics), asks the VM to stop (a channel) or exits.
+const SIGNALS: &[c_long] = &[SYS_rt_sigtimedwait];
+
 /// Which ioctl requests a kind may make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ioctl {
@@ -222,6 +226,7 @@ fn args(kind: Kind) -> Args {
             ),
             Kind::Main => (&[COMMON, MAIN], &[Kvm], Open::Never, false),
             Kind::Handshake => (&[COMMON, CONN, HANDSHAKE], &[], Open::Never, false),
+            Kind::Signals => (&[COMMON, SIGNALS], &[], Open::Never, false),
             Kind::Receiver => (
                 &[COMMON, CONN, RECEIVER],
                 &[Kvm, Uffd, TunOffload],
