@@ -98,6 +98,42 @@ fn several_and_malformed_requests(path: &std::path::Path) {
     assert_eq!(s, 400);
 }
 
+/// Prometheus' text format: `# HELP`/`# TYPE` lines, then `name{labels} value` samples of
+/// the families declared.
+fn check_metrics(text: &str) {
+    let mut declared = std::collections::BTreeSet::new();
+    let mut samples = 0;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(["counter", "gauge"].contains(&kind), "{line}");
+            declared.insert(name.to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        value
+            .parse::<f64>()
+            .unwrap_or_else(|e| panic!("{line}: {e}"));
+        let name = series.split('{').next().unwrap();
+        assert!(declared.contains(name), "{name} has no TYPE: {text}");
+        samples += 1;
+    }
+    assert!(samples >= 10, "{text}");
+    assert!(text.contains("ferry_vm_memory_bytes 67108864"), "{text}");
+    assert!(text.contains("ferry_vm_vcpus 2"), "{text}");
+    assert!(
+        text.contains(r#"ferry_vcpu_exits_total{vcpu="1",reason="io_out"} "#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"ferry_migrations_total{outcome="started"} 0"#),
+        "{text}"
+    );
+}
+
 #[test]
 fn status_pause_resume_stop_and_bad_requests() {
     // The control socket's threads and the vCPUs under ferry's filters, as in `ferry run`.
@@ -143,6 +179,10 @@ fn status_pause_resume_stop_and_bad_requests() {
     let counters = counters.answer.unwrap();
     assert_eq!(counters["migration"]["started"], 0, "{counters}");
     assert!(counters["vcpu1"]["io_out"].as_u64().is_some(), "{counters}");
+
+    let metrics = request(&path, "GET", "/api/v1/ferry.metrics", None, LIMIT).unwrap();
+    assert_eq!(metrics.status, 200);
+    check_metrics(&String::from_utf8(metrics.body).unwrap());
 
     let none = call::<Value>(&path, &Request::Cancel, LIMIT).unwrap();
     assert!(none.line.contains(r#""ok":false"#), "{}", none.line);

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::routes::{After, SNAPSHOT_IN_DIR};
 use super::setup::Setups;
+use super::views;
 use super::wire::{self, Answer, Code, Failure, MigrateRequest, Request, StateAnswer, VmStatus};
 use crate::migrate::Control;
 use crate::monitor;
@@ -81,7 +82,7 @@ fn fail(code: Code, message: String) -> (Answer, After) {
 /// Answers one request; the caller writes the answer, then does what [`After`] says.
 pub fn handle(req: &Request, served: &Served) -> (Answer, After) {
     match (served.vm(), req) {
-        (_, Request::Ping) => (Answer::Ping(ping()), After::Nothing),
+        (_, Request::Ping) => (Answer::Ping(views::ping()), After::Nothing),
         (None, _) => super::setup::before_vm(req, served.setups()),
         (Some(vm), _) => with_vm(req, served, vm),
     }
@@ -98,8 +99,14 @@ fn with_vm(req: &Request, served: &Served, vm: &Vm) -> (Answer, After) {
     };
     let answer = |a: Answer| (a, After::Nothing);
     match req {
-        Request::Info => answer(Answer::Info(Box::new(info(vm)))),
-        Request::Counters => answer(Answer::Counters(counters(served, vm))),
+        Request::Info => answer(Answer::Info(Box::new(views::info(vm)))),
+        Request::Counters | Request::Metrics => {
+            let counters = views::counters(vm, &migration_counts(served));
+            match req {
+                Request::Metrics => answer(Answer::Metrics(views::metrics(vm, &counters))),
+                _ => answer(Answer::Counters(counters)),
+            }
+        }
         Request::Status => answer(Answer::Status(wire::Status {
             state: state(vm),
             vcpus: vm.vcpu_states().into_iter().map(Into::into).collect(),
@@ -116,15 +123,7 @@ fn with_vm(req: &Request, served: &Served, vm: &Vm) -> (Answer, After) {
         },
         Request::Cpuid => answer(Answer::Cpuid(Box::new(cpuid(vm)))),
         Request::Migrate(m) => migrate(served, vm, m),
-        Request::Snapshot { path, stop } => match snapshot(vm, path, *stop) {
-            Ok(a) => {
-                let written = serde_json::json!({ "path": a.path, "bytes": a.bytes });
-                monitor::emit("vm", "snapshotted", Some(written));
-                let after = if *stop { After::Stop } else { After::Nothing };
-                (Answer::Snapshot(a), after)
-            }
-            Err((code, e)) => fail(code, format!("snapshot to {}: {e}", path.display())),
-        },
+        Request::Snapshot { path, stop } => snapshot_answer(vm, path, *stop),
         Request::Pause => done({
             let _lifecycle = vm.lifecycle();
             vm.pause().inspect(|()| monitor::emit("vm", "paused", None))
@@ -141,7 +140,7 @@ fn with_vm(req: &Request, served: &Served, vm: &Vm) -> (Answer, After) {
             }),
             After::Stop,
         ),
-        Request::Ping => answer(Answer::Ping(ping())),
+        Request::Ping => answer(Answer::Ping(views::ping())),
         Request::Create(_) | Request::Boot | Request::Restore(_) | Request::Receive(_) => {
             let e = "this ferry has its VM already (one VM per ferry process)";
             fail(Code::WrongState, e.into())
@@ -153,100 +152,30 @@ fn with_vm(req: &Request, served: &Served, vm: &Vm) -> (Answer, After) {
     }
 }
 
-/// vmm.ping's answer: this ferry's version and what it can do beyond Cloud Hypervisor's API.
-pub fn ping() -> wire::Ping {
-    let version = env!("CARGO_PKG_VERSION").to_string();
-    wire::Ping {
-        build_version: format!("ferry {version}"),
-        version,
-        pid: std::process::id(),
-        features: [
-            "cpu-profiles",
-            "cross-vendor",
-            "postcopy",
-            "migration-tls",
-            "migration-key",
-        ]
-        .map(String::from)
-        .to_vec(),
+/// vm.snapshot's answer, and its event.
+fn snapshot_answer(vm: &Vm, path: &Path, stop: bool) -> (Answer, After) {
+    match snapshot(vm, path, stop) {
+        Ok(a) => {
+            let written = serde_json::json!({ "path": a.path, "bytes": a.bytes });
+            monitor::emit("vm", "snapshotted", Some(written));
+            let after = if stop { After::Stop } else { After::Nothing };
+            (Answer::Snapshot(a), after)
+        }
+        Err((code, e)) => fail(code, format!("snapshot to {}: {e}", path.display())),
     }
 }
 
-fn info(vm: &Vm) -> wire::VmInfo {
-    let mut disks = Vec::new();
-    let mut net = Vec::new();
-    for b in vm.devices().virtio_backends() {
-        match b {
-            migration::DeviceBackend::Disk {
-                path, read_only, ..
-            } => disks.push(wire::DiskConfig {
-                path,
-                readonly: read_only,
-            }),
-            migration::DeviceBackend::Net { mac, tap } => net.push(wire::NetConfig {
-                tap,
-                mac: mac.map(|b| format!("{b:02x}")).join(":"),
-            }),
-        }
-    }
-    wire::VmInfo {
-        config: wire::VmInfoConfig {
-            cpus: wire::CpusConfig {
-                boot_vcpus: vm.num_vcpus(),
-                max_vcpus: vm.num_vcpus(),
-            },
-            memory: wire::MemoryConfig {
-                size: vm.memory_size(),
-            },
-            disks,
-            net,
-            cpu_profile: vm.cpu_profile().name.clone(),
-        },
-        state: match vm.state() {
-            crate::vcpu::RunState::Running => "Running",
-            crate::vcpu::RunState::Paused => "Paused",
-            crate::vcpu::RunState::Stopped => "Shutdown",
-        }
-        .into(),
-        memory_actual_size: vm.memory_size(),
-    }
-}
-
-fn counters(served: &Served, vm: &Vm) -> wire::Counters {
-    let mut all = wire::Counters::new();
-    for id in 0..vm.num_vcpus() {
-        if let Some(c) = vm.exit_counts(id) {
-            all.insert(
-                format!("vcpu{id}"),
-                [
-                    ("io_in", c.io_in),
-                    ("io_out", c.io_out),
-                    ("mmio_read", c.mmio_read),
-                    ("mmio_write", c.mmio_write),
-                    ("hlt", c.hlt),
-                    ("interrupted", c.interrupted),
-                    ("system_event", c.system_event),
-                ]
-                .map(|(k, v)| (k.to_string(), v))
-                .into(),
-            );
-        }
-    }
+/// The migration counters of vm.counters and ferry.metrics.
+fn migration_counts(served: &Served) -> [(&'static str, u64); 5] {
     let m = &served.migrations;
     let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    all.insert(
-        "migration".into(),
-        [
-            ("started", l(&m.started)),
-            ("completed", l(&m.completed)),
-            ("cancelled", l(&m.cancelled)),
-            ("failed", l(&m.failed)),
-            ("bytes_sent", l(&m.bytes)),
-        ]
-        .map(|(k, v)| (k.to_string(), v))
-        .into(),
-    );
-    all
+    [
+        ("started", l(&m.started)),
+        ("completed", l(&m.completed)),
+        ("cancelled", l(&m.cancelled)),
+        ("failed", l(&m.failed)),
+        ("bytes_sent", l(&m.bytes)),
+    ]
 }
 
 fn cpuid(vm: &Vm) -> wire::Cpuid {

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! Reader::request(stream) -> Request { method, path, body, close } | Malformed(status, why)
-//! write_response(stream, status, body)     (204: no body)
+//! write_response(stream, Out { status, body, .. })     (204: no body)
 //! Reader::response(stream) -> Response { status, body }
 //! ```
 
@@ -238,21 +238,45 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Writes a response: `body` as JSON (none with 204); `close` says the connection ends;
-/// `allow`, the methods a route takes (with 405).
-pub fn write_response(
-    out: &mut impl Write,
-    status: u16,
-    body: &[u8],
-    close: bool,
-    allow: Option<&str>,
-) -> std::io::Result<()> {
+/// A response to write: `body` of `content_type` (none with 204); `close` says the
+/// connection ends; `allow`, the methods a route takes (with 405).
+#[derive(Debug, Clone, Copy)]
+pub struct Out<'a> {
+    pub status: u16,
+    pub body: &'a [u8],
+    pub content_type: &'a str,
+    pub close: bool,
+    pub allow: Option<&'a str>,
+}
+
+impl<'a> Out<'a> {
+    /// A JSON body, the connection kept, no Allow.
+    pub fn json(status: u16, body: &'a [u8]) -> Out<'a> {
+        Out {
+            status,
+            body,
+            content_type: "application/json",
+            close: false,
+            allow: None,
+        }
+    }
+}
+
+/// Writes a response.
+pub fn write_response(out: &mut impl Write, o: Out<'_>) -> std::io::Result<()> {
+    let Out {
+        status,
+        body,
+        content_type,
+        close,
+        allow,
+    } = o;
     let mut head = format!("HTTP/1.1 {status} {}\r\n", reason(status));
     if let Some(methods) = allow {
         head.push_str(&format!("Allow: {methods}\r\n"));
     }
     if status != 204 {
-        head.push_str("Content-Type: application/json\r\n");
+        head.push_str(&format!("Content-Type: {content_type}\r\n"));
         head.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     if close {
@@ -354,8 +378,12 @@ mod tests {
         assert_eq!(req.body, b"x");
         assert_eq!(out, b"HTTP/1.1 100 Continue\r\n\r\n");
         let mut wire = out;
-        write_response(&mut wire, 204, b"ignored", false, None).unwrap();
-        write_response(&mut wire, 409, br#"{"code":"busy"}"#, true, None).unwrap();
+        write_response(&mut wire, Out::json(204, b"ignored")).unwrap();
+        let busy = Out {
+            close: true,
+            ..Out::json(409, br#"{"code":"busy"}"#)
+        };
+        write_response(&mut wire, busy).unwrap();
         let mut r = Reader::default();
         let mut s = &wire[..];
         assert_eq!(r.response(&mut s, 100).unwrap().status, 204);

@@ -15,6 +15,7 @@ pub mod http;
 pub mod routes;
 pub mod server;
 pub mod setup;
+pub mod views;
 pub mod wire;
 
 pub use server::{ApiListener, ApiServer, Error, MAX_CONNECTIONS, MAX_REQUEST};

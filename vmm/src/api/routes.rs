@@ -36,7 +36,7 @@ pub enum After {
 }
 
 /// Every route: its method and its name under [`PREFIX`].
-pub const ROUTES: [(&str, &str); 19] = [
+pub const ROUTES: [(&str, &str); 20] = [
     ("GET", "vmm.ping"),
     ("PUT", "vmm.shutdown"),
     ("PUT", "vm.create"),
@@ -56,6 +56,7 @@ pub const ROUTES: [(&str, &str); 19] = [
     ("GET", "ferry.progress"),
     ("PUT", "ferry.cancel"),
     ("GET", "ferry.openapi"),
+    ("GET", "ferry.metrics"),
 ];
 
 /// The OpenAPI document of these routes (served at ferry.openapi).
@@ -132,6 +133,7 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Routed, Refusal> {
                 "ferry.status" => Request::Status,
                 "ferry.cpuid" => Request::Cpuid,
                 "ferry.progress" => Request::Progress,
+                "ferry.metrics" => Request::Metrics,
                 _ => Request::Cancel,
             }
         }
@@ -179,10 +181,11 @@ pub fn file_url(url: &str) -> Result<PathBuf, String> {
 }
 
 /// The HTTP status and body of an answer: 204 and nothing for a lifecycle change, the
-/// failure's status for a failure, 200 and the JSON otherwise.
+/// failure's status for a failure, 200 and the JSON otherwise (the metrics' text).
 pub fn respond(answer: &Answer) -> (u16, Vec<u8>) {
     let status = match answer {
         Answer::State(_) => return (204, Vec::new()),
+        Answer::Metrics(text) => return (200, text.clone().into_bytes()),
         Answer::Failure(f) => f.code.http_status(),
         _ => 200,
     };
@@ -191,6 +194,17 @@ pub fn respond(answer: &Answer) -> (u16, Vec<u8>) {
     });
     (status, body)
 }
+
+/// The content type of an answer's body.
+pub fn content_type(answer: &Answer) -> &'static str {
+    match answer {
+        Answer::Metrics(_) => METRICS_TYPE,
+        _ => "application/json",
+    }
+}
+
+/// Prometheus' text format.
+pub const METRICS_TYPE: &str = "text/plain; version=0.0.4";
 
 /// The method, path and body that ask for `req` (the client's side of [`route`]).
 pub fn to_http(req: &Request) -> (&'static str, String, Option<Vec<u8>>) {
@@ -205,6 +219,7 @@ pub fn to_http(req: &Request) -> (&'static str, String, Option<Vec<u8>>) {
         Request::Status => ("GET", "ferry.status", None),
         Request::Cpuid => ("GET", "ferry.cpuid", None),
         Request::Progress => ("GET", "ferry.progress", None),
+        Request::Metrics => ("GET", "ferry.metrics", None),
         Request::Cancel => ("PUT", "ferry.cancel", None),
         Request::Snapshot { path, stop } => {
             let body = SnapshotRequest {
@@ -240,6 +255,7 @@ mod tests {
             Request::Status,
             Request::Cpuid,
             Request::Progress,
+            Request::Metrics,
             Request::Cancel,
             Request::Snapshot {
                 path: "/tmp/x".into(),
@@ -379,6 +395,7 @@ mod examples {
             Request::Status => reads_back::<wire::Status>(body),
             Request::Cpuid => reads_back::<wire::Cpuid>(body),
             Request::Progress => reads_back::<crate::migrate::Progress>(body),
+            Request::Metrics => false,
             Request::Snapshot { .. } => reads_back::<wire::Snapshot>(body),
             Request::Migrate(_) => reads_back::<wire::Migrated>(body),
             Request::Cancel => reads_back::<wire::Cancelled>(body),

@@ -168,7 +168,11 @@ fn accept(mut stream: UnixStream, served: &Arc<Served>, open: &Arc<AtomicUsize>)
         open.fetch_sub(1, Ordering::SeqCst);
         let e = format!("more than {MAX_CONNECTIONS} control connections at once");
         let (status, body) = routes::respond(&Answer::Failure(Failure::new(Code::Busy, e)));
-        let _ = http::write_response(&mut stream, status, &body, true, None);
+        let busy = http::Out {
+            close: true,
+            ..http::Out::json(status, &body)
+        };
+        let _ = http::write_response(&mut stream, busy);
         return;
     }
     let (served, count) = (served.clone(), open.clone());
@@ -206,48 +210,88 @@ fn serve(stream: UnixStream, served: &Served) {
             Err(http::ReadError::Malformed { status, why }) => {
                 let failure = Failure::new(Code::BadRequest, why);
                 let (_, body) = routes::respond(&Answer::Failure(failure));
-                let _ = http::write_response(&mut out, status, &body, true, None);
+                let refused = http::Out {
+                    close: true,
+                    ..http::Out::json(status, &body)
+                };
+                let _ = http::write_response(&mut out, refused);
                 return;
             }
         };
-        let mut allow = None;
-        let (status, body, after) = match routes::route(&req.method, &req.path, &req.body) {
-            Ok(Routed::Openapi) => (200, routes::OPENAPI.as_bytes().to_vec(), After::Nothing),
-            Ok(Routed::Request(r)) => {
-                let (answer, after) = handlers::handle(&r, served);
-                let (status, body) = routes::respond(&answer);
-                (status, body, after)
-            }
-            Err(refusal) => {
-                allow = refusal.allow;
-                (refusal.status, refusal.body(), After::Nothing)
-            }
-        };
+        let (a, after) = answer(&req, served);
         let close = req.close || after != After::Nothing;
-        let written = http::write_response(&mut out, status, &body, close, allow);
+        let o = http::Out {
+            status: a.status,
+            body: &a.body,
+            content_type: a.content_type,
+            close,
+            allow: a.allow,
+        };
+        let written = http::write_response(&mut out, o);
         // Act only once the answer is written: a stop ends the process.
-        match after {
-            After::Nothing if written.is_ok() && !close => {}
-            After::Nothing => return,
-            After::Stop => {
-                if let Some(vm) = served.vm() {
-                    vm.request_stop("control socket");
-                }
-                return;
+        if after == After::Nothing && written.is_ok() && !close {
+            continue;
+        }
+        act(after, served);
+        return;
+    }
+}
+
+/// What a connection does once it has written its last answer.
+fn act(after: After, served: &Served) {
+    match after {
+        After::Nothing => {}
+        After::Stop => {
+            if let Some(vm) = served.vm() {
+                vm.request_stop("control socket");
             }
-            After::Migrated => {
-                crate::migrate::step_aside();
-                if let Some(vm) = served.vm() {
-                    vm.request_stop("migration (the guest runs on the destination now)");
-                }
-                return;
+        }
+        After::Migrated => {
+            crate::migrate::step_aside();
+            if let Some(vm) = served.vm() {
+                vm.request_stop("migration (the guest runs on the destination now)");
             }
-            After::Exit => {
-                if let Some(s) = served.setups() {
-                    s.exit();
-                }
-                return;
+        }
+        After::Exit => {
+            if let Some(s) = served.setups() {
+                s.exit();
             }
         }
     }
+}
+
+/// An answer to write: its status, body, content type and Allow header.
+struct Answered {
+    status: u16,
+    body: Vec<u8>,
+    content_type: &'static str,
+    allow: Option<&'static str>,
+}
+
+/// The answer to one request read, and what the connection does after writing it.
+fn answer(req: &http::Request, served: &Served) -> (Answered, After) {
+    let json = "application/json";
+    let (a, after) = match routes::route(&req.method, &req.path, &req.body) {
+        Ok(Routed::Openapi) => {
+            let body = routes::OPENAPI.as_bytes().to_vec();
+            ((200, body, json, None), After::Nothing)
+        }
+        Ok(Routed::Request(r)) => {
+            let (answer, after) = handlers::handle(&r, served);
+            let (status, body) = routes::respond(&answer);
+            ((status, body, routes::content_type(&answer), None), after)
+        }
+        Err(refusal) => {
+            let body = refusal.body();
+            ((refusal.status, body, json, refusal.allow), After::Nothing)
+        }
+    };
+    let (status, body, content_type, allow) = a;
+    let answered = Answered {
+        status,
+        body,
+        content_type,
+        allow,
+    };
+    (answered, after)
 }

@@ -36,6 +36,7 @@ pub enum Request {
     Status,
     Cpuid,
     Progress,
+    Metrics,
     Pause,
     Resume,
     /// vm.shutdown: the VM ends, and with it this ferry.
@@ -306,6 +307,8 @@ pub enum Answer {
     State(StateAnswer),
     Cpuid(Box<Cpuid>),
     Progress(Progress),
+    /// ferry.metrics: Prometheus' text format.
+    Metrics(String),
     Snapshot(Snapshot),
     Migrated(Box<Migrated>),
     Cancelled(Cancelled),

@@ -459,6 +459,9 @@ pub enum CtlCmd {
     Info,
     /// The VM's counters: vCPU exits, migrations (vm.counters).
     Counters,
+    /// The same counters, and the VM's memory and state, in Prometheus' text format
+    /// (ferry.metrics).
+    Metrics,
     /// Pause every vCPU.
     Pause,
     /// Resume every vCPU.

@@ -80,6 +80,7 @@ pub fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
         Request::Migrate(_) => with_progress(s, show_progress, || {
             call(s, &req, a.json, |m: wire::Migrated| report_line(&m.report))
         }),
+        Request::Metrics => metrics(s),
         Request::Ping | Request::Info | Request::Counters | Request::Progress => {
             call(s, &req, a.json, |v: serde_json::Value| v.to_string())
         }
@@ -122,6 +123,18 @@ fn with_progress<R>(socket: &Path, show: bool, work: impl FnOnce() -> R) -> R {
     })
 }
 
+/// ferry.metrics' text, printed as it comes (Prometheus' format).
+fn metrics(socket: &Path) -> anyhow::Result<Result<(), wire::Failure>> {
+    let r = client::request(socket, "GET", "/api/v1/ferry.metrics", None, WAIT)?;
+    if r.status == 200 {
+        let _ = std::io::stdout().lock().write_all(&r.body);
+        return Ok(Ok(()));
+    }
+    Ok(Err(serde_json::from_slice(&r.body).with_context(|| {
+        format!("a {} answer to ferry.metrics", r.status)
+    })?))
+}
+
 /// Sends `req`, prints the ok answer (the line with `json`, else `text` of it) and returns
 /// the failure, if the answer is one, for the caller to report.
 fn call<T: DeserializeOwned>(
@@ -152,6 +165,7 @@ fn command_name(req: &Request) -> &'static str {
         Request::Info => "info",
         Request::Counters => "counters",
         Request::Progress => "progress",
+        Request::Metrics => "metrics",
         Request::Shutdown => "shutdown",
         Request::Cpuid => "cpuid",
         Request::Pause => "pause",
@@ -174,6 +188,7 @@ fn request(cmd: &CtlCmd) -> anyhow::Result<Request> {
     let absolute = |p: &Path| std::path::absolute(p).with_context(|| format!("{}", p.display()));
     Ok(match cmd {
         CtlCmd::Status => Request::Status,
+        CtlCmd::Metrics => Request::Metrics,
         CtlCmd::Create { config } => Request::Create(Box::new(read_config(config)?)),
         CtlCmd::Boot => Request::Boot,
         CtlCmd::Delete => Request::Delete,
