@@ -183,6 +183,36 @@ pub struct ReceiveRequest {
     /// Give up on a source silent this long (default 60 s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_timeout_ms: Option<u64>,
+    /// Cloud Hypervisor's `Precopy` or `Postcopy`: a ferry destination takes either, as
+    /// the source chooses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mode: Option<String>,
+    /// Cloud Hypervisor's VFIO, iommufd and memory-zone substitutions: none only (ferry
+    /// has no VFIO devices or memory zones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vfio_fds: Option<Vec<serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommufd_fd: Option<i32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zone_updates: Vec<serde_json::Value>,
+}
+
+impl ReceiveRequest {
+    /// Refuses, naming the field, what of Cloud Hypervisor's ferry does not do.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(m) = self.memory_mode.as_deref() {
+            if m != "Precopy" && m != "Postcopy" {
+                return Err(format!("memory_mode {m:?}: Precopy or Postcopy"));
+            }
+        }
+        if self.vfio_fds.as_ref().is_some_and(|v| !v.is_empty()) || self.iommufd_fd.is_some() {
+            return Err("vfio_fds, iommufd_fd: ferry has no VFIO devices".into());
+        }
+        if !self.zone_updates.is_empty() {
+            return Err("zone_updates: ferry has no memory zones".into());
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -238,6 +268,27 @@ mod tests {
             let c: CreateRequest = serde_json::from_str(bad).unwrap();
             let e = c.to_config().unwrap_err();
             assert!(e.contains(named), "{e}");
+        }
+    }
+
+    #[test]
+    fn cloud_hypervisors_receive_body_is_taken_and_what_ferry_lacks_is_named() {
+        let ch = r#"{"receiver_url":"unix:/x","tls_dir":null,"memory_mode":"Precopy","vfio_fds":null,"zone_updates":[]}"#;
+        let r: ReceiveRequest = serde_json::from_str(ch).unwrap();
+        assert_eq!(r.check(), Ok(()));
+        for (bad, named) in [
+            (
+                r#"{"receiver_url":"u","zone_updates":[{}]}"#,
+                "zone_updates",
+            ),
+            (r#"{"receiver_url":"u","vfio_fds":[{}]}"#, "vfio_fds"),
+            (
+                r#"{"receiver_url":"u","memory_mode":"Both"}"#,
+                "memory_mode",
+            ),
+        ] {
+            let r: ReceiveRequest = serde_json::from_str(bad).unwrap();
+            assert!(r.check().unwrap_err().contains(named), "{bad}");
         }
     }
 }

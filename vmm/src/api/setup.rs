@@ -152,7 +152,10 @@ pub fn before_vm(req: &Request, setups: Option<&Setups>) -> (Answer, After) {
             })),
             Err(e) => fail(Code::BadRequest, e),
         },
-        Request::Receive(r) => done(setups.ask(Setup::Receive(r.clone()))),
+        Request::Receive(r) => match r.check() {
+            Ok(()) => done(setups.ask(Setup::Receive(r.clone()))),
+            Err(e) => fail(Code::BadRequest, format!("vm.receive-migration: {e}")),
+        },
         Request::Info => match setups.created() {
             Some(cfg) => (Answer::Info(Box::new(created_info(&cfg))), After::Nothing),
             None => fail(Code::WrongState, NO_VM),
