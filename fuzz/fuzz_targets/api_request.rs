@@ -1,24 +1,23 @@
-//! The control socket's requests (vmm::api): a connection's bytes cut into lines as
-//! api::server cuts them (at most MAX_REQUEST bytes before the newline; a longer line is
-//! refused and ends the connection), each line parsed by api::wire::parse_request as the
-//! server parses it; the same lines read as answers by a client (wire::parse_line). Checks:
-//! no panic; a request that parses writes back as JSON that parses again as the same
-//! command (the same request where no float is in it); a refusal becomes one answer line
-//! of JSON that a client reads back as the same failure; a migration's URL parses or is
-//! refused.
+//! The control socket's HTTP requests (vmm::api): a connection's bytes read as requests as
+//! api::server reads them (api::http::Reader, bodies of at most MAX_REQUEST bytes), each
+//! routed as the server routes it (api::routes::route); the same bytes read as responses
+//! as `ferry ctl` reads them. Checks: no panic, no unbounded allocation; a request that
+//! routes goes out again (routes::to_http) and routes back to the same request (the same
+//! kind where a float is in it); a refusal has a 4xx status and a body that reads back as
+//! the same failure; a refused message's status is a 4xx.
 #![no_main]
 
-use std::io::{BufRead, Read};
-
 use libfuzzer_sys::fuzz_target;
-use vmm::api::wire::{self, Answer, Failure, Incoming, Request};
+use vmm::api::http::{ReadError, Reader};
+use vmm::api::routes::{self, Routed};
+use vmm::api::wire::{Failure, Request};
 use vmm::api::MAX_REQUEST;
 
 fn check_request(req: &Request) {
-    let json = serde_json::to_vec(req).expect("a request encodes");
-    let again = match wire::parse_request(&json) {
-        Ok(r) => r,
-        Err(e) => panic!("{req:?} written back does not parse: {e}"),
+    let (method, path, body) = routes::to_http(req);
+    let again = match routes::route(method, &path, body.as_deref().unwrap_or_default()) {
+        Ok(Routed::Request(r)) => r,
+        other => panic!("{req:?} sent again routes as {other:?}"),
     };
     assert_eq!(
         std::mem::discriminant(req),
@@ -27,44 +26,40 @@ fn check_request(req: &Request) {
     );
     let floats = matches!(req, Request::Migrate(m)
         if m.max_downtime_ms.is_some() || m.timeout_ms.is_some() || m.peer_timeout_ms.is_some());
-    assert!(floats || again == *req, "{req:?} reads back as {again:?}");
-    if let Request::Migrate(m) = req {
-        let _ = m.url.parse::<vmm::migrate::Address>();
-    }
+    assert!(floats || again == *req, "{req:?} routes back as {again:?}");
 }
 
-fn check_refusal(error: String) {
-    let refused = Failure::new(wire::Code::BadRequest, error);
-    let line = wire::answer_line(&Answer::Failure(refused.clone()));
-    assert!(
-        !line.contains('\n'),
-        "an answer of more than one line: {line}"
-    );
-    match wire::parse_line::<wire::Status>(&line) {
-        Ok(Incoming::Answer(a)) => assert_eq!(*a, Err(refused)),
-        other => panic!("{line} reads back as {other:?}"),
-    }
+fn check_refusal(r: routes::Refusal) {
+    assert!((400..500).contains(&r.status), "{r:?}");
+    let body = r.body();
+    let back: Failure = serde_json::from_slice(&body).expect("a refusal's body reads back");
+    assert_eq!((back.code, back.message), (r.code, r.message));
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut reader = data.take(u64::MAX);
+    let mut reader = Reader::default();
+    let mut input = data;
+    let mut sink = Vec::new();
     loop {
-        let mut line = Vec::new();
-        reader.set_limit(MAX_REQUEST as u64 + 1);
-        match reader.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
+        match reader.request(&mut input, &mut sink, MAX_REQUEST) {
+            Ok(req) => {
+                assert!(req.body.len() <= MAX_REQUEST);
+                match routes::route(&req.method, &req.path, &req.body) {
+                    Ok(Routed::Request(r)) => check_request(&r),
+                    Ok(Routed::Openapi) => {}
+                    Err(refusal) => check_refusal(refusal),
+                }
+            }
+            Err(ReadError::Malformed { status, .. }) => {
+                assert!((400..500).contains(&status), "{status}");
+                break;
+            }
+            Err(ReadError::Closed { .. } | ReadError::Io(_)) => break,
         }
-        if line.len() > MAX_REQUEST {
-            return;
-        }
-        match wire::parse_request(&line) {
-            Ok(req) => check_request(&req),
-            Err(e) => check_refusal(e),
-        }
-        if let Ok(text) = std::str::from_utf8(&line) {
-            let _ = wire::parse_line::<wire::Status>(text);
-            let _ = wire::parse_line::<wire::Migrated>(text);
-        }
+    }
+    let mut client = Reader::default();
+    let mut input = data;
+    while let Ok(r) = client.response(&mut input, 1 << 20) {
+        assert!(r.body.len() <= 1 << 20);
     }
 });

@@ -22,7 +22,7 @@ pub struct CreateRequest {
     pub disks: Vec<Disk>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub net: Vec<Net>,
-    /// `{"mode":"Tty"}`: ferry's stdout (the only serial ferry has).
+    /// `{"mode":"Tty"}`: where `ferry serve --serial` puts the console (the one serial port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<Console>,
     /// `{"mode":"Off"}`: ferry has no virtio-console.
@@ -105,7 +105,7 @@ impl CreateRequest {
                     "{field}.mode {:?}: ferry takes {allowed:?} only ({})",
                     c.mode,
                     match field {
-                        "serial" => "the serial port is ferry's stdout",
+                        "serial" => "the serial console goes where ferry serve --serial says",
                         _ => "ferry has no virtio-console",
                     }
                 ));

@@ -140,6 +140,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub devices: DeviceArgs,
     #[command(flatten)]
+    pub serial: SerialArg,
+    #[command(flatten)]
     pub debug: DebugConsoleArg,
     #[command(flatten)]
     pub monitor: MonitorArg,
@@ -226,6 +228,19 @@ impl DebugConsole {
 }
 
 #[derive(Parser, Debug)]
+pub struct SerialArg {
+    /// Where the guest's serial console goes: tty (this terminal: stdout and stdin),
+    /// file=PATH (output only), pty (a pseudo-terminal; its name is printed),
+    /// socket=PATH (a Unix socket one client at a time attaches to), or off.
+    #[arg(
+        long,
+        value_name = "tty|file=PATH|pty|socket=PATH|off",
+        default_value = "tty"
+    )]
+    pub serial: vmm::devices::console::Serial,
+}
+
+#[derive(Parser, Debug)]
 pub struct MonitorArg {
     /// Write one JSON line per event (booted, paused, resumed, snapshotted, migration
     /// started, round, switched, finished or failed, shutdown) to FILE, or to the open
@@ -294,6 +309,8 @@ pub struct RestoreArgs {
     #[command(flatten)]
     pub devices: DeviceArgs,
     #[command(flatten)]
+    pub serial: SerialArg,
+    #[command(flatten)]
     pub debug: DebugConsoleArg,
     #[command(flatten)]
     pub monitor: MonitorArg,
@@ -306,6 +323,8 @@ pub struct ServeArgs {
     /// Serve the control API at this path (HTTP on a Unix socket, mode 0600).
     #[arg(long)]
     pub api_socket: PathBuf,
+    #[command(flatten)]
+    pub serial: SerialArg,
     #[command(flatten)]
     pub debug: DebugConsoleArg,
     #[command(flatten)]
@@ -355,6 +374,8 @@ pub struct ReceiveArgs {
     pub max_vcpus: Option<u32>,
     #[command(flatten)]
     pub devices: DeviceArgs,
+    #[command(flatten)]
+    pub serial: SerialArg,
     #[command(flatten)]
     pub debug: DebugConsoleArg,
     #[command(flatten)]

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use vmm::config::parse_size;
-use vmm::devices::serial::FlushingWriter;
 use vmm::devices::virtio::backends::Devices;
 
 use super::args::{read_key, DebugConsole, ReceiveArgs};
@@ -116,9 +115,10 @@ pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let spec = ReceiveSpec::from_args(&a)?;
-    let vm = receive_vm(&spec, a.debug.open()?)?;
+    let console = a.serial.serial.open()?;
+    let vm = receive_vm(&spec, a.debug.open()?, console.output)?;
     let api = bind_api(a.api_socket.as_deref())?;
-    run_vm(Arc::new(vm), api, None)
+    run_vm(Arc::new(vm), api, None, console.input)
 }
 
 /// What needs root is opened first (the listener, the disks and taps given, /dev/kvm);
@@ -126,7 +126,11 @@ pub fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
 /// first source that authenticates (each handshake on a thread filtered as one), and
 /// receives its VM on a thread filtered as the receiver, which parses the source's stream
 /// and starts no thread itself (the spawner does). Returns the VM, running.
-pub fn receive_vm(spec: &ReceiveSpec, debug: DebugConsole) -> anyhow::Result<vmm::Vm> {
+pub fn receive_vm(
+    spec: &ReceiveSpec,
+    debug: DebugConsole,
+    console: Box<dyn std::io::Write + Send>,
+) -> anyhow::Result<vmm::Vm> {
     let (addr, opts) = receive_options(spec)?;
     if opts.key.is_some() || opts.tls.is_some() {
         // The TLS library's first use costs milliseconds: not a source's.
@@ -151,7 +155,6 @@ pub fn receive_vm(spec: &ReceiveSpec, debug: DebugConsole) -> anyhow::Result<vmm
             .name("mig-receive".into())
             .spawn_scoped(s, || {
                 vmm::sandbox::enter_or_exit(vmm::sandbox::Kind::Receiver);
-                let console = Box::new(FlushingWriter(std::io::stdout()));
                 vmm::migrate::receive_source(source, opts, console, |vm| {
                     let committed = std::time::Instant::now();
                     debug.attach(vm);

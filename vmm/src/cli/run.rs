@@ -2,7 +2,6 @@
 //! ([`run_vm`]: control socket, console input, VM events; `ferry receive` and `ferry serve`
 //! end the same way).
 
-use std::io::Read;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use vmm::api::handlers::Served;
 use vmm::config::{parse_size, VmConfig};
-use vmm::devices::serial::FlushingWriter;
+use vmm::devices::console::{Console, Input};
 use vmm::{api, vm, VmEvent};
 
 use super::args::{RestoreArgs, RunArgs};
@@ -19,7 +18,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     a.sandbox.apply()?;
     a.monitor.start()?;
     let memory = parse_size(&a.memory).context("--memory")?;
-    let console = Box::new(FlushingWriter(std::io::stdout()));
+    let Console {
+        output: console,
+        input,
+    } = a.serial.serial.open()?;
     let vmm::devices::virtio::backends::Devices { disks, nets } = a.devices.parse()?;
     let vm = match (a.kernel, a.image) {
         (Some(kernel), _) => {
@@ -52,7 +54,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<ExitCode> {
     };
     a.debug.open()?.attach(&vm);
     let api = bind_api(a.api_socket.as_deref())?;
-    run_vm(Arc::new(vm), api, Some("booted"))
+    run_vm(Arc::new(vm), api, Some("booted"), input)
 }
 
 /// The control socket of a VM about to run: none, bound and not served yet, or served
@@ -100,7 +102,12 @@ fn boot_image(
 
 /// Runs a built (or restored) VM until it ends: control socket (bound already), console
 /// input, events. `start`: the event that says the VM started, if it is to start here.
-pub fn run_vm(vm: Arc<vmm::Vm>, api: Api, start: Option<&str>) -> anyhow::Result<ExitCode> {
+pub fn run_vm(
+    vm: Arc<vmm::Vm>,
+    api: Api,
+    start: Option<&str>,
+    input: Option<Input>,
+) -> anyhow::Result<ExitCode> {
     // Everything that needs root is open: become --user (a restore or a destination
     // already has).
     if let Api::Bound(l) = &api {
@@ -118,7 +125,9 @@ pub fn run_vm(vm: Arc<vmm::Vm>, api: Api, start: Option<&str>) -> anyhow::Result
     // SIGTERM and SIGINT stop this VM in order from now on.
     vmm::signals::watch(served);
     vmm::timeline::mark("control socket");
-    console_input(vm.clone())?;
+    if let Some(input) = input {
+        console_input(vm.clone(), input)?;
+    }
     if let Some(event) = start {
         vm.start()?;
         vmm::monitor::emit("vm", event, None);
@@ -134,16 +143,13 @@ pub fn run_vm(vm: Arc<vmm::Vm>, api: Api, start: Option<&str>) -> anyhow::Result
     ended(event)
 }
 
-/// Feeds this terminal's input to the guest's serial port, on a thread of its own.
-fn console_input(vm: Arc<vmm::Vm>) -> anyhow::Result<()> {
+/// Feeds the console's input to the guest's serial port, on a thread of its own.
+fn console_input(vm: Arc<vmm::Vm>, input: Input) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("stdin".into())
         .spawn(move || {
             vmm::sandbox::enter_or_exit(vmm::sandbox::Kind::Stdin);
-            let mut buf = [0u8; 64];
-            let mut stdin = std::io::stdin();
-            while let Ok(n @ 1..) = stdin.read(&mut buf) {
-                let mut rest = &buf[..n];
+            input.run(&mut |mut rest| {
                 while !rest.is_empty() {
                     let took = vm.serial_input(rest);
                     rest = &rest[took..];
@@ -151,7 +157,7 @@ fn console_input(vm: Arc<vmm::Vm>) -> anyhow::Result<()> {
                         std::thread::sleep(Duration::from_millis(10));
                     }
                 }
-            }
+            });
         })
         .context("starting the console input thread")?;
     Ok(())
@@ -196,6 +202,10 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     let what = || format!("restoring snapshot {}", a.file.display());
     let file = std::fs::File::open(&a.file).with_context(what)?;
     let mut devices = a.devices.parse()?.open()?;
+    let Console {
+        output: console,
+        input,
+    } = a.serial.serial.open()?;
     let debug = a.debug.open()?;
     vmm::vm::keep_kvm_open()?;
     let api = bind_api(a.api_socket.as_deref())?;
@@ -204,8 +214,7 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
     }
     vmm::sandbox::drop_privileges()?;
     vmm::sandbox::enter(vmm::sandbox::Kind::Loader)?;
-    let console = Box::new(FlushingWriter(std::io::stdout()));
     let vm = vmm::snapshot::restore_from(file, &mut devices, console).with_context(what)?;
     debug.attach(&vm);
-    run_vm(Arc::new(vm), api, (!a.paused).then_some("restored"))
+    run_vm(Arc::new(vm), api, (!a.paused).then_some("restored"), input)
 }

@@ -17,7 +17,8 @@ use anyhow::Context;
 use vmm::api::setup::{Setup, Setups};
 use vmm::api::wire::{Code, Failure};
 use vmm::api::{self, handlers::Served};
-use vmm::devices::serial::FlushingWriter;
+use vmm::devices::console::Console;
+use vmm::devices::serial::SharedWriter;
 
 use super::args::ServeArgs;
 use super::receive::{receive_vm, ReceiveSpec};
@@ -30,6 +31,9 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     );
     a.sandbox.apply()?;
     a.monitor.start()?;
+    // The serial console of whichever VM this serve makes (a failed attempt gives it back).
+    let Console { output, input } = a.serial.serial.open()?;
+    let console = SharedWriter::new(output);
     let (setups, asked) = Setups::new();
     let served = Arc::new(Served::waiting(Some(setups)));
     let server = api::ApiServer::bind(&a.api_socket)?.serve_with(served.clone())?;
@@ -45,11 +49,14 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
                 eprintln!("ferry: shut down by the control socket, with no VM");
                 return Ok(ExitCode::SUCCESS);
             }
-            Setup::Boot(cfg) => boot(&cfg, &a).map(|vm| (vm, Some("booted"))),
+            Setup::Boot(cfg) => boot(&cfg, &a, &console).map(|vm| (vm, Some("booted"))),
             Setup::Restore { path, paused } => {
-                restore(path, &a).map(|vm| (vm, (!paused).then_some("restored")))
+                restore(path, &a, &console).map(|vm| (vm, (!paused).then_some("restored")))
             }
-            Setup::Receive(r) => receive(&ReceiveSpec::from_request(&r), &a).map(|vm| (vm, None)),
+            Setup::Receive(r) => {
+                let spec = ReceiveSpec::from_request(&r);
+                receive(&spec, &a, &console).map(|vm| (vm, None))
+            }
         };
         let (vm, start) = match made {
             Ok(made) => made,
@@ -70,30 +77,33 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
             vmm::monitor::emit("vm", event, None);
         }
         let _ = reply.send(Ok(()));
-        return run_vm(vm, Api::Serving(server, served), None);
+        return run_vm(vm, Api::Serving(server, served), None, input);
     }
 }
 
-fn boot(cfg: &vmm::config::VmConfig, a: &ServeArgs) -> anyhow::Result<vmm::Vm> {
-    let console = Box::new(FlushingWriter(std::io::stdout()));
-    let vm = vmm::vm::build(cfg, console)?;
+fn boot(
+    cfg: &vmm::config::VmConfig,
+    a: &ServeArgs,
+    console: &SharedWriter,
+) -> anyhow::Result<vmm::Vm> {
+    let vm = vmm::vm::build(cfg, Box::new(console.clone()))?;
     a.debug.open()?.attach(&vm);
     Ok(vm)
 }
 
 /// A restore on a thread of its own under the loader's filter, as `ferry restore`'s main
 /// thread does it (this main thread stays able to make another VM if it fails).
-fn restore(path: PathBuf, a: &ServeArgs) -> anyhow::Result<vmm::Vm> {
+fn restore(path: PathBuf, a: &ServeArgs, console: &SharedWriter) -> anyhow::Result<vmm::Vm> {
     let what = || format!("restoring snapshot {}", path.display());
     let file = std::fs::File::open(&path).with_context(what)?;
     let debug = a.debug.open()?;
     let mut devices = vmm::devices::virtio::backends::Devices::default().open()?;
     vmm::vm::keep_kvm_open()?;
+    let console = Box::new(console.clone());
     let restored = std::thread::Builder::new()
         .name("restore".into())
         .spawn(move || {
             vmm::sandbox::enter(vmm::sandbox::Kind::Loader)?;
-            let console = Box::new(FlushingWriter(std::io::stdout()));
             Ok::<_, anyhow::Error>(vmm::snapshot::restore_from(file, &mut devices, console)?)
         })
         .context("starting the restore thread")?
@@ -105,12 +115,13 @@ fn restore(path: PathBuf, a: &ServeArgs) -> anyhow::Result<vmm::Vm> {
 }
 
 /// A receive on a thread of its own, as `ferry receive`'s main thread does it.
-fn receive(spec: &ReceiveSpec, a: &ServeArgs) -> anyhow::Result<vmm::Vm> {
+fn receive(spec: &ReceiveSpec, a: &ServeArgs, console: &SharedWriter) -> anyhow::Result<vmm::Vm> {
     let debug = a.debug.open()?;
+    let console = Box::new(console.clone());
     std::thread::scope(|s| {
         std::thread::Builder::new()
             .name("receive".into())
-            .spawn_scoped(s, || receive_vm(spec, debug))
+            .spawn_scoped(s, || receive_vm(spec, debug, console))
             .context("starting the receive thread")?
             .join()
             .map_err(|_| anyhow::anyhow!("the receive thread panicked"))?

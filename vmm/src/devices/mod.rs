@@ -4,6 +4,7 @@
 //! up on every I/O exit; an access no device claims reads as all ones and is otherwise
 //! ignored, as on a real machine with nothing decoding the address.
 
+pub mod console;
 pub mod i8042;
 pub mod manager;
 pub mod serial;

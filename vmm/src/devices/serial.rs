@@ -50,6 +50,13 @@ impl std::fmt::Debug for SharedWriter {
     }
 }
 
+impl SharedWriter {
+    /// `w`, to share.
+    pub fn new(w: Box<dyn Write + Send>) -> SharedWriter {
+        SharedWriter(std::sync::Arc::new(std::sync::Mutex::new(w)))
+    }
+}
+
 impl Write for SharedWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).write(buf)

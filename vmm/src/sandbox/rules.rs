@@ -55,8 +55,17 @@ const SPAWN: &[c_long] = &[SYS_clone3, SYS_clone];
 /// A vCPU: KVM_RUN and the state ioctls on its fd (and TUNSETOFFLOAD when the guest's
 /// virtio-net driver sets its features through an MMIO write), eventfd writes that raise
 /// interrupts and wake devices, the console's output, fd flags; the CPU time for
-/// `--timeline` at the first entry.
-const VCPU: &[c_long] = &[SYS_read, SYS_fcntl, SYS_tgkill, SYS_getrusage];
+/// `--timeline` at the first entry; the serial console's output to a pty (polled first: it
+/// never waits) or a console socket's client (a send that never waits).
+const VCPU: &[c_long] = &[
+    SYS_read,
+    SYS_fcntl,
+    SYS_tgkill,
+    SYS_getrusage,
+    SYS_poll,
+    SYS_ppoll,
+    SYS_sendto,
+];
 
 /// The virtio event loop: epoll, the queues' eventfds, disk images (pread/pwrite, fdatasync
 /// for a flush), the tap (read/write, vectored).
@@ -75,8 +84,9 @@ const VIRTIO: &[c_long] = &[
     SYS_lseek,
 ];
 
-/// Console input: reads stdin.
-const STDIN: &[c_long] = &[SYS_read];
+/// Console input: reads stdin, a pty, or the client of a console socket (accepted here,
+/// its descriptor duplicated for the output).
+const STDIN: &[c_long] = &[SYS_read, SYS_recvfrom, SYS_accept, SYS_accept4, SYS_fcntl];
 
 /// A migration's throttle: kicks vCPUs out of KVM_RUN (a signal to a thread).
 const THROTTLE: &[c_long] = &[SYS_tgkill];
