@@ -471,3 +471,23 @@ pub fn proc_status_bytes(pid: u32, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
         * 1024
 }
+
+/// One request to a control socket's HTTP API (`route` under /api/v1/): its status and JSON
+/// body (Null when it has none), within 120 s.
+pub fn http(
+    sock: &Path,
+    method: &str,
+    route: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let body = body.map(|b| b.to_string().into_bytes());
+    let path = format!("/api/v1/{route}");
+    let limit = Duration::from_secs(120);
+    let r = vmm::api::client::request(sock, method, &path, body.as_deref(), limit)
+        .unwrap_or_else(|e| panic!("{method} {route}: {e}"));
+    let v = match r.body.is_empty() {
+        true => serde_json::Value::Null,
+        false => serde_json::from_slice(&r.body).unwrap(),
+    };
+    (r.status, v)
+}

@@ -134,6 +134,49 @@ fn check_metrics(text: &str) {
     );
 }
 
+/// vm.info of the paused 2-vCPU guest.
+fn paused_info(path: &std::path::Path) {
+    let info = request(path, "GET", "/api/v1/vm.info", None, LIMIT).unwrap();
+    let info: Value = serde_json::from_slice(&info.body).unwrap();
+    assert_eq!(info["state"], "Paused", "{info}");
+    assert_eq!(info["config"]["cpus"]["boot_vcpus"], 2, "{info}");
+    assert_eq!(info["memory_actual_size"], 64 << 20, "{info}");
+}
+
+/// ferry.metrics in Prometheus' format; ferry.cpu-check of a profile this host runs and of
+/// one that does not exist.
+fn metrics_and_cpu_check(path: &std::path::Path) {
+    let metrics = request(path, "GET", "/api/v1/ferry.metrics", None, LIMIT).unwrap();
+    assert_eq!(metrics.status, 200);
+    check_metrics(&String::from_utf8(metrics.body).unwrap());
+
+    let check = |profile: &str| {
+        let body = serde_json::json!({ "profile": profile }).to_string();
+        let r = request(
+            path,
+            "PUT",
+            "/api/v1/ferry.cpu-check",
+            Some(body.as_bytes()),
+            LIMIT,
+        );
+        let r = r.unwrap();
+        (r.status, serde_json::from_slice::<Value>(&r.body).unwrap())
+    };
+    let (st, ok) = check("default");
+    assert_eq!((st, &ok["runs"]), (200, &Value::from(true)), "{ok}");
+    assert_eq!(ok["missing"], serde_json::json!([]), "{ok}");
+    let (st, bad) = check("no-such-profile");
+    assert_eq!(
+        (st, &bad["code"]),
+        (404, &Value::from("not-found")),
+        "{bad}"
+    );
+    assert!(
+        bad["message"].as_str().unwrap().contains("no-such-profile"),
+        "{bad}"
+    );
+}
+
 #[test]
 fn status_pause_resume_stop_and_bad_requests() {
     // The control socket's threads and the vCPUs under ferry's filters, as in `ferry run`.
@@ -167,11 +210,7 @@ fn status_pause_resume_stop_and_bad_requests() {
         line, r#"{"ok":true,"state":"paused"}"#,
         "ferry ctl --json's line"
     );
-    let info = request(&path, "GET", "/api/v1/vm.info", None, LIMIT).unwrap();
-    let info: Value = serde_json::from_slice(&info.body).unwrap();
-    assert_eq!(info["state"], "Paused", "{info}");
-    assert_eq!(info["config"]["cpus"]["boot_vcpus"], 2, "{info}");
-    assert_eq!(info["memory_actual_size"], 64 << 20, "{info}");
+    paused_info(&path);
     let st = call::<Status>(&path, &Request::Status, LIMIT).unwrap();
     assert_eq!(st.answer.unwrap().vcpus, [VmStatus::Paused; 2]);
     assert_eq!(state(Request::Resume).1, VmStatus::Running);
@@ -180,9 +219,7 @@ fn status_pause_resume_stop_and_bad_requests() {
     assert_eq!(counters["migration"]["started"], 0, "{counters}");
     assert!(counters["vcpu1"]["io_out"].as_u64().is_some(), "{counters}");
 
-    let metrics = request(&path, "GET", "/api/v1/ferry.metrics", None, LIMIT).unwrap();
-    assert_eq!(metrics.status, 200);
-    check_metrics(&String::from_utf8(metrics.body).unwrap());
+    metrics_and_cpu_check(&path);
 
     let none = call::<Value>(&path, &Request::Cancel, LIMIT).unwrap();
     assert!(none.line.contains(r#""ok":false"#), "{}", none.line);

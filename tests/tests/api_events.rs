@@ -6,30 +6,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use ferry_tests::process::{count_line, run_tiny, temp_path, Ferry};
+use ferry_tests::process::{count_line, http, run_tiny, temp_path, Ferry};
 use ferry_tests::tiny::LONG_COUNT;
 use serde_json::{json, Value};
-use vmm::api::client::request;
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// One request; its status and JSON body (Null when it has none).
-fn http(sock: &Path, method: &str, route: &str, body: Option<Value>) -> (u16, Value) {
-    let body = body.map(|b| b.to_string().into_bytes());
-    let r = request(
-        sock,
-        method,
-        &format!("/api/v1/{route}"),
-        body.as_deref(),
-        LIMIT,
-    )
-    .unwrap_or_else(|e| panic!("{method} {route}: {e}"));
-    let v = match r.body.is_empty() {
-        true => Value::Null,
-        false => serde_json::from_slice(&r.body).unwrap(),
-    };
-    (r.status, v)
-}
 
 /// The events written to `file`: (source, event, properties), checked to be one JSON
 /// object per line with timestamps that never go back.

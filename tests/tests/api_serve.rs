@@ -6,28 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferry_tests::process::{heartbeat, temp_path, Ferry};
+use ferry_tests::process::{heartbeat, http, temp_path, Ferry};
 use serde_json::{json, Value};
-use vmm::api::client::request;
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-fn http(sock: &Path, method: &str, route: &str, body: Option<Value>) -> (u16, Value) {
-    let body = body.map(|b| b.to_string().into_bytes());
-    let r = request(
-        sock,
-        method,
-        &format!("/api/v1/{route}"),
-        body.as_deref(),
-        LIMIT,
-    )
-    .unwrap_or_else(|e| panic!("{method} {route}: {e}"));
-    let v = match r.body.is_empty() {
-        true => Value::Null,
-        false => serde_json::from_slice(&r.body).unwrap(),
-    };
-    (r.status, v)
-}
 
 /// `ferry serve` at a new socket, once it serves.
 fn serve(name: &str) -> (Ferry, PathBuf) {

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 pub enum Code {
     /// A request, field or option that this ferry does not take as given.
     BadRequest,
-    /// No such route, or not with this method.
+    /// No such route, not with this method, or a thing a request names (a CPU profile)
+    /// does not exist.
     NotFound,
     /// A migration of this VM is under way already.
     Busy,

@@ -141,6 +141,7 @@ fn with_vm(req: &Request, served: &Served, vm: &Vm) -> (Answer, After) {
             After::Stop,
         ),
         Request::Ping => answer(Answer::Ping(views::ping())),
+        Request::CpuCheck(c) => answer(views::cpu_check_answer(&c.profile, vm.host_cpu())),
         Request::Create(_) | Request::Boot | Request::Restore(_) | Request::Receive(_) => {
             let e = "this ferry has its VM already (one VM per ferry process)";
             fail(Code::WrongState, e.into())

@@ -36,7 +36,7 @@ pub enum After {
 }
 
 /// Every route: its method and its name under [`PREFIX`].
-pub const ROUTES: [(&str, &str); 20] = [
+pub const ROUTES: [(&str, &str); 21] = [
     ("GET", "vmm.ping"),
     ("PUT", "vmm.shutdown"),
     ("PUT", "vm.create"),
@@ -57,6 +57,7 @@ pub const ROUTES: [(&str, &str); 20] = [
     ("PUT", "ferry.cancel"),
     ("GET", "ferry.openapi"),
     ("GET", "ferry.metrics"),
+    ("PUT", "ferry.cpu-check"),
 ];
 
 /// The OpenAPI document of these routes (served at ferry.openapi).
@@ -114,6 +115,7 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Routed, Refusal> {
     let request = match name {
         "vm.snapshot" => snapshot(name, body)?,
         "vm.send-migration" => Request::Migrate(Box::new(parse::<MigrateRequest>(name, body)?)),
+        "ferry.cpu-check" => Request::CpuCheck(parse(name, body)?),
         "vm.create" => Request::Create(Box::new(parse::<CreateRequest>(name, body)?)),
         "vm.restore" => Request::Restore(parse::<RestoreRequest>(name, body)?),
         "vm.receive-migration" => Request::Receive(Box::new(parse::<ReceiveRequest>(name, body)?)),
@@ -230,6 +232,7 @@ pub fn to_http(req: &Request) -> (&'static str, String, Option<Vec<u8>>) {
         }
         Request::Migrate(m) => ("PUT", "vm.send-migration", serde_json::to_vec(m).ok()),
         Request::Create(c) => ("PUT", "vm.create", serde_json::to_vec(c).ok()),
+        Request::CpuCheck(c) => ("PUT", "ferry.cpu-check", serde_json::to_vec(c).ok()),
         Request::Boot => ("PUT", "vm.boot", None),
         Request::Delete => ("PUT", "vm.delete", None),
         Request::Restore(r) => ("PUT", "vm.restore", serde_json::to_vec(r).ok()),
@@ -272,6 +275,9 @@ mod tests {
             )),
             Request::Boot,
             Request::Delete,
+            Request::CpuCheck(super::super::wire::CpuCheckRequest {
+                profile: "default".into(),
+            }),
             Request::Restore(RestoreRequest {
                 source_url: "file:///tmp/x".into(),
                 prefault: false,
@@ -396,6 +402,7 @@ mod examples {
             Request::Cpuid => reads_back::<wire::Cpuid>(body),
             Request::Progress => reads_back::<crate::migrate::Progress>(body),
             Request::Metrics => false,
+            Request::CpuCheck(_) => reads_back::<wire::CpuCheck>(body),
             Request::Snapshot { .. } => reads_back::<wire::Snapshot>(body),
             Request::Migrate(_) => reads_back::<wire::Migrated>(body),
             Request::Cancel => reads_back::<wire::Cancelled>(body),

@@ -38,17 +38,20 @@ pub type Reply = Sender<Result<(), Failure>>;
 #[derive(Debug)]
 pub struct Setups {
     to_main: Mutex<Sender<(Setup, Reply)>>,
+    /// This host's CPU, for ferry.cpu-check before there is a VM.
+    host: cpuid::CpuidDump,
     created: Mutex<Option<VmConfig>>,
     /// One setup at a time.
     busy: Mutex<()>,
 }
 
 impl Setups {
-    /// The setups and the main thread's end of their channel.
-    pub fn new() -> (Setups, Receiver<(Setup, Reply)>) {
+    /// The setups of a ferry on `host`, and the main thread's end of their channel.
+    pub fn new(host: cpuid::CpuidDump) -> (Setups, Receiver<(Setup, Reply)>) {
         let (tx, rx) = channel();
         let s = Setups {
             to_main: Mutex::new(tx),
+            host,
             created: Mutex::new(None),
             busy: Mutex::new(()),
         };
@@ -156,6 +159,10 @@ pub fn before_vm(req: &Request, setups: Option<&Setups>) -> (Answer, After) {
             Ok(()) => done(setups.ask(Setup::Receive(r.clone()))),
             Err(e) => fail(Code::BadRequest, format!("vm.receive-migration: {e}")),
         },
+        Request::CpuCheck(c) => (
+            super::views::cpu_check_answer(&c.profile, &setups.host),
+            After::Nothing,
+        ),
         Request::Info => match setups.created() {
             Some(cfg) => (Answer::Info(Box::new(created_info(&cfg))), After::Nothing),
             None => fail(Code::WrongState, NO_VM),

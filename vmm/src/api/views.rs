@@ -2,6 +2,7 @@
 //! ferry.metrics (Prometheus' text format).
 
 use super::wire;
+use crate::guest_cpu::model;
 use crate::vm::Vm;
 
 /// vmm.ping's answer: this ferry's version and what it can do beyond Cloud Hypervisor's API.
@@ -138,4 +139,44 @@ pub fn metrics(vm: &Vm, counters: &wire::Counters) -> String {
         }
     }
     out
+}
+
+/// ferry.cpu-check: whether `host` runs the profile `spec` (a built-in name, `default`, or
+/// a profile file), or why the profile is not one.
+pub fn cpu_check(
+    spec: &str,
+    host: &cpuid::CpuidDump,
+) -> Result<wire::CpuCheck, (wire::Code, String)> {
+    let p = match spec {
+        "default" => model::default_profile(host),
+        _ => model::load_profile(spec, host),
+    }
+    .map_err(|e| {
+        let code = match e {
+            model::Error::NoProfile(..) => wire::Code::NotFound,
+            model::Error::Profile(_) => wire::Code::BadFile,
+            _ => wire::Code::Internal,
+        };
+        (code, e.to_string())
+    })?;
+    let (missing, other) = match cpuid::profile::check(&p, host) {
+        Ok(()) => (Vec::new(), Vec::new()),
+        Err(m) => (m.features, m.other),
+    };
+    Ok(wire::CpuCheck {
+        notes: model::emulator_notes(&p),
+        profile: p.name,
+        host: host.source.clone(),
+        runs: missing.is_empty() && other.is_empty(),
+        missing,
+        other,
+    })
+}
+
+/// ferry.cpu-check's answer against `host` (a failure when the profile is not one).
+pub fn cpu_check_answer(profile: &str, host: &cpuid::CpuidDump) -> wire::Answer {
+    match cpu_check(profile, host) {
+        Ok(c) => wire::Answer::CpuCheck(Box::new(c)),
+        Err((code, e)) => wire::Answer::Failure(wire::Failure::new(code, e)),
+    }
 }

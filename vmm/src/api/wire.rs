@@ -51,6 +51,7 @@ pub enum Request {
         stop: bool,
     },
     Migrate(Box<MigrateRequest>),
+    CpuCheck(CpuCheckRequest),
     /// vm.create: a `ferry serve`'s VM, kept until vm.boot.
     Create(Box<super::create::CreateRequest>),
     Boot,
@@ -129,6 +130,29 @@ pub struct MigrateRequest {
     /// Cloud Hypervisor's `Precopy` or `Postcopy` (postcopy at once: postcopy_after 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_mode: Option<String>,
+}
+
+/// ferry.cpu-check's body: a CPU profile, a built-in name (or `default`) or a profile file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuCheckRequest {
+    pub profile: String,
+}
+
+/// ferry.cpu-check's answer: whether this host runs the profile, what it lacks, and what
+/// the guest kernel must not use on this emulating KVM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuCheck {
+    /// The profile's name.
+    pub profile: String,
+    /// The host checked (its CPU dump's source).
+    pub host: String,
+    pub runs: bool,
+    /// Features the profile has and the host lacks.
+    pub missing: Vec<String>,
+    /// Anything else the host lacks (address sizes, XSAVE layout), a sentence each.
+    pub other: Vec<String>,
+    pub notes: Vec<String>,
 }
 
 /// vmm.ping's answer (Cloud Hypervisor's VmmPingResponse).
@@ -309,6 +333,7 @@ pub enum Answer {
     Progress(Progress),
     /// ferry.metrics: Prometheus' text format.
     Metrics(String),
+    CpuCheck(Box<CpuCheck>),
     Snapshot(Snapshot),
     Migrated(Box<Migrated>),
     Cancelled(Cancelled),

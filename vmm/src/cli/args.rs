@@ -459,6 +459,9 @@ pub enum CtlCmd {
     Status,
     /// This ferry's version and features (vmm.ping).
     Ping,
+    /// Whether the host of that ferry runs a CPU profile (a built-in name, `default`, or a
+    /// profile file), as `ferry cpu check` says for this one (ferry.cpu-check).
+    CpuCheck { profile: String },
     /// A `ferry serve`: keep a VM's configuration, a JSON file as vm.create takes it
     /// (docs/api.md; `-`: stdin).
     Create { config: PathBuf },

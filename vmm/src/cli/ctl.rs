@@ -81,6 +81,7 @@ pub fn ctl(a: CtlArgs) -> anyhow::Result<ExitCode> {
             call(s, &req, a.json, |m: wire::Migrated| report_line(&m.report))
         }),
         Request::Metrics => metrics(s),
+        Request::CpuCheck(_) => call(s, &req, a.json, cpu_check_text),
         Request::Ping | Request::Info | Request::Counters | Request::Progress => {
             call(s, &req, a.json, |v: serde_json::Value| v.to_string())
         }
@@ -166,6 +167,7 @@ fn command_name(req: &Request) -> &'static str {
         Request::Counters => "counters",
         Request::Progress => "progress",
         Request::Metrics => "metrics",
+        Request::CpuCheck(_) => "cpu-check",
         Request::Shutdown => "shutdown",
         Request::Cpuid => "cpuid",
         Request::Pause => "pause",
@@ -189,6 +191,9 @@ fn request(cmd: &CtlCmd) -> anyhow::Result<Request> {
     Ok(match cmd {
         CtlCmd::Status => Request::Status,
         CtlCmd::Metrics => Request::Metrics,
+        CtlCmd::CpuCheck { profile } => Request::CpuCheck(wire::CpuCheckRequest {
+            profile: profile.clone(),
+        }),
         CtlCmd::Create { config } => Request::Create(Box::new(read_config(config)?)),
         CtlCmd::Boot => Request::Boot,
         CtlCmd::Delete => Request::Delete,
@@ -299,6 +304,22 @@ pub fn report_line(r: &Report) -> String {
         line.push_str(&format!("; {why}"));
     }
     line
+}
+
+fn cpu_check_text(c: wire::CpuCheck) -> String {
+    let mut t = match c.runs {
+        true => format!("{}: {} can run it", c.profile, c.host),
+        false => format!(
+            "{}: {} cannot run it: lacks {}",
+            c.profile,
+            c.host,
+            [c.missing, c.other].concat().join(", ")
+        ),
+    };
+    for n in c.notes {
+        t.push_str(&format!("\n  {n}"));
+    }
+    t
 }
 
 fn cpuid_text(c: &wire::Cpuid) -> String {

@@ -34,7 +34,10 @@ pub fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     // The serial console of whichever VM this serve makes (a failed attempt gives it back).
     let Console { output, input } = a.serial.serial.open()?;
     let console = SharedWriter::new(output);
-    let (setups, asked) = Setups::new();
+    // This host's CPU, for ferry.cpu-check before there is a VM (KVM is not opened by the
+    // control socket's filtered threads).
+    let host = vmm::guest_cpu::model::host_dump(&vmm::vm::open_kvm()?)?;
+    let (setups, asked) = Setups::new(host);
     let served = Arc::new(Served::waiting(Some(setups)));
     let server = api::ApiServer::bind(&a.api_socket)?.serve_with(served.clone())?;
     eprintln!(
